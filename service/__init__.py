@@ -1,0 +1,1 @@
+"""chat-service: a PostgreSQL-persisted chat microservice."""

@@ -1,0 +1,1 @@
+"""HTTP routes: thin glue that parses, calls a use case and shapes the reply."""

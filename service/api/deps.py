@@ -1,0 +1,58 @@
+"""Dependencies and their aliases. Each takes ``HTTPConnection`` so REST and websocket share it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Path, WebSocketException
+from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.requests import HTTPConnection
+
+from service.auth import Principal, extract_token
+from service.config import ROOM_NAME_PATTERN
+from service.errors import WS_POLICY_VIOLATION, NotAuthenticated
+from service.services import Services
+
+
+def get_services(conn: HTTPConnection) -> Services:
+    return conn.state.services  # type: ignore[no-any-return]
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+async def get_session(services: ServicesDep) -> AsyncIterator[AsyncSession]:
+    """One session per REST request. Websockets open one per message instead."""
+    async with services.sessionmaker() as session:
+        yield session
+
+
+SessionDep = Annotated[AsyncSession, Depends(get_session)]
+
+
+def get_principal(conn: HTTPConnection, services: ServicesDep) -> Principal:
+    """The caller, from a header, cookie or ``token`` query parameter; refused before accept."""
+    try:
+        source = extract_token(
+            authorization=conn.headers.get("authorization"),
+            cookie=conn.cookies.get("session"),
+            query=conn.query_params.get("token"),
+        )
+        if source is None:
+            raise NotAuthenticated("missing token")
+        return services.tokens.verify(source.token)
+    except NotAuthenticated as exc:
+        if conn.scope["type"] == "websocket":
+            raise WebSocketException(WS_POLICY_VIOLATION, exc.detail) from None
+        raise HTTPException(401, exc.detail, headers={"WWW-Authenticate": "Bearer"}) from None
+
+
+CurrentUser = Annotated[Principal, Depends(get_principal)]
+
+RoomName = Annotated[
+    str, Path(pattern=ROOM_NAME_PATTERN, description="1 to 64 of A-Z a-z 0-9 _ . -")
+]
+
+MAX_SEQ = 2**62
+"""Cursors above this are refused (422) rather than overflowing PostgreSQL's bigint."""

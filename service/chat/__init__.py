@@ -1,0 +1,1 @@
+"""Use cases: what the service does with messages, free of HTTP and websocket concerns."""

@@ -1,0 +1,122 @@
+"""``chat-service serve | migrate | token``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+
+from service.config import Settings
+
+TOKEN_IN_TEXT = re.compile(r"(token=)[^&\s\"']+")
+
+
+class RedactTokens(logging.Filter):
+    """uvicorn logs request lines with their query string: never let a ``?token=`` through."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "token=" in message:
+            record.msg = TOKEN_IN_TEXT.sub(r"\1[redacted]", message)
+            record.args = None
+        return True
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RedactTokens())
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True
+
+
+def ws_max_size(settings: Settings) -> int:
+    """Room for the longest body even if every character arrives as a 12-byte JSON escape."""
+    return max(64 * 1024, settings.max_message_chars * 12 + 4096)
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn  # noqa: PLC0415 - keep `token` fast
+
+    from service.app import create_app  # noqa: PLC0415
+    from service.db.migrate import upgrade  # noqa: PLC0415
+    from service.embedded_mode import export, resolved_settings  # noqa: PLC0415
+
+    with resolved_settings(Settings()) as settings:
+        if settings.embedded:
+            upgrade(settings.require_database_url())
+        host = "localhost" if args.host in ("0.0.0.0", "::") else args.host  # noqa: S104
+        print(f"chat-service: demo page at http://{host}:{args.port}/", file=sys.stderr)
+        options = {
+            "host": args.host,
+            "port": args.port,
+            "log_config": None,
+            "ws_max_size": ws_max_size(settings),
+            "proxy_headers": True,
+            "timeout_graceful_shutdown": 10,
+        }
+        if args.workers > 1:
+            export(settings)
+            uvicorn.run("service.app:create_app", factory=True, workers=args.workers, **options)
+        else:
+            uvicorn.run(create_app(settings), **options)  # type: ignore[arg-type]
+    return 0
+
+
+def migrate(_args: argparse.Namespace) -> int:
+    from service.db.migrate import upgrade  # noqa: PLC0415
+    from service.embedded_mode import resolved_settings  # noqa: PLC0415
+
+    with resolved_settings(Settings()) as settings:
+        upgrade(settings.require_database_url())
+    print("chat-service: database schema is at head", file=sys.stderr)
+    return 0
+
+
+def token(args: argparse.Namespace) -> int:
+    from service.auth import TokenCodec  # noqa: PLC0415
+    from service.embedded_mode import with_local_secret  # noqa: PLC0415
+
+    settings = with_local_secret(Settings())
+    codec = TokenCodec(settings)
+    if not codec.can_issue:
+        print("chat-service: issuing tokens needs CHAT_JWT_SECRET", file=sys.stderr)
+        return 2
+    print(codec.issue(args.user, ttl=args.ttl, name=args.name))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chat-service", description=__doc__)
+    parser.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("serve", help="run the HTTP and websocket server")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1, help="processes (they share the database)")
+    p.set_defaults(func=serve)
+
+    p = commands.add_parser("migrate", help="upgrade the database schema to the latest version")
+    p.set_defaults(func=migrate)
+
+    p = commands.add_parser("token", help="print a signed token for USER")
+    p.add_argument("user")
+    p.add_argument("--ttl", type=int, default=3600, help="seconds until it expires")
+    p.add_argument("--name", default=None, help="display name claim")
+    p.set_defaults(func=token)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130

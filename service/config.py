@@ -1,0 +1,104 @@
+"""Settings: the one typed object read from the environment (prefix ``CHAT_``).
+
+Nothing here runs at import time. ``Settings()`` is built by the CLI or ``create_app`` and passed
+down; no module keeps a global copy. With no ``CHAT_DATABASE_URL`` the service is in *embedded
+mode*: the CLI starts a private PostgreSQL in ``CHAT_DATA_DIR`` and fills in the database URL and a
+generated JWT secret (see ``service.embedded_mode``). Outside embedded mode unsafe defaults are
+refused instead of silently accepted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ROOM_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+"""Room names and dev-login user names: safe in URLs, logs and channel names."""
+
+_MIN_SECRET_BYTES = 32
+_KNOWN_WEAK_SECRETS = {"changeme", "changethis", "secret", "password", "test", "dev"}
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Each field is documented in the README's settings table."""
+
+    model_config = SettingsConfigDict(env_prefix="CHAT_", extra="ignore")
+
+    database_url: str | None = None
+    broadcast_url: str | None = None
+    jwt_secret: SecretStr | None = None
+    jwt_public_key: str | None = None
+    dev_auth: bool | None = None
+    history_limit: int = Field(default=50, ge=0, le=500)
+    max_message_chars: int = Field(default=4000, ge=1, le=100_000)
+    data_dir: Path = Path(".chat-data")
+    outbox_limit: int = Field(default=1000, ge=16)
+    """Frames queued for one websocket before it counts as a slow consumer and is closed (1013)."""
+    db_pool_size: int = Field(default=10, ge=1)
+    embedded: bool = False
+    """Set by the CLI once it has started the embedded PostgreSQL; not meant to be set by hand."""
+
+    @model_validator(mode="after")
+    def _refuse_unsafe(self) -> Settings:
+        if self.database_url is None:
+            return self  # embedded mode: the CLI fills in URL and secret before serving
+        if self.jwt_secret is None and not self.jwt_public_key:
+            raise ValueError(
+                "CHAT_JWT_SECRET (HS256) or CHAT_JWT_PUBLIC_KEY (RS256/ES256) is required "
+                "when CHAT_DATABASE_URL is set"
+            )
+        if self.jwt_secret is not None:
+            secret = self.jwt_secret.get_secret_value()
+            if secret.lower() in _KNOWN_WEAK_SECRETS or len(secret.encode()) < _MIN_SECRET_BYTES:
+                raise ValueError(
+                    f"CHAT_JWT_SECRET must be at least {_MIN_SECRET_BYTES} bytes of randomness "
+                    "(try: python -c 'import secrets; print(secrets.token_urlsafe(48))')"
+                )
+        if self.dev_auth and self.jwt_secret is None:
+            raise ValueError("CHAT_DEV_AUTH needs CHAT_JWT_SECRET to sign its tokens")
+        return self
+
+    @property
+    def dev_auth_enabled(self) -> bool:
+        """Dev logins default to on only for the embedded, single-machine mode."""
+        return self.embedded if self.dev_auth is None else self.dev_auth
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        return to_sqlalchemy_url(self.require_database_url())
+
+    @property
+    def listen_dsn(self) -> str:
+        """The asyncpg DSN the LISTEN connection uses (the broadcast URL, else the database)."""
+        return to_asyncpg_dsn(self.broadcast_url or self.require_database_url())
+
+    @property
+    def notify_in_transaction(self) -> bool:
+        """NOTIFY inside the insert transaction works only when listeners use the same server."""
+        if self.broadcast_url is None:
+            return True
+        return to_asyncpg_dsn(self.broadcast_url) == to_asyncpg_dsn(self.require_database_url())
+
+    def require_database_url(self) -> str:
+        if self.database_url is None:
+            raise RuntimeError("no database URL: start the embedded server first")
+        return self.database_url
+
+
+def to_sqlalchemy_url(url: str) -> str:
+    """``postgres://`` / ``postgresql://`` -> ``postgresql+asyncpg://``."""
+    parts = urlsplit(url)
+    if parts.scheme in ("postgres", "postgresql", "postgresql+asyncpg"):
+        return urlunsplit(parts._replace(scheme="postgresql+asyncpg"))
+    raise ValueError(f"unsupported database URL scheme {parts.scheme!r}: use postgresql://")
+
+
+def to_asyncpg_dsn(url: str) -> str:
+    """``postgresql+asyncpg://`` -> ``postgresql://`` (what asyncpg itself accepts)."""
+    parts = urlsplit(url)
+    if parts.scheme in ("postgres", "postgresql", "postgresql+asyncpg"):
+        return urlunsplit(parts._replace(scheme="postgresql"))
+    raise ValueError(f"unsupported broadcast URL scheme {parts.scheme!r}: use postgresql://")

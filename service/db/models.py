@@ -1,0 +1,67 @@
+"""Tables. The schema itself is created only by the Alembic migrations in ``migrations/``;
+a test fails when these models and the migrations disagree."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Identity,
+    MetaData,
+    Text,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Room(Base):
+    """A room; ``last_seq`` is the per-room counter, bumped under the row lock by each insert."""
+
+    __tablename__ = "room"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    name: Mapped[str] = mapped_column(Text, unique=True)
+    last_seq: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+    __table_args__ = (CheckConstraint("last_seq >= 0", name="last_seq_non_negative"),)
+
+
+class Message(Base):
+    """A stored message: ``seq`` is 1, 2, 3... per room with no gaps, in commit order."""
+
+    __tablename__ = "message"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    room_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("room.id", ondelete="CASCADE"))
+    seq: Mapped[int] = mapped_column(BigInteger)
+    author: Mapped[str] = mapped_column(Text)
+    body: Mapped[str] = mapped_column(Text)
+    client_msg_id: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+    __table_args__ = (
+        UniqueConstraint("room_id", "seq", name="uq_message_room_id_seq"),
+        # NULL client_msg_ids never collide, so messages without one are never deduplicated.
+        UniqueConstraint(
+            "room_id", "author", "client_msg_id", name="uq_message_room_id_author_client_msg_id"
+        ),
+        CheckConstraint("seq > 0", name="seq_positive"),
+    )

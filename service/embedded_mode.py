@@ -1,0 +1,67 @@
+"""Embedded mode: with no ``CHAT_DATABASE_URL``, run a private PostgreSQL in ``CHAT_DATA_DIR``.
+
+The JWT secret is generated once and kept beside the data (``jwt-secret``, mode 0600), so
+tokens stay valid across restarts, and dev logins default to on. The server is started by the
+process that calls ``embedded_settings`` and dies with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from service.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+def read_or_create_secret(data_dir: Path) -> str:
+    path = data_dir / "jwt-secret"
+    if path.exists():
+        return path.read_text().strip()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_urlsafe(48)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+    return secret
+
+
+def with_local_secret(settings: Settings) -> Settings:
+    """Embedded mode without CHAT_JWT_SECRET: use the one kept in the data dir."""
+    if settings.database_url is not None or settings.jwt_secret is not None:
+        return settings
+    secret = read_or_create_secret(settings.data_dir)
+    return settings.model_copy(update={"jwt_secret": SecretStr(secret)})
+
+
+@contextmanager
+def resolved_settings(settings: Settings) -> Iterator[Settings]:
+    """Yield settings with a database URL, starting the embedded server for the duration."""
+    if settings.database_url is not None:
+        yield settings
+        return
+    from service.db.embedded import EmbeddedPostgres  # noqa: PLC0415 - only embedded mode needs it
+
+    settings = with_local_secret(settings)
+    server = EmbeddedPostgres(settings.data_dir)
+    url = server.start()
+    log.info("embedded PostgreSQL running from %s", settings.data_dir)
+    try:
+        yield settings.model_copy(update={"database_url": url, "embedded": True})
+    finally:
+        server.stop()
+
+
+def export(settings: Settings) -> None:
+    """Put resolved settings in the environment, for uvicorn worker processes to read."""
+    os.environ["CHAT_DATABASE_URL"] = settings.require_database_url()
+    if settings.jwt_secret is not None:
+        os.environ["CHAT_JWT_SECRET"] = settings.jwt_secret.get_secret_value()
+    os.environ["CHAT_EMBEDDED"] = "true" if settings.embedded else "false"

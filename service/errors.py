@@ -1,0 +1,48 @@
+"""The error tree, and the one map from errors to HTTP statuses and websocket close codes.
+
+    ChatError                  base; ``code`` is the machine-readable name clients see
+    +-- NotAuthenticated       missing, malformed, expired or wrongly signed token
+    |                          -> HTTP 401, websocket refused before accept (1008)
+    +-- InvalidMessage         a message the rules refuse (empty, too long, bad id)
+    |                          -> HTTP 422, websocket error frame (connection stays open)
+    +-- Unavailable            the database cannot be reached right now
+                               -> HTTP 503, websocket error frame ``unavailable`` (no ack sent)
+
+Anything else is a bug: REST answers 500 without details, a websocket closes with 1011, and
+the server log carries the traceback. No error path puts SQL, tracebacks or secrets on the wire.
+"""
+
+from __future__ import annotations
+
+WS_POLICY_VIOLATION = 1008
+WS_MESSAGE_TOO_BIG = 1009
+WS_INTERNAL_ERROR = 1011
+WS_SERVICE_RESTART = 1012
+WS_TRY_AGAIN_LATER = 1013
+
+
+class ChatError(Exception):
+    code = "error"
+    http_status = 400
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class NotAuthenticated(ChatError):
+    code = "not_authenticated"
+    http_status = 401
+
+
+class InvalidMessage(ChatError):
+    http_status = 422
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+
+
+class Unavailable(ChatError):
+    code = "unavailable"
+    http_status = 503

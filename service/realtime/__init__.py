@@ -1,0 +1,1 @@
+"""Real-time delivery: channel names, notification envelopes, the listener and the websocket."""

@@ -1,0 +1,84 @@
+"""Channel names and the wire formats of fan-out.
+
+A notification payload is ``"<seq>:<frame>"`` where ``<frame>`` is the exact ``message`` frame
+clients receive, so a process forwards it without parsing or re-encoding the JSON. When the frame
+would pass PostgreSQL's 8000-byte NOTIFY limit the payload is ``"<seq>:"`` (a reference) and
+each listening process reads the message from the database once, whatever its size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from service.db.queries import MessageRecord
+
+NOTIFY_PAYLOAD_LIMIT = 7999  # PostgreSQL refuses payloads of 8000 bytes or more
+CHANNEL_PREFIX = "chat_room_"
+
+
+def channel_for(room: str) -> str:
+    """A fixed-length, lower-case identifier: room names may be 64 bytes, channels only 63."""
+    return CHANNEL_PREFIX + hashlib.blake2b(room.encode(), digest_size=16).hexdigest()
+
+
+def iso(ts: datetime) -> str:
+    return ts.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def dumps(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def message_fields(msg: MessageRecord) -> dict[str, Any]:
+    return {
+        "room": msg.room,
+        "seq": msg.seq,
+        "id": msg.id,
+        "author": msg.author,
+        "body": msg.body,
+        "client_msg_id": msg.client_msg_id,
+        "created_at": iso(msg.created_at),
+    }
+
+
+def message_frame(msg: MessageRecord) -> str:
+    return dumps({"type": "message", **message_fields(msg)})
+
+
+def ack_frame(msg: MessageRecord) -> str:
+    return dumps(
+        {
+            "type": "ack",
+            "client_msg_id": msg.client_msg_id,
+            "seq": msg.seq,
+            "id": msg.id,
+            "created_at": iso(msg.created_at),
+        }
+    )
+
+
+def error_frame(code: str, detail: str, client_msg_id: str | None = None) -> str:
+    frame: dict[str, Any] = {"type": "error", "code": code, "detail": detail}
+    if client_msg_id is not None:
+        frame["client_msg_id"] = client_msg_id
+    return dumps(frame)
+
+
+def ready_frame(room: str, last_seq: int, recovered: bool) -> str:
+    return dumps({"type": "ready", "room": room, "last_seq": last_seq, "recovered": recovered})
+
+
+def encode_notification(msg: MessageRecord, frame: str) -> str:
+    payload = f"{msg.seq}:{frame}"
+    if len(payload.encode()) > NOTIFY_PAYLOAD_LIMIT:
+        return f"{msg.seq}:"
+    return payload
+
+
+def decode_notification(payload: str) -> tuple[int, str | None]:
+    """``(seq, frame)``; ``frame`` is None when the message must be read from the database."""
+    seq, _, frame = payload.partition(":")
+    return int(seq), frame or None

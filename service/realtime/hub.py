@@ -1,0 +1,167 @@
+"""Per-process fan-out: one broadcaster subscription per room, shared by the local connections.
+
+Guarantees, for each local connection of a room:
+
+* ``join`` returns only once the process is LISTENing to the room, so anything committed after
+  ``join`` returns reaches the connection's outbox (a snapshot read afterwards overlaps the live
+  stream; the connection drops the overlap by seq).
+* Notifications arrive in commit order, which is seq order; the hub forwards them in that order.
+  A message too big for a NOTIFY payload is read from the database once per process.
+* Every outbox is bounded. A connection that falls ``outbox_limit`` frames behind is marked
+  overflowed and closed by its owner (1013); it never delays the room or the process.
+* After the LISTEN connection was lost and restored, every outbox gets a resync marker and its
+  owner catches up from the database (``service.realtime.connection``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from broadcaster import Broadcast
+
+from service.chat.history import read_range
+from service.db.engine import SessionMaker
+from service.realtime.backend import RESYNC
+from service.realtime.envelope import channel_for, decode_notification, message_frame
+
+log = logging.getLogger(__name__)
+
+DIRECT = -1
+"""Outbox item seq for a frame that is sent as it is (acks, errors)."""
+RESYNC_SEQ = 0
+"""Outbox item seq for "catch up from the database": the live stream may have a hole."""
+
+OutboxItem = tuple[int, str | None]
+"""``(seq, frame)``: a live message (``frame`` None: read it from the database), or the above."""
+
+
+class SlowConsumer(Exception):
+    """The connection fell too far behind its room."""
+
+
+class Outbox:
+    """A bounded queue of frames for one websocket; overflow marks it instead of blocking."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._items: deque[OutboxItem] = deque()
+        self._wakeup = asyncio.Event()
+        self.overflow = asyncio.Event()
+
+    def put(self, seq: int, frame: str | None) -> None:
+        if self.overflow.is_set():
+            return
+        if len(self._items) >= self._limit:
+            self._items.clear()
+            self.overflow.set()
+        else:
+            self._items.append((seq, frame))
+        self._wakeup.set()
+
+    async def get(self) -> OutboxItem:
+        while not self._items:
+            if self.overflow.is_set():
+                raise SlowConsumer
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        return self._items.popleft()
+
+    async def wait_overflow(self) -> None:
+        """Raise ``SlowConsumer`` once overflowed, even while the writer is stuck in a send."""
+        await self.overflow.wait()
+        raise SlowConsumer
+
+
+@dataclass(eq=False)
+class _RoomStream:
+    outboxes: set[Outbox] = field(default_factory=set)
+    listening: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    task: asyncio.Task[None] | None = None
+
+
+class RoomHub:
+    def __init__(self, broadcast: Broadcast, sessionmaker: SessionMaker, outbox_limit: int) -> None:
+        self._broadcast = broadcast
+        self._sessionmaker = sessionmaker
+        self._outbox_limit = outbox_limit
+        self._streams: dict[str, _RoomStream] = {}
+
+    @property
+    def rooms(self) -> int:
+        return len(self._streams)
+
+    @contextlib.asynccontextmanager
+    async def join(self, room: str) -> AsyncIterator[Outbox]:
+        outbox = Outbox(self._outbox_limit)
+        stream = self._streams.get(room)
+        if stream is None:
+            stream = self._streams[room] = _RoomStream()
+            stream.task = asyncio.create_task(self._pump(room, stream), name=f"room-{room}")
+            stream.task.add_done_callback(_log_failure)
+        stream.outboxes.add(outbox)
+        try:
+            await asyncio.shield(stream.listening)
+            yield outbox
+        finally:
+            stream.outboxes.discard(outbox)
+            if not stream.outboxes and self._streams.get(room) is stream:
+                del self._streams[room]
+                stream.task.cancel()  # type: ignore[union-attr]  # leaves the broadcaster channel
+
+    async def close(self) -> None:
+        tasks = [s.task for s in self._streams.values() if s.task is not None]
+        self._streams.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _pump(self, room: str, stream: _RoomStream) -> None:
+        try:
+            async with self._broadcast.subscribe(channel_for(room)) as subscriber:
+                stream.listening.set_result(None)
+                while True:
+                    event = await subscriber.get()
+                    if event.message == RESYNC:
+                        self._dispatch(stream, RESYNC_SEQ, None)
+                        continue
+                    seq, frame = decode_notification(event.message)
+                    if frame is None:
+                        frame = await self._load(room, seq)
+                    self._dispatch(stream, seq, frame)
+        except Exception as exc:
+            # The stream is dead: new joiners start a fresh one, current ones are told to retry.
+            if self._streams.get(room) is stream:
+                del self._streams[room]
+            if not stream.listening.done():
+                stream.listening.set_exception(exc)
+                stream.listening.exception()  # retrieved: joiners see it through shield()
+            for outbox in stream.outboxes:
+                outbox.overflow.set()
+            raise
+
+    @staticmethod
+    def _dispatch(stream: _RoomStream, seq: int, frame: str | None) -> None:
+        for outbox in stream.outboxes:
+            outbox.put(seq, frame)
+
+    async def _load(self, room: str, seq: int) -> str | None:
+        """Read one message that was too big to notify; None leaves it to each connection."""
+        try:
+            async with self._sessionmaker() as session:
+                found = await read_range(session=session, room=room, after=seq - 1, until=seq)
+        except Exception:
+            log.warning("could not load message %s/%d; connections will catch up", room, seq)
+            return None
+        return message_frame(found[0]) if found else None
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("room stream %s failed", task.get_name(), exc_info=task.exception())

@@ -1,0 +1,184 @@
+"""The websocket endpoint ``/ws/rooms/{room}`` (protocol: docs/protocol.md).
+
+A connection's life: refused before accept when the token or a parameter is bad; then join the
+room's live stream, replay history from one snapshot, send ``ready``; then a receiver and a
+writer run as a pair of tasks until either ends. The writer keeps ``last_seq`` (the last message
+the client got) and forwards live messages in seq order: it drops what the replay already
+covered and fills any hole from the database, so the client sees every message exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, WebSocket, WebSocketDisconnect
+
+from service.api.deps import MAX_SEQ, CurrentUser, RoomName
+from service.auth import Principal
+from service.chat.history import read_range, read_replay
+from service.chat.messages import MAX_CLIENT_MSG_ID_CHARS, post_message
+from service.errors import WS_INTERNAL_ERROR, WS_TRY_AGAIN_LATER, InvalidMessage, Unavailable
+from service.realtime.envelope import ack_frame, dumps, error_frame, message_frame, ready_frame
+from service.realtime.hub import DIRECT, RESYNC_SEQ, Outbox, SlowConsumer
+from service.services import Services
+
+log = logging.getLogger(__name__)
+
+router = APIRouter()
+
+
+@router.websocket("/ws/rooms/{room}")
+async def room_socket(
+    websocket: WebSocket,
+    room: RoomName,
+    principal: CurrentUser,
+    history: Annotated[int | None, Query(ge=0, le=500)] = None,
+    since: Annotated[int | None, Query(ge=0, le=MAX_SEQ)] = None,
+) -> None:
+    services: Services = websocket.state.services
+    await websocket.accept()
+    connection = RoomConnection(websocket, services, principal, room)
+    limit = services.settings.history_limit if history is None else history
+    await connection.run(history=limit, since=since)
+
+
+class RoomConnection:
+    def __init__(
+        self, websocket: WebSocket, services: Services, principal: Principal, room: str
+    ) -> None:
+        self.websocket = websocket
+        self.services = services
+        self.principal = principal
+        self.room = room
+        self.last_seq = 0
+
+    async def run(self, *, history: int, since: int | None) -> None:
+        try:
+            async with self.services.hub.join(self.room) as outbox:
+                await self._replay(history=history, since=since)
+                await _first_to_finish(
+                    self._receive(outbox), self._write(outbox), outbox.wait_overflow()
+                )
+        except WebSocketDisconnect:
+            return
+        except SlowConsumer:
+            log.info("closing slow consumer user=%s room=%s", self.principal.user_id, self.room)
+            await self._close(WS_TRY_AGAIN_LATER, "too far behind; reconnect with since")
+            return
+        except Unavailable:
+            await self._close(WS_TRY_AGAIN_LATER, "database unavailable; reconnect with since")
+            return
+        except Exception:
+            log.exception("websocket failed user=%s room=%s", self.principal.user_id, self.room)
+            await self._close(WS_INTERNAL_ERROR, "internal error")
+            return
+        await self._close(1000, "")
+
+    async def _close(self, code: int, reason: str) -> None:
+        with contextlib.suppress(Exception):
+            await self.websocket.close(code, reason)
+
+    async def _replay(self, *, history: int, since: int | None) -> None:
+        async with self.services.sessionmaker() as session:
+            replay = await read_replay(
+                session=session, room=self.room, history=history, since=since
+            )
+        for message in replay.messages:
+            await self.websocket.send_text(message_frame(message))
+        self.last_seq = replay.last_seq
+        await self.websocket.send_text(ready_frame(self.room, replay.last_seq, replay.recovered))
+
+    async def _write(self, outbox: Outbox) -> None:
+        send = self.websocket.send_text
+        while True:
+            seq, frame = await outbox.get()
+            if seq == DIRECT:
+                await send(frame)  # type: ignore[arg-type]
+            elif seq == RESYNC_SEQ:
+                await self._catch_up(until=None)
+            elif seq <= self.last_seq:
+                continue  # the replay already covered it
+            elif seq == self.last_seq + 1 and frame is not None:
+                await send(frame)
+                self.last_seq = seq
+            else:
+                await self._catch_up(until=seq)
+
+    async def _catch_up(self, *, until: int | None) -> None:
+        async with self.services.sessionmaker() as session:
+            missed = await read_range(
+                session=session, room=self.room, after=self.last_seq, until=until
+            )
+        for message in missed:
+            await self.websocket.send_text(message_frame(message))
+            self.last_seq = message.seq
+        if until is not None and self.last_seq < until:
+            log.error("room %s: message %d not found while catching up", self.room, until)
+
+    async def _receive(self, outbox: Outbox) -> None:
+        while True:
+            message = await self.websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            text = message.get("text")
+            if text is None:
+                outbox.put(DIRECT, error_frame("binary_not_supported", "send JSON text frames"))
+                continue
+            reply = await self._handle(text)
+            if reply is not None:
+                outbox.put(DIRECT, reply)
+
+    async def _handle(self, text: str) -> str | None:
+        try:
+            frame: Any = json.loads(text)
+        except (ValueError, RecursionError):
+            return error_frame("invalid_json", "the frame is not valid JSON")
+        if not isinstance(frame, dict):
+            return error_frame("invalid_frame", "a frame must be a JSON object")
+        kind = frame.get("type")
+        if kind == "send":
+            return await self._send(frame)
+        if kind == "ping":
+            return dumps({"type": "pong"})
+        return error_frame("unknown_type", "'type' must be 'send' or 'ping'")
+
+    async def _send(self, frame: dict[str, Any]) -> str:
+        client_msg_id = frame.get("client_msg_id")
+        echo = (
+            client_msg_id
+            if isinstance(client_msg_id, str) and len(client_msg_id) <= MAX_CLIENT_MSG_ID_CHARS
+            else None
+        )
+        try:
+            async with self.services.sessionmaker() as session:
+                posted = await post_message(
+                    session=session,
+                    room=self.room,
+                    author=self.principal.user_id,
+                    body=frame.get("body"),
+                    client_msg_id=client_msg_id,
+                    max_chars=self.services.settings.max_message_chars,
+                    publish=self.services.publish,
+                )
+        except InvalidMessage as exc:
+            return error_frame(exc.code, exc.detail, echo)
+        except Unavailable as exc:
+            return error_frame(exc.code, exc.detail, echo)
+        return ack_frame(posted.message)
+
+
+async def _first_to_finish(*coroutines: Any) -> None:
+    """Run the coroutines as tasks; when one ends, cancel the rest and re-raise its error."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for task in done:
+        task.result()

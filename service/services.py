@@ -1,0 +1,21 @@
+"""What the lifespan builds once per process and every handler reads from ``request.state``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from service.auth import TokenCodec
+from service.chat.messages import Publish
+from service.config import Settings
+from service.db.engine import SessionMaker
+from service.realtime.hub import RoomHub
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    settings: Settings
+    sessionmaker: SessionMaker
+    hub: RoomHub
+    tokens: TokenCodec
+    publish: Publish | None
+    """None when NOTIFY goes out inside the insert transaction (the default)."""
