@@ -17,7 +17,7 @@ import jwt
 from service.config import Settings
 from service.errors import NotAuthenticated
 
-MAX_TOKEN_BYTES = 8192
+MAX_TOKEN_BYTES = 4096
 MAX_SUBJECT_CHARS = 128
 DEV_TOKEN_TTL = 24 * 3600
 

@@ -1,0 +1,194 @@
+"""Test helpers: server processes, tokens and a websocket client with timeouts on every read."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode, urlsplit, urlunsplit
+
+import httpx
+import jwt
+from websockets.asyncio.client import ClientConnection, connect
+
+JWT_SECRET = "test-secret-that-is-long-enough-for-hs256-0123456789"
+RECV_TIMEOUT = 10.0
+
+
+def make_token(user: str, *, ttl: int = 3600, secret: str = JWT_SECRET, **claims: Any) -> str:
+    now = int(time.time())
+    payload: dict[str, Any] = {"sub": user, "iat": now, "exp": now + ttl, **claims}
+    return jwt.encode(payload, secret, algorithm="HS256")
+
+
+def database_url_for(server_url: str, database: str) -> str:
+    parts = urlsplit(server_url)
+    return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerProcess:
+    """``python -m service serve`` on a free port, as a user would run it."""
+
+    def __init__(
+        self, database_url: str, *, log_path: Path, env: dict[str, str] | None = None
+    ) -> None:
+        self.database_url = database_url
+        self.log_path = log_path
+        self.extra_env = env or {}
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> None:
+        env = {
+            **os.environ,
+            "CHAT_DATABASE_URL": self.database_url,
+            "CHAT_JWT_SECRET": JWT_SECRET,
+            "CHAT_DEV_AUTH": "true",
+            "PYTHONUNBUFFERED": "1",
+            **self.extra_env,
+        }
+        for attempt in range(3):
+            self.port = free_port()
+            log = self.log_path.open("ab")
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "service", "serve", "--port", str(self.port)],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            log.close()
+            if self._wait_ready(timeout):
+                return
+            self.stop()
+            if attempt == 2:
+                raise RuntimeError(f"server did not start:\n{self.log_path.read_text()[-3000:]}")
+
+    def _wait_ready(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                return False
+            try:
+                if httpx.get(f"{self.http}/healthz", timeout=1).status_code == 200:
+                    return True
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        return False
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        code = self.proc.returncode
+        self.proc = None
+        return code
+
+    def __enter__(self) -> ServerProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class Client:
+    """A real websocket client; every read has a timeout so a missing frame fails, not hangs."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.history: list[dict[str, Any]] = []
+        self.ready: dict[str, Any] = {}
+
+    @classmethod
+    async def connect(
+        cls, server: Any, room: str, token: str | None, **params: Any
+    ) -> Client:
+        query = {k: v for k, v in params.items() if v is not None}
+        if token is not None:
+            query["token"] = token
+        url = f"{server.ws}/ws/rooms/{quote(room, safe='')}?{urlencode(query)}"
+        ws = await asyncio.wait_for(connect(url, open_timeout=RECV_TIMEOUT), RECV_TIMEOUT)
+        client = cls(ws)
+        while True:
+            frame = await client.recv()
+            if frame["type"] == "ready":
+                client.ready = frame
+                return client
+            assert frame["type"] == "message", frame
+            client.history.append(frame)
+
+    async def recv(self, timeout: float = RECV_TIMEOUT) -> dict[str, Any]:
+        raw = await asyncio.wait_for(self.ws.recv(), timeout)
+        return json.loads(raw)  # type: ignore[no-any-return]
+
+    async def recv_type(self, kind: str, timeout: float = RECV_TIMEOUT) -> dict[str, Any]:
+        """The next frame of ``kind``; frames of other kinds in between are dropped."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            remaining = deadline - asyncio.get_running_loop().time()
+            frame = await self.recv(max(remaining, 0.001))
+            if frame["type"] == kind:
+                return frame
+
+    async def collect(self, *kinds: str, timeout: float = RECV_TIMEOUT) -> dict[str, Any]:
+        """Read until one frame of each kind has arrived (in any order); returns them by kind."""
+        found: dict[str, Any] = {}
+        while set(kinds) - set(found):
+            frame = await self.recv(timeout)
+            found.setdefault(frame["type"], frame)
+        return found
+
+    async def send_json(self, frame: dict[str, Any]) -> None:
+        await self.ws.send(json.dumps(frame))
+
+    async def send(self, body: str, client_msg_id: str | None = None) -> None:
+        frame: dict[str, Any] = {"type": "send", "body": body}
+        if client_msg_id is not None:
+            frame["client_msg_id"] = client_msg_id
+        await self.send_json(frame)
+
+    async def assert_silent(self, timeout: float = 0.3) -> None:
+        """Prove that nothing arrives within ``timeout``."""
+        try:
+            frame = await asyncio.wait_for(self.ws.recv(), timeout)
+        except TimeoutError:
+            return
+        raise AssertionError(f"unexpected frame: {frame!r}")
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
