@@ -7,6 +7,8 @@ import logging
 import re
 import sys
 
+from pydantic import ValidationError
+
 from service.config import Settings
 
 TOKEN_IN_TEXT = re.compile(r"(token=)[^&\s\"']+")
@@ -30,6 +32,7 @@ def configure_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
@@ -118,5 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level)
     try:
         return int(args.func(args))
+    except ValidationError as exc:
+        problems = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+        print(f"chat-service: invalid settings: {problems}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130

@@ -1,0 +1,508 @@
+// Chat demo page: dev login, room list, and a resumable websocket per room.
+// Plain browser JS, no build step. All user-supplied text is rendered with textContent.
+'use strict';
+
+const NAME_RE = /^[A-Za-z0-9_.-]{1,64}$/; // user and room names (same rule as the server)
+const MAX_CHARS = 4000;                   // server default for max_message_chars
+const HISTORY = 50;                       // messages replayed on a fresh join
+const BACKOFF_MIN_MS = 500;
+const BACKOFF_MAX_MS = 10_000;
+const PING_EVERY_MS = 20_000;             // keep-alive; the server answers {"type":"pong"}
+const STALE_AFTER_MS = 45_000;            // no frame at all for this long: treat as dropped
+const RETRYABLE = new Set(['rate_limited', 'unavailable']);
+const CLOSE_REASONS = {
+  1000: 'server closed the connection',
+  1001: 'server going away',
+  1006: 'connection lost',
+  1009: 'frame too big',
+  1011: 'server error',
+  1012: 'service restarting',
+  1013: 'server busy',
+};
+
+const $ = (id) => document.getElementById(id);
+const ui = {
+  status: $('status'), statusText: $('status-text'), who: $('who'), whoName: $('who-name'),
+  logout: $('logout'), loginView: $('login-view'), loginForm: $('login-form'), user: $('user'),
+  pasteBox: $('paste-box'), tokenForm: $('token-form'), tokenInput: $('token-input'),
+  loginError: $('login-error'), chatView: $('chat-view'), roomForm: $('room-form'), room: $('room'),
+  roomError: $('room-error'), drop: $('drop'), rooms: $('rooms'), refreshRooms: $('refresh-rooms'),
+  log: $('log'), messages: $('messages'), pending: $('pending'), empty: $('empty'),
+  composer: $('composer'), input: $('input'), counter: $('counter'), send: $('send'),
+};
+
+// ---------------------------------------------------------------- state
+
+const auth = {
+  token: localStorage.getItem('chat.token') || '',
+  user: localStorage.getItem('chat.user') || '',   // '' when unknown (pasted opaque token)
+  expiresAt: localStorage.getItem('chat.expires_at') || '',
+};
+
+const conn = {
+  ws: null,
+  room: null,          // the room we want to be in (null = none)
+  gen: 0,              // bumped per socket, so events of an abandoned socket are ignored
+  opened: false,       // this socket's handshake succeeded
+  live: false,         // `ready` received on this socket
+  everLive: false,     // some socket for this join reached `ready`
+  resuming: false,     // this socket was opened with ?since=
+  attempt: 0,          // reconnect attempts since the last `ready`
+  retryTimer: 0, countdownTimer: 0, pingTimer: 0,
+  lastFrameAt: 0,
+};
+
+const lastSeq = new Map();  // room -> highest seq seen (dedupe + resume cursor)
+const outbox = new Map();   // client_msg_id -> {id, body, el, acked, failed, seq}
+
+// ---------------------------------------------------------------- helpers
+
+/** A UUID; crypto.randomUUID only exists in secure contexts (https, localhost). */
+function newId() {
+  if (crypto.randomUUID) return crypto.randomUUID();
+  const b = crypto.getRandomValues(new Uint8Array(16));
+  b[6] = (b[6] & 0x0f) | 0x40; b[8] = (b[8] & 0x3f) | 0x80;
+  const h = [...b].map((x) => x.toString(16).padStart(2, '0')).join('');
+  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
+}
+
+/** Length in code points, as the server (Python len) counts it. */
+const charCount = (s) => [...s].length;
+
+/** A readable reason from a failed fetch response ({"detail": str | [{msg}]}). */
+async function apiError(res) {
+  try {
+    const { detail } = await res.json();
+    if (typeof detail === 'string') return detail;
+    if (Array.isArray(detail)) return detail.map((d) => d.msg).join('; ');
+  } catch { /* not JSON */ }
+  return `HTTP ${res.status}`;
+}
+
+/** Unverified peek into a JWT payload, only to show who we are and when it expires. */
+function peekJwt(token) {
+  try {
+    const part = token.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
+    const json = decodeURIComponent(escape(atob(part)));
+    return JSON.parse(json);
+  } catch { return null; }
+}
+
+function formatTime(iso) {
+  const d = new Date(iso);
+  const sameDay = d.toDateString() === new Date().toDateString();
+  return sameDay
+    ? d.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' })
+    : d.toLocaleString([], { dateStyle: 'short', timeStyle: 'short' });
+}
+
+/** Build an element; children may be elements or strings (strings become text nodes). */
+function h(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === 'class') node.className = v;
+    else if (k === 'text') node.textContent = v;
+    else node.setAttribute(k, v);
+  }
+  node.append(...children);
+  return node;
+}
+
+function setStatus(state, text) {
+  ui.status.dataset.state = state;
+  ui.statusText.textContent = text;
+}
+
+// ---------------------------------------------------------------- rendering
+
+/** Run `fn` (which adds content) and keep the view pinned to the bottom if it was there. */
+function withAutoScroll(fn) {
+  const atBottom = ui.log.scrollHeight - ui.log.scrollTop - ui.log.clientHeight < 60;
+  fn();
+  ui.empty.hidden = true;
+  if (atBottom) ui.log.scrollTop = ui.log.scrollHeight;
+}
+
+function messageItem({ author, body, created_at: createdAt, seq }, own) {
+  const time = createdAt
+    ? h('time', { datetime: createdAt, title: new Date(createdAt).toLocaleString(), text: formatTime(createdAt) })
+    : h('time', { text: '' });
+  const li = h('li', { class: `msg ${own ? 'own' : 'other'}` },
+    h('div', { class: 'meta' }, h('span', { class: 'author', text: author }), time,
+      h('span', { class: 'state' })),
+    h('div', { class: 'body', text: body }));
+  if (seq) li.dataset.seq = seq;
+  return li;
+}
+
+function addNote(text, kind = 'info') {
+  withAutoScroll(() => ui.messages.append(h('li', { class: `note ${kind}`, text })));
+}
+
+/** Update the small state label of a pending bubble (queued / sending… / sent). */
+function setBubbleState(entry, text, cls = '') {
+  entry.el.querySelector('.state').textContent = text;
+  entry.el.classList.toggle('failed', cls === 'failed');
+  entry.el.classList.toggle('acked', cls === 'acked');
+}
+
+function clearView() {
+  ui.messages.replaceChildren();
+  ui.pending.replaceChildren();
+  outbox.clear();
+  ui.empty.hidden = false;
+}
+
+// ---------------------------------------------------------------- auth
+
+function saveAuth(token, user, expiresAt) {
+  Object.assign(auth, { token, user, expiresAt });
+  localStorage.setItem('chat.token', token);
+  localStorage.setItem('chat.user', user);
+  localStorage.setItem('chat.expires_at', expiresAt);
+  showChat();
+}
+
+function logout(reason = '') {
+  leaveRoom();
+  Object.assign(auth, { token: '', user: '', expiresAt: '' });
+  for (const k of ['chat.token', 'chat.user', 'chat.expires_at']) localStorage.removeItem(k);
+  clearView();
+  ui.loginError.textContent = reason;
+  ui.chatView.hidden = true;
+  ui.who.hidden = true;
+  ui.loginView.hidden = false;
+  setStatus('idle', 'not connected');
+  ui.user.focus();
+}
+
+async function requestDevToken(user) {
+  ui.loginError.textContent = '';
+  let res;
+  try {
+    res = await fetch('/auth/dev-token', {
+      method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify({ user }),
+    });
+  } catch {
+    ui.loginError.textContent = 'network error: is the server running?';
+    return;
+  }
+  if (res.status === 404) {
+    ui.loginError.textContent = 'Dev login is disabled on this server: paste a token instead.';
+    ui.pasteBox.open = true;
+    ui.tokenInput.focus();
+    return;
+  }
+  if (!res.ok) { ui.loginError.textContent = await apiError(res); return; }
+  const data = await res.json();
+  saveAuth(data.token, data.user, data.expires_at);
+}
+
+function usePastedToken(raw) {
+  const token = raw.trim().replace(/^Bearer\s+/i, '');
+  const claims = peekJwt(token) || {};
+  const expiresAt = claims.exp ? new Date(claims.exp * 1000).toISOString() : '';
+  saveAuth(token, typeof claims.sub === 'string' ? claims.sub : '', expiresAt);
+}
+
+function showChat() {
+  ui.loginView.hidden = true;
+  ui.chatView.hidden = false;
+  ui.who.hidden = false;
+  ui.whoName.textContent = auth.user ? `signed in as ${auth.user}` : 'signed in (token)';
+  ui.room.value = localStorage.getItem('chat.room') || ui.room.value;
+  loadRooms();
+}
+
+/** GET /rooms -> clickable chips. Returns false on 401 (token rejected), else true/undefined. */
+async function loadRooms() {
+  let res;
+  try {
+    res = await fetch('/rooms', { headers: { Authorization: `Bearer ${auth.token}` } });
+  } catch {
+    ui.rooms.replaceChildren(h('span', { class: 'muted', text: 'offline' }));
+    return undefined;
+  }
+  if (res.status === 401) {
+    logout('Your token was rejected (expired?). Please log in again.');
+    return false;
+  }
+  if (!res.ok) {
+    ui.rooms.replaceChildren(h('span', { class: 'muted', text: await apiError(res) }));
+    return true;
+  }
+  const { rooms } = await res.json();
+  const chips = rooms.map((r) => {
+    const chip = h('button', { type: 'button', class: 'chip', title: `${r.last_seq} messages` },
+      `#${r.name}`, h('small', { text: String(r.last_seq) }));
+    chip.addEventListener('click', () => { ui.room.value = r.name; joinRoom(r.name); });
+    return chip;
+  });
+  ui.rooms.replaceChildren(...(chips.length ? chips : [h('span', { class: 'muted', text: 'none yet' })]));
+  return true;
+}
+
+// ---------------------------------------------------------------- connection
+
+function clearTimers() {
+  clearTimeout(conn.retryTimer);
+  clearInterval(conn.countdownTimer);
+  clearInterval(conn.pingTimer);
+}
+
+/** Forget the current socket (its late events are ignored) and close it if still open. */
+function abandonSocket(code, reason) {
+  const ws = conn.ws;
+  conn.gen += 1;
+  conn.ws = null;
+  conn.live = false;
+  clearTimers();
+  if (ws && ws.readyState <= WebSocket.OPEN) ws.close(code, reason);
+}
+
+function joinRoom(room) {
+  ui.roomError.textContent = '';
+  if (!NAME_RE.test(room)) {
+    ui.roomError.textContent = 'Room names use letters, digits, _ . - (1 to 64 characters).';
+    return;
+  }
+  leaveRoom();
+  localStorage.setItem('chat.room', room);
+  lastSeq.delete(room);  // the view is cleared, so start from recent history again
+  clearView();
+  Object.assign(conn, { room, everLive: false, attempt: 0 });
+  ui.drop.disabled = false;
+  connect();
+}
+
+function leaveRoom() {
+  abandonSocket(1000, 'leaving');
+  conn.room = null;
+  ui.drop.disabled = true;
+  setStatus('idle', 'not connected');
+}
+
+function connect() {
+  clearTimers();
+  const room = conn.room;
+  const gen = ++conn.gen;
+  const since = lastSeq.get(room);
+  const params = new URLSearchParams({ token: auth.token });
+  if (since === undefined) params.set('history', HISTORY);
+  else params.set('since', since);
+  const proto = location.protocol === 'https:' ? 'wss:' : 'ws:';
+  const ws = new WebSocket(`${proto}//${location.host}/ws/rooms/${encodeURIComponent(room)}?${params}`);
+  Object.assign(conn, { ws, opened: false, live: false, resuming: since !== undefined });
+  setStatus('connecting', conn.attempt ? 'reconnecting…' : 'connecting…');
+
+  ws.onopen = () => {
+    if (gen !== conn.gen) return;
+    conn.opened = true;
+    conn.lastFrameAt = Date.now();
+    conn.pingTimer = setInterval(keepAlive, PING_EVERY_MS);
+  };
+  ws.onmessage = (ev) => {
+    if (gen !== conn.gen) return;
+    conn.lastFrameAt = Date.now();
+    let frame;
+    try { frame = JSON.parse(ev.data); } catch { return; }
+    handleFrame(frame);
+  };
+  // `error` is always followed by `close`, which does the work.
+  ws.onclose = (ev) => { if (gen === conn.gen) handleClose(ev.code, ev.reason, ws === conn.ws && conn.opened); };
+}
+
+/** Ping periodically; if nothing at all came back for a while the link is dead: reconnect. */
+function keepAlive() {
+  if (Date.now() - conn.lastFrameAt > STALE_AFTER_MS) {
+    abandonSocket(4000, 'stale');
+    scheduleReconnect('connection stalled');
+  } else if (conn.ws?.readyState === WebSocket.OPEN) {
+    conn.ws.send(JSON.stringify({ type: 'ping' }));
+  }
+}
+
+function handleClose(code, reason, opened) {
+  const gen = conn.gen;
+  abandonSocket();
+  for (const e of outbox.values()) if (!e.acked && !e.failed) setBubbleState(e, 'queued');
+  if (!opened && !conn.everLive) {
+    // The first handshake of this join was refused (or the server is down): don't loop.
+    setStatus('error', 'could not connect (check token / room name)');
+    addNote('Could not connect (check token / room name).', 'error');
+    ui.drop.disabled = true;
+    return;
+  }
+  if (code === 1008) {
+    setStatus('error', `not authorised${reason ? `: ${reason}` : ''}`);
+    addNote('The server refused our token; log out and in again.', 'error');
+    return;
+  }
+  scheduleReconnect(CLOSE_REASONS[code] || `disconnected (${code})`);
+  if (!opened) {
+    // A refused re-handshake may mean the token expired meanwhile: ask the REST API.
+    loadRooms().then((ok) => { if (ok === false && gen === conn.gen) clearTimers(); });
+  }
+}
+
+/** Reconnect after 0.5 s, 1 s, 2 s … capped at 10 s, each ±20 % jitter, with a countdown. */
+function scheduleReconnect(why) {
+  clearTimers();
+  const base = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** conn.attempt);
+  const delay = Math.min(BACKOFF_MAX_MS, base * (0.8 + Math.random() * 0.4));
+  conn.attempt += 1;
+  const due = Date.now() + delay;
+  const tick = () => setStatus('reconnecting',
+    `${why} — reconnecting in ${Math.max(0, Math.ceil((due - Date.now()) / 1000))}s`);
+  tick();
+  conn.countdownTimer = setInterval(tick, 250);
+  conn.retryTimer = setTimeout(connect, delay);
+}
+
+// ---------------------------------------------------------------- frames
+
+function handleFrame(f) {
+  switch (f.type) {
+    case 'message': onMessage(f); break;
+    case 'ready': onReady(f); break;
+    case 'ack': onAck(f); break;
+    case 'error': onErrorFrame(f); break;
+    default: break; // pong and anything newer
+  }
+}
+
+function onMessage(m) {
+  if (m.room !== conn.room) return;
+  if (m.seq <= (lastSeq.get(m.room) ?? 0)) return; // already shown
+  lastSeq.set(m.room, m.seq);
+  const mine = m.client_msg_id ? outbox.get(m.client_msg_id) : undefined;
+  if (mine) {
+    // Our own message came back: the confirmed copy replaces the pending bubble.
+    mine.el.remove();
+    outbox.delete(mine.id);
+    if (!auth.user) { auth.user = m.author; localStorage.setItem('chat.user', m.author); }
+  }
+  const own = Boolean(mine) || (auth.user !== '' && m.author === auth.user);
+  withAutoScroll(() => ui.messages.append(messageItem(m, own)));
+}
+
+function onReady(r) {
+  if (r.room !== conn.room) return;
+  const seen = Math.max(lastSeq.get(r.room) ?? 0, r.last_seq);
+  lastSeq.set(r.room, seen);
+  if (conn.resuming && r.recovered === false) {
+    addNote('some messages were skipped; showing the latest', 'warn');
+  }
+  // Stored own messages whose copy fell into a skipped range will never arrive: drop them.
+  for (const e of outbox.values()) {
+    if (e.acked && e.seq <= seen) { e.el.remove(); outbox.delete(e.id); }
+  }
+  if (!conn.everLive) addNote(`joined #${r.room}`);
+  else if (conn.resuming) addNote('reconnected', 'ok');
+  Object.assign(conn, { live: true, everLive: true, attempt: 0 });
+  setStatus('live', `live in #${r.room}`);
+  // Send whatever was typed while disconnected (same client_msg_id: the server dedupes).
+  for (const e of outbox.values()) if (!e.acked && !e.failed) transmit(e);
+}
+
+function onAck(a) {
+  const e = outbox.get(a.client_msg_id);
+  if (!e) return; // the message frame came first and already replaced the bubble
+  Object.assign(e, { acked: true, seq: a.seq });
+  setBubbleState(e, 'sent', 'acked');
+}
+
+function onErrorFrame(f) {
+  const e = f.client_msg_id ? outbox.get(f.client_msg_id) : undefined;
+  if (!e) { addNote(`${f.code}: ${f.detail}`, 'error'); return; }
+  e.failed = true;
+  setBubbleState(e, '', 'failed');
+  const retry = RETRYABLE.has(f.code);
+  const action = h('button', { type: 'button', class: 'link', text: retry ? 'retry' : 'dismiss' });
+  action.addEventListener('click', () => {
+    e.el.querySelector('.problem').remove();
+    if (!retry) { e.el.remove(); outbox.delete(e.id); return; }
+    e.failed = false;
+    if (conn.live) transmit(e); else setBubbleState(e, 'queued');
+  });
+  e.el.append(h('div', { class: 'problem' }, `${f.code}: ${f.detail} `, action));
+}
+
+// ---------------------------------------------------------------- sending
+
+function transmit(e) {
+  conn.ws.send(JSON.stringify({ type: 'send', body: e.body, client_msg_id: e.id }));
+  setBubbleState(e, 'sending…');
+}
+
+function submitMessage() {
+  const body = ui.input.value;
+  if (!body.trim() || charCount(body) > MAX_CHARS) return;
+  if (!conn.room) { ui.roomError.textContent = 'Join a room first.'; return; }
+  const id = newId();
+  const el = messageItem({ author: auth.user || 'me', body }, true);
+  el.classList.add('pending');
+  const entry = { id, body, el, acked: false, failed: false, seq: 0 };
+  outbox.set(id, entry);
+  withAutoScroll(() => ui.pending.append(el));
+  ui.log.scrollTop = ui.log.scrollHeight;
+  if (conn.live) transmit(entry); else setBubbleState(entry, 'queued');
+  ui.input.value = '';
+  updateComposer();
+}
+
+function updateComposer() {
+  const n = charCount(ui.input.value);
+  ui.counter.textContent = `${n} / ${MAX_CHARS}`;
+  ui.counter.classList.toggle('near', n > MAX_CHARS * 0.9 && n <= MAX_CHARS);
+  ui.counter.classList.toggle('over', n > MAX_CHARS);
+  ui.send.disabled = !ui.input.value.trim() || n > MAX_CHARS;
+  // Grow the textarea with its content, up to a limit (CSS caps max-height).
+  ui.input.style.height = 'auto';
+  ui.input.style.height = `${ui.input.scrollHeight}px`;
+}
+
+// ---------------------------------------------------------------- wiring
+
+ui.loginForm.addEventListener('submit', (ev) => {
+  ev.preventDefault();
+  const user = ui.user.value.trim();
+  if (!NAME_RE.test(user)) {
+    ui.loginError.textContent = 'User names use letters, digits, _ . - (1 to 64 characters).';
+    return;
+  }
+  requestDevToken(user);
+});
+ui.tokenForm.addEventListener('submit', (ev) => {
+  ev.preventDefault();
+  if (ui.tokenInput.value.trim()) usePastedToken(ui.tokenInput.value);
+  ui.tokenInput.value = '';
+});
+ui.logout.addEventListener('click', () => logout());
+ui.roomForm.addEventListener('submit', (ev) => { ev.preventDefault(); joinRoom(ui.room.value.trim()); });
+ui.refreshRooms.addEventListener('click', () => loadRooms());
+ui.drop.addEventListener('click', () => {
+  if (!conn.ws) return;
+  addNote('simulated drop: socket closed by the page', 'warn');
+  conn.ws.close(4001, 'simulated drop'); // onclose treats it like any unexpected drop
+});
+ui.composer.addEventListener('submit', (ev) => { ev.preventDefault(); submitMessage(); });
+ui.input.addEventListener('input', updateComposer);
+ui.input.addEventListener('keydown', (ev) => {
+  if (ev.key === 'Enter' && !ev.shiftKey && !ev.isComposing) {
+    ev.preventDefault();
+    submitMessage();
+  }
+});
+// Back online while waiting out a backoff: try right away.
+window.addEventListener('online', () => {
+  if (conn.room && !conn.ws && conn.everLive) { conn.attempt = 0; connect(); }
+});
+
+// Start: reuse a stored, unexpired token, else show the login form.
+if (auth.token && !(auth.expiresAt && Date.parse(auth.expiresAt) <= Date.now())) {
+  showChat();
+} else {
+  logout(auth.token ? 'Your session expired. Please log in again.' : '');
+}
+updateComposer();

@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import time
+
+import jwt
+import pytest
+from pydantic import ValidationError
+
+from service.auth import TokenCodec, extract_token
+from service.config import Settings
+from service.errors import NotAuthenticated
+
+SECRET = "s" * 48
+
+
+def test_database_url_without_jwt_settings_is_refused(monkeypatch):
+    monkeypatch.delenv("CHAT_JWT_SECRET", raising=False)
+    with pytest.raises(ValidationError, match="CHAT_JWT_SECRET"):
+        Settings(database_url="postgresql://db/chat")
+
+
+@pytest.mark.parametrize("secret", ["changeme", "short"])
+def test_weak_secrets_are_refused(secret):
+    with pytest.raises(ValidationError, match="at least 32 bytes"):
+        Settings(database_url="postgresql://db/chat", jwt_secret=secret)
+
+
+def test_dev_auth_defaults_on_only_in_embedded_mode():
+    assert Settings(database_url="postgresql://db/x", jwt_secret=SECRET).dev_auth_enabled is False
+    assert Settings(embedded=True).dev_auth_enabled is True
+    assert Settings(embedded=True, dev_auth=False).dev_auth_enabled is False
+
+
+def test_settings_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("CHAT_DATABASE_URL", "postgresql://u@h:5432/d")
+    monkeypatch.setenv("CHAT_JWT_SECRET", SECRET)
+    monkeypatch.setenv("CHAT_HISTORY_LIMIT", "7")
+    monkeypatch.setenv("CHAT_MAX_MESSAGE_CHARS", "100")
+    settings = Settings()
+    assert (settings.history_limit, settings.max_message_chars) == (7, 100)
+    assert settings.sqlalchemy_url == "postgresql+asyncpg://u@h:5432/d"
+    assert settings.listen_dsn == "postgresql://u@h:5432/d"
+    assert settings.notify_in_transaction
+
+
+def test_public_key_tokens_verify_and_refuse_hs256_confusion():
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+    codec = TokenCodec(Settings(database_url="postgresql://d/x", jwt_public_key=public))
+    good = jwt.encode({"sub": "eve", "exp": int(time.time()) + 60}, key, algorithm="ES256")
+    assert codec.verify(good).user_id == "eve"
+    assert not codec.can_issue
+    with pytest.raises(NotAuthenticated):
+        codec.verify(jwt.encode({"sub": "x", "exp": int(time.time()) + 60}, SECRET))
+
+
+def test_authorization_header_must_be_bearer():
+    with pytest.raises(NotAuthenticated):
+        extract_token(authorization="Basic abc", cookie=None, query=None)
+    assert extract_token(authorization=None, cookie="c", query="q").origin == "cookie"
+    assert extract_token(authorization=None, cookie=None, query="q").origin == "query"
+    assert extract_token(authorization=None, cookie=None, query=None) is None
+
+
+def test_name_claim_is_optional():
+    codec = TokenCodec(Settings(database_url="postgresql://d/x", jwt_secret=SECRET))
+    principal = codec.verify(codec.issue("zoe", ttl=60, name="Zoe Z"))
+    assert (principal.user_id, principal.name) == ("zoe", "Zoe Z")

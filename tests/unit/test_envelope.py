@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from service.db.queries import MessageRecord
+from service.realtime.envelope import (
+    NOTIFY_PAYLOAD_LIMIT,
+    channel_for,
+    decode_notification,
+    encode_notification,
+    message_frame,
+)
+
+
+def _record(body: str) -> MessageRecord:
+    return MessageRecord(7, "lobby", 42, "alice", body, None, datetime(2026, 1, 1, tzinfo=UTC))
+
+
+def test_channel_names_fit_postgres_identifiers_and_differ_per_room():
+    long_room = "x" * 64
+    assert len(channel_for(long_room).encode()) <= 63
+    assert channel_for("a") != channel_for("A") != channel_for("a.")
+    assert channel_for("lobby") == channel_for("lobby")
+    assert channel_for("lobby").islower()
+
+
+def test_small_messages_travel_inline():
+    record = _record("hello")
+    frame = message_frame(record)
+    assert decode_notification(encode_notification(record, frame)) == (42, frame)
+
+
+def test_large_messages_travel_as_a_reference():
+    record = _record("\U0001f600" * 2000)  # 8000 bytes of body alone
+    payload = encode_notification(record, message_frame(record))
+    assert len(payload.encode()) <= NOTIFY_PAYLOAD_LIMIT
+    assert decode_notification(payload) == (42, None)
+
+
+def test_frames_keep_unicode_unescaped():
+    assert "\U0001f600" in message_frame(_record("\U0001f600"))
+    assert '"created_at":"2026-01-01T00:00:00Z"' in message_frame(_record("x"))
