@@ -18,6 +18,8 @@ const CLOSE_REASONS = {
   1011: 'server error',
   1012: 'service restarting',
   1013: 'server busy',
+  4000: 'connection stalled',
+  4001: 'simulated drop',
 };
 
 const $ = (id) => document.getElementById(id);
@@ -47,6 +49,7 @@ const conn = {
   live: false,         // `ready` received on this socket
   everLive: false,     // some socket for this join reached `ready`
   resuming: false,     // this socket was opened with ?since=
+  replayAnchor: null,  // last log item before this socket's replay
   attempt: 0,          // reconnect attempts since the last `ready`
   retryTimer: 0, countdownTimer: 0, pingTimer: 0,
   lastFrameAt: 0,
@@ -83,8 +86,8 @@ async function apiError(res) {
 function peekJwt(token) {
   try {
     const part = token.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
-    const json = decodeURIComponent(escape(atob(part)));
-    return JSON.parse(json);
+    const bytes = Uint8Array.from(atob(part), (c) => c.charCodeAt(0));
+    return JSON.parse(new TextDecoder().decode(bytes));
   } catch { return null; }
 }
 
@@ -287,12 +290,14 @@ function connect() {
   const room = conn.room;
   const gen = ++conn.gen;
   const since = lastSeq.get(room);
-  const params = new URLSearchParams({ token: auth.token });
-  if (since === undefined) params.set('history', HISTORY);
-  else params.set('since', since);
+  // history: what a fresh join shows, and the fallback when a resume gap is too large.
+  const params = new URLSearchParams({ token: auth.token, history: HISTORY });
+  if (since !== undefined) params.set('since', since);
   const proto = location.protocol === 'https:' ? 'wss:' : 'ws:';
   const ws = new WebSocket(`${proto}//${location.host}/ws/rooms/${encodeURIComponent(room)}?${params}`);
   Object.assign(conn, { ws, opened: false, live: false, resuming: since !== undefined });
+  // Where this socket's replay starts in the log, so a "skipped" note can go before it.
+  conn.replayAnchor = ui.messages.lastElementChild;
   setStatus('connecting', conn.attempt ? 'reconnecting…' : 'connecting…');
 
   ws.onopen = () => {
@@ -309,22 +314,28 @@ function connect() {
     handleFrame(frame);
   };
   // `error` is always followed by `close`, which does the work.
-  ws.onclose = (ev) => { if (gen === conn.gen) handleClose(ev.code, ev.reason, ws === conn.ws && conn.opened); };
+  ws.onclose = (ev) => { if (gen === conn.gen) handleClose(ev.code, ev.reason); };
 }
 
 /** Ping periodically; if nothing at all came back for a while the link is dead: reconnect. */
 function keepAlive() {
   if (Date.now() - conn.lastFrameAt > STALE_AFTER_MS) {
-    abandonSocket(4000, 'stale');
-    scheduleReconnect('connection stalled');
+    dropSocket(4000, 'stale');
   } else if (conn.ws?.readyState === WebSocket.OPEN) {
     conn.ws.send(JSON.stringify({ type: 'ping' }));
   }
 }
 
-function handleClose(code, reason, opened) {
-  const gen = conn.gen;
-  abandonSocket();
+/** Close the socket ourselves without waiting for the close handshake, then recover. */
+function dropSocket(code, reason) {
+  abandonSocket(code, reason);
+  handleClose(code, reason);
+}
+
+/** The current socket ended (or was dropped): decide between giving up and reconnecting. */
+function handleClose(code, reason) {
+  const { opened } = conn;
+  abandonSocket(1000, '');
   for (const e of outbox.values()) if (!e.acked && !e.failed) setBubbleState(e, 'queued');
   if (!opened && !conn.everLive) {
     // The first handshake of this join was refused (or the server is down): don't loop.
@@ -339,10 +350,9 @@ function handleClose(code, reason, opened) {
     return;
   }
   scheduleReconnect(CLOSE_REASONS[code] || `disconnected (${code})`);
-  if (!opened) {
-    // A refused re-handshake may mean the token expired meanwhile: ask the REST API.
-    loadRooms().then((ok) => { if (ok === false && gen === conn.gen) clearTimers(); });
-  }
+  // A refused re-handshake may mean the token expired meanwhile: ask the REST API, which
+  // logs out (and so stops reconnecting) on 401.
+  if (!opened) loadRooms();
 }
 
 /** Reconnect after 0.5 s, 1 s, 2 s … capped at 10 s, each ±20 % jitter, with a countdown. */
@@ -391,13 +401,15 @@ function onReady(r) {
   const seen = Math.max(lastSeq.get(r.room) ?? 0, r.last_seq);
   lastSeq.set(r.room, seen);
   if (conn.resuming && r.recovered === false) {
-    addNote('some messages were skipped; showing the latest', 'warn');
+    const note = h('li', { class: 'note warn', text: 'some messages were skipped; showing the latest' });
+    if (conn.replayAnchor?.isConnected) conn.replayAnchor.after(note);
+    else ui.messages.prepend(note);
   }
   // Stored own messages whose copy fell into a skipped range will never arrive: drop them.
   for (const e of outbox.values()) {
     if (e.acked && e.seq <= seen) { e.el.remove(); outbox.delete(e.id); }
   }
-  if (!conn.everLive) addNote(`joined #${r.room}`);
+  if (!conn.everLive) { addNote(`joined #${r.room}`); loadRooms(); }
   else if (conn.resuming) addNote('reconnected', 'ok');
   Object.assign(conn, { live: true, everLive: true, attempt: 0 });
   setStatus('live', `live in #${r.room}`);
@@ -484,7 +496,7 @@ ui.refreshRooms.addEventListener('click', () => loadRooms());
 ui.drop.addEventListener('click', () => {
   if (!conn.ws) return;
   addNote('simulated drop: socket closed by the page', 'warn');
-  conn.ws.close(4001, 'simulated drop'); // onclose treats it like any unexpected drop
+  dropSocket(4001, 'simulated drop'); // handled like any unexpected drop: resume with since
 });
 ui.composer.addEventListener('submit', (ev) => { ev.preventDefault(); submitMessage(); });
 ui.input.addEventListener('input', updateComposer);
