@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import signal
 import sys
 
 from pydantic import ValidationError
@@ -43,6 +44,10 @@ def ws_max_size(settings: Settings) -> int:
     return max(64 * 1024, settings.max_message_chars * 12 + 4096)
 
 
+def _exit_cleanly(_signum: int, _frame: object) -> None:
+    raise SystemExit(0)
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn  # noqa: PLC0415 - keep `token` fast
 
@@ -63,6 +68,9 @@ def serve(args: argparse.Namespace) -> int:
             "proxy_headers": True,
             "timeout_graceful_shutdown": 10,
         }
+        # uvicorn drains, restores this handler and re-raises SIGTERM: exit 0 through the
+        # finally blocks (which stop the embedded PostgreSQL) instead of dying by the signal.
+        signal.signal(signal.SIGTERM, _exit_cleanly)
         if args.workers > 1:
             export(settings)
             uvicorn.run("service.app:create_app", factory=True, workers=args.workers, **options)
