@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import logging.config
 import re
 import signal
 import sys
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -26,17 +28,30 @@ class RedactTokens(logging.Filter):
         return True
 
 
-def configure_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(RedactTokens())
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
-        logging.getLogger(name).handlers[:] = []
-        logging.getLogger(name).propagate = True
+def logging_config(level: str) -> dict[str, Any]:
+    """One stderr handler with token redaction; uvicorn applies it in every worker process."""
+    quiet = {"handlers": [], "propagate": True}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "filters": {"redact": {"()": RedactTokens}},
+        "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+        "handlers": {
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "stream": "ext://sys.stderr",
+                "filters": ["redact"],
+                "formatter": "plain",
+            }
+        },
+        "root": {"handlers": ["stderr"], "level": level.upper()},
+        "loggers": {
+            "uvicorn": quiet,
+            "uvicorn.error": quiet,
+            "uvicorn.access": quiet,
+            "alembic.runtime.plugins": {"level": "WARNING"},
+        },
+    }
 
 
 def ws_max_size(settings: Settings) -> int:
@@ -63,7 +78,7 @@ def serve(args: argparse.Namespace) -> int:
         options = {
             "host": args.host,
             "port": args.port,
-            "log_config": None,
+            "log_config": logging_config(args.log_level),
             "ws_max_size": ws_max_size(settings),
             "proxy_headers": True,
             "timeout_graceful_shutdown": 10,
@@ -126,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(args.log_level)
+    logging.config.dictConfig(logging_config(args.log_level))
     try:
         return int(args.func(args))
     except ValidationError as exc:

@@ -129,9 +129,7 @@ class Client:
         self.ready: dict[str, Any] = {}
 
     @classmethod
-    async def connect(
-        cls, server: Any, room: str, token: str | None, **params: Any
-    ) -> Client:
+    async def connect(cls, server: Any, room: str, token: str | None, **params: Any) -> Client:
         query = {k: v for k, v in params.items() if v is not None}
         if token is not None:
             query["token"] = token

@@ -129,3 +129,12 @@ def test_dev_token_is_off_unless_enabled(database_url, tmp_path):
     ) as proc:
         r = httpx.post(f"{proc.http}/auth/dev-token", json={"user": "carol"})
         assert r.status_code == 404
+
+
+async def test_tokens_in_query_strings_are_redacted_from_the_logs(server, room, alice):
+    async with await Client.connect(server, room, alice):
+        pass
+    httpx.get(f"{server.http}/rooms", params={"token": alice})
+    log = server.log_path.read_text()
+    assert alice not in log
+    assert "token=[redacted]" in log

@@ -58,9 +58,7 @@ async def test_since_too_far_back_replays_latest_and_says_not_recovered(
     await _seed(database_url, room, 1200)
     async with await Client.connect(server, room, alice, since=100, history=20) as client:
         assert [m["seq"] for m in client.history] == list(range(1181, 1201))
-        assert client.ready == {
-            "type": "ready", "room": room, "last_seq": 1200, "recovered": False
-        }
+        assert client.ready == {"type": "ready", "room": room, "last_seq": 1200, "recovered": False}
     async with await Client.connect(server, room, alice, since=5000, history=2) as client:
         assert [m["seq"] for m in client.history] == [1199, 1200]
         assert client.ready["recovered"] is False
@@ -124,7 +122,11 @@ async def test_rest_pages_walk_the_history_both_ways(server, database_url, room,
 def test_rest_history_of_an_unknown_room_is_empty(server, room, alice):
     page = _page(server, room, alice)
     assert page == {
-        "room": room, "last_seq": 0, "messages": [], "next_before": None, "next_after": None
+        "room": room,
+        "last_seq": 0,
+        "messages": [],
+        "next_before": None,
+        "next_after": None,
     }
 
 

@@ -85,7 +85,9 @@ def test_rooms_are_listed_with_their_last_seq_and_paginated(server, alice):
         listed.update({room["name"]: room["last_seq"] for room in body["rooms"]})
         after = body["next_after"]
     assert {k: v for k, v in listed.items() if k.startswith(prefix)} == {
-        names[0]: 1, names[1]: 2, names[2]: 3
+        names[0]: 1,
+        names[1]: 2,
+        names[2]: 3,
     }
 
 

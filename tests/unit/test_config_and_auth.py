@@ -48,9 +48,11 @@ def test_public_key_tokens_verify_and_refuse_hs256_confusion():
     from cryptography.hazmat.primitives.asymmetric import ec
 
     key = ec.generate_private_key(ec.SECP256R1())
-    public = key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ).decode()
+    public = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
     codec = TokenCodec(Settings(database_url="postgresql://d/x", jwt_public_key=public))
     good = jwt.encode({"sub": "eve", "exp": int(time.time()) + 60}, key, algorithm="ES256")
     assert codec.verify(good).user_id == "eve"
