@@ -128,6 +128,7 @@ def test_as_root_a_data_dir_nobody_cannot_enter_falls_back_to_a_system_dir(data_
 def test_as_root_binaries_nobody_cannot_reach_are_copied_once(data_dir, monkeypatch):
     from service.db import embedded
 
+    data_dir.chmod(0o711)  # stands in for /var/lib, which nobody can traverse
     private = data_dir / "private"
     private.mkdir(mode=0o700)
     shutil.copytree(embedded._pginstall(), private / "pginstall", symlinks=True)
