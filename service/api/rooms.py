@@ -33,7 +33,8 @@ async def list_rooms(
     more = len(rooms) > limit
     rooms = rooms[:limit]
     return RoomList(
-        rooms=[RoomOut.of(r) for r in rooms], next_after=rooms[-1].name if more else None
+        rooms=[RoomOut.model_validate(r) for r in rooms],
+        next_after=rooms[-1].name if more else None,
     )
 
 
@@ -54,7 +55,7 @@ async def room_messages(
     return MessagePage(
         room=room,
         last_seq=page.last_seq,
-        messages=[MessageOut.of(m) for m in page.messages],
+        messages=[MessageOut.model_validate(m) for m in page.messages],
         next_before=page.next_before,
         next_after=page.next_after,
     )
@@ -85,4 +86,4 @@ async def create_message(
         raise HTTPException(422, f"{exc.code}: {exc.detail}") from None
     if posted.duplicate:
         response.headers["Idempotent-Replayed"] = "true"
-    return MessageOut.of(posted.message)
+    return MessageOut.model_validate(posted.message)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from service.config import ROOM_NAME_PATTERN
-from service.db.queries import MessageRecord, RoomRecord
 
 
 class MessageOut(BaseModel):
+    """A stored message: the fields of the websocket ``message`` frame, without ``type``."""
+
+    model_config = ConfigDict(from_attributes=True)
+
     id: int
     room: str
     seq: int
@@ -18,18 +21,6 @@ class MessageOut(BaseModel):
     body: str
     client_msg_id: str | None
     created_at: datetime
-
-    @classmethod
-    def of(cls, record: MessageRecord) -> MessageOut:
-        return cls(
-            id=record.id,
-            room=record.room,
-            seq=record.seq,
-            author=record.author,
-            body=record.body,
-            client_msg_id=record.client_msg_id,
-            created_at=record.created_at,
-        )
 
 
 class MessagePage(BaseModel):
@@ -41,13 +32,11 @@ class MessagePage(BaseModel):
 
 
 class RoomOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     name: str
     last_seq: int
     created_at: datetime
-
-    @classmethod
-    def of(cls, record: RoomRecord) -> RoomOut:
-        return cls(name=record.name, last_seq=record.last_seq, created_at=record.created_at)
 
 
 class RoomList(BaseModel):
