@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -15,6 +16,7 @@ from fastapi.staticfiles import StaticFiles
 from service.api import auth as auth_routes
 from service.api import rooms as room_routes
 from service.auth import TokenCodec
+from service.chat.limits import RateLimited, UserLimits
 from service.config import Settings
 from service.db.engine import create_engine, create_sessionmaker
 from service.errors import ChatError
@@ -51,6 +53,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 hub=hub,
                 tokens=tokens,
                 publish=None if settings.notify_in_transaction else broadcast.publish,
+                limits=UserLimits(
+                    send_rate=settings.user_send_rate,
+                    max_connections=settings.max_connections_per_user,
+                ),
             )
             yield {"services": services}
 
@@ -66,7 +72,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(ChatError)
     async def chat_error(_request: Request, exc: ChatError) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail, "code": exc.code}, status_code=exc.http_status)
+        headers = {}
+        if isinstance(exc, RateLimited):
+            headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+        return JSONResponse(
+            {"detail": exc.detail, "code": exc.code}, status_code=exc.http_status, headers=headers
+        )
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:

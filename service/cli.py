@@ -81,7 +81,9 @@ def serve(args: argparse.Namespace) -> int:
             "log_config": logging_config(args.log_level),
             "ws_max_size": ws_max_size(settings),
             "proxy_headers": True,
-            "timeout_graceful_shutdown": 10,
+            "timeout_graceful_shutdown": settings.drain_seconds,
+            "ws_ping_interval": settings.ws_ping_interval,
+            "ws_ping_timeout": settings.ws_ping_timeout,
         }
         # uvicorn drains, restores this handler and re-raises SIGTERM: exit 0 through the
         # finally blocks (which stop the embedded PostgreSQL) instead of dying by the signal.

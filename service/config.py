@@ -38,6 +38,22 @@ class Settings(BaseSettings):
     outbox_limit: int = Field(default=1000, ge=16)
     """Frames queued for one websocket before it counts as a slow consumer and is closed (1013)."""
     db_pool_size: int = Field(default=10, ge=1)
+    allowed_origins: str = ""
+    """Comma-separated origins (``https://chat.example.com``) allowed to open a websocket with
+    the ``session`` cookie, besides the service's own origin. Guards against cross-site
+    websocket hijacking; header and query tokens are not ambient, so they are not checked."""
+    send_rate: float = Field(default=10.0, gt=0)
+    """Messages per second one connection may send (token bucket; bursts of twice this)."""
+    user_send_rate: float = Field(default=20.0, gt=0)
+    """Messages per second one user may send across all its connections on a process."""
+    max_connections_per_user: int = Field(default=20, ge=1)
+    """Concurrent websockets one user may hold on one process."""
+    ws_ping_interval: float = Field(default=20.0, gt=0)
+    """Seconds between keepalive pings; a peer that does not answer within
+    ``ws_ping_timeout`` is disconnected (half-open connections are reaped)."""
+    ws_ping_timeout: float = Field(default=20.0, gt=0)
+    drain_seconds: float = Field(default=10.0, ge=0)
+    """On SIGTERM: how long in-flight requests may take before they are cancelled."""
     embedded: bool = False
     """Set by the CLI once it has started the embedded PostgreSQL; not meant to be set by hand."""
 
@@ -65,6 +81,11 @@ class Settings(BaseSettings):
     def dev_auth_enabled(self) -> bool:
         """Dev logins default to on only for the embedded, single-machine mode."""
         return self.embedded if self.dev_auth is None else self.dev_auth
+
+    @property
+    def origins(self) -> frozenset[str]:
+        parts = (o.strip().rstrip("/") for o in self.allowed_origins.split(","))
+        return frozenset(o for o in parts if o)
 
     @property
     def sqlalchemy_url(self) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from service.auth import TokenCodec
+from service.chat.limits import UserLimits
 from service.chat.messages import Publish
 from service.config import Settings
 from service.db.engine import SessionMaker
@@ -19,3 +20,4 @@ class Services:
     tokens: TokenCodec
     publish: Publish | None
     """None when NOTIFY goes out inside the insert transaction (the default)."""
+    limits: UserLimits

@@ -33,6 +33,16 @@ def database_url_for(server_url: str, database: str) -> str:
     return urlunsplit(parts._replace(path=f"/{database}"))
 
 
+def small_buffer_socket(port: int) -> socket.socket:
+    """A connected socket with a tiny receive buffer: a client that stops reading is felt by the
+    server after a few kilobytes instead of megabytes of kernel buffering."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    return sock
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -65,6 +75,11 @@ class ServerProcess:
             "CHAT_DATABASE_URL": self.database_url,
             "CHAT_JWT_SECRET": JWT_SECRET,
             "CHAT_DEV_AUTH": "true",
+            # The shared test servers carry bursts far above a human's rate limits; the limits
+            # themselves are tested on servers of their own.
+            "CHAT_SEND_RATE": "10000",
+            "CHAT_USER_SEND_RATE": "10000",
+            "CHAT_MAX_CONNECTIONS_PER_USER": "1000",
             "PYTHONUNBUFFERED": "1",
             **self.extra_env,
         }
@@ -129,12 +144,22 @@ class Client:
         self.ready: dict[str, Any] = {}
 
     @classmethod
-    async def connect(cls, server: Any, room: str, token: str | None, **params: Any) -> Client:
+    async def connect(
+        cls,
+        server: Any,
+        room: str,
+        token: str | None,
+        *,
+        sock: socket.socket | None = None,
+        **params: Any,
+    ) -> Client:
         query = {k: v for k, v in params.items() if v is not None}
         if token is not None:
             query["token"] = token
         url = f"{server.ws}/ws/rooms/{quote(room, safe='')}?{urlencode(query)}"
-        ws = await asyncio.wait_for(connect(url, open_timeout=RECV_TIMEOUT), RECV_TIMEOUT)
+        ws = await asyncio.wait_for(
+            connect(url, open_timeout=RECV_TIMEOUT, sock=sock), RECV_TIMEOUT
+        )
         client = cls(ws)
         while True:
             frame = await client.recv()

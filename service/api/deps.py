@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from typing import Annotated
+from urllib.parse import urlsplit
 
 from fastapi import Depends, HTTPException, Path, WebSocketException
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -41,11 +42,28 @@ def get_principal(conn: HTTPConnection, services: ServicesDep) -> Principal:
         )
         if source is None:
             raise NotAuthenticated("missing token")
+        if source.origin == "cookie":
+            check_origin(conn, services.settings.origins)
         return services.tokens.verify(source.token)
     except NotAuthenticated as exc:
         if conn.scope["type"] == "websocket":
             raise WebSocketException(WS_POLICY_VIOLATION, exc.detail) from None
         raise HTTPException(401, exc.detail, headers={"WWW-Authenticate": "Bearer"}) from None
+
+
+def check_origin(conn: HTTPConnection, allowed: frozenset[str]) -> None:
+    """A cookie is sent by the browser whatever page asks: only trusted pages may use it.
+
+    Browsers always send ``Origin`` on websockets and cross-site requests; a request without
+    one does not come from another site's page.
+    """
+    origin = conn.headers.get("origin")
+    if origin is None:
+        return
+    origin = origin.rstrip("/")
+    same_site = urlsplit(origin).netloc == conn.headers.get("host")
+    if not same_site and origin not in allowed:
+        raise NotAuthenticated(f"origin {origin!r} may not use the session cookie")
 
 
 CurrentUser = Annotated[Principal, Depends(get_principal)]

@@ -72,6 +72,7 @@ async def create_message(
 ) -> MessageOut:
     """Store a message and fan it out to the room's websockets. A resend with the same
     ``client_msg_id`` returns the original with ``Idempotent-Replayed: true``."""
+    services.limits.take_send(user.user_id)
     try:
         posted = await post_message(
             session=session,

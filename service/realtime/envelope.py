@@ -60,8 +60,8 @@ def ack_frame(msg: MessageRecord) -> str:
     )
 
 
-def error_frame(code: str, detail: str, client_msg_id: str | None = None) -> str:
-    frame: dict[str, Any] = {"type": "error", "code": code, "detail": detail}
+def error_frame(code: str, detail: str, client_msg_id: str | None = None, **extra: Any) -> str:
+    frame: dict[str, Any] = {"type": "error", "code": code, "detail": detail, **extra}
     if client_msg_id is not None:
         frame["client_msg_id"] = client_msg_id
     return dumps(frame)

@@ -20,7 +20,8 @@ from fastapi import APIRouter, Query, WebSocket, WebSocketDisconnect
 from service.api.deps import MAX_SEQ, CurrentUser, RoomName
 from service.auth import Principal
 from service.chat.history import read_range, read_replay
-from service.chat.messages import MAX_CLIENT_MSG_ID_CHARS, post_message
+from service.chat.limits import RateLimited, TokenBucket, TooManyConnections
+from service.chat.messages import MAX_CLIENT_MSG_ID_CHARS, Posted, post_message
 from service.errors import WS_INTERNAL_ERROR, WS_TRY_AGAIN_LATER, InvalidMessage, Unavailable
 from service.realtime.envelope import ack_frame, dumps, error_frame, message_frame, ready_frame
 from service.realtime.hub import DIRECT, RESYNC_SEQ, Outbox, SlowConsumer
@@ -41,9 +42,17 @@ async def room_socket(
 ) -> None:
     services: Services = websocket.state.services
     await websocket.accept()
-    connection = RoomConnection(websocket, services, principal, room)
-    limit = services.settings.history_limit if history is None else history
-    await connection.run(history=limit, since=since)
+    try:
+        services.limits.connect(principal.user_id)
+    except TooManyConnections as exc:
+        await websocket.close(WS_TRY_AGAIN_LATER, exc.detail)
+        return
+    try:
+        connection = RoomConnection(websocket, services, principal, room)
+        limit = services.settings.history_limit if history is None else history
+        await connection.run(history=limit, since=since)
+    finally:
+        services.limits.disconnect(principal.user_id)
 
 
 class RoomConnection:
@@ -55,6 +64,8 @@ class RoomConnection:
         self.principal = principal
         self.room = room
         self.last_seq = 0
+        rate = services.settings.send_rate
+        self.send_bucket = TokenBucket(rate, rate * 2)
 
     async def run(self, *, history: int, since: int | None) -> None:
         try:
@@ -154,21 +165,28 @@ class RoomConnection:
             else None
         )
         try:
-            async with self.services.sessionmaker() as session:
-                posted = await post_message(
-                    session=session,
-                    room=self.room,
-                    author=self.principal.user_id,
-                    body=frame.get("body"),
-                    client_msg_id=client_msg_id,
-                    max_chars=self.services.settings.max_message_chars,
-                    publish=self.services.publish,
-                )
-        except InvalidMessage as exc:
-            return error_frame(exc.code, exc.detail, echo)
-        except Unavailable as exc:
+            self.send_bucket.take()
+            self.services.limits.take_send(self.principal.user_id)
+            # Shielded: a send that started is committed (and fanned out) even if the socket
+            # goes away meanwhile; the client learns of it by resending its client_msg_id.
+            posted = await asyncio.shield(asyncio.ensure_future(self._store(frame)))
+        except RateLimited as exc:
+            return error_frame(exc.code, exc.detail, echo, retry_after=round(exc.retry_after, 3))
+        except (InvalidMessage, Unavailable) as exc:
             return error_frame(exc.code, exc.detail, echo)
         return ack_frame(posted.message)
+
+    async def _store(self, frame: dict[str, Any]) -> Posted:
+        async with self.services.sessionmaker() as session:
+            return await post_message(
+                session=session,
+                room=self.room,
+                author=self.principal.user_id,
+                body=frame.get("body"),
+                client_msg_id=frame.get("client_msg_id"),
+                max_chars=self.services.settings.max_message_chars,
+                publish=self.services.publish,
+            )
 
 
 async def _first_to_finish(*coroutines: Any) -> None:

@@ -69,6 +69,7 @@ async def test_resume_after_a_drop_gets_exactly_the_missed_messages(server, seco
     async with await Client.connect(server, room, alice) as writer:
         reader = await Client.connect(second_server, room, bob)
         await writer.send("one")
+        await writer.recv_type("ack")
         seen = (await reader.recv_type("message"))["seq"]
         await reader.close()
         for body in ("two", "three", "four"):

@@ -1,0 +1,378 @@
+"""Faults on purpose: a deaf LISTEN connection, a database that goes away, replicas killed or
+stopped, slow and dead peers, floods. Acknowledged messages survive all of them."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import shutil
+import signal
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from service.chat.messages import post_message
+from service.config import to_sqlalchemy_url
+from service.db.embedded import EmbeddedPostgres
+from service.db.migrate import upgrade
+from tests.support import (
+    Client,
+    ServerProcess,
+    database_url_for,
+    make_token,
+    small_buffer_socket,
+)
+
+pytestmark = pytest.mark.slow
+
+
+async def _messages_until(client: Client, last_seq: int, timeout: float = 20) -> list[int]:
+    seqs: list[int] = []
+    while not seqs or seqs[-1] < last_seq:
+        frame = await client.recv(timeout)
+        if frame["type"] == "message":
+            seqs.append(frame["seq"])
+    return seqs
+
+
+async def _refused_with(server: ServerProcess, room: str, token: str) -> int:
+    """The close code of a connection the server accepts and closes before ``ready``."""
+    try:
+        client = await Client.connect(server, room, token)
+    except ConnectionClosed as closed:
+        return closed.rcvd.code if closed.rcvd else 1006
+    await client.close()
+    raise AssertionError("the connection was not closed")
+
+
+async def _close_code(client: Client, timeout: float = 10) -> int:
+    try:
+        while True:
+            await asyncio.wait_for(client.ws.recv(), timeout)
+    except ConnectionClosed as closed:
+        return closed.rcvd.code if closed.rcvd else 1006
+
+
+@pytest.fixture
+def own_database(fresh_database) -> str:  # type: ignore[no-untyped-def]
+    url = fresh_database()
+    upgrade(url)
+    return url
+
+
+@pytest.fixture
+def spawn(tmp_path) -> Iterator[object]:  # type: ignore[no-untyped-def]
+    """Start extra servers (stopped at the end): ``spawn(database_url, **env)``."""
+    started: list[ServerProcess] = []
+
+    def start(database_url: str, **env: str) -> ServerProcess:
+        proc = ServerProcess(
+            database_url, log_path=tmp_path / f"server-{len(started)}.log", env=env
+        )
+        proc.start()
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop(signal.SIGKILL)
+
+
+async def test_clients_catch_up_on_what_was_committed_while_listen_was_down(
+    own_database, pg_server_url, spawn
+):
+    """Cut the LISTEN connection and keep it from coming back while messages are committed."""
+    server = spawn(own_database)
+    room = f"r-{uuid.uuid4().hex[:8]}"
+    client = await Client.connect(server, room, make_token("reader"))
+    engine = create_async_engine(to_sqlalchemy_url(own_database))
+    db_name = own_database.rsplit("/", 1)[1]
+    admin = await asyncpg.connect(database_url_for(pg_server_url, "postgres"))
+    try:
+        async with engine.connect() as writer_conn:  # opened before the door closes
+            await admin.execute(f'ALTER DATABASE "{db_name}" ALLOW_CONNECTIONS false')
+            killed = await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = 'chat-listen' AND datname = $1",
+                db_name,
+            )
+            assert killed == 1
+            for i in range(5):
+                async with AsyncSession(bind=writer_conn) as session:
+                    await post_message(
+                        session=session,
+                        room=room,
+                        author="writer",
+                        body=f"while deaf {i}",
+                        client_msg_id=None,
+                        max_chars=4000,
+                    )
+            await client.assert_silent(0.5)  # nothing can arrive: the listener is gone
+            await admin.execute(f'ALTER DATABASE "{db_name}" ALLOW_CONNECTIONS true')
+        assert await _messages_until(client, 5) == [1, 2, 3, 4, 5]
+        await client.send("after", "after-1")
+        frames = await client.collect("ack", "message")
+        assert frames["message"]["seq"] == 6
+        await client.assert_silent(0.3)
+    finally:
+        await admin.execute(f'ALTER DATABASE "{db_name}" ALLOW_CONNECTIONS true')
+        await admin.close()
+        await engine.dispose()
+        await client.close()
+
+
+async def test_database_down_gives_unavailable_never_a_false_ack(spawn, tmp_path):
+    data_dir = Path(tempfile.mkdtemp(prefix="chat-down-"))
+    pg = EmbeddedPostgres(data_dir)
+    try:
+        url = await asyncio.to_thread(pg.start)  # start() runs its own event loop
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        await asyncio.to_thread(upgrade, url)
+        server = spawn(url, CHAT_DB_POOL_SIZE="2")
+        room = f"r-{uuid.uuid4().hex[:8]}"
+        reader = await Client.connect(server, room, make_token("reader"))
+        writer = await Client.connect(server, room, make_token("writer"))
+        await writer.send("before", "b")
+        assert (await writer.collect("ack", "message"))["ack"]["seq"] == 1
+        assert await _messages_until(reader, 1) == [1]
+
+        pg.stop()
+        await writer.send("during", "d")
+        error = await writer.recv_type("error", timeout=30)
+        assert error["code"] == "unavailable" and error["client_msg_id"] == "d"
+        r = httpx.get(f"{server.http}/healthz")
+        assert r.status_code == 200  # the process is alive and answering
+
+        await asyncio.to_thread(pg.start, port=port)
+        for _attempt in range(100):  # retry like a client would, with the same id
+            await writer.send("during", "d")
+            frame = await writer.recv()
+            while frame["type"] == "message":
+                frame = await writer.recv()
+            if frame["type"] == "ack":
+                break
+            assert frame["code"] == "unavailable"
+            await asyncio.sleep(0.1)
+        assert frame["type"] == "ack" and frame["seq"] == 2
+        assert await _messages_until(reader, 2) == [2]
+        await reader.assert_silent(0.3)
+        await reader.close()
+        await writer.close()
+    finally:
+        pg.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+async def test_killed_replica_clients_resume_on_the_other_with_exactly_the_acked_messages(
+    own_database, spawn
+):
+    doomed, survivor = spawn(own_database), spawn(own_database)
+    room = f"r-{uuid.uuid4().hex[:8]}"
+    readers = [await Client.connect(doomed, room, make_token(f"reader-{i}")) for i in range(4)]
+    writer = await Client.connect(survivor, room, make_token("writer"))
+    acked: list[int] = []
+
+    async def write(n: int) -> None:
+        for i in range(n):
+            await writer.send(f"m{len(acked)}", f"w-{len(acked)}-{i}")
+            acked.append((await writer.recv_type("ack"))["seq"])
+
+    await write(10)
+    seen = [await _messages_until(r, 5) for r in readers]
+    doomed.stop(signal.SIGKILL)
+    for reader in readers:
+        assert await _close_code(reader) == 1006
+    await write(10)
+    resumed = []
+    for got in seen:
+        again = await Client.connect(survivor, room, make_token("reader"), since=got[-1])
+        assert again.ready["recovered"] is True
+        got.extend(m["seq"] for m in again.history)
+        resumed.append(again)
+    await write(5)
+    for again, got in zip(resumed, seen, strict=True):
+        if got[-1] < acked[-1]:
+            got.extend(await _messages_until(again, acked[-1]))
+        assert got == acked == list(range(1, 26))
+        await again.assert_silent(0.2)
+        await again.close()
+    await writer.close()
+
+
+async def test_sigterm_closes_websockets_with_1012_and_exits_cleanly(own_database, spawn):
+    server = spawn(own_database, CHAT_DRAIN_SECONDS="5")
+    room = f"r-{uuid.uuid4().hex[:8]}"
+    client = await Client.connect(server, room, make_token("alice"))
+    await client.send("acked before the stop", "s-1")
+    ack = (await client.collect("ack", "message"))["ack"]
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGTERM)
+    assert await _close_code(client) == 1012
+    assert server.proc.wait(15) == 0
+    conn = await asyncpg.connect(own_database)
+    try:
+        stored = await conn.fetchval("SELECT body FROM message WHERE id = $1", ack["id"])
+    finally:
+        await conn.close()
+    assert stored == "acked before the stop"
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+async def test_a_client_that_stops_reading_is_closed_with_1013_and_memory_stays_flat(
+    own_database, spawn
+):
+    server = spawn(own_database, CHAT_OUTBOX_LIMIT="32")
+    assert server.proc is not None
+    room = f"r-{uuid.uuid4().hex[:8]}"
+    body = secrets.token_urlsafe(3000)  # incompressible: per-message deflate is on
+    stalled = [
+        await Client.connect(
+            server, room, make_token(f"slow-{i}"), sock=small_buffer_socket(server.port)
+        )
+        for i in range(3)
+    ]
+    for client in stalled:
+        client.ws.transport.pause_reading()  # type: ignore[attr-defined]
+    reader = await Client.connect(server, room, make_token("reader"))
+    writer = await Client.connect(server, room, make_token("writer"))
+
+    async def write(count: int) -> None:
+        for _ in range(count):
+            await writer.send(body, uuid.uuid4().hex)
+            await writer.recv_type("ack")
+
+    async def read(count: int) -> None:
+        await _messages_until(reader, count)
+
+    await asyncio.gather(write(300), read(300))
+    rss_before = _rss_kb(server.proc.pid)
+    await asyncio.gather(write(1200), read(1500))
+    rss_after = _rss_kb(server.proc.pid)
+    for client in stalled:
+        client.ws.transport.resume_reading()  # type: ignore[attr-defined]
+        assert await _close_code(client, timeout=30) == 1013
+    # 1200 messages x 4 kB x 3 stalled clients would be ~14 MB if anything buffered them.
+    assert rss_after - rss_before < 6_000, (rss_before, rss_after)
+    resumed = await Client.connect(server, room, make_token("slow-0"), since=1300)
+    assert resumed.ready["recovered"] is True
+    assert [m["seq"] for m in resumed.history] == list(range(1301, 1501))
+    await resumed.close()
+    await reader.close()
+    await writer.close()
+
+
+async def test_a_half_open_peer_is_reaped_by_keepalive(own_database, spawn):
+    server = spawn(
+        own_database,
+        CHAT_WS_PING_INTERVAL="0.2",
+        CHAT_WS_PING_TIMEOUT="0.3",
+        CHAT_MAX_CONNECTIONS_PER_USER="1",
+    )
+    room = f"r-{uuid.uuid4().hex[:8]}"
+    token = make_token("ghost")
+    ghost = await Client.connect(server, room, token)
+    ghost.ws.transport.pause_reading()  # type: ignore[attr-defined]  # never answers a ping
+    assert await _refused_with(server, room, token) == 1013  # over the cap while the ghost lives
+    for _attempt in range(50):
+        await asyncio.sleep(0.1)
+        try:
+            replacement = await Client.connect(server, room, token)
+        except ConnectionClosed:
+            continue
+        try:
+            await replacement.assert_silent(0.5)  # not closed: the ghost's slot was freed
+        except ConnectionClosed:
+            continue
+        await replacement.close()
+        break
+    else:
+        raise AssertionError("the half-open connection was never reaped")
+
+
+async def test_floods_are_rate_limited_with_a_retry_hint(own_database, spawn):
+    server = spawn(own_database, CHAT_SEND_RATE="2", CHAT_USER_SEND_RATE="100")
+    room = f"r-{uuid.uuid4().hex[:8]}"
+    client = await Client.connect(server, room, make_token("flooder"))
+    for i in range(10):
+        await client.send(f"flood {i}", f"f-{i}")
+    replies = []
+    while len(replies) < 10:
+        frame = await client.recv()
+        if frame["type"] in ("ack", "error"):
+            replies.append(frame)
+    limited = [f for f in replies if f["type"] == "error"]
+    assert 4 <= len(limited) <= 7, replies  # a burst of 4 (twice the rate) goes through
+    assert {f["code"] for f in limited} == {"rate_limited"}
+    assert all(0 < f["retry_after"] <= 1 for f in limited)
+    await asyncio.sleep(max(f["retry_after"] for f in limited))
+    await client.send("after waiting", "f-late")
+    assert (await client.recv_type("ack"))["client_msg_id"] == "f-late"
+    await client.close()
+
+    rest = spawn(own_database, CHAT_USER_SEND_RATE="1")
+    headers = {"Authorization": f"Bearer {make_token('poster')}"}
+    codes = []
+    async with httpx.AsyncClient(headers=headers) as http:
+        for i in range(5):
+            r = await http.post(f"{rest.http}/rooms/{room}/messages", json={"body": f"{i}"})
+            codes.append(r.status_code)
+            if r.status_code == 429:
+                assert int(r.headers["retry-after"]) >= 1
+                assert r.json()["code"] == "rate_limited"
+    assert codes.count(201) == 2 and codes.count(429) == 3
+
+
+async def test_connections_per_user_are_capped(own_database, spawn):
+    server = spawn(own_database, CHAT_MAX_CONNECTIONS_PER_USER="2")
+    room = f"r-{uuid.uuid4().hex[:8]}"
+    token = make_token("greedy")
+    first, second = [await Client.connect(server, room, token) for _ in range(2)]
+    assert await _refused_with(server, room, token) == 1013
+    other = await Client.connect(server, room, make_token("someone-else"))
+    await other.assert_silent(0.2)
+    await first.close()
+    await asyncio.sleep(0.2)
+    fourth = await Client.connect(server, room, token)
+    await fourth.assert_silent(0.3)
+    for client in (second, other, fourth):
+        await client.close()
+
+
+async def test_session_cookie_is_refused_from_a_foreign_origin(own_database, spawn):
+    server = spawn(own_database, CHAT_ALLOWED_ORIGINS="https://app.example.com")
+    token = make_token("alice")
+    url = f"{server.ws}/ws/rooms/lobby"
+    cookie = {"Cookie": f"session={token}"}
+    with pytest.raises(Exception) as refused:
+        await connect(url, additional_headers=cookie, origin="https://evil.example")
+    assert getattr(refused.value, "response", None) is not None
+    assert refused.value.response.status_code == 403  # type: ignore[attr-defined]
+    for origin in ("https://app.example.com", f"http://127.0.0.1:{server.port}"):
+        async with connect(url, additional_headers=cookie, origin=origin) as ws:  # type: ignore[arg-type]
+            assert '"ready"' in await asyncio.wait_for(ws.recv(), 5)
+    bearer = {"Authorization": f"Bearer {token}"}
+    async with connect(url, additional_headers=bearer, origin="https://evil.example") as ws:  # type: ignore[arg-type]
+        assert '"ready"' in await asyncio.wait_for(ws.recv(), 5)
+
+
+async def test_invalid_utf8_text_frame_closes_with_1007(server, room, alice):
+    from websockets.frames import Frame, Opcode
+
+    client = await Client.connect(server, room, alice)
+    raw = Frame(Opcode.TEXT, b"\xff\xfe not utf-8").serialize(mask=True, extensions=[])
+    client.ws.transport.write(raw)  # bypasses the client library's own UTF-8 encoding
+    assert await _close_code(client) == 1007
