@@ -134,8 +134,12 @@ class EmbeddedPostgres:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def start(self, timeout: float = 30.0) -> str:
-        """Start (``initdb`` on first use) and return ``postgresql://…@127.0.0.1:PORT/db``."""
+    def start(self, timeout: float = 30.0, *, port: int | None = None) -> str:
+        """Start (``initdb`` on first use) and return ``postgresql://…@127.0.0.1:PORT/db``.
+
+        ``port`` defaults to a free one; tests that restart the server pass the previous one.
+        Call it from the main thread: the server dies with the thread that started it.
+        """
         self.data_dir.mkdir(parents=True, exist_ok=True)
         password = self._password()
         bin_dir = self._bin_dir()
@@ -153,7 +157,7 @@ class EmbeddedPostgres:
             return self._url
         if not (pgdata / "PG_VERSION").exists():
             self._initdb(bin_dir, pgdata, password)
-        port = _free_port()
+        port = port or _free_port()
         log_fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         with os.fdopen(log_fd, "ab") as log_file:
             self._proc = subprocess.Popen(  # noqa: S603 - our own binary and arguments
