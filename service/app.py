@@ -20,6 +20,7 @@ from service.chat.limits import RateLimited, UserLimits
 from service.config import Settings
 from service.db.engine import create_engine, create_sessionmaker
 from service.errors import ChatError
+from service.observability import RequestIdMiddleware, request_id
 from service.realtime import websocket as websocket_routes
 from service.realtime.backend import ListenBackend
 from service.realtime.hub import RoomHub
@@ -78,6 +79,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse(
             {"detail": exc.detail, "code": exc.code}, status_code=exc.http_status, headers=headers
         )
+
+    @app.exception_handler(Exception)
+    async def internal_error(_request: Request, exc: Exception) -> JSONResponse:
+        """Details stay in the server log, tied to the request id the client is given."""
+        log.error("unhandled error", exc_info=exc)
+        rid = request_id.get()
+        return JSONResponse(
+            {"detail": "internal error", "code": "internal", "request_id": rid},
+            status_code=500,
+            headers={"X-Request-ID": rid},
+        )
+
+    app.add_middleware(RequestIdMiddleware)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:

@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from service.config import Settings
+from service.observability import RequestIdFilter
 
 TOKEN_IN_TEXT = re.compile(r"(token=)[^&\s\"']+")
 
@@ -34,13 +35,17 @@ def logging_config(level: str) -> dict[str, Any]:
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "filters": {"redact": {"()": RedactTokens}},
-        "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+        "filters": {"redact": {"()": RedactTokens}, "request_id": {"()": RequestIdFilter}},
+        "formatters": {
+            "plain": {
+                "format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
+            }
+        },
         "handlers": {
             "stderr": {
                 "class": "logging.StreamHandler",
                 "stream": "ext://sys.stderr",
-                "filters": ["redact"],
+                "filters": ["redact", "request_id"],
                 "formatter": "plain",
             }
         },

@@ -25,6 +25,7 @@ def create_engine(settings: Settings) -> AsyncEngine:
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_pool_size,
         pool_pre_ping=True,
+        hide_parameters=True,  # SQL errors are logged; message bodies must not be
         pool_timeout=10,
         connect_args={"timeout": 10, "server_settings": {"application_name": "chat-service"}},
     )

@@ -376,3 +376,28 @@ async def test_invalid_utf8_text_frame_closes_with_1007(server, room, alice):
     raw = Frame(Opcode.TEXT, b"\xff\xfe not utf-8").serialize(mask=True, extensions=[])
     client.ws.transport.write(raw)  # bypasses the client library's own UTF-8 encoding
     assert await _close_code(client) == 1007
+
+
+async def test_internal_errors_leak_nothing_and_are_logged_with_the_request_id(own_database, spawn):
+    server = spawn(own_database)
+    room = f"r-{uuid.uuid4().hex[:8]}"
+    client = await Client.connect(server, room, make_token("alice"))
+    conn = await asyncpg.connect(own_database)
+    try:
+        await conn.execute("ALTER TABLE message RENAME TO message_gone")  # a bug, in effect
+        r = httpx.post(
+            f"{server.http}/rooms/{room}/messages",
+            json={"body": "x"},
+            headers={"Authorization": f"Bearer {make_token('alice')}", "X-Request-ID": "req-42"},
+        )
+        assert r.status_code == 500
+        assert r.json() == {"detail": "internal error", "code": "internal", "request_id": "req-42"}
+        assert r.headers["x-request-id"] == "req-42"
+        await client.send("boom")
+        assert await _close_code(client) == 1011
+    finally:
+        await conn.execute("ALTER TABLE message_gone RENAME TO message")
+        await conn.close()
+    log = server.log_path.read_text()
+    assert "[req-42]" in log and "UndefinedTable" in log  # the details are in the log only
+    assert "boom" not in log  # nor message bodies, even in SQL error parameters
