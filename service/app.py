@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 from broadcaster import Broadcast
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.api import auth as auth_routes
 from service.api import rooms as room_routes
@@ -19,7 +24,9 @@ from service.auth import TokenCodec
 from service.chat.limits import RateLimited, UserLimits
 from service.config import Settings
 from service.db.engine import create_engine, create_sessionmaker
+from service.db.migrate import current_revision, head_revision
 from service.errors import ChatError
+from service.metrics import Metrics
 from service.observability import RequestIdMiddleware, request_id
 from service.realtime import websocket as websocket_routes
 from service.realtime.backend import ListenBackend
@@ -31,22 +38,64 @@ log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
 
 
+class StartupError(RuntimeError):
+    """The service cannot serve: said once, clearly, at start-up rather than on each request."""
+
+
+async def check_database(engine: AsyncEngine, expected_revision: str) -> None:
+    url = engine.url.render_as_string(hide_password=True)
+    try:
+        async with engine.connect() as conn:
+            revision = await asyncio.wait_for(current_revision(conn), 10)
+    except (OSError, TimeoutError, DBAPIError) as exc:
+        raise StartupError(f"cannot reach the database at {url}: {exc}") from None
+    if revision != expected_revision:
+        raise StartupError(
+            f"the database schema is at {revision or 'nothing'}, this version needs "
+            f"{expected_revision}: run `chat-service migrate`"
+        )
+
+
+async def database_check(engine: AsyncEngine, expected_revision: str) -> str:
+    try:
+        await asyncio.wait_for(check_database(engine, expected_revision), 3)
+    except (StartupError, TimeoutError) as exc:
+        return str(exc) or "database check timed out"
+    return "ok"
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; with no argument, settings come from the environment (uvicorn --factory)."""
     settings = settings or Settings()
     settings.require_database_url()
     tokens = TokenCodec(settings)
+    metrics = Metrics()
+    expected_revision = head_revision()
 
     @asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[dict[str, Services]]:
+    async def lifespan(_app: FastAPI) -> AsyncIterator[dict[str, object]]:
         async with AsyncExitStack() as stack:
             engine = create_engine(settings)
             stack.push_async_callback(engine.dispose)
+            await check_database(engine, expected_revision)
             sessionmaker = create_sessionmaker(engine)
             backend = ListenBackend(settings.listen_dsn)
             broadcast = Broadcast(backend=backend)
             await stack.enter_async_context(broadcast)
-            hub = RoomHub(broadcast, sessionmaker, settings.outbox_limit)
+            hub = RoomHub(
+                broadcast,
+                sessionmaker,
+                settings.outbox_limit,
+                on_forward=lambda sent_at: metrics.fanout_latency.observe(
+                    max(0.0, time.time() - sent_at)
+                ),
+            )
+            metrics.watch(
+                pool_checked_out=engine.pool.checkedout,  # type: ignore[attr-defined]
+                pool_size=engine.pool.size,  # type: ignore[attr-defined]
+                listen_reconnects=lambda: backend.reconnects,
+                listen_up=lambda: backend.connected,
+            )
             stack.push_async_callback(hub.close)
             services = Services(
                 settings=settings,
@@ -58,8 +107,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     send_rate=settings.user_send_rate,
                     max_connections=settings.max_connections_per_user,
                 ),
+                metrics=metrics,
             )
-            yield {"services": services}
+            yield {"services": services, "listen": backend, "engine": engine}
 
     app = FastAPI(
         title="chat-service",
@@ -97,6 +147,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def healthz() -> dict[str, str]:
         """Liveness: the process answers."""
         return {"status": "ok"}
+
+    @app.get(
+        "/readyz",
+        tags=["health"],
+        responses={503: {"description": "Not ready: the failing checks are listed"}},
+    )
+    async def readyz(request: Request) -> JSONResponse:
+        """Readiness: database reachable with the schema at head, LISTEN connection up."""
+        checks = {
+            "database": await database_check(request.state.engine, expected_revision),
+            "listen": "ok" if request.state.listen.connected else "LISTEN connection down",
+        }
+        ready = all(v == "ok" for v in checks.values())
+        return JSONResponse(
+            {"status": "ready" if ready else "not ready", "checks": checks},
+            status_code=200 if ready else 503,
+        )
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics_endpoint() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", include_in_schema=False)
     async def demo_page() -> FileResponse:

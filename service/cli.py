@@ -37,9 +37,7 @@ def logging_config(level: str) -> dict[str, Any]:
         "disable_existing_loggers": False,
         "filters": {"redact": {"()": RedactTokens}, "request_id": {"()": RequestIdFilter}},
         "formatters": {
-            "plain": {
-                "format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
-            }
+            "plain": {"format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"}
         },
         "handlers": {
             "stderr": {

@@ -9,6 +9,7 @@ from service.chat.limits import UserLimits
 from service.chat.messages import Publish
 from service.config import Settings
 from service.db.engine import SessionMaker
+from service.metrics import Metrics
 from service.realtime.hub import RoomHub
 
 
@@ -21,3 +22,4 @@ class Services:
     publish: Publish | None
     """None when NOTIFY goes out inside the insert transaction (the default)."""
     limits: UserLimits
+    metrics: Metrics

@@ -9,6 +9,7 @@ from fastapi import APIRouter, HTTPException, Query, Response
 from service.api.deps import MAX_SEQ, CurrentUser, RoomName, ServicesDep, SessionDep
 from service.api.schemas import MessageOut, MessagePage, NewMessage, RoomList, RoomOut
 from service.chat.history import read_page
+from service.chat.limits import RateLimited
 from service.chat.messages import post_message
 from service.config import ROOM_NAME_PATTERN
 from service.db import queries
@@ -72,8 +73,8 @@ async def create_message(
 ) -> MessageOut:
     """Store a message and fan it out to the room's websockets. A resend with the same
     ``client_msg_id`` returns the original with ``Idempotent-Replayed: true``."""
-    services.limits.take_send(user.user_id)
     try:
+        services.limits.take_send(user.user_id)
         posted = await post_message(
             session=session,
             room=room,
@@ -83,8 +84,13 @@ async def create_message(
             max_chars=services.settings.max_message_chars,
             publish=services.publish,
         )
-    except InvalidMessage as exc:
+    except (InvalidMessage, RateLimited) as exc:
+        services.metrics.errors.labels(exc.code).inc()
+        if isinstance(exc, RateLimited):
+            raise
         raise HTTPException(422, f"{exc.code}: {exc.detail}") from None
     if posted.duplicate:
         response.headers["Idempotent-Replayed"] = "true"
+    else:
+        services.metrics.stored.labels("rest").inc()
     return MessageOut.model_validate(posted.message)

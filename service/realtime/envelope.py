@@ -1,15 +1,17 @@
 """Channel names and the wire formats of fan-out.
 
-A notification payload is ``"<seq>:<frame>"`` where ``<frame>`` is the exact ``message`` frame
-clients receive, so a process forwards it without parsing or re-encoding the JSON. When the frame
-would pass PostgreSQL's 8000-byte NOTIFY limit the payload is ``"<seq>:"`` (a reference) and
-each listening process reads the message from the database once, whatever its size.
+A notification payload is ``"<seq>:<sent_at>:<frame>"`` where ``<frame>`` is the exact
+``message`` frame clients receive, so a process forwards it without parsing or re-encoding the
+JSON, and ``<sent_at>`` (epoch seconds, taken just before commit) measures fan-out latency. When
+the frame would pass PostgreSQL's 8000-byte NOTIFY limit the payload is ``"<seq>:<sent_at>:"``
+(a reference) and each listening process reads the message from the database once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -72,13 +74,14 @@ def ready_frame(room: str, last_seq: int, recovered: bool) -> str:
 
 
 def encode_notification(msg: MessageRecord, frame: str) -> str:
-    payload = f"{msg.seq}:{frame}"
+    head = f"{msg.seq}:{time.time():.6f}:"
+    payload = head + frame
     if len(payload.encode()) > NOTIFY_PAYLOAD_LIMIT:
-        return f"{msg.seq}:"
+        return head
     return payload
 
 
-def decode_notification(payload: str) -> tuple[int, str | None]:
-    """``(seq, frame)``; ``frame`` is None when the message must be read from the database."""
-    seq, _, frame = payload.partition(":")
-    return int(seq), frame or None
+def decode_notification(payload: str) -> tuple[int, float, str | None]:
+    """``(seq, sent_at, frame)``; ``frame`` is None when it must be read from the database."""
+    seq, sent_at, frame = payload.split(":", 2)
+    return int(seq), float(sent_at), frame or None

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from broadcaster import Broadcast
@@ -87,7 +87,14 @@ class _RoomStream:
 
 
 class RoomHub:
-    def __init__(self, broadcast: Broadcast, sessionmaker: SessionMaker, outbox_limit: int) -> None:
+    def __init__(
+        self,
+        broadcast: Broadcast,
+        sessionmaker: SessionMaker,
+        outbox_limit: int,
+        on_forward: Callable[[float], None] = lambda _sent_at: None,
+    ) -> None:
+        self._on_forward = on_forward
         self._broadcast = broadcast
         self._sessionmaker = sessionmaker
         self._outbox_limit = outbox_limit
@@ -131,10 +138,11 @@ class RoomHub:
                     if event.message == RESYNC:
                         self._dispatch(stream, RESYNC_SEQ, None)
                         continue
-                    seq, frame = decode_notification(event.message)
+                    seq, sent_at, frame = decode_notification(event.message)
                     if frame is None:
                         frame = await self._load(room, seq)
                     self._dispatch(stream, seq, frame)
+                    self._on_forward(sent_at)
         except Exception as exc:
             # The stream is dead: new joiners start a fresh one, current ones are told to retry.
             if self._streams.get(room) is stream:

@@ -47,11 +47,13 @@ async def room_socket(
     except TooManyConnections as exc:
         await websocket.close(WS_TRY_AGAIN_LATER, exc.detail)
         return
+    services.metrics.connections.inc()
     try:
         connection = RoomConnection(websocket, services, principal, room)
         limit = services.settings.history_limit if history is None else history
         await connection.run(history=limit, since=since)
     finally:
+        services.metrics.connections.dec()
         services.limits.disconnect(principal.user_id)
 
 
@@ -77,6 +79,7 @@ class RoomConnection:
         except WebSocketDisconnect:
             return
         except SlowConsumer:
+            self.services.metrics.slow_consumers.inc()
             log.info("closing slow consumer user=%s room=%s", self.principal.user_id, self.room)
             await self._close(WS_TRY_AGAIN_LATER, "too far behind; reconnect with since")
             return
@@ -100,11 +103,14 @@ class RoomConnection:
             )
         for message in replay.messages:
             await self.websocket.send_text(message_frame(message))
+        self.services.metrics.replay_size.observe(len(replay.messages))
+        self.services.metrics.delivered.inc(len(replay.messages))
         self.last_seq = replay.last_seq
         await self.websocket.send_text(ready_frame(self.room, replay.last_seq, replay.recovered))
 
     async def _write(self, outbox: Outbox) -> None:
         send = self.websocket.send_text
+        delivered = self.services.metrics.delivered
         while True:
             seq, frame = await outbox.get()
             if seq == DIRECT:
@@ -115,6 +121,7 @@ class RoomConnection:
                 continue  # the replay already covered it
             elif seq == self.last_seq + 1 and frame is not None:
                 await send(frame)
+                delivered.inc()
                 self.last_seq = seq
             else:
                 await self._catch_up(until=seq)
@@ -127,6 +134,7 @@ class RoomConnection:
         for message in missed:
             await self.websocket.send_text(message_frame(message))
             self.last_seq = message.seq
+        self.services.metrics.delivered.inc(len(missed))
         if until is not None and self.last_seq < until:
             log.error("room %s: message %d not found while catching up", self.room, until)
 
@@ -137,25 +145,28 @@ class RoomConnection:
                 return
             text = message.get("text")
             if text is None:
-                outbox.put(DIRECT, error_frame("binary_not_supported", "send JSON text frames"))
+                outbox.put(DIRECT, self._error("binary_not_supported", "send JSON text frames"))
                 continue
-            reply = await self._handle(text)
-            if reply is not None:
-                outbox.put(DIRECT, reply)
+            outbox.put(DIRECT, await self._handle(text))
 
-    async def _handle(self, text: str) -> str | None:
+    def _error(self, code: str, detail: str, client_msg_id: str | None = None, **extra: Any) -> str:
+        self.services.metrics.errors.labels(code).inc()
+        return error_frame(code, detail, client_msg_id, **extra)
+
+    async def _handle(self, text: str) -> str:
         try:
             frame: Any = json.loads(text)
         except (ValueError, RecursionError):
-            return error_frame("invalid_json", "the frame is not valid JSON")
+            return self._error("invalid_json", "the frame is not valid JSON")
         if not isinstance(frame, dict):
-            return error_frame("invalid_frame", "a frame must be a JSON object")
+            return self._error("invalid_frame", "a frame must be a JSON object")
         kind = frame.get("type")
         if kind == "send":
+            self.services.metrics.received.inc()
             return await self._send(frame)
         if kind == "ping":
             return dumps({"type": "pong"})
-        return error_frame("unknown_type", "'type' must be 'send' or 'ping'")
+        return self._error("unknown_type", "'type' must be 'send' or 'ping'")
 
     async def _send(self, frame: dict[str, Any]) -> str:
         client_msg_id = frame.get("client_msg_id")
@@ -171,9 +182,12 @@ class RoomConnection:
             # goes away meanwhile; the client learns of it by resending its client_msg_id.
             posted = await asyncio.shield(asyncio.ensure_future(self._store(frame)))
         except RateLimited as exc:
-            return error_frame(exc.code, exc.detail, echo, retry_after=round(exc.retry_after, 3))
+            return self._error(exc.code, exc.detail, echo, retry_after=round(exc.retry_after, 3))
         except (InvalidMessage, Unavailable) as exc:
-            return error_frame(exc.code, exc.detail, echo)
+            return self._error(exc.code, exc.detail, echo)
+        if not posted.duplicate:
+            self.services.metrics.stored.labels("websocket").inc()
+        self.services.metrics.acks.inc()
         return ack_frame(posted.message)
 
     async def _store(self, frame: dict[str, Any]) -> Posted:

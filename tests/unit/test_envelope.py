@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 
 from service.db.queries import MessageRecord
@@ -27,14 +28,17 @@ def test_channel_names_fit_postgres_identifiers_and_differ_per_room():
 def test_small_messages_travel_inline():
     record = _record("hello")
     frame = message_frame(record)
-    assert decode_notification(encode_notification(record, frame)) == (42, frame)
+    seq, sent_at, decoded = decode_notification(encode_notification(record, frame))
+    assert (seq, decoded) == (42, frame)
+    assert abs(time.time() - sent_at) < 60
 
 
 def test_large_messages_travel_as_a_reference():
     record = _record("\U0001f600" * 2000)  # 8000 bytes of body alone
     payload = encode_notification(record, message_frame(record))
     assert len(payload.encode()) <= NOTIFY_PAYLOAD_LIMIT
-    assert decode_notification(payload) == (42, None)
+    seq, _sent_at, frame = decode_notification(payload)
+    assert (seq, frame) == (42, None)
 
 
 def test_frames_keep_unicode_unescaped():

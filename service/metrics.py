@@ -1,0 +1,83 @@
+"""Prometheus metrics, one registry per app (no global state): ``GET /metrics``.
+
+Per process: with several replicas, scrape each one (they are separate targets). Under
+``--workers N`` a scrape reaches one worker at a time; prefer one process per replica.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+
+class _Live(Collector):
+    """Values read from live objects at scrape time (pool usage, LISTEN reconnects)."""
+
+    def __init__(
+        self,
+        pool_checked_out: Callable[[], int],
+        pool_size: Callable[[], int],
+        listen_reconnects: Callable[[], int],
+        listen_up: Callable[[], bool],
+    ) -> None:
+        self._pool_checked_out = pool_checked_out
+        self._pool_size = pool_size
+        self._listen_reconnects = listen_reconnects
+        self._listen_up = listen_up
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        yield GaugeMetricFamily(
+            "chat_db_pool_checked_out", "Database connections in use", self._pool_checked_out()
+        )
+        yield GaugeMetricFamily(
+            "chat_db_pool_size", "Database connections held by the pool", self._pool_size()
+        )
+        yield CounterMetricFamily(
+            "chat_listen_reconnects",
+            "Times the LISTEN connection was re-established",
+            self._listen_reconnects(),
+        )
+        yield GaugeMetricFamily(
+            "chat_listen_up", "1 when the LISTEN connection is up", int(self._listen_up())
+        )
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.connections = Gauge("chat_connections", "Open websocket connections", registry=r)
+        self.received = Counter(
+            "chat_messages_received", "Send frames received from clients", registry=r
+        )
+        self.stored = Counter(
+            "chat_messages_stored", "Messages stored (resends excluded)", ["via"], registry=r
+        )
+        self.delivered = Counter(
+            "chat_messages_delivered", "Message frames sent to websocket clients", registry=r
+        )
+        self.acks = Counter("chat_acks", "Acks sent", registry=r)
+        self.errors = Counter(
+            "chat_errors", "Error frames and error responses by code", ["code"], registry=r
+        )
+        self.fanout_latency = Histogram(
+            "chat_fanout_latency_seconds",
+            "From just before commit to this process forwarding the message to its clients",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
+        )
+        self.replay_size = Histogram(
+            "chat_history_replay_messages",
+            "Messages replayed on connect",
+            buckets=(0, 1, 10, 50, 100, 250, 500, 1000),
+            registry=r,
+        )
+        self.slow_consumers = Counter(
+            "chat_slow_consumer_disconnects", "Connections closed for falling behind", registry=r
+        )
+
+    def watch(self, **sources: Callable[[], object]) -> None:
+        self.registry.register(_Live(**sources))  # type: ignore[arg-type]
