@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from service.config import Settings
-from service.observability import RequestIdFilter
+from service.observability import JsonFormatter, RequestIdFilter
 
 TOKEN_IN_TEXT = re.compile(r"(token=)[^&\s\"']+")
 
@@ -29,22 +29,24 @@ class RedactTokens(logging.Filter):
         return True
 
 
-def logging_config(level: str) -> dict[str, Any]:
-    """One stderr handler with token redaction; uvicorn applies it in every worker process."""
+def logging_config(level: str, *, dev: bool = False) -> dict[str, Any]:
+    """One stderr handler with token redaction: JSON lines, or plain text with ``--dev``.
+    uvicorn applies it in every worker process."""
     quiet = {"handlers": [], "propagate": True}
     return {
         "version": 1,
         "disable_existing_loggers": False,
         "filters": {"redact": {"()": RedactTokens}, "request_id": {"()": RequestIdFilter}},
         "formatters": {
-            "plain": {"format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"}
+            "plain": {"format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"},
+            "json": {"()": JsonFormatter},
         },
         "handlers": {
             "stderr": {
                 "class": "logging.StreamHandler",
                 "stream": "ext://sys.stderr",
                 "filters": ["redact", "request_id"],
-                "formatter": "plain",
+                "formatter": "plain" if dev else "json",
             }
         },
         "root": {"handlers": ["stderr"], "level": level.upper()},
@@ -81,7 +83,7 @@ def serve(args: argparse.Namespace) -> int:
         options = {
             "host": args.host,
             "port": args.port,
-            "log_config": logging_config(args.log_level),
+            "log_config": logging_config(args.log_level, dev=args.dev),
             "ws_max_size": ws_max_size(settings),
             "proxy_headers": True,
             "timeout_graceful_shutdown": settings.drain_seconds,
@@ -131,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1, help="processes (they share the database)")
+    p.add_argument("--dev", action="store_true", help="human-readable logs instead of JSON lines")
     p.set_defaults(func=serve)
 
     p = commands.add_parser("migrate", help="upgrade the database schema to the latest version")
@@ -146,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.config.dictConfig(logging_config(args.log_level))
+    # serve logs JSON unless --dev; the one-shot commands talk to a person.
+    logging.config.dictConfig(logging_config(args.log_level, dev=getattr(args, "dev", True)))
     try:
         return int(args.func(args))
     except ValidationError as exc:

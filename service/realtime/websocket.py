@@ -66,6 +66,7 @@ class RoomConnection:
         self.principal = principal
         self.room = room
         self.last_seq = 0
+        self._log_context = {"user": principal.user_id, "room": room}
         rate = services.settings.send_rate
         self.send_bucket = TokenBucket(rate, rate * 2)
 
@@ -80,14 +81,14 @@ class RoomConnection:
             return
         except SlowConsumer:
             self.services.metrics.slow_consumers.inc()
-            log.info("closing slow consumer user=%s room=%s", self.principal.user_id, self.room)
+            log.info("closing slow consumer", extra=self._log_context)
             await self._close(WS_TRY_AGAIN_LATER, "too far behind; reconnect with since")
             return
         except Unavailable:
             await self._close(WS_TRY_AGAIN_LATER, "database unavailable; reconnect with since")
             return
         except Exception:
-            log.exception("websocket failed user=%s room=%s", self.principal.user_id, self.room)
+            log.exception("websocket failed", extra=self._log_context)
             await self._close(WS_INTERNAL_ERROR, "internal error")
             return
         await self._close(1000, "")
