@@ -1,0 +1,121 @@
+"""The docker-compose topology without Docker: PostgreSQL, ``chat-service migrate``, two
+``chat-service serve`` replicas and nginx with the very nginx.conf the compose file mounts, all
+on loopback. Messages cross between clients that nginx put on different replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support import JWT_SECRET, Client, ServerProcess, free_port, make_token
+
+REPO = Path(__file__).resolve().parents[2]
+COMPOSE = REPO / "docker-compose.yml"
+NGINX_CONF = REPO / "deploy" / "nginx.conf"
+NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed")
+def test_compose_file_is_valid():
+    env = {**os.environ, "POSTGRES_PASSWORD": "pw", "CHAT_JWT_SECRET": "s" * 48}
+    result = subprocess.run(
+        ["docker-compose", "-f", str(COMPOSE), "config"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    for service in ("db", "migrate", "app1", "app2", "lb"):
+        assert f"  {service}:" in result.stdout
+    assert "./deploy/nginx.conf:/etc/nginx/nginx.conf" in COMPOSE.read_text()
+
+
+@pytest.fixture
+def nginx(tmp_path) -> Iterator[object]:  # type: ignore[no-untyped-def]
+    if NGINX is None:
+        pytest.skip("nginx not installed")
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(upstreams: list[int]) -> int:
+        port = free_port()
+        conf = NGINX_CONF.read_text()
+        conf = conf.replace("server app1:8000", f"server 127.0.0.1:{upstreams[0]}")
+        conf = conf.replace("server app2:8000", f"server 127.0.0.1:{upstreams[1]}")
+        conf = conf.replace("listen 8080;", f"listen 127.0.0.1:{port};")
+        conf = conf.replace("/tmp/nginx", str(tmp_path / "nginx"))  # noqa: S108 - the conf's path
+        assert "app1" not in conf and "app2" not in conf
+        path = tmp_path / "nginx.conf"
+        path.write_text(conf)
+        proc = subprocess.Popen(
+            [NGINX, "-c", str(path), "-p", str(tmp_path), "-g", "daemon off;"],
+            stderr=(tmp_path / "nginx.log").open("wb"),
+        )
+        started.append(proc)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    return port
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise RuntimeError((tmp_path / "nginx.log").read_text())
+
+    yield start
+    for proc in started:
+        proc.send_signal(signal.SIGQUIT)
+        proc.wait(10)
+
+
+class _Lb:
+    def __init__(self, port: int) -> None:
+        self.http = f"http://127.0.0.1:{port}"
+        self.ws = f"ws://127.0.0.1:{port}"
+
+
+def _connections(replica: ServerProcess) -> float:
+    for line in httpx.get(f"{replica.http}/metrics").text.splitlines():
+        if line.startswith("chat_connections "):
+            return float(line.split()[1])
+    raise AssertionError("no chat_connections metric")
+
+
+async def test_messages_cross_replicas_behind_nginx(fresh_database, nginx, tmp_path, room):
+    url = await asyncio.to_thread(fresh_database)  # it runs an event loop of its own
+    env = {**os.environ, "CHAT_DATABASE_URL": url, "CHAT_JWT_SECRET": JWT_SECRET}
+    subprocess.run([sys.executable, "-m", "service", "migrate"], env=env, check=True)
+    with (
+        ServerProcess(url, log_path=tmp_path / "app1.log") as app1,
+        ServerProcess(url, log_path=tmp_path / "app2.log") as app2,
+    ):
+        lb = _Lb(nginx([app1.port, app2.port]))
+        clients = [await Client.connect(lb, room, make_token(f"user-{i}")) for i in range(4)]
+        assert _connections(app1) >= 1 and _connections(app2) >= 1  # spread over both
+        for i, sender in enumerate(clients):
+            await sender.send(f"hello from {i}", f"lb-{i}")
+        for client in clients:
+            bodies = []
+            while len(bodies) < 4:
+                frame = await client.recv()
+                if frame["type"] == "message":
+                    bodies.append(frame["body"])
+            assert sorted(bodies) == sorted(f"hello from {i}" for i in range(4))
+            await client.close()
+        r = httpx.get(
+            f"{lb.http}/rooms/{room}/messages",
+            headers={"Authorization": f"Bearer {make_token('reader')}"},
+        )
+        assert [m["seq"] for m in r.json()["messages"]] == [1, 2, 3, 4]
+        assert httpx.get(f"{lb.http}/readyz").status_code == 200
