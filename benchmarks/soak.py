@@ -1,0 +1,916 @@
+"""Soak test: websocket clients on two server processes, random faults, then an audit.
+
+What it proves. ``--clients`` clients join ``--rooms`` rooms, spread over two
+``python -m service serve`` processes that share one PostgreSQL. ``--senders`` of them send at a
+paced total of ``--rate`` messages/s for ``--duration`` seconds, each message with a unique
+``client_msg_id``, while one fault every ``--fault-interval`` seconds hits the service:
+
+* ``kill``: SIGKILL a server, restart it on the same port about a second later;
+* ``term``: SIGTERM a server (it closes its websockets with 1012), restart it;
+* ``listen``: terminate the servers' LISTEN connections (``application_name = 'chat-listen'``):
+  the service must reconnect and catch its clients up from the database;
+* ``slow``: an extra client (not audited) stops reading for a few seconds; it may get 1013.
+
+Clients reconnect with backoff (50 ms doubling to 1 s, jittered) to a random live server with
+``since=<last seq seen>`` and resend every unacknowledged message with its original
+``client_msg_id`` until it is acknowledged. After the run and a drain (until every message is
+acknowledged and every client has caught up, at most ``--drain`` seconds) the audit checks:
+
+* each client saw every seq of its room exactly once, in order, without gaps, from its first
+  ``ready`` up to the room's final ``last_seq``, across all its reconnects; a resume answered
+  with ``recovered: false`` (a "reset") is a violation unless more than 1000 were missed;
+* every acknowledged message is in the database with the same seq, id, author and body, and
+  every delivered message matches the database;
+* the run drained: no valid send was refused for good, no message is left unacknowledged.
+
+The exit code is 0 when nothing was violated, 1 otherwise (2: the harness itself failed).
+Without ``--database-url`` an embedded PostgreSQL runs in a temporary folder. Other ``CHAT_*``
+variables of the environment reach the servers (``CHAT_OUTBOX_LIMIT=32`` makes slow-consumer
+closes common); when one sender's share of ``--rate`` is above the servers' default per
+connection limit, ``CHAT_SEND_RATE`` is raised (flood control is not what is under test).
+Server logs are kept, and their folder printed, when the run fails::
+
+    python -m benchmarks.soak --ci --json soak.json
+    python -m benchmarks.soak --clients 100 --duration 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import random
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import asyncpg
+import httpx
+import jwt
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from service.chat.history import MAX_RESUME_GAP
+from service.config import Settings, to_asyncpg_dsn
+
+CI_SIZE = {
+    "clients": 20,
+    "rooms": 4,
+    "senders": 6,
+    "rate": 50.0,
+    "duration": 20.0,
+    "fault_interval": 4.0,
+}
+FAULT_KINDS = ("kill", "term", "listen", "slow")
+RETRYABLE = {"rate_limited", "unavailable"}
+COUNTED = (
+    "sent send_frames resends acked delivered duplicates out_of_order gaps gap_seqs lost resets "
+    "unjustified_resets reset_skipped db_missing db_seq_holes content_mismatch ack_conflicts "
+    "rejected_sends unacked_at_end unacked_committed"
+).split()
+VIOLATIONS = (
+    "lost duplicates out_of_order gap_seqs unjustified_resets db_missing db_seq_holes "
+    "content_mismatch ack_conflicts rejected_sends wrong_room unexpected_frames client_errors "
+    "never_ready drain_incomplete"
+).split()
+SHOWN_ENV = {"CHAT_SEND_RATE", "CHAT_USER_SEND_RATE", "CHAT_OUTBOX_LIMIT", "CHAT_HISTORY_LIMIT"}
+OPEN_TIMEOUT = 5.0
+IO_TIMEOUT = 5.0  # one send; one quiet read (a ping follows; two in a row = a dead connection)
+DB_TIMEOUT = 10.0
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 15.0
+BACKOFF_MIN, BACKOFF_MAX = 0.05, 1.0
+PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+Content = tuple[int, str, str, str | None]
+"""What identifies a stored message: ``(id, author, body, client_msg_id)``."""
+
+
+class SoakError(RuntimeError):
+    """The harness could not do its job (not a finding about the service)."""
+
+
+class Stalled(Exception):
+    """A connection went quiet: no frame, not even a pong, for two read timeouts."""
+
+
+def _die_with_parent() -> None:
+    """``preexec_fn``: a server is SIGKILLed when the soak dies, even by SIGKILL."""
+    _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 1)
+
+
+def close_code(exc: ConnectionClosed) -> int:
+    return exc.rcvd.code if exc.rcvd is not None else 1006
+
+
+async def close_quietly(ws: ClientConnection) -> None:
+    try:
+        await asyncio.wait_for(ws.close(), 2.0)
+    except Exception:  # noqa: BLE001 - closing a broken connection may fail in many ways
+        ws.transport.abort()
+
+
+async def recv_frame(ws: ClientConnection, timeout: float) -> dict[str, Any]:  # noqa: ASYNC109
+    return json.loads(await asyncio.wait_for(ws.recv(), timeout))  # type: ignore[no-any-return]
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.send_errors: Counter[str] = Counter()
+        self.reconnects: Counter[str] = Counter()
+        self.connect_failures: Counter[str] = Counter()
+        self.faults: Counter[str] = Counter()
+        self.fault_log: list[dict[str, Any]] = []
+        self.own_latency: list[float] = []
+        self.ack_latency: list[float] = []
+        self.samples: defaultdict[str, list[Any]] = defaultdict(list)
+
+    def bad(self, kind: str, example: Any, n: int = 1) -> None:
+        """Count a violation and keep a few examples of it."""
+        self.counts[kind] += n
+        if len(self.samples[kind]) < 10:
+            self.samples[kind].append(example)
+
+
+class Server:
+    """One ``python -m service serve`` process; restarts keep its port."""
+
+    def __init__(self, name: str, env: dict[str, str], log_path: Path) -> None:
+        self.name, self.env, self.log_path = name, env, log_path
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.up = False
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def _spawn(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "service", "serve", "--port", str(self.port)],
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,  # called from the main thread: see PR_SET_PDEATHSIG
+            )
+
+    async def start(self) -> None:
+        for attempt in range(3):
+            if attempt == 2:
+                self.port = free_port()  # the old port may have been taken meanwhile
+            self._spawn()
+            if await self._healthy():
+                self.up = True
+                return
+            await self.stop(signal.SIGKILL)
+        raise SoakError(f"server {self.name} does not start; see {self.log_path}")
+
+    async def _healthy(self) -> bool:
+        deadline = time.monotonic() + START_TIMEOUT
+        async with httpx.AsyncClient(timeout=1.0, trust_env=False) as http:
+            while time.monotonic() < deadline:
+                if self.proc is None or self.proc.poll() is not None:
+                    return False
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await http.get(f"http://127.0.0.1:{self.port}/healthz")).status_code == 200:
+                        return True
+                await asyncio.sleep(0.05)
+        return False
+
+    async def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        """Signal, wait up to STOP_TIMEOUT, then SIGKILL. Returns the exit code."""
+        self.up = False
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(sig)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while proc.poll() is None:
+            if time.monotonic() > deadline:
+                proc.kill()
+                deadline = time.monotonic() + STOP_TIMEOUT
+            await asyncio.sleep(0.02)
+        return proc.returncode
+
+    def kill_now(self) -> None:
+        """Synchronous last resort for ``finally``: no process outlives the soak."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(10)
+
+
+@dataclass
+class Pending:
+    cmid: str
+    body: str
+    first_sent: float | None = None
+    sent_gen: int | None = None  # the connection it was last sent on (None: not / to retry)
+    not_before: float = 0.0
+
+
+class SoakClient:
+    """One user in one room, for the whole run, through any number of connections."""
+
+    def __init__(self, soak: Soak, index: int, room: str, sender: bool) -> None:
+        self.soak, self.room, self.sender = soak, room, sender
+        self.user = f"soak-{soak.run_id}-u{index}"
+        self.token = soak.token(self.user)
+        self.start_seq: int | None = None  # the first seq this client must see
+        self.last_seq = 0
+        self.seen: Counter[int] = Counter()
+        self.skipped: list[tuple[int, int]] = []  # seq ranges a reset skipped
+        self.outstanding: dict[str, Pending] = {}
+        self.acked: dict[str, tuple[int, int, str]] = {}  # cmid -> (seq, id, body)
+        self.sent_at: dict[str, float] = {}
+        self.own_seen: set[str] = set()
+        self.gen = 0
+        self.ws: ClientConnection | None = None
+        self.server: Server | None = None
+        self.ready = False
+        self.stopping = False
+        self.wakeup = asyncio.Event()
+        self.send_lock = asyncio.Lock()
+        self.count = 0
+        self.paused_until = 0.0  # rate limited: no send before this
+
+    def url(self, server: Server) -> str:
+        query: dict[str, Any] = {"token": self.token, "history": 0}
+        if self.start_seq is not None:
+            query["since"] = self.last_seq
+        return f"{server.ws}/ws/rooms/{self.room}?{urlencode(query)}"
+
+    async def run(self) -> None:
+        stats, rng, delay = self.soak.stats, self.soak.rng, BACKOFF_MIN
+        while not self.stopping:
+            server = self.soak.pick_server()
+            ws = None
+            if server is not None:
+                try:
+                    ws = await asyncio.wait_for(self.soak.open(self.url(server)), OPEN_TIMEOUT + 1)
+                except InvalidStatus as exc:
+                    stats.connect_failures[f"http_{exc.response.status_code}"] += 1
+                except Exception as exc:  # noqa: BLE001 - refused, timed out, cut off: retry
+                    stats.connect_failures[type(exc).__name__] += 1
+            if ws is not None and self.stopping:
+                await close_quietly(ws)
+            elif ws is not None and await self._session(ws, server):  # type: ignore[arg-type]
+                delay = BACKOFF_MIN
+            if self.stopping:
+                return
+            await asyncio.sleep(delay * rng.uniform(0.5, 1.5))
+            delay = min(delay * 2, BACKOFF_MAX)
+
+    async def stop(self) -> None:
+        self.stopping = True
+        if self.ws is not None:
+            await close_quietly(self.ws)
+
+    async def _session(self, ws: ClientConnection, server: Server) -> bool:
+        """One connection, until it drops; True if it got as far as ``ready``."""
+        self.gen += 1
+        self.ws, self.server, reached, sender = ws, server, False, None
+        try:
+            while True:  # the replay, then ready
+                frame = await recv_frame(ws, IO_TIMEOUT * 2)
+                if frame.get("type") == "ready":
+                    break
+                self._on_frame(frame)
+            self._on_ready(frame)
+            self.ready = reached = True
+            if self.sender:
+                sender = asyncio.create_task(self._send_loop(ws, self.gen))
+            await self._read_loop(ws)
+        except ConnectionClosed as exc:
+            if not self.stopping:
+                self.soak.stats.reconnects[str(close_code(exc))] += 1
+        except (Stalled, TimeoutError):
+            self.soak.stats.reconnects["stalled"] += 1
+        except Exception as exc:  # noqa: BLE001 - a malformed frame: report it, carry on
+            self.soak.stats.bad("client_errors", {"user": self.user, "error": repr(exc)})
+        finally:
+            self.ready, self.ws = False, None
+            if sender is not None:
+                sender.cancel()
+                await asyncio.gather(sender, return_exceptions=True)
+            await close_quietly(ws)
+        return reached
+
+    async def _read_loop(self, ws: ClientConnection) -> None:
+        quiet = 0
+        while True:
+            try:
+                frame = await recv_frame(ws, IO_TIMEOUT)
+            except TimeoutError:
+                quiet += 1
+                if quiet == 2:
+                    raise Stalled from None
+                await self._send(ws, {"type": "ping"})
+                continue
+            quiet = 0
+            self._on_frame(frame)
+
+    async def _send(self, ws: ClientConnection, frame: dict[str, Any]) -> None:
+        async with self.send_lock:
+            await asyncio.wait_for(ws.send(json.dumps(frame)), IO_TIMEOUT)
+
+    async def _send_loop(self, ws: ClientConnection, gen: int) -> None:
+        """Send what this connection has not sent yet: new messages, resends, retries."""
+        stats, loop = self.soak.stats, asyncio.get_running_loop()
+        try:
+            while True:
+                self.wakeup.clear()
+                wait = 1.0
+                for p in list(self.outstanding.values()):
+                    now = loop.time()
+                    if p.sent_gen == gen or p.cmid not in self.outstanding:
+                        continue
+                    if max(p.not_before, self.paused_until) > now:
+                        wait = min(wait, max(p.not_before, self.paused_until) - now)
+                        continue
+                    if p.sent_gen is not None:
+                        stats.counts["resends"] += 1  # sent on a connection that dropped
+                    if p.first_sent is None:
+                        p.first_sent = self.sent_at[p.cmid] = now
+                    p.sent_gen = gen
+                    stats.counts["send_frames"] += 1
+                    await self._send(ws, {"type": "send", "body": p.body, "client_msg_id": p.cmid})
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wakeup.wait(), max(wait, 0.001))
+        except (ConnectionClosed, TimeoutError):
+            await close_quietly(ws)  # the reader sees the close and reconnects
+
+    async def generate(self, until: float) -> None:
+        """New messages at this sender's share of ``--rate``, connected or not."""
+        rng, loop = self.soak.rng, asyncio.get_running_loop()
+        period = self.soak.args.senders / self.soak.args.rate
+        due = loop.time() + rng.uniform(0, period)
+        while True:
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            if loop.time() >= until:
+                return
+            self.count += 1
+            cmid = f"{self.user}-m{self.count}"
+            if rng.random() < self.soak.args.big_fraction:  # > 8000 bytes: NOTIFY by reference
+                body = f"{cmid} " + "é" * (3990 - len(cmid))
+            else:
+                body = f"{cmid} " + "".join(rng.choices("abcdefgh ü€😀", k=rng.randint(5, 200)))
+            self.outstanding[cmid] = Pending(cmid, body)
+            self.soak.stats.counts["sent"] += 1
+            self.wakeup.set()
+            due += period * rng.uniform(0.5, 1.5)
+
+    def _on_frame(self, frame: dict[str, Any]) -> None:
+        stats, kind = self.soak.stats, frame.get("type")
+        if kind == "message":
+            self._on_message(frame)
+        elif kind == "ack":
+            self._on_ack(frame)
+        elif kind == "error":
+            self._on_error(frame)
+        elif kind != "pong":
+            stats.bad("unexpected_frames", {"user": self.user, "frame": frame})
+
+    def _on_ready(self, frame: dict[str, Any]) -> None:
+        stats, last = self.soak.stats, int(frame["last_seq"])
+        if self.start_seq is None:
+            self.start_seq, self.last_seq = last + 1, last
+            self.soak.started += 1
+            if self.soak.started == len(self.soak.clients):
+                self.soak.all_started.set()
+        elif not frame.get("recovered"):
+            stats.counts["resets"] += 1
+            missed = last - self.last_seq
+            if 0 <= missed <= MAX_RESUME_GAP:
+                stats.bad(
+                    "unjustified_resets", {"user": self.user, "since": self.last_seq, **frame}
+                )
+            if missed > 0:
+                self.skipped.append((self.last_seq + 1, last))
+            self.last_seq = max(self.last_seq, last)
+        elif last > self.last_seq:  # the replay stopped short of the snapshot it announced
+            stats.counts["gaps"] += 1
+            stats.bad("gap_seqs", {"user": self.user, "after": self.last_seq, "ready": last})
+            self.last_seq = last
+
+    def _on_message(self, frame: dict[str, Any]) -> None:
+        stats, seq = self.soak.stats, int(frame["seq"])
+        if self.start_seq is None:
+            stats.bad("unexpected_frames", {"user": self.user, "frame": frame})
+            return
+        if frame.get("room") != self.room:
+            stats.bad("wrong_room", {"user": self.user, "room": self.room, "frame": frame})
+            return
+        stats.counts["delivered"] += 1
+        self.seen[seq] += 1
+        where = {"user": self.user, "room": self.room, "seq": seq, "last_seq": self.last_seq}
+        if self.seen[seq] > 1:
+            stats.bad("duplicates", where)
+        elif seq < self.last_seq:
+            stats.bad("out_of_order", where)
+        elif seq > self.last_seq + 1:
+            stats.counts["gaps"] += 1
+            stats.bad("gap_seqs", where, seq - self.last_seq - 1)
+        self.last_seq = max(self.last_seq, seq)
+        content = (frame["id"], frame["author"], frame["body"], frame.get("client_msg_id"))
+        if self.soak.content[self.room].setdefault(seq, content) != content:
+            stats.bad("content_mismatch", {**where, "frame": frame})
+        cmid = frame.get("client_msg_id")
+        if frame["author"] == self.user and cmid in self.sent_at and cmid not in self.own_seen:
+            self.own_seen.add(cmid)
+            stats.own_latency.append(asyncio.get_running_loop().time() - self.sent_at[cmid])
+
+    def _on_ack(self, frame: dict[str, Any]) -> None:
+        stats, cmid = self.soak.stats, frame.get("client_msg_id")
+        key = (int(frame["seq"]), int(frame["id"]))
+        pending = self.outstanding.pop(cmid, None)  # type: ignore[arg-type]
+        if pending is not None:
+            self.acked[pending.cmid] = (*key, pending.body)
+            stats.counts["acked"] += 1
+            stats.ack_latency.append(
+                asyncio.get_running_loop().time() - (pending.first_sent or 0.0)
+            )
+        elif cmid not in self.acked:
+            stats.bad("unexpected_frames", {"user": self.user, "frame": frame})
+        elif self.acked[cmid][:2] != key:  # a resend must get the original ack
+            stats.bad("ack_conflicts", {"user": self.user, "first": self.acked[cmid], **frame})
+
+    def _on_error(self, frame: dict[str, Any]) -> None:
+        stats, code = self.soak.stats, str(frame.get("code"))
+        stats.send_errors[code] += 1
+        pending = self.outstanding.get(frame.get("client_msg_id"))  # type: ignore[arg-type]
+        if pending is None:
+            return
+        if code not in RETRYABLE:
+            del self.outstanding[pending.cmid]
+            stats.bad("rejected_sends", {"user": self.user, "frame": frame})
+            return
+        now, pending.sent_gen = asyncio.get_running_loop().time(), None
+        if code == "rate_limited":  # hold every send, or a backlog turns into a retry storm
+            self.paused_until = max(self.paused_until, now + float(frame.get("retry_after", 0.1)))
+        else:
+            pending.not_before = now + 0.2
+        self.wakeup.set()
+
+
+class Soak:
+    def __init__(self, args: argparse.Namespace, database_url: str, log_dir: Path) -> None:
+        self.args, self.dsn, self.log_dir = args, to_asyncpg_dsn(database_url), log_dir
+        self.rng = random.Random(args.seed)
+        self.run_id = secrets.token_hex(3)
+        self.secret = secrets.token_urlsafe(48)
+        self.stats = Stats()
+        self.rooms = [f"soak-{self.run_id}-r{i}" for i in range(args.rooms)]
+        self.content: defaultdict[str, dict[int, Content]] = defaultdict(dict)
+        self.started = 0
+        self.slow_tasks: list[asyncio.Task[None]] = []
+        self.all_started = asyncio.Event()
+        env: dict[str, str] = {}
+        # The servers' flood control is not under test: open-loop senders above the per
+        # connection limit would only build an endless backlog (CHAT_SEND_RATE wins if set).
+        per_sender = args.rate / max(args.senders, 1)
+        if per_sender > Settings.model_fields["send_rate"].default:
+            env["CHAT_SEND_RATE"] = env["CHAT_USER_SEND_RATE"] = f"{per_sender * 2:g}"
+        shown = {k: v for k, v in {**env, **os.environ}.items() if k.startswith("CHAT_")}
+        self.env_note = " ".join(f"{k}={v}" for k, v in sorted(shown.items()) if k in SHOWN_ENV)
+        env = {
+            **env,
+            **os.environ,
+            "CHAT_DATABASE_URL": database_url,
+            "CHAT_JWT_SECRET": self.secret,
+            "CHAT_DEV_AUTH": "false",
+            "PYTHONUNBUFFERED": "1",
+        }
+        self.servers = [Server(n, env, log_dir / f"server-{n}.log") for n in ("a", "b")]
+        self.clients = [
+            SoakClient(self, i, self.rooms[i % args.rooms], i < args.senders)
+            for i in range(args.clients)
+        ]
+
+    def token(self, user: str) -> str:
+        now = int(time.time())
+        ttl = int(self.args.duration + self.args.drain) + 3600
+        return jwt.encode({"sub": user, "iat": now, "exp": now + ttl}, self.secret, "HS256")
+
+    def pick_server(self) -> Server | None:
+        live = [s for s in self.servers if s.up]
+        return self.rng.choice(live) if live else None
+
+    async def open(self, url: str, **kwargs: Any) -> ClientConnection:
+        return await connect(
+            url, open_timeout=OPEN_TIMEOUT, close_timeout=2, proxy=None, compression=None, **kwargs
+        )
+
+    # -- the run -------------------------------------------------------------------------------
+
+    async def run(self) -> dict[str, Any]:
+        args, loop = self.args, asyncio.get_running_loop()
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            await asyncio.gather(*(s.start() for s in self.servers))
+            tasks = [asyncio.create_task(c.run()) for c in self.clients]
+            with contextlib.suppress(TimeoutError):  # the latecomers are audited as never ready
+                await asyncio.wait_for(self.all_started.wait(), START_TIMEOUT)
+            self.t0 = loop.time()
+            until = self.t0 + args.duration
+            senders = [c for c in self.clients if c.sender]
+            generators = [asyncio.create_task(c.generate(until)) for c in senders]
+            faults = asyncio.create_task(self._faults(until))
+            await asyncio.wait([faults], timeout=args.duration)
+            if faults.done():
+                faults.result()  # the harness failed (a server that cannot start again)
+            await asyncio.gather(*generators)
+            await asyncio.wait_for(faults, STOP_TIMEOUT + 3 * START_TIMEOUT)
+            for server in self.servers:
+                if not server.up:
+                    await server.start()
+            final, drained = await self._drain(loop.time() + args.drain)
+            await asyncio.wait_for(asyncio.gather(*(c.stop() for c in self.clients)), 10)
+            await asyncio.wait(tasks, timeout=10)
+            report = await self._audit(final, drained)
+            report["elapsed_s"] = round(loop.time() - self.t0, 1)
+            return report
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*(s.stop() for s in self.servers))
+
+    async def _db(self) -> asyncpg.Connection:
+        return await asyncpg.connect(self.dsn, timeout=DB_TIMEOUT)
+
+    async def _last_seqs(self, conn: asyncpg.Connection) -> dict[str, int]:
+        rows = await conn.fetch(
+            "SELECT name, last_seq FROM room WHERE name = ANY($1::text[])",
+            self.rooms,
+            timeout=DB_TIMEOUT,
+        )
+        return {room: 0 for room in self.rooms} | {r["name"]: r["last_seq"] for r in rows}
+
+    async def _drain(self, deadline: float) -> tuple[dict[str, int], bool]:
+        """Wait until every send is acked and every client has its room's last seq."""
+        loop = asyncio.get_running_loop()
+        conn = await self._db()
+        try:
+            while True:
+                final = await self._last_seqs(conn)
+                unacked = sum(len(c.outstanding) for c in self.clients)
+                behind = [c for c in self.clients if not c.ready or c.last_seq < final[c.room]]
+                if (not unacked and not behind) or loop.time() > deadline:
+                    return final, not unacked and not behind
+                await asyncio.sleep(0.2)
+        finally:
+            await conn.close(timeout=DB_TIMEOUT)
+
+    # -- faults --------------------------------------------------------------------------------
+
+    async def _faults(self, until: float) -> None:
+        """One fault every interval; each kind once in every shuffled round of the kinds."""
+        loop, args, kinds = asyncio.get_running_loop(), self.args, []
+        due = self.t0 + args.fault_interval / 2
+        while args.faults and due < until:
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            if not kinds:
+                kinds = list(args.faults)
+                self.rng.shuffle(kinds)
+            kind, started = kinds.pop(), loop.time()
+            detail = await getattr(self, f"_fault_{kind}")()
+            self.stats.faults[kind] += 1
+            self.stats.fault_log.append(
+                {
+                    "at_s": round(started - self.t0, 2),
+                    "kind": kind,
+                    "took_s": round(loop.time() - started, 2),
+                    **detail,
+                }
+            )
+            due = max(due + args.fault_interval, loop.time())
+        await asyncio.gather(*self.slow_tasks)
+
+    def _target(self) -> Server:
+        """A random live server, weighted by its clients: a fault should hit someone."""
+        live = [s for s in self.servers if s.up] or self.servers
+        weights = [1 + sum(c.server is s and c.ready for c in self.clients) for s in live]
+        return self.rng.choices(live, weights)[0]
+
+    async def _fault_kill(self) -> dict[str, Any]:
+        server = self._target()
+        await server.stop(signal.SIGKILL)
+        await asyncio.sleep(1.0)
+        await server.start()
+        return {"server": server.name}
+
+    async def _fault_term(self) -> dict[str, Any]:
+        server, started = self._target(), time.monotonic()
+        code = await server.stop(signal.SIGTERM)
+        stopped = round(time.monotonic() - started, 2)
+        await asyncio.sleep(0.2)
+        await server.start()
+        return {"server": server.name, "exit_code": code, "shutdown_s": stopped}
+
+    async def _fault_listen(self) -> dict[str, Any]:
+        conn = await self._db()
+        try:
+            listeners = (
+                "FROM pg_stat_activity WHERE application_name = 'chat-listen' "
+                "AND datname = current_database()"
+            )
+            rows = await conn.fetch(
+                f"SELECT pid, pg_terminate_backend(pid) AS ok {listeners}",  # noqa: S608
+                timeout=DB_TIMEOUT,
+            )
+            old = {r["pid"] for r in rows}
+            started, restored = time.monotonic(), None
+            while time.monotonic() - started < 10:  # how long until every server LISTENs again
+                await asyncio.sleep(0.05)
+                pids = await conn.fetch(f"SELECT pid {listeners}", timeout=DB_TIMEOUT)  # noqa: S608
+                if len({r["pid"] for r in pids} - old) >= sum(s.up for s in self.servers):
+                    restored = round(time.monotonic() - started, 2)
+                    break
+        finally:
+            await conn.close(timeout=DB_TIMEOUT)
+        return {"terminated": sum(1 for r in rows if r["ok"]), "relisten_s": restored}
+
+    async def _fault_slow(self) -> dict[str, Any]:
+        """Start a slow consumer; the next faults do not wait for it."""
+        server, room = self._target(), self.rng.choice(self.rooms)
+        self.slow_tasks.append(asyncio.create_task(self._slow_consumer(server, room)))
+        return {"server": server.name, "room": room}
+
+    async def _slow_consumer(self, server: Server, room: str) -> None:
+        """A client with a tiny receive buffer that joins with a full replay, then stops reading
+        for ``--slow-seconds``; it is not audited, only its close code is counted."""
+        token, loop = self.token(f"soak-{self.run_id}-slow"), asyncio.get_running_loop()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        url = f"{server.ws}/ws/rooms/{room}?{urlencode({'token': token, 'since': 0})}"
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", server.port)), 5)
+            ws = await asyncio.wait_for(self.open(url, sock=sock), OPEN_TIMEOUT + 1)
+        except (OSError, TimeoutError, InvalidHandshake):
+            sock.close()
+            self.stats.counts["slow_closed_unconnected"] += 1
+            return
+        ws.transport.pause_reading()
+        await asyncio.sleep(self.args.slow_seconds)
+        ws.transport.resume_reading()
+        code, deadline = None, loop.time() + 1
+        try:
+            while loop.time() < deadline:  # what it was sent meanwhile, or its close
+                await asyncio.wait_for(ws.recv(), max(0.001, deadline - loop.time()))
+        except ConnectionClosed as exc:
+            code = close_code(exc)
+        except TimeoutError:
+            pass
+        await close_quietly(ws)
+        self.stats.counts[f"slow_closed_{code or 'no'}"] += 1
+
+    # -- the audit -----------------------------------------------------------------------------
+
+    async def _audit(self, final: dict[str, int], drained: bool) -> dict[str, Any]:
+        stats, counts = self.stats, self.stats.counts
+        conn = await self._db()
+        try:
+            rows = await conn.fetch(
+                "SELECT r.name AS room, m.seq, m.id, m.author, m.body, m.client_msg_id "
+                "FROM message m JOIN room r ON r.id = m.room_id WHERE r.name = ANY($1::text[])",
+                self.rooms,
+                timeout=DB_TIMEOUT * 3,
+            )
+            db_last = await self._last_seqs(conn)
+        finally:
+            await conn.close(timeout=DB_TIMEOUT)
+        db: defaultdict[str, dict[int, Content]] = defaultdict(dict)
+        for r in rows:
+            db[r["room"]][r["seq"]] = (r["id"], r["author"], r["body"], r["client_msg_id"])
+        for room in self.rooms:
+            holes = set(range(1, db_last[room] + 1)) ^ set(db[room])
+            if holes:
+                stats.bad("db_seq_holes", {"room": room, "seqs": sorted(holes)[:20]}, len(holes))
+            for seq, content in self.content[room].items():
+                if db[room].get(seq) != content:
+                    stats.bad(
+                        "content_mismatch", {"room": room, "seq": seq, "db": db[room].get(seq)}
+                    )
+        by_cmid = {(c[1], c[3]) for room in db.values() for c in room.values()}
+        for c in self.clients:
+            for cmid, (seq, mid, body) in c.acked.items():
+                if db[c.room].get(seq) != (mid, c.user, body, cmid):
+                    stats.bad("db_missing", {"room": c.room, "seq": seq, "id": mid, "cmid": cmid})
+            counts["unacked_committed"] += sum((c.user, m) in by_cmid for m in c.outstanding)
+            counts["unacked_at_end"] += len(c.outstanding)
+            if c.start_seq is None:
+                stats.bad("never_ready", {"user": c.user, "room": c.room})
+                continue
+            skipped = {s for lo, hi in c.skipped for s in range(lo, hi + 1)}
+            counts["reset_skipped"] += len(skipped)
+            missing = [
+                s
+                for s in range(c.start_seq, final[c.room] + 1)
+                if not c.seen[s] and s not in skipped
+            ]
+            if missing:
+                stats.bad(
+                    "lost", {"user": c.user, "room": c.room, "seqs": missing[:20]}, len(missing)
+                )
+        if not drained:
+            stats.bad("drain_incomplete", {"unacked": counts["unacked_at_end"]})
+        return self._report(final, db_last)
+
+    def _report(self, final: dict[str, int], db_last: dict[str, int]) -> dict[str, Any]:
+        stats, counts, args = self.stats, self.stats.counts, self.args
+        latency = (("own_message", stats.own_latency), ("ack", stats.ack_latency))
+        return {
+            "config": {k: v for k, v in vars(args).items() if k not in ("json", "ci")},
+            "server_env": self.env_note,
+            "clients": len(self.clients),
+            "rooms": len(self.rooms),
+            "senders": sum(c.sender for c in self.clients),
+            **{k: counts[k] for k in COUNTED},
+            "send_errors": dict(stats.send_errors),
+            "reconnects": dict(stats.reconnects),
+            "connect_failures": dict(stats.connect_failures),
+            "faults": {kind: stats.faults[kind] for kind in args.faults},
+            "slow_consumer_closes": {
+                k.removeprefix("slow_closed_"): v for k, v in counts.items() if "slow_closed" in k
+            },
+            "latency_ms": {
+                name: {"count": len(values)}
+                | {q: percentile(values, v) for q, v in (("p50", 0.5), ("p99", 0.99), ("max", 1))}
+                for name, values in latency
+            },
+            "room_last_seq": final,
+            "room_last_seq_db": db_last,
+            "fault_log": stats.fault_log,
+            "violations": {k: counts[k] for k in VIOLATIONS if counts[k]},
+            "samples": {k: v for k, v in stats.samples.items() if k in VIOLATIONS},
+            "log_dir": str(self.log_dir),
+        }
+
+
+TABLE = [
+    ("clients / rooms / senders", "{clients} / {rooms} / {senders}"),
+    ("elapsed (s)", "{elapsed_s}"),
+    ("sent (distinct)", "{sent}"),
+    ("send frames / resends", "{send_frames} / {resends}"),
+    ("acked", "{acked}"),
+    ("send errors by code", "{send_errors}"),
+    ("delivered", "{delivered}"),
+    ("duplicates", "{duplicates}"),
+    ("out of order", "{out_of_order}"),
+    ("gaps (missing seqs)", "{gaps} ({gap_seqs})"),
+    ("lost", "{lost}"),
+    ("resets (unjustified)", "{resets} ({unjustified_resets})"),
+    ("acked missing from db", "{db_missing}"),
+    ("content mismatches", "{content_mismatch}"),
+    ("unacked at end (committed)", "{unacked_at_end} ({unacked_committed})"),
+    ("reconnects by close code", "{reconnects}"),
+    ("connect failures", "{connect_failures}"),
+    ("faults injected", "{faults}"),
+    ("slow consumer closes", "{slow_consumer_closes}"),
+    ("send->own message p50/p99 ms", "{own_message_p50} / {own_message_p99}"),
+    ("send->ack p50/p99 ms", "{ack_p50} / {ack_p99}"),
+    ("room last seqs", "{room_last_seq}"),
+    ("VIOLATIONS", "{violations}"),
+]
+
+
+def print_table(report: dict[str, Any]) -> None:
+    fields = {
+        k: ", ".join(f"{a}={b}" for a, b in v.items()) or "-" if isinstance(v, dict) else v
+        for k, v in report.items()
+    }
+    for name, values in report["latency_ms"].items():
+        fields |= {f"{name}_{q}": v for q, v in values.items()}
+    fields["violations"] = fields["violations"] if report["violations"] else "none"
+    width = max(len(name) for name, _ in TABLE)
+    print("-" * (width + 40))
+    for name, template in TABLE:
+        print(f"{name.ljust(width)}  {template.format_map(fields)}")
+    print("-" * (width + 40))
+    for kind, examples in report["samples"].items():
+        print(f"{kind}: {json.dumps(examples[:3], ensure_ascii=False)[:600]}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.soak",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--clients", type=int, default=CI_SIZE["clients"])
+    p.add_argument("--rooms", type=int, default=CI_SIZE["rooms"])
+    p.add_argument("--senders", type=int, default=CI_SIZE["senders"], help="clients that send")
+    p.add_argument("--rate", type=float, default=CI_SIZE["rate"], help="messages/s, all senders")
+    p.add_argument("--duration", type=float, default=CI_SIZE["duration"], help="seconds of traffic")
+    p.add_argument("--fault-interval", type=float, default=CI_SIZE["fault_interval"])
+    p.add_argument("--faults", default=",".join(FAULT_KINDS), help="comma-separated; '' for none")
+    p.add_argument("--slow-seconds", type=float, default=3.0, help="how long `slow` stops reading")
+    p.add_argument("--big-fraction", type=float, default=0.02, help="share of >8000-byte messages")
+    p.add_argument("--drain", type=float, default=15.0, help="seconds allowed for catching up")
+    p.add_argument("--database-url", help="an empty or soak-only database (else: embedded)")
+    p.add_argument("--json", type=Path, help="also write the report here")
+    p.add_argument("--seed", type=int, help="seed the random choices (timing still varies)")
+    p.add_argument("--keep-logs", action="store_true", help="keep server logs even on success")
+    p.add_argument("--ci", action="store_true", help="CI size: the defaults (explicit flags win)")
+    args = p.parse_args(argv)
+    args.faults = [f for f in args.faults.split(",") if f]
+    if unknown := set(args.faults) - set(FAULT_KINDS):
+        p.error(f"unknown faults: {', '.join(sorted(unknown))}")
+    if not (0 <= args.senders <= args.clients and args.rooms >= 1 and args.rate > 0):
+        p.error("need 0 <= --senders <= --clients, --rooms >= 1 and --rate > 0")
+    return args
+
+
+def _interrupted(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM: unwind through every finally (servers, PostgreSQL)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupted)
+    log_dir = Path(tempfile.mkdtemp(prefix="chat-soak-logs-"))
+    pg_dir: Path | None = None
+    embedded = None
+    soak: Soak | None = None
+    report: dict[str, Any] | None = None
+    try:
+        database_url = args.database_url
+        if database_url is None:
+            from service.db.embedded import EmbeddedPostgres  # noqa: PLC0415 - only when needed
+
+            # Under /tmp: as root PostgreSQL runs as `nobody`, which can enter /tmp but not ~root.
+            pg_dir = Path(tempfile.mkdtemp(prefix="chat-soak-pg-", dir="/tmp"))  # noqa: S108
+            embedded = EmbeddedPostgres(pg_dir, database=f"soak_{secrets.token_hex(4)}")
+            database_url = embedded.start()
+        from service.db.migrate import upgrade  # noqa: PLC0415 - alembic is slow to import
+
+        upgrade(database_url)
+        soak = Soak(args, database_url, log_dir)
+        print(
+            f"soak: {args.clients} clients, {args.rooms} rooms, {args.senders} senders, "
+            f"{args.rate:g} msg/s for {args.duration:g}s, faults {','.join(args.faults) or '-'} "
+            f"every {args.fault_interval:g}s; {soak.env_note or 'server defaults'}; "
+            f"logs in {log_dir}",
+            flush=True,
+        )
+        report = asyncio.run(soak.run())
+    except (SoakError, OSError, asyncpg.PostgresError) as exc:
+        print(f"soak: harness failure: {exc!r}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"soak: interrupted; server logs in {log_dir}", file=sys.stderr)
+        return 130
+    finally:
+        for server in soak.servers if soak is not None else []:
+            server.kill_now()
+        if embedded is not None:
+            embedded.stop()
+        if pg_dir is not None:
+            shutil.rmtree(pg_dir, ignore_errors=True)
+        if report is not None and not report["violations"] and not args.keep_logs:
+            shutil.rmtree(log_dir, ignore_errors=True)
+    print_table(report)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    if report["violations"]:
+        print(f"soak: FAILED; server logs kept in {log_dir}")
+        return 1
+    print("soak: OK")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
