@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from broadcaster import Broadcast
 from fastapi import FastAPI, Request
@@ -30,6 +31,9 @@ from service.metrics import Metrics
 from service.observability import RequestIdMiddleware, request_id
 from service.realtime import websocket as websocket_routes
 from service.realtime.backend import ListenBackend
+
+if TYPE_CHECKING:
+    from service.realtime.redis_backend import RedisPubSubBackend
 from service.realtime.hub import RoomHub
 from service.services import Services
 
@@ -64,6 +68,15 @@ async def database_check(engine: AsyncEngine, expected_revision: str) -> str:
     return "ok"
 
 
+def make_backend(settings: Settings) -> ListenBackend | RedisPubSubBackend:
+    """PostgreSQL LISTEN by default; Redis pub/sub for a ``redis://`` broadcast URL."""
+    if settings.broadcast_over_redis:
+        from service.realtime.redis_backend import RedisPubSubBackend  # noqa: PLC0415
+
+        return RedisPubSubBackend(settings.broadcast_url)  # type: ignore[arg-type]
+    return ListenBackend(settings.listen_dsn)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; with no argument, settings come from the environment (uvicorn --factory)."""
     settings = settings or Settings()
@@ -79,7 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             stack.push_async_callback(engine.dispose)
             await check_database(engine, expected_revision)
             sessionmaker = create_sessionmaker(engine)
-            backend = ListenBackend(settings.listen_dsn)
+            backend = make_backend(settings)
             broadcast = Broadcast(backend=backend)
             await stack.enter_async_context(broadcast)
             hub = RoomHub(

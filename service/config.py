@@ -73,6 +73,8 @@ class Settings(BaseSettings):
                     f"CHAT_JWT_SECRET must be at least {_MIN_SECRET_BYTES} bytes of randomness "
                     "(try: python -c 'import secrets; print(secrets.token_urlsafe(48))')"
                 )
+        if self.broadcast_url is not None and not self.broadcast_over_redis:
+            to_asyncpg_dsn(self.broadcast_url)  # refuses any other scheme with a clear error
         if self.dev_auth and self.jwt_secret is None:
             raise ValueError("CHAT_DEV_AUTH needs CHAT_JWT_SECRET to sign its tokens")
         return self
@@ -92,6 +94,12 @@ class Settings(BaseSettings):
         return to_sqlalchemy_url(self.require_database_url())
 
     @property
+    def broadcast_over_redis(self) -> bool:
+        return self.broadcast_url is not None and self.broadcast_url.startswith(
+            ("redis://", "rediss://")
+        )
+
+    @property
     def listen_dsn(self) -> str:
         """The asyncpg DSN the LISTEN connection uses (the broadcast URL, else the database)."""
         return to_asyncpg_dsn(self.broadcast_url or self.require_database_url())
@@ -101,6 +109,8 @@ class Settings(BaseSettings):
         """NOTIFY inside the insert transaction works only when listeners use the same server."""
         if self.broadcast_url is None:
             return True
+        if self.broadcast_over_redis:
+            return False
         return to_asyncpg_dsn(self.broadcast_url) == to_asyncpg_dsn(self.require_database_url())
 
     def require_database_url(self) -> str:
@@ -122,4 +132,6 @@ def to_asyncpg_dsn(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme in ("postgres", "postgresql", "postgresql+asyncpg"):
         return urlunsplit(parts._replace(scheme="postgresql"))
-    raise ValueError(f"unsupported broadcast URL scheme {parts.scheme!r}: use postgresql://")
+    raise ValueError(
+        f"unsupported broadcast URL scheme {parts.scheme!r}: use postgresql:// or redis://"
+    )
