@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -12,6 +13,8 @@ from service.db.engine import translate_db_errors
 from service.db.queries import MessageRecord
 from service.errors import InvalidMessage
 from service.realtime.envelope import channel_for, encode_notification, message_frame
+
+log = logging.getLogger(__name__)
 
 MAX_CLIENT_MSG_ID_CHARS = 128
 
@@ -99,5 +102,8 @@ async def post_message(
         finally:
             await session.rollback()
     if publish is not None:
-        await publish(channel, payload)
+        try:
+            await publish(channel, payload)
+        except Exception:  # stored is what counts: listeners resync when the bus is back
+            log.warning("publish failed for %s/%d; listeners will catch up", room, record.seq)
     return Posted(record, duplicate=False)
