@@ -10,10 +10,16 @@ from datetime import UTC, datetime, timedelta
 from fastapi import APIRouter, HTTPException
 
 from service.api.deps import ServicesDep
-from service.api.schemas import DevToken, DevTokenRequest
+from service.api.schemas import ERROR_RESPONSES, DevToken, DevTokenRequest, ErrorOut
 from service.auth import DEV_TOKEN_TTL
 
-router = APIRouter(tags=["auth"])
+router = APIRouter(
+    tags=["auth"],
+    responses={
+        400: ERROR_RESPONSES[400],
+        404: {"model": ErrorOut, "description": "Dev auth is disabled"},
+    },
+)
 
 
 @router.post("/auth/dev-token", response_model=DevToken)

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, Response
+from fastapi import APIRouter, Query, Response
+from fastapi.exceptions import RequestValidationError
 
 from service.api.deps import MAX_SEQ, CurrentUser, RoomName, ServicesDep, SessionDep
-from service.api.schemas import MessageOut, MessagePage, NewMessage, RoomList, RoomOut
+from service.api.schemas import (
+    ERROR_RESPONSES,
+    MessageOut,
+    MessagePage,
+    NewMessage,
+    RoomList,
+    RoomOut,
+)
 from service.chat.history import read_page
 from service.chat.limits import RateLimited
 from service.chat.messages import post_message
@@ -16,7 +24,13 @@ from service.db import queries
 from service.db.engine import translate_db_errors
 from service.errors import InvalidMessage
 
-router = APIRouter(tags=["rooms"])
+router = APIRouter(tags=["rooms"], responses=ERROR_RESPONSES)
+
+
+def invalid(loc: tuple[str, ...], msg: str, kind: str) -> RequestValidationError:
+    """A 422 in the same shape as FastAPI's own, so the OpenAPI schema holds for all of them."""
+    return RequestValidationError([{"loc": loc, "msg": msg, "type": kind}])
+
 
 Cursor = Annotated[int | None, Query(ge=0, le=MAX_SEQ)]
 
@@ -51,7 +65,7 @@ async def room_messages(
     """A page of history in ascending seq order: the newest page by default; ``before`` pages
     back, ``after`` pages forward. A room nobody has written to is an empty page."""
     if before is not None and after is not None and before <= after:
-        raise HTTPException(422, "'before' must be greater than 'after'")
+        raise invalid(("query", "before"), "'before' must be greater than 'after'", "cursor_order")
     page = await read_page(session=session, room=room, limit=limit, before=before, after=after)
     return MessagePage(
         room=room,
@@ -88,7 +102,7 @@ async def create_message(
         services.metrics.errors.labels(exc.code).inc()
         if isinstance(exc, RateLimited):
             raise
-        raise HTTPException(422, f"{exc.code}: {exc.detail}") from None
+        raise invalid(("body", "body"), f"{exc.code}: {exc.detail}", exc.code) from None
     if posted.duplicate:
         response.headers["Idempotent-Replayed"] = "true"
     else:

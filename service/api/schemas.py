@@ -59,3 +59,17 @@ class DevToken(BaseModel):
     token: str
     user: str
     expires_at: datetime
+
+
+class ErrorOut(BaseModel):
+    detail: str
+    code: str | None = None
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
+    400: {"model": ErrorOut, "description": "The body could not be parsed"},
+    401: {"model": ErrorOut, "description": "Missing, invalid or expired token"},
+    429: {"model": ErrorOut, "description": "Rate limited; see Retry-After"},
+    503: {"model": ErrorOut, "description": "The database is unavailable; retry"},
+}
+"""Answers every authenticated route may give besides its own."""

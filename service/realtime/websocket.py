@@ -21,7 +21,7 @@ from service.api.deps import MAX_SEQ, CurrentUser, RoomName
 from service.auth import Principal
 from service.chat.history import read_range, read_replay
 from service.chat.limits import RateLimited, TokenBucket, TooManyConnections
-from service.chat.messages import MAX_CLIENT_MSG_ID_CHARS, Posted, post_message
+from service.chat.messages import Posted, check_client_msg_id, post_message
 from service.errors import WS_INTERNAL_ERROR, WS_TRY_AGAIN_LATER, InvalidMessage, Unavailable
 from service.realtime.envelope import ack_frame, dumps, error_frame, message_frame, ready_frame
 from service.realtime.hub import DIRECT, RESYNC_SEQ, Outbox, SlowConsumer
@@ -156,7 +156,7 @@ class RoomConnection:
 
     async def _handle(self, text: str) -> str:
         try:
-            frame: Any = json.loads(text)
+            frame: Any = json.loads(text, parse_constant=_refuse_constant)
         except (ValueError, RecursionError):
             return self._error("invalid_json", "the frame is not valid JSON")
         if not isinstance(frame, dict):
@@ -170,12 +170,10 @@ class RoomConnection:
         return self._error("unknown_type", "'type' must be 'send' or 'ping'")
 
     async def _send(self, frame: dict[str, Any]) -> str:
-        client_msg_id = frame.get("client_msg_id")
-        echo = (
-            client_msg_id
-            if isinstance(client_msg_id, str) and len(client_msg_id) <= MAX_CLIENT_MSG_ID_CHARS
-            else None
-        )
+        try:  # only a valid id is echoed: an arbitrary string may not even encode
+            echo = check_client_msg_id(frame.get("client_msg_id"))
+        except InvalidMessage:
+            echo = None
         try:
             self.send_bucket.take()
             self.services.limits.take_send(self.principal.user_id)
@@ -202,6 +200,11 @@ class RoomConnection:
                 max_chars=self.services.settings.max_message_chars,
                 publish=self.services.publish,
             )
+
+
+def _refuse_constant(name: str) -> Any:
+    """NaN and Infinity are Python's JSON, not JSON."""
+    raise ValueError(f"{name} is not JSON")
 
 
 async def _first_to_finish(*coroutines: Any) -> None:
