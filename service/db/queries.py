@@ -9,19 +9,21 @@ from datetime import datetime
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+UNBOUNDED = 2**62
+"""Stands in for "no upper bound": a plain range keeps the (room_id, seq) index scan exact,
+where ``(:x IS NULL OR seq < :x)`` makes PostgreSQL walk the room from one end."""
+
 _SELECT_MESSAGES = (
-    "SELECT m.id, r.name AS room, m.seq, m.author, m.body, m.client_msg_id, m.created_at "
-    "FROM message m JOIN room r ON r.id = m.room_id WHERE r.name = :room "
+    "SELECT m.id, CAST(:room AS text) AS room, m.seq, m.author, m.body, m.client_msg_id, "
+    "m.created_at FROM message m "
+    "WHERE m.room_id = (SELECT id FROM room WHERE name = :room) "
 )
 _BY_CLIENT_MSG_ID = text(_SELECT_MESSAGES + "AND m.author = :author AND m.client_msg_id = :cmid")
 _BETWEEN = text(
-    _SELECT_MESSAGES + "AND m.seq > :after AND (CAST(:until AS bigint) IS NULL OR m.seq <= :until) "
-    "ORDER BY m.seq LIMIT :limit"
+    _SELECT_MESSAGES + "AND m.seq > :after AND m.seq <= :until ORDER BY m.seq LIMIT :limit"
 )
 _BEFORE = text(
-    _SELECT_MESSAGES
-    + "AND m.seq > :after AND (CAST(:before AS bigint) IS NULL OR m.seq < :before) "
-    "ORDER BY m.seq DESC LIMIT :limit"
+    _SELECT_MESSAGES + "AND m.seq > :after AND m.seq < :before ORDER BY m.seq DESC LIMIT :limit"
 )
 
 
@@ -112,7 +114,12 @@ async def messages_between(
     """Messages with ``after < seq <= until`` (no upper bound when None), ascending."""
     rows = await session.execute(
         _BETWEEN,
-        {"room": room, "after": after, "until": until, "limit": limit},
+        {
+            "room": room,
+            "after": after,
+            "until": UNBOUNDED if until is None else until,
+            "limit": limit,
+        },
     )
     return _records(rows.all())
 
@@ -123,7 +130,12 @@ async def messages_before(
     """The newest ``limit`` messages with ``after < seq < before``, returned ascending."""
     rows = await session.execute(
         _BEFORE,
-        {"room": room, "before": before, "after": after, "limit": limit},
+        {
+            "room": room,
+            "before": UNBOUNDED if before is None else before,
+            "after": after,
+            "limit": limit,
+        },
     )
     return _records(rows.all())[::-1]
 
