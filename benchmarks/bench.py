@@ -1,0 +1,897 @@
+"""Benchmarks of chat-service, each measured against a trivial server as the generator ceiling.
+
+    python -m benchmarks.bench SCENARIO [options] [--tiny] [--json PATH]
+
+Scenarios (docs/benchmarks.md explains every figure):
+
+* ``fanout``   R rooms x C connections over two servers, S senders at a paced total rate:
+               loss, duplicates, order, deliveries/s, send-to-delivery latency, connect time.
+* ``saturate`` the same, with the rate ramped in steps until p99 > --p99-limit or any loss:
+               the last sustained step.
+* ``idle``     N idle connections to one server: RSS per connection.
+* ``history``  a room of N messages: connect with 50 replayed, resume of 500, REST pages.
+* ``rest``     POST /rooms/{room}/messages with K concurrent clients: throughput, latency.
+
+The run starts what it needs (an embedded PostgreSQL in a temporary folder unless
+``--database-url``, migrations, ``chat-service serve`` processes, ``benchmarks.trivial_server``),
+talks to 127.0.0.1 only, bounds every wait, and stops everything at the end. ``--tiny`` is a
+size that completes in seconds (CI). Exit code: 0 done, 1 a correctness violation (loss,
+duplicate, disorder, failed connects, wrong replay), 2 the harness failed or timed out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from benchmarks.bench_client import (
+    Load,
+    Peer,
+    close_all,
+    make_token,
+    open_all,
+    percentiles,
+    perf,
+)
+from benchmarks.bench_infra import (
+    CpuMeter,
+    Harness,
+    HarnessError,
+    machine,
+    raise_nofile,
+    rss_kb,
+    seed_history,
+)
+
+SCENARIOS = ("fanout", "saturate", "idle", "history", "rest")
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "fanout": {"rooms": 5, "connections": 20, "senders": 10, "rate": 200.0, "duration": 10.0,
+               "warmup": 2.0, "drain": 5.0, "servers": 2, "concurrency": 10},
+    "saturate": {"rooms": 5, "connections": 20, "senders": 10, "step_seconds": 5.0,
+                 "rates": "200,400,800,1200,1600,2000", "rate_increment": 400.0,
+                 "max_rate": 20000.0, "p99_limit": 250.0, "warmup": 1.0, "drain": 5.0,
+                 "servers": 2, "concurrency": 10},
+    "idle": {"connections": 2000, "rooms": 100, "settle": 2.0, "servers": 1, "concurrency": 50},
+    "history": {"messages": 1_000_000, "reps": 100, "servers": 1, "concurrency": 1},
+    "rest": {"clients": 10, "rooms": 5, "duration": 10.0, "warmup": 1.0, "servers": 2,
+             "concurrency": 1},
+}  # fmt: skip
+TINY: dict[str, dict[str, Any]] = {
+    "fanout": {"rooms": 2, "connections": 5, "senders": 4, "rate": 50.0, "duration": 2.0,
+               "warmup": 0.5, "drain": 5.0},
+    "saturate": {"rooms": 2, "connections": 5, "senders": 4, "step_seconds": 2.0,
+                 "rates": "100,200,400,800", "max_rate": 800.0, "warmup": 0.5, "drain": 3.0},
+    "idle": {"connections": 50, "rooms": 5, "settle": 0.5},
+    "history": {"messages": 5000, "reps": 10},
+    "rest": {"clients": 4, "rooms": 2, "duration": 2.0, "warmup": 0.5},
+}  # fmt: skip
+TARGETS = {
+    "fanout_p99_ms": 5.0,
+    "saturate_ratio": 0.8,
+    "idle_rss_per_connection_kb": 25.0,
+    "idle_connections": 10_000,
+    "history_rest_p99_ms": 5.0,
+    "history_connect_p99_ms": 50.0,
+}
+
+
+@dataclass
+class Target:
+    """A system under test: ``chat`` (chat-service) or ``trivial`` (the ceiling)."""
+
+    name: str
+    ws: list[str]
+    http: list[str]
+    pids: list[int]
+
+
+@dataclass
+class Context:
+    args: argparse.Namespace
+    harness: Harness
+    secret: str = field(default_factory=lambda: secrets.token_urlsafe(48))
+    run: str = field(default_factory=lambda: secrets.token_hex(4))
+    targets: list[Target] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
+
+    def token(self, user: str) -> str:
+        return make_token(self.secret, user)
+
+    def room(self, target: Target, what: str, index: int) -> str:
+        return f"bench-{self.run}-{target.name}-{what}-{index}"
+
+    def meter(self, target: Target) -> CpuMeter:
+        """Cores used by the generator (this process), the target's servers and PostgreSQL."""
+        return CpuMeter(
+            {
+                "generator": list,
+                "servers": lambda: target.pids,
+                "postgres": self.harness.postgres_pids,
+            }
+        )
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# -- setting up ---------------------------------------------------------------------------------
+
+
+async def start_targets(ctx: Context) -> None:
+    args = ctx.args
+    extra = {"CHAT_DB_POOL_SIZE": str(args.db_pool_size)} if args.db_pool_size else {}
+    chat = trivial = None
+    if args.only != "trivial":
+        chat = ctx.harness.start_chat_servers(
+            args.servers, ctx.secret, log_level=args.log_level, extra_env=extra
+        )
+    if args.only != "chat":
+        trivial = ctx.harness.start_trivial(ctx.secret, uvloop=not args.no_uvloop)
+    servers, ceiling = await asyncio.gather(chat or _none(), trivial or _none())
+    if ceiling is not None:
+        ctx.targets.append(Target("trivial", [ceiling.ws], [ceiling.http], [ceiling.pid]))
+    if servers is not None:
+        ctx.targets.append(
+            Target(
+                "chat",
+                [s.ws for s in servers],
+                [s.http for s in servers],
+                [s.pid for s in servers],
+            )
+        )
+
+
+async def _none() -> None:
+    return None
+
+
+def make_peers(ctx: Context, target: Target, what: str, rooms: int, per_room: int) -> list[Peer]:
+    """Peer ``j`` of each room goes to server ``j % servers``: every room spans every server."""
+    peers = []
+    for k in range(rooms):
+        room = ctx.room(target, what, k)
+        for j in range(per_room):
+            base = target.ws[j % len(target.ws)]
+            user = f"b{ctx.run}-{what}-r{k}-c{j}"
+            peers.append(Peer(len(peers), room, k, base, ctx.token(user)))
+    return peers
+
+
+def pick_senders(peers: list[Peer], rooms: int, per_room: int, count: int) -> list[Peer]:
+    """Spread over rooms first, then over the connections (hence the servers) of each room."""
+    count = max(1, min(count, rooms * per_room))
+    return [peers[(s % rooms) * per_room + (s // rooms) % per_room] for s in range(count)]
+
+
+def still_open(peers: list[Peer]) -> int:
+    from websockets.protocol import State  # noqa: PLC0415
+
+    return sum(1 for p in peers if p.ws is not None and p.ws.protocol.state is State.OPEN)
+
+
+# -- fanout and saturate ------------------------------------------------------------------------
+
+
+async def open_room_peers(ctx: Context, target: Target, what: str) -> tuple[list[Peer], dict]:
+    args = ctx.args
+    # Warm the servers up first (database pool, code paths): connect-to-ready is steady state.
+    warm = make_peers(ctx, target, f"{what}warm", 1, min(args.concurrency, 20))
+    await open_all(warm, concurrency=args.concurrency, deflate=args.deflate, history=0)
+    await close_all(warm)
+    peers = make_peers(ctx, target, what, args.rooms, args.connections)
+    times, failures = await open_all(
+        peers, concurrency=args.concurrency, deflate=args.deflate, history=0
+    )
+    info = {
+        "connections": len(peers),
+        "connect_failures": dict(failures),
+        "connect_ready_ms": percentiles(times),
+    }
+    if failures:
+        ctx.violations.append(f"{target.name}: {sum(failures.values())} connects failed")
+    return peers, info
+
+
+async def fanout(ctx: Context, target: Target) -> dict[str, Any]:
+    args = ctx.args
+    peers, info = await open_room_peers(ctx, target, "fanout")
+    try:
+        senders = pick_senders(peers, args.rooms, args.connections, args.senders)
+        load = Load(peers, args.body_chars)
+        log(f"{target.name}: {len(peers)} connections ready; warm-up {args.warmup}s")
+        await load.run_step(0, args.rate, args.warmup, senders, args.drain)
+        profiler = None
+        if args.profile and target.name == "chat":
+            profiler = start_profiler(ctx, target.pids[0], args.duration)
+        log(f"{target.name}: {args.rate:g} msg/s for {args.duration}s")
+        result = await load.run_step(
+            1, args.rate, args.duration, senders, args.drain, ctx.meter(target)
+        )
+        if profiler is not None:
+            result["profile"] = await finish_profiler(ctx, profiler, args.duration)
+        result.update(info)
+        result["disconnected"] = len(peers) - still_open(peers)
+        result["errors"] = dict(load.errors)
+    finally:
+        await close_all(peers)
+    bad = {k: result[k] for k in ("lost", "duplicated", "out_of_order", "disconnected")}
+    if any(bad.values()) or result["acked"] != result["sent"]:
+        ctx.violations.append(f"{target.name}: {bad}, acked {result['acked']}/{result['sent']}")
+    return result
+
+
+def rate_steps(args: argparse.Namespace) -> list[float]:
+    steps = [float(r) for r in str(args.rates).split(",") if r.strip()]
+    steps = [r for r in steps if r <= args.max_rate]
+    while steps and steps[-1] + args.rate_increment <= args.max_rate:
+        steps.append(steps[-1] + args.rate_increment)
+    return steps or [args.max_rate]
+
+
+async def saturate(ctx: Context, target: Target) -> dict[str, Any]:
+    args = ctx.args
+    peers, info = await open_room_peers(ctx, target, "saturate")
+    steps: list[dict[str, Any]] = []
+    sustained: dict[str, Any] | None = None
+    stop_reason = "max rate reached"
+    try:
+        senders = pick_senders(peers, args.rooms, args.connections, args.senders)
+        load = Load(peers, args.body_chars)
+        rates = rate_steps(args)
+        await load.run_step(0, rates[0], args.warmup, senders, args.drain)
+        for index, rate in enumerate(rates, 1):
+            step = await load.run_step(
+                index, rate, args.step_seconds, senders, args.drain, ctx.meter(target)
+            )
+            p99 = step["latency_ms"]["p99"]
+            reasons = []
+            if step["lost"] or step["acked"] != step["sent"]:
+                reasons.append(f"lost {step['lost']}, acked {step['acked']}/{step['sent']}")
+            if p99 is None or p99 > args.p99_limit:
+                reasons.append(f"p99 {p99} ms > {args.p99_limit:g} ms")
+            if step["send_rate"] < 0.9 * rate:
+                reasons.append(f"the generator sent only {step['send_rate']:g}/s")
+            step["sustained"] = not reasons
+            steps.append(step)
+            log(
+                f"{target.name}: {rate:g} msg/s -> {step['deliveries_per_s']:g} deliveries/s, "
+                f"p99 {p99} ms, lost {step['lost']}"
+                + (f" [{'; '.join(reasons)}]" if reasons else "")
+            )
+            if reasons:
+                stop_reason = "; ".join(reasons)
+                break
+            sustained = step
+        errors = dict(load.errors)
+    finally:
+        await close_all(peers)
+    return {
+        **info,
+        "sustained_rate": sustained["rate_target"] if sustained else 0.0,
+        "sustained_deliveries_per_s": sustained["deliveries_per_s"] if sustained else 0.0,
+        "sustained_p99_ms": sustained["latency_ms"]["p99"] if sustained else None,
+        "sustained_cpu_cores": sustained["cpu_cores"] if sustained else None,
+        "stop_reason": stop_reason,
+        "ceiling_found": stop_reason != "max rate reached",
+        "errors": errors,
+        "steps": steps,
+    }
+
+
+# -- profile ------------------------------------------------------------------------------------
+
+
+def start_profiler(ctx: Context, pid: int, seconds: float) -> tuple[Any, Path]:
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    out = Path(ctx.args.profile).resolve()
+    argv = [exe, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds)))]
+    # Blocking sampling (py-spy pauses the process ~200 times a second): --nonblocking reads
+    # torn stacks under this load and leaves most samples unattributed.
+    argv += ["--format", "speedscope", "--output", str(out), "--rate", "200"]
+    log(f"profiling pid {pid} with py-spy into {out}")
+    return ctx.harness.spawn("py-spy", argv), out
+
+
+async def finish_profiler(ctx: Context, profiler: tuple[Any, Path], seconds: float) -> dict:
+    process, out = profiler
+    deadline = time.monotonic() + seconds + 30
+    while process.proc is not None and process.proc.poll() is None:
+        if time.monotonic() > deadline:
+            await process.stop()
+            break
+        await asyncio.sleep(0.1)
+    if not out.exists():
+        return {"error": f"py-spy wrote nothing; see {process.log_path}"}
+    return summarize_speedscope(out)
+
+
+def summarize_speedscope(path: Path, top: int = 20) -> dict[str, Any]:
+    """Where the main thread's time goes: self and inclusive shares per function (all lines of
+    a function together), self share per package; other threads listed with their seconds.
+
+    py-spy cannot look into C: the self time of ``Runner.run`` (the bottom Python frame) is the
+    event loop's own work (uvloop, asyncpg's protocol, syscalls). Threads parked on a lock
+    (AnyIO's worker threads) may be counted as busy by py-spy: they are reported apart.
+    """
+    doc = json.loads(path.read_text())
+    frames = doc["shared"]["frames"]
+    profiles = doc["profiles"]
+
+    def seconds(profile: dict[str, Any]) -> float:
+        return float(sum(profile.get("weights") or [1] * len(profile["samples"])))
+
+    main = next((p for p in profiles if "MainThread" in p.get("name", "")), None)
+    main = main or max(profiles, key=seconds)
+    keys = [_frame_key(frame) for frame in frames]
+    self_time: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    package: Counter[str] = Counter()
+    root: set[str] = set()  # runpy, cli, uvicorn, Runner.run: shared by all, saying nothing
+    total = 0.0
+    for stack, weight in zip(main["samples"], main.get("weights") or [], strict=False):
+        if not stack:
+            continue
+        total += weight
+        leaf = keys[stack[-1]]
+        self_time[leaf] += weight
+        package[_package(frames[stack[-1]])] += weight
+        for depth, key in enumerate(keys[i] for i in stack):
+            if key.startswith("Runner.run"):
+                root.update(keys[i] for i in stack[: depth + 1])
+        for key in {keys[i] for i in stack}:
+            inclusive[key] += weight
+
+    def share(value: float) -> float:
+        return round(100.0 * value / total, 1) if total else 0.0
+
+    return {
+        "file": str(path),
+        "main_thread_seconds": round(total, 2),
+        "other_threads_seconds": {
+            p.get("name", "?"): round(seconds(p), 2) for p in profiles if p is not main
+        },
+        "self_pct": [[k, share(v)] for k, v in self_time.most_common(top)],
+        "inclusive_pct": [
+            [k, share(v)] for k, v in inclusive.most_common(top + len(root)) if k not in root
+        ][:top],
+        "package_self_pct": [[k, share(v)] for k, v in package.most_common()],
+    }
+
+
+def _frame_key(frame: dict[str, Any]) -> str:
+    if frame["name"] == "Runner.run":
+        return "Runner.run self: event loop C code (uvloop, asyncpg protocol, syscalls)"
+    where = frame.get("file", "?")
+    for marker in ("site-packages/", "/main/", "python3.11/"):
+        if marker in where:
+            where = where.split(marker, 1)[1]
+            break
+    return f"{frame['name']} ({where})"
+
+
+def _package(frame: dict[str, Any]) -> str:
+    if frame["name"] == "Runner.run":
+        return "event loop C code"
+    where = frame.get("file", "?")
+    if "site-packages/" in where:
+        return where.split("site-packages/", 1)[1].split("/", 1)[0]
+    if "/service/" in where:
+        return "service"
+    return "stdlib" if "python3" in where else where
+
+
+# -- idle ---------------------------------------------------------------------------------------
+
+
+async def idle(ctx: Context, target: Target) -> dict[str, Any]:
+    args = ctx.args
+    pid = target.pids[0]
+    one = Target(target.name, target.ws[:1], target.http[:1], target.pids[:1])
+    warm = make_peers(ctx, one, "idlewarm", 1, min(20, args.connections))
+    await open_all(warm, concurrency=args.concurrency, deflate=args.deflate, history=0)
+    await close_all(warm)
+    await asyncio.sleep(args.settle)
+    before = rss_kb(pid)
+    per_room = -(-args.connections // args.rooms)
+    peers = make_peers(ctx, one, "idle", args.rooms, per_room)[: args.connections]
+    log(f"{target.name}: opening {len(peers)} idle connections (RSS before {before} kB)")
+    started = perf()
+    try:
+        times, failures = await open_all(
+            peers, concurrency=args.concurrency, deflate=args.deflate, history=0
+        )
+        opened_in = perf() - started
+        await asyncio.sleep(args.settle)
+        after = rss_kb(pid)
+        alive = still_open(peers)
+    finally:
+        await close_all(peers)
+    await asyncio.sleep(args.settle)
+    after_close = rss_kb(pid)
+    if failures or alive != len(peers):
+        ctx.violations.append(f"{target.name}: {dict(failures)} failed, {alive} still open")
+    return {
+        "connections": len(peers),
+        "opened": len(times),
+        "still_open": alive,
+        "connect_failures": dict(failures),
+        "open_seconds": round(opened_in, 2),
+        "connect_ready_ms": percentiles(times),
+        "rss_before_kb": before,
+        "rss_after_kb": after,
+        "rss_after_close_kb": after_close,
+        "rss_per_connection_kb": round((after - before) / max(len(times), 1), 2),
+    }
+
+
+# -- history ------------------------------------------------------------------------------------
+
+
+async def history(ctx: Context, target: Target) -> dict[str, Any]:
+    args = ctx.args
+    n = args.messages
+    room = ctx.room(target, "history", 0)
+    if target.name == "chat":
+        log(f"chat: inserting {n} messages")
+        seeded_in = await seed_history(ctx.harness.dsn, room, n)
+        log(f"chat: inserted and vacuumed in {seeded_in:.1f}s")
+    else:
+        async with httpx.AsyncClient(timeout=10, trust_env=False) as http:
+            (await http.post(f"{target.http[0]}/_seed/{room}", params={"n": n})).raise_for_status()
+        seeded_in = 0.0
+    token = ctx.token(f"b{ctx.run}-reader")
+    base_ws, base_http = target.ws[0], target.http[0]
+    middle = n // 2
+
+    async def connect(**params: Any) -> tuple[float, Peer]:
+        peer = Peer(0, room, 0, base_ws, token)
+        try:
+            took = await peer.open(deflate=args.deflate, **params)
+        finally:
+            await peer.close()
+        return took, peer
+
+    async def ws_history() -> float:
+        took, peer = await connect(history=50)
+        if peer.replayed != min(50, n) or peer.ready_frame.get("last_seq") != n:
+            raise HarnessError(f"history=50 replayed {peer.replayed}: {peer.ready_frame}")
+        return took
+
+    async def ws_since() -> float:
+        took, peer = await connect(since=max(0, n - 500), history=0)
+        if peer.replayed != min(500, n) or not peer.ready_frame.get("recovered"):
+            raise HarnessError(f"since replayed {peer.replayed}: {peer.ready_frame}")
+        return took
+
+    http = httpx.AsyncClient(
+        base_url=base_http,
+        headers={"authorization": f"Bearer {token}"},
+        timeout=10,
+        trust_env=False,
+    )
+
+    def page(first: int, **params: int) -> Callable[[], Awaitable[float]]:
+        async def get() -> float:
+            started = perf()
+            response = await http.get(f"/rooms/{room}/messages", params={"limit": 50, **params})
+            took = perf() - started
+            response.raise_for_status()
+            messages = response.json()["messages"]
+            if len(messages) != 50 or messages[0]["seq"] != first:
+                seqs = [m["seq"] for m in messages[:1]]
+                raise HarnessError(f"page {params}: {len(messages)} messages from {seqs}")
+            return took
+
+        return get
+
+    kinds: dict[str, Callable[[], Awaitable[float]]] = {
+        "ws_connect_history50": ws_history,
+        "ws_resume_since500": ws_since,
+        "rest_before_start": page(1, before=51),
+        "rest_before_middle": page(middle - 50, before=middle),
+        "rest_before_end": page(n - 49, before=n + 1),
+        "rest_after_start": page(1, after=0),
+        "rest_after_middle": page(middle + 1, after=middle),
+        "rest_after_end": page(n - 49, after=n - 50),
+    }
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    try:
+        for rep in range(args.reps + 2):  # two warm-up rounds; kinds interleaved
+            for kind, measure in kinds.items():
+                took = await measure()
+                if rep >= 2:
+                    times[kind].append(took)
+    except HarnessError as exc:
+        ctx.violations.append(f"{target.name}: {exc}")
+        raise
+    finally:
+        await http.aclose()
+    result: dict[str, Any] = {"messages": n, "seed_seconds": round(seeded_in, 2)}
+    for kind, values in times.items():
+        result[kind] = percentiles(values)
+    rest_p99 = [result[k]["p99"] for k in kinds if k.startswith("rest_")]
+    result["rest_worst_p99_ms"] = max(v for v in rest_p99 if v is not None)
+    return result
+
+
+# -- rest ---------------------------------------------------------------------------------------
+
+
+async def rest(ctx: Context, target: Target) -> dict[str, Any]:
+    args = ctx.args
+    body = "x" * args.body_chars
+    latencies: list[float] = []
+    statuses: Counter[str] = Counter()
+    phase = {"measure": False, "stop": False}
+    clients = [
+        httpx.AsyncClient(
+            base_url=target.http[k % len(target.http)],
+            headers={
+                "authorization": f"Bearer {ctx.token(f'b{ctx.run}-rest-{k}')}",
+                "content-type": "application/json",
+            },
+            timeout=10,
+            trust_env=False,
+            limits=httpx.Limits(max_connections=1),
+        )
+        for k in range(args.clients)
+    ]
+
+    async def worker(k: int, http: httpx.AsyncClient) -> None:
+        path = f"/rooms/{ctx.room(target, 'rest', k % args.rooms)}/messages"
+        count = 0
+        while not phase["stop"]:
+            count += 1
+            content = f'{{"body":"{body}","client_msg_id":"{k}-{count}"}}'
+            started = perf()
+            try:
+                status = str((await http.post(path, content=content)).status_code)
+            except httpx.HTTPError as exc:
+                status = type(exc).__name__
+            if phase["measure"] and not phase["stop"]:
+                latencies.append(perf() - started)
+                statuses[status] += 1
+
+    tasks = [asyncio.create_task(worker(k, c)) for k, c in enumerate(clients)]
+    try:
+        await asyncio.sleep(args.warmup)
+        meter = ctx.meter(target)
+        meter.start()
+        phase["measure"] = True
+        started = perf()
+        await asyncio.sleep(args.duration)
+        phase["stop"] = True
+        window = perf() - started
+        cpu = meter.stop()
+        await asyncio.wait_for(asyncio.gather(*tasks), 15)
+    finally:
+        phase["stop"] = True
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for http in clients:
+            await http.aclose()
+    ok = statuses.get("201", 0)
+    errors = {k: v for k, v in statuses.items() if k != "201"}
+    if errors:
+        ctx.violations.append(f"{target.name}: failed posts {errors}")
+    return {
+        "clients": args.clients,
+        "requests": sum(statuses.values()),
+        "created": ok,
+        "errors": errors,
+        "requests_per_s": round(ok / window, 1),
+        "latency_ms": percentiles(latencies),
+        "cpu_cores": cpu,
+    }
+
+
+# -- reporting ----------------------------------------------------------------------------------
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        elif not isinstance(value, list):
+            flat[name] = value
+    return flat
+
+
+def ratios(chat: dict[str, Any], trivial: dict[str, Any]) -> dict[str, float]:
+    """chat-service / trivial for every numeric figure both have (latency ratio > 1: slower)."""
+    c, t = flatten(chat), flatten(trivial)
+    out = {}
+    for key, value in c.items():
+        other = t.get(key)
+        if (
+            isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and isinstance(other, int | float)
+            and not isinstance(other, bool)
+            and other
+        ):
+            out[key] = round(value / other, 3)
+    return out
+
+
+SHOWN = {
+    "fanout": [
+        "sent", "acked", "delivered", "lost", "duplicated", "out_of_order", "disconnected",
+        "send_rate", "deliveries_per_s", "latency_ms.p50", "latency_ms.p90", "latency_ms.p99",
+        "latency_ms.max", "ack_latency_ms.p50", "ack_latency_ms.p99", "send_lag_ms.p99",
+        "connect_ready_ms.p50", "connect_ready_ms.p99", "cpu_cores.generator",
+        "cpu_cores.servers", "cpu_cores.postgres", "cpu_cores.others",
+    ],
+    "saturate": ["sustained_rate", "sustained_deliveries_per_s", "sustained_p99_ms",
+                 "sustained_cpu_cores.generator", "sustained_cpu_cores.servers",
+                 "sustained_cpu_cores.postgres", "sustained_cpu_cores.others", "connections",
+                 "connect_ready_ms.p50"],
+    "idle": ["connections", "still_open", "open_seconds", "connect_ready_ms.p50",
+             "connect_ready_ms.p99", "rss_before_kb", "rss_after_kb", "rss_after_close_kb",
+             "rss_per_connection_kb"],
+    "history": [f"{k}.{q}" for k in (
+        "ws_connect_history50", "ws_resume_since500", "rest_before_start", "rest_before_middle",
+        "rest_before_end", "rest_after_start", "rest_after_middle", "rest_after_end",
+    ) for q in ("p50", "p99")] + ["rest_worst_p99_ms", "seed_seconds"],
+    "rest": ["requests", "created", "requests_per_s", "latency_ms.p50", "latency_ms.p90",
+             "latency_ms.p99", "latency_ms.max", "cpu_cores.generator", "cpu_cores.servers",
+             "cpu_cores.postgres", "cpu_cores.others"],
+}  # fmt: skip
+
+
+def table(scenario: str, report: dict[str, Any]) -> str:
+    chat = flatten(report.get("chat", {}))
+    trivial = flatten(report.get("trivial", {}))
+    ratio = report.get("ratio", {})
+    rows = [("figure", "chat-service", "trivial", "ratio")]
+    for key in SHOWN[scenario]:
+        if key not in chat and key not in trivial:
+            continue
+        rows.append((key, fmt(chat.get(key)), fmt(trivial.get(key)), fmt(ratio.get(key))))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
+                       enumerate(zip(r, widths, strict=True))) for r in rows]  # fmt: skip
+    lines.insert(1, "-" * len(lines[0]))
+    if scenario == "saturate":
+        for name in ("trivial", "chat"):
+            steps = report.get(name, {}).get("steps", [])
+            if steps:
+                lines.append(f"\n{name} steps (msg/s -> deliveries/s, p99 ms, lost):")
+                lines += [
+                    f"  {s['rate_target']:>7g} -> {s['deliveries_per_s']:>9g}/s  "
+                    f"p99 {s['latency_ms']['p99']}  lost {s['lost']}"
+                    + ("" if s["sustained"] else "  (not sustained)")
+                    for s in steps
+                ]
+                lines.append(f"  stop: {report[name]['stop_reason']}")
+    profile = report.get("chat", {}).get("profile")
+    if profile and "self_pct" in profile:
+        lines.append(
+            f"\nprofile of one chat-service process, main thread "
+            f"({profile['main_thread_seconds']} s sampled busy):"
+        )
+        lines += [f"  {pct:5.1f}% self       {name}" for name, pct in profile["self_pct"][:12]]
+        lines += [f"  {pct:5.1f}% inclusive  {name}" for name, pct in profile["inclusive_pct"][:12]]
+        lines += ["  by package (self): " + ", ".join(
+            f"{name} {pct}%" for name, pct in profile["package_self_pct"][:8])]  # fmt: skip
+    if report.get("targets"):
+        lines.append("\ntargets:")
+        for name, t in report["targets"].items():
+            verdict = "met" if t["met"] else "NOT met"
+            lines.append(f"  {name}: {t['value']} (target {t['target']}) {verdict}")
+    return "\n".join(lines)
+
+
+def fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}".rstrip("0").rstrip(".") if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def assess(scenario: str, report: dict[str, Any]) -> dict[str, Any]:
+    chat = report.get("chat", {})
+    out: dict[str, Any] = {}
+
+    def check(name: str, value: Any, target: float, higher_is_better: bool = False) -> None:
+        met = value is not None and (value >= target if higher_is_better else value <= target)
+        out[name] = {"value": value, "target": target, "met": bool(met)}
+
+    if scenario == "fanout":
+        check("latency p99 ms (zero loss)", chat.get("latency_ms", {}).get("p99")
+              if not chat.get("lost") else None, TARGETS["fanout_p99_ms"])  # fmt: skip
+    elif scenario == "saturate" and "ratio" in report:
+        check("sustained rate / trivial", report["ratio"].get("sustained_rate", 0.0),
+              TARGETS["saturate_ratio"], higher_is_better=True)  # fmt: skip
+    elif scenario == "idle":
+        check("RSS per connection kB", chat.get("rss_per_connection_kb"),
+              TARGETS["idle_rss_per_connection_kb"])  # fmt: skip
+        check("idle connections on one process", chat.get("still_open"),
+              TARGETS["idle_connections"], higher_is_better=True)  # fmt: skip
+    elif scenario == "history":
+        check("worst REST page p99 ms", chat.get("rest_worst_p99_ms"),
+              TARGETS["history_rest_p99_ms"])  # fmt: skip
+        check(
+            "connect with 50 replayed p99 ms",
+            chat.get("ws_connect_history50", {}).get("p99"),
+            TARGETS["history_connect_p99_ms"],
+        )
+    return out
+
+
+RUNNERS: dict[str, Callable[[Context, Target], Awaitable[dict[str, Any]]]] = {
+    "fanout": fanout,
+    "saturate": saturate,
+    "idle": idle,
+    "history": history,
+    "rest": rest,
+}
+
+
+async def run_scenario(ctx: Context) -> dict[str, Any]:
+    scenario = ctx.args.scenario
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None
+    loop.add_signal_handler(signal.SIGTERM, main.cancel)
+    report: dict[str, Any] = {}
+    try:
+        async with asyncio.timeout(ctx.args.timeout):
+            log(f"starting the servers ({ctx.args.servers} chat-service process(es) + trivial)")
+            await start_targets(ctx)
+            for target in ctx.targets:  # the trivial server first: it warms the generator up
+                log(f"{scenario} on {target.name}")
+                report[target.name] = await RUNNERS[scenario](ctx, target)
+    finally:
+        await ctx.harness.stop_all()
+        loop.remove_signal_handler(signal.SIGTERM)
+    return report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Defaults per scenario: " + json.dumps(DEFAULTS) + "\n--tiny: " + json.dumps(TINY),
+    )
+    p.add_argument("scenario", choices=SCENARIOS)
+    p.add_argument("--tiny", action="store_true", help="a size that completes in seconds (CI)")
+    p.add_argument("--json", metavar="PATH", help="write the report here ('-': stdout)")
+    p.add_argument("--database-url", help="an existing (empty) database; default: embedded")
+    p.add_argument("--servers", type=int, help="chat-service processes")
+    p.add_argument("--rooms", type=int)
+    p.add_argument("--connections", type=int, help="per room (fanout, saturate) or total (idle)")
+    p.add_argument("--senders", type=int)
+    p.add_argument("--rate", type=float, help="fanout: messages/s in total")
+    p.add_argument("--duration", type=float, help="seconds measured")
+    p.add_argument("--warmup", type=float, help="seconds of unmeasured load first")
+    p.add_argument("--drain", type=float, help="seconds to wait for late deliveries")
+    p.add_argument("--rates", help="saturate: first steps, messages/s, comma-separated")
+    p.add_argument("--rate-increment", type=float, help="saturate: step after the listed ones")
+    p.add_argument("--max-rate", type=float, help="saturate: last step")
+    p.add_argument("--step-seconds", type=float, help="saturate: length of a step")
+    p.add_argument("--p99-limit", type=float, help="saturate: ms; a step above it fails")
+    p.add_argument("--settle", type=float, help="idle: seconds before reading RSS")
+    p.add_argument("--messages", type=int, help="history: messages in the room")
+    p.add_argument("--reps", type=int, help="history: measurements of each kind")
+    p.add_argument("--clients", type=int, help="rest: concurrent HTTP clients")
+    p.add_argument("--body-chars", type=int, default=100, help="message body length")
+    p.add_argument("--concurrency", type=int, help="websocket handshakes at once")
+    p.add_argument("--deflate", action="store_true", help="offer permessage-deflate")
+    p.add_argument("--db-pool-size", type=int, help="CHAT_DB_POOL_SIZE for the servers")
+    p.add_argument("--log-level", default="info", help="the servers' --log-level")
+    p.add_argument("--profile", metavar="PATH", help="fanout: py-spy speedscope of server 0")
+    p.add_argument("--only", choices=("chat", "trivial"), help="measure one target only")
+    p.add_argument("--no-uvloop", action="store_true", help="plain asyncio in the generator")
+    p.add_argument("--keep-logs", action="store_true", help="keep the servers' logs")
+    p.add_argument("--timeout", type=float, help="seconds for the whole scenario")
+    return p
+
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    values = {**DEFAULTS[args.scenario], **(TINY[args.scenario] if args.tiny else {})}
+    for key, value in values.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.timeout is None:
+        args.timeout = 120.0 if args.tiny else 1800.0
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = resolve(build_parser().parse_args(argv))
+    rlimit = raise_nofile()  # before any child is spawned: they inherit it
+    if args.scenario == "idle" and args.connections + 200 > rlimit["soft"]:
+        log(f"warning: {args.connections} connections need more than RLIMIT_NOFILE {rlimit}")
+    harness = Harness(database_url=args.database_url, keep_logs=args.keep_logs)
+    ctx = Context(args, harness)
+    report: dict[str, Any] = {
+        "scenario": args.scenario,
+        "command": " ".join(["python -m benchmarks.bench", *(argv or sys.argv[1:])]),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine(),
+        "rlimit_nofile": rlimit,
+        "params": {k: v for k, v in vars(args).items() if k != "database_url"},
+        "database": "given" if args.database_url else "embedded (fsync on)",
+    }
+    code = 0
+    try:
+        log("starting the database" if not args.database_url else "migrating the database")
+        harness.start_database()
+        results = run_async(ctx, uvloop=not args.no_uvloop)
+        report.update(results)
+        if "chat" in results and "trivial" in results:
+            report["ratio"] = ratios(results["chat"], results["trivial"])
+        report["targets"] = assess(args.scenario, report)
+        report["violations"] = ctx.violations
+        code = 1 if ctx.violations else 0
+    except (HarnessError, TimeoutError, asyncio.CancelledError, KeyboardInterrupt) as exc:
+        harness.failed = True
+        if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
+            report["error"] = "interrupted (SIGTERM or Ctrl-C)"
+        elif isinstance(exc, TimeoutError):
+            report["error"] = f"the scenario took longer than --timeout {args.timeout:g}s"
+        else:
+            report["error"] = f"{type(exc).__name__}: {exc}"
+        report["violations"] = ctx.violations
+        log(f"failed: {report['error']}")
+        code = 2
+    except Exception as exc:
+        harness.failed = True
+        report["error"] = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        harness.close()
+        write_json(args, report)
+    if code != 2:
+        print(table(args.scenario, report))
+    if ctx.violations:
+        log("violations: " + "; ".join(ctx.violations))
+    return code
+
+
+def run_async(ctx: Context, *, uvloop: bool) -> dict[str, Any]:
+    if uvloop:
+        with contextlib.suppress(ImportError):
+            import uvloop as _uvloop  # noqa: PLC0415 - optional: faster generator
+
+            return _uvloop.run(run_scenario(ctx))
+    return asyncio.run(run_scenario(ctx))
+
+
+def write_json(args: argparse.Namespace, report: dict[str, Any]) -> None:
+    text = json.dumps(report, indent=2, default=str)
+    if args.json == "-":
+        print(text)
+        return
+    path = Path(args.json or Path(tempfile.gettempdir()) / f"chat-bench-{args.scenario}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
+    log(f"report written to {path}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

@@ -1,0 +1,380 @@
+"""What the benchmark runs besides its load generator: PostgreSQL, servers, and their cleanup.
+
+Everything listens on 127.0.0.1. Every child process gets ``PR_SET_PDEATHSIG`` (SIGKILL) so
+that nothing outlives the benchmark, even when the benchmark itself is killed; the embedded
+PostgreSQL has its own equivalent (``service.db.embedded``). Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+
+from service.config import to_asyncpg_dsn
+
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 15.0
+PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+class HarnessError(RuntimeError):
+    """The benchmark could not set itself up (not a finding about the service)."""
+
+
+def _die_with_parent() -> None:
+    """``preexec_fn``: the child is SIGKILLed when the benchmark dies, even by SIGKILL."""
+    _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def raise_nofile() -> dict[str, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (children spawned later inherit it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if wanted > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return {"soft": int(soft), "hard": int(hard)}
+
+
+def rss_kb(pid: int) -> int:
+    """VmRSS of a process, in kB (from /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise HarnessError(f"no VmRSS for pid {pid}")
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (PostgreSQL's backends are children of the postmaster)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+class CpuMeter:
+    """Average cores used by groups of processes between ``start`` and ``stop``."""
+
+    def __init__(self, groups: dict[str, Any]) -> None:
+        self.groups = groups  # name -> callable returning the pids to count (read at start)
+        self.pids: dict[str, list[int]] = {}
+        self.before: dict[str, Any] = {}
+        self.started = 0.0
+
+    def _sample(self, name: str) -> Any:
+        if name not in ("machine", "generator"):
+            return {pid: cpu_seconds(pid) for pid in self.pids[name]}
+        if name == "machine":
+            with contextlib.suppress(OSError):
+                ticks = [
+                    int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+                ]
+                return (sum(ticks[:8]) - ticks[3] - ticks[4]) / _TICK  # all but idle and iowait
+            return 0.0
+        t = os.times()
+        return t.user + t.system
+
+    def start(self) -> None:
+        self.pids = {name: list(get()) for name, get in self.groups.items()}
+        self.started = time.monotonic()
+        self.before = {name: self._sample(name) for name in [*self.groups, "machine"]}
+
+    def stop(self) -> dict[str, float]:
+        """Cores per group, and ``others``: what the rest of the machine used meanwhile."""
+        wall = max(time.monotonic() - self.started, 1e-9)
+        used = {}
+        for name, before in self.before.items():
+            if isinstance(before, dict):
+                # Per pid: a process that exited meanwhile is left out, one that started
+                # meanwhile (a new database connection) counts from its start.
+                self.pids[name] = sorted({*self.pids[name], *self.groups[name]()})
+                after = self._sample(name)
+                spent = sum(max(0.0, t - before.get(p, 0.0)) for p, t in after.items() if t > 0)
+            else:
+                spent = self._sample(name) - before
+            used[name] = spent / wall
+        machine = used.pop("machine")
+        used["others"] = max(0.0, machine - sum(used.values()))
+        return {name: round(value, 2) for name, value in used.items()}
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    with contextlib.suppress(OSError):
+        info["load_avg_at_start"] = Path("/proc/loadavg").read_text().split()[:3]
+    return info
+
+
+class Process:
+    """A child process with a log file, a health check over HTTP and a bounded stop."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.name, self.argv, self.env, self.log_path = name, argv, env, log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def spawn(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                self.argv,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,  # the main thread forks: see PR_SET_PDEATHSIG
+            )
+
+    async def wait_http(self, url: str, within: float = START_TIMEOUT) -> None:
+        deadline = time.monotonic() + within
+        async with httpx.AsyncClient(timeout=1.0, trust_env=False) as http:
+            while time.monotonic() < deadline:
+                if self.proc is None or self.proc.poll() is not None:
+                    break
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await http.get(url)).status_code == 200:
+                        return
+                await asyncio.sleep(0.05)
+        tail = self.log_path.read_text(errors="replace")[-3000:] if self.log_path.exists() else ""
+        raise HarnessError(f"{self.name} did not start (log {self.log_path}):\n{tail}")
+
+    async def stop(self, within: float = STOP_TIMEOUT) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + within
+        while proc.poll() is None:
+            if time.monotonic() > deadline:
+                proc.kill()
+                deadline = time.monotonic() + within
+            await asyncio.sleep(0.05)
+
+    def kill_now(self) -> None:
+        """Synchronous last resort (``finally``): nothing outlives the benchmark."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
+
+
+class ChatServer(Process):
+    """``python -m service serve`` on a free loopback port."""
+
+    def __init__(self, name: str, env: dict[str, str], log_path: Path, log_level: str) -> None:
+        self.port = free_port()
+        argv = [sys.executable, "-m", "service", "--log-level", log_level, "serve"]
+        super().__init__(name, [*argv, "--port", str(self.port)], env, log_path)
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self.spawn()
+        await self.wait_http(f"{self.http}/healthz")
+
+
+class TrivialServer(Process):
+    """``python -m benchmarks.trivial_server``: websocket and HTTP ports."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, *, uvloop: bool) -> None:
+        self.port, self.http_port = free_port(), free_port()
+        argv = [sys.executable, "-m", "benchmarks.trivial_server"]
+        argv += ["--port", str(self.port), "--http-port", str(self.http_port)]
+        if not uvloop:
+            argv.append("--no-uvloop")
+        super().__init__("trivial", argv, env, log_path)
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self.spawn()
+        await self.wait_http(f"{self.http}/healthz")
+
+
+class Harness:
+    """Owns the temporary folders, the database and every child process of one run."""
+
+    def __init__(self, *, database_url: str | None, keep_logs: bool) -> None:
+        self.given_url = database_url
+        self.keep_logs = keep_logs
+        self.log_dir = Path(tempfile.mkdtemp(prefix="chat-bench-"))
+        self.pg_dir: Path | None = None
+        self.embedded: Any = None
+        self.database_url = ""
+        self.processes: list[Process] = []
+        self.failed = False
+
+    # -- database (synchronous: before and after the event loop) --------------------------------
+
+    def start_database(self) -> str:
+        from service.db.migrate import upgrade  # noqa: PLC0415 - alembic is slow to import
+
+        if self.given_url:
+            self.database_url = self.given_url
+        else:
+            from service.db.embedded import EmbeddedPostgres  # noqa: PLC0415
+
+            # Its own mkdtemp: as root PostgreSQL runs as ``nobody``, who must reach the folder.
+            self.pg_dir = Path(tempfile.mkdtemp(prefix="chat-bench-pg-"))
+            self.embedded = EmbeddedPostgres(self.pg_dir, database="chat")
+            self.database_url = self.embedded.start(timeout=START_TIMEOUT * 2)
+        upgrade(self.database_url)
+        return self.database_url
+
+    def postgres_pids(self) -> list[int]:
+        """The embedded postmaster and its backends (none for a given database)."""
+        proc = getattr(self.embedded, "_proc", None)
+        if proc is None or proc.poll() is not None:
+            return []
+        return [proc.pid, *children(proc.pid)]
+
+    @property
+    def dsn(self) -> str:
+        return to_asyncpg_dsn(self.database_url)
+
+    def close(self) -> None:
+        for process in self.processes:
+            process.kill_now()
+        if self.embedded is not None:
+            with contextlib.suppress(Exception):
+                self.embedded.stop()
+        if self.pg_dir is not None:
+            shutil.rmtree(self.pg_dir, ignore_errors=True)
+        if self.failed or self.keep_logs:
+            print(f"server logs kept in {self.log_dir}", file=sys.stderr)
+        else:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
+
+    # -- processes -----------------------------------------------------------------------------
+
+    def server_env(self, secret: str, extra: dict[str, str]) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
+        env.update(
+            {
+                "CHAT_DATABASE_URL": self.database_url,
+                "CHAT_JWT_SECRET": secret,
+                "CHAT_DEV_AUTH": "false",
+                # A benchmark is a flood by design: lift the per-connection and per-user limits.
+                "CHAT_SEND_RATE": "100000",
+                "CHAT_USER_SEND_RATE": "100000",
+                "CHAT_MAX_CONNECTIONS_PER_USER": "100000",
+                "CHAT_OUTBOX_LIMIT": "100000",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        env.update(extra)
+        return env
+
+    async def start_chat_servers(
+        self, count: int, secret: str, *, log_level: str, extra_env: dict[str, str]
+    ) -> list[ChatServer]:
+        env = self.server_env(secret, extra_env)
+        servers = [
+            ChatServer(f"chat-{i}", env, self.log_dir / f"chat-{i}.log", log_level)
+            for i in range(count)
+        ]
+        self.processes.extend(servers)
+        await asyncio.gather(*(s.start() for s in servers))
+        return servers
+
+    async def start_trivial(self, secret: str, *, uvloop: bool) -> TrivialServer:
+        env = {**os.environ, "CHAT_JWT_SECRET": secret, "PYTHONUNBUFFERED": "1"}
+        server = TrivialServer(env, self.log_dir / "trivial.log", uvloop=uvloop)
+        self.processes.append(server)
+        await server.start()
+        return server
+
+    def spawn(self, name: str, argv: list[str]) -> Process:
+        process = Process(name, argv, dict(os.environ), self.log_dir / f"{name}.log")
+        self.processes.append(process)
+        process.spawn()
+        return process
+
+    async def stop_all(self) -> None:
+        await asyncio.gather(*(p.stop() for p in self.processes), return_exceptions=True)
+
+
+async def seed_history(dsn: str, room: str, count: int) -> float:
+    """A room holding messages 1..count, inserted with one INSERT ... SELECT; returns seconds."""
+    started = time.perf_counter()
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        await conn.execute("SET synchronous_commit = off")
+        async with conn.transaction():
+            room_id = await conn.fetchval(
+                "INSERT INTO room (name, last_seq) VALUES ($1, $2) RETURNING id", room, count
+            )
+            await conn.execute(
+                "INSERT INTO message (room_id, seq, author, body) "
+                "SELECT $1, g, 'u' || (g % 10), 'message body ' || g "
+                "FROM generate_series(1, $2::bigint) AS g",
+                room_id,
+                count,
+            )
+        # So that autovacuum does not start in the middle of the measurements.
+        await conn.execute("VACUUM (ANALYZE) message")
+        await conn.execute("VACUUM (ANALYZE) room")
+    finally:
+        await conn.close()
+    return time.perf_counter() - started

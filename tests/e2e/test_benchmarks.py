@@ -1,0 +1,101 @@
+"""The benchmark suite works: every scenario once at ``--tiny`` size, as a user runs it.
+
+Benchmarks are not timed tests: these check that each scenario runs to the end against real
+servers and reports sane figures (no loss, no duplicates, a sustained step, an RSS figure,
+every history percentile), never how fast anything is.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+SCENARIO_TIMEOUT = 90
+
+
+def run_bench(scenario: str, database_url: str, tmp_path: Path, *extra: str) -> dict[str, Any]:
+    report = tmp_path / f"{scenario}.json"
+    argv = [sys.executable, "-m", "benchmarks.bench", scenario, "--tiny"]
+    argv += ["--database-url", database_url, "--json", str(report), *extra]
+    proc = subprocess.run(
+        argv, cwd=ROOT, capture_output=True, text=True, timeout=SCENARIO_TIMEOUT, check=False
+    )
+    output = f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, output
+    data = json.loads(report.read_text())
+    assert data["scenario"] == scenario
+    assert data["violations"] == [], output
+    assert set(data) >= {"chat", "trivial", "ratio", "machine", "rlimit_nofile"}, output
+    return data
+
+
+@pytest.mark.timeout(SCENARIO_TIMEOUT + 30)
+def test_fanout(fresh_database, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    data = run_bench("fanout", fresh_database(), tmp_path)
+    for name in ("chat", "trivial"):
+        result = data[name]
+        assert result["sent"] > 0
+        assert result["acked"] == result["sent"]
+        assert result["lost"] == 0
+        assert result["duplicated"] == 0
+        assert result["out_of_order"] == 0
+        assert result["delivered"] == result["expected_deliveries"] > 0
+        assert result["latency_ms"]["p99"] is not None
+        assert result["connect_ready_ms"]["p50"] is not None
+    assert data["ratio"]["deliveries_per_s"] > 0
+
+
+@pytest.mark.timeout(SCENARIO_TIMEOUT + 30)
+def test_saturate(fresh_database, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    data = run_bench("saturate", fresh_database(), tmp_path)
+    for name in ("chat", "trivial"):
+        result = data[name]
+        assert result["steps"]
+        assert result["sustained_rate"] > 0, result["stop_reason"]
+        assert result["sustained_deliveries_per_s"] > 0
+    assert data["ratio"]["sustained_rate"] > 0
+
+
+@pytest.mark.timeout(SCENARIO_TIMEOUT + 30)
+def test_idle(fresh_database, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    data = run_bench("idle", fresh_database(), tmp_path)
+    for name in ("chat", "trivial"):
+        result = data[name]
+        assert result["still_open"] == result["connections"] == 50
+        assert result["rss_after_kb"] > 0
+    assert data["chat"]["rss_per_connection_kb"] > 0
+    assert data["rlimit_nofile"]["soft"] > 0
+
+
+@pytest.mark.timeout(SCENARIO_TIMEOUT + 30)
+def test_history(fresh_database, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    data = run_bench("history", fresh_database(), tmp_path)
+    kinds = [
+        "ws_connect_history50",
+        "ws_resume_since500",
+        *(f"rest_{d}_{w}" for d in ("before", "after") for w in ("start", "middle", "end")),
+    ]
+    for name in ("chat", "trivial"):
+        result = data[name]
+        assert result["messages"] == 5000
+        for kind in kinds:
+            assert result[kind]["n"] == 10, kind
+            assert result[kind]["p99"] is not None, kind
+
+
+@pytest.mark.timeout(SCENARIO_TIMEOUT + 30)
+def test_rest(fresh_database, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    data = run_bench("rest", fresh_database(), tmp_path)
+    for name in ("chat", "trivial"):
+        result = data[name]
+        assert result["created"] > 0
+        assert result["errors"] == {}
+        assert result["latency_ms"]["p99"] is not None
