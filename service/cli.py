@@ -80,10 +80,13 @@ def serve(args: argparse.Namespace) -> int:
             upgrade(settings.require_database_url())
         host = "localhost" if args.host in ("0.0.0.0", "::") else args.host  # noqa: S104
         print(f"chat-service: demo page at http://{host}:{args.port}/", file=sys.stderr)
+        # JSON lines for production; plain text with --dev and in the embedded (try-it) mode.
+        log_config = logging_config(args.log_level, dev=args.dev or settings.embedded)
+        logging.config.dictConfig(log_config)
         options = {
             "host": args.host,
             "port": args.port,
-            "log_config": logging_config(args.log_level, dev=args.dev),
+            "log_config": log_config,
             "ws_max_size": ws_max_size(settings),
             "proxy_headers": True,
             "timeout_graceful_shutdown": settings.drain_seconds,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 import uuid
 from contextvars import ContextVar
 
@@ -52,6 +53,7 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line, for log shippers. Tokens are already redacted upstream."""
 
     FIELDS = ("request_id", "user", "room", "code")
+    converter = time.gmtime  # the "Z" below means it
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
