@@ -16,7 +16,8 @@ from service.errors import WS_POLICY_VIOLATION, NotAuthenticated
 from service.services import Services
 
 
-def get_services(conn: HTTPConnection) -> Services:
+async def get_services(conn: HTTPConnection) -> Services:
+    """Async on purpose, like every dependency here: a sync one would run in a thread."""
     return conn.state.services  # type: ignore[no-any-return]
 
 
@@ -32,7 +33,7 @@ async def get_session(services: ServicesDep) -> AsyncIterator[AsyncSession]:
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
 
 
-def get_principal(conn: HTTPConnection, services: ServicesDep) -> Principal:
+async def get_principal(conn: HTTPConnection, services: ServicesDep) -> Principal:
     """The caller, from a header, cookie or ``token`` query parameter; refused before accept."""
     try:
         source = extract_token(
