@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
 import random
@@ -63,6 +62,7 @@ import jwt
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from benchmarks.bench_infra import _die_with_parent, free_port
 from service.chat.history import MAX_RESUME_GAP
 from service.config import Settings, to_asyncpg_dsn
 
@@ -93,8 +93,6 @@ DB_TIMEOUT = 10.0
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 BACKOFF_MIN, BACKOFF_MAX = 0.05, 1.0
-PR_SET_PDEATHSIG = 1
-_LIBC = ctypes.CDLL(None, use_errno=True)
 
 Content = tuple[int, str, str, str | None]
 """What identifies a stored message: ``(id, author, body, client_msg_id)``."""
@@ -106,17 +104,6 @@ class SoakError(RuntimeError):
 
 class Stalled(Exception):
     """A connection went quiet: no frame, not even a pong, for two read timeouts."""
-
-
-def _die_with_parent() -> None:
-    """``preexec_fn``: a server is SIGKILLed when the soak dies, even by SIGKILL."""
-    _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def percentile(values: list[float], q: float) -> float | None:

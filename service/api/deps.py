@@ -12,6 +12,7 @@ from starlette.requests import HTTPConnection
 
 from service.auth import Principal, extract_token
 from service.config import ROOM_NAME_PATTERN
+from service.db.queries import UNBOUNDED
 from service.errors import WS_POLICY_VIOLATION, NotAuthenticated
 from service.services import Services
 
@@ -73,5 +74,5 @@ RoomName = Annotated[
     str, Path(pattern=ROOM_NAME_PATTERN, description="1 to 64 of A-Z a-z 0-9 _ . -")
 ]
 
-MAX_SEQ = 2**62
+MAX_SEQ = UNBOUNDED
 """Cursors above this are refused (422) rather than overflowing PostgreSQL's bigint."""

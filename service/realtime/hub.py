@@ -100,10 +100,6 @@ class RoomHub:
         self._outbox_limit = outbox_limit
         self._streams: dict[str, _RoomStream] = {}
 
-    @property
-    def rooms(self) -> int:
-        return len(self._streams)
-
     @contextlib.asynccontextmanager
     async def join(self, room: str) -> AsyncIterator[Outbox]:
         outbox = Outbox(self._outbox_limit)
