@@ -24,9 +24,10 @@ from service.api import auth as auth_routes
 from service.api import rooms as room_routes
 from service.auth import TokenCodec
 from service.chat.limits import RateLimited, UserLimits
-from service.config import Settings
+from service.config import Settings, to_asyncpg_dsn
 from service.db.engine import create_engine, create_sessionmaker
 from service.db.migrate import current_revision, head_revision
+from service.db.writer import MessageWriter
 from service.errors import ChatError
 from service.metrics import Metrics
 from service.observability import RequestIdMiddleware, request_id
@@ -93,6 +94,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             stack.push_async_callback(engine.dispose)
             await check_database(engine, expected_revision)
             sessionmaker = create_sessionmaker(engine)
+            writer = MessageWriter(
+                to_asyncpg_dsn(settings.require_database_url()),
+                notify=settings.notify_in_transaction,
+                on_batch=metrics.commit_batch.observe,
+            )
+            await writer.start()
+            stack.push_async_callback(writer.close)
             backend = make_backend(settings)
             broadcast = Broadcast(backend=backend)
             await stack.enter_async_context(broadcast)
@@ -114,6 +122,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             services = Services(
                 settings=settings,
                 sessionmaker=sessionmaker,
+                writer=writer,
                 hub=hub,
                 tokens=tokens,
                 publish=None if settings.notify_in_transaction else broadcast.publish,

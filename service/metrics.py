@@ -69,6 +69,12 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=r,
         )
+        self.commit_batch = Histogram(
+            "chat_commit_batch_messages",
+            "Messages stored per commit (group commit: the sends that arrived together)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
         self.replay_size = Histogram(
             "chat_history_replay_messages",
             "Messages replayed on connect",

@@ -9,6 +9,7 @@ from service.chat.limits import UserLimits
 from service.chat.messages import Publish
 from service.config import Settings
 from service.db.engine import SessionMaker
+from service.db.writer import MessageWriter
 from service.metrics import Metrics
 from service.realtime.hub import RoomHub
 
@@ -17,6 +18,7 @@ from service.realtime.hub import RoomHub
 class Services:
     settings: Settings
     sessionmaker: SessionMaker
+    writer: MessageWriter
     hub: RoomHub
     tokens: TokenCodec
     publish: Publish | None

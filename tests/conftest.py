@@ -75,6 +75,14 @@ def database_url(fresh_database) -> str:  # type: ignore[no-untyped-def]
     return url
 
 
+@pytest.fixture
+def own_database(fresh_database) -> str:  # type: ignore[no-untyped-def]
+    """A migrated database of the test's own, for faults that would disturb other tests."""
+    url = fresh_database()
+    upgrade(url)
+    return url
+
+
 @pytest.fixture(scope="session")
 def server_log_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="chat-test-logs-"))

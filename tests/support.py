@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
+import asyncpg
 import httpx
 import jwt
 from websockets.asyncio.client import ClientConnection, connect
@@ -31,6 +33,26 @@ def make_token(user: str, *, ttl: int = 3600, secret: str = JWT_SECRET, **claims
 def database_url_for(server_url: str, database: str) -> str:
     parts = urlsplit(server_url)
     return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+@contextlib.asynccontextmanager
+async def locked_out(pg_server_url: str, database_url: str, application_name: str):  # type: ignore[no-untyped-def]
+    """Terminate ``application_name``'s sessions and keep new connections out meanwhile."""
+    db_name = urlsplit(database_url).path.lstrip("/")
+    admin = await asyncpg.connect(database_url_for(pg_server_url, "postgres"))
+    try:
+        await admin.execute(f'ALTER DATABASE "{db_name}" ALLOW_CONNECTIONS false')
+        killed = await admin.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = $1 AND datname = $2",
+            application_name,
+            db_name,
+        )
+        assert killed == 1, f"{killed} sessions of {application_name}"
+        yield
+    finally:
+        await admin.execute(f'ALTER DATABASE "{db_name}" ALLOW_CONNECTIONS true')
+        await admin.close()
 
 
 def small_buffer_socket(port: int) -> socket.socket:

@@ -81,7 +81,6 @@ async def create_message(
     room: RoomName,
     new: NewMessage,
     user: CurrentUser,
-    session: SessionDep,
     services: ServicesDep,
     response: Response,
 ) -> MessageOut:
@@ -90,7 +89,7 @@ async def create_message(
     try:
         services.limits.take_send(user.user_id)
         posted = await post_message(
-            session=session,
+            writer=services.writer,
             room=room,
             author=user.user_id,
             body=new.body,

@@ -6,13 +6,10 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
-from service.db import queries
-from service.db.engine import translate_db_errors
 from service.db.queries import MessageRecord
+from service.db.writer import MessageWriter
 from service.errors import InvalidMessage
-from service.realtime.envelope import channel_for, encode_notification, message_frame
+from service.realtime.envelope import channel_for, encode_notification
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +61,7 @@ def check_client_msg_id(client_msg_id: object) -> str | None:
 
 async def post_message(
     *,
-    session: AsyncSession,
+    writer: MessageWriter,
     room: str,
     author: str,
     body: object,
@@ -74,36 +71,21 @@ async def post_message(
 ) -> Posted:
     """Store a message and fan it out; a resend (same room, author, client_msg_id) is a no-op.
 
-    The NOTIFY goes out in the insert transaction, so listeners hear of committed rows only and
-    in seq order. With ``publish`` (a bus other than this database) it goes out after commit and
-    the listeners' gap filling restores the order.
+    The writer NOTIFYs in the insert transaction, so listeners hear of committed rows only and
+    in seq order. With ``publish`` (a bus other than this database) the frame goes out after
+    commit and the listeners' gap filling restores the order.
     """
     text = check_body(body, max_chars=max_chars)
     msg_id = check_client_msg_id(client_msg_id)
-    with translate_db_errors():
+    channel = channel_for(room)
+    stored = await writer.submit(
+        room=room, channel=channel, author=author, body=text, client_msg_id=msg_id
+    )
+    if publish is not None and stored.frame is not None:
         try:
-            record = await queries.insert_message(
-                session, room=room, author=author, body=text, client_msg_id=msg_id
-            )
-            if record is None:
-                await session.rollback()  # give back the seq the resend bumped
-                assert msg_id is not None  # noqa: S101 - only a client_msg_id can conflict
-                original = await queries.find_by_client_msg_id(
-                    session, room=room, author=author, client_msg_id=msg_id
-                )
-                if original is None:
-                    raise RuntimeError("conflicting message vanished")
-                return Posted(original, duplicate=True)
-            channel = channel_for(room)
-            payload = encode_notification(record, message_frame(record))
-            if publish is None:
-                await queries.notify(session, channel=channel, payload=payload)
-            await session.commit()
-        finally:
-            await session.rollback()
-    if publish is not None:
-        try:
-            await publish(channel, payload)
+            await publish(channel, encode_notification(stored.message, stored.frame))
         except Exception:  # stored is what counts: listeners resync when the bus is back
-            log.warning("publish failed for %s/%d; listeners will catch up", room, record.seq)
-    return Posted(record, duplicate=False)
+            log.warning(
+                "publish failed for %s/%d; listeners will catch up", room, stored.message.seq
+            )
+    return Posted(stored.message, duplicate=stored.duplicate)

@@ -27,7 +27,8 @@ def channel_for(room: str) -> str:
 
 
 def iso(ts: datetime) -> str:
-    return ts.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    """Always with microseconds, as ``chat_post_messages`` (migration 0002) writes it."""
+    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def dumps(obj: dict[str, Any]) -> str:

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 DIRECT = -1
 """Outbox item seq for a frame that is sent as it is (acks, errors)."""
+FAILED = -2
+"""Outbox item seq for "close with 1011": answering a frame failed (a bug, logged)."""
 RESYNC_SEQ = 0
 """Outbox item seq for "catch up from the database": the live stream may have a hole."""
 

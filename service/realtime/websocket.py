@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections import deque
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, WebSocket, WebSocketDisconnect
@@ -21,15 +22,18 @@ from service.api.deps import MAX_SEQ, CurrentUser, RoomName
 from service.auth import Principal
 from service.chat.history import read_range, read_replay
 from service.chat.limits import RateLimited, TokenBucket, TooManyConnections
-from service.chat.messages import Posted, check_client_msg_id, post_message
+from service.chat.messages import check_client_msg_id, post_message
 from service.errors import WS_INTERNAL_ERROR, WS_TRY_AGAIN_LATER, InvalidMessage, Unavailable
 from service.realtime.envelope import ack_frame, dumps, error_frame, message_frame, ready_frame
-from service.realtime.hub import DIRECT, RESYNC_SEQ, Outbox, SlowConsumer
+from service.realtime.hub import DIRECT, FAILED, RESYNC_SEQ, Outbox, SlowConsumer
 from service.services import Services
 
 log = logging.getLogger(__name__)
 
 router = APIRouter()
+
+MAX_PIPELINED = 64
+"""Sends of one connection awaiting their commit before it stops reading more frames."""
 
 
 @router.websocket("/ws/rooms/{room}")
@@ -69,6 +73,7 @@ class RoomConnection:
         self._log_context = {"user": principal.user_id, "room": room}
         rate = services.settings.send_rate
         self.send_bucket = TokenBucket(rate, rate * 2)
+        self._replies: deque[asyncio.Future[str]] = deque()
 
     async def run(self, *, history: int, since: int | None) -> None:
         try:
@@ -116,6 +121,8 @@ class RoomConnection:
             seq, frame = await outbox.get()
             if seq == DIRECT:
                 await send(frame)  # type: ignore[arg-type]
+            elif seq == FAILED:
+                raise RuntimeError("a send failed")  # logged where it failed
             elif seq == RESYNC_SEQ:
                 await self._catch_up(until=None)
             elif seq <= self.last_seq:
@@ -140,21 +147,48 @@ class RoomConnection:
             log.error("room %s: message %d not found while catching up", self.room, until)
 
     async def _receive(self, outbox: Outbox) -> None:
+        """Read frames without waiting for their commits (sends are pipelined up to
+        ``MAX_PIPELINED``); answers still go out in the order the frames came."""
         while True:
+            if len(self._replies) >= MAX_PIPELINED:
+                await asyncio.wait([self._replies[0]])
             message = await self.websocket.receive()
             if message["type"] == "websocket.disconnect":
                 return
             text = message.get("text")
             if text is None:
-                outbox.put(DIRECT, self._error("binary_not_supported", "send JSON text frames"))
+                self._answer(outbox, self._error("binary_not_supported", "send JSON text frames"))
+            else:
+                self._answer(outbox, self._handle(text))
+
+    def _answer(self, outbox: Outbox, reply: str | asyncio.Future[str]) -> None:
+        if isinstance(reply, str):
+            if not self._replies:
+                outbox.put(DIRECT, reply)
+                return
+            done = asyncio.get_running_loop().create_future()
+            done.set_result(reply)
+            reply = done
+        self._replies.append(reply)
+        reply.add_done_callback(lambda _: self._flush_replies(outbox))
+
+    def _flush_replies(self, outbox: Outbox) -> None:
+        replies = self._replies
+        while replies and replies[0].done():
+            reply = replies.popleft()
+            if reply.cancelled():
                 continue
-            outbox.put(DIRECT, await self._handle(text))
+            if reply.exception() is not None:
+                log.error("send failed", exc_info=reply.exception(), extra=self._log_context)
+                outbox.put(FAILED, None)
+                continue
+            outbox.put(DIRECT, reply.result())
 
     def _error(self, code: str, detail: str, client_msg_id: str | None = None, **extra: Any) -> str:
         self.services.metrics.errors.labels(code).inc()
         return error_frame(code, detail, client_msg_id, **extra)
 
-    async def _handle(self, text: str) -> str:
+    def _handle(self, text: str) -> str | asyncio.Future[str]:
         try:
             frame: Any = json.loads(text, parse_constant=_refuse_constant)
         except (ValueError, RecursionError):
@@ -164,7 +198,9 @@ class RoomConnection:
         kind = frame.get("type")
         if kind == "send":
             self.services.metrics.received.inc()
-            return await self._send(frame)
+            # A task of its own: a send that started is committed (and fanned out) even if
+            # the socket goes away meanwhile; the client learns of it by resending its id.
+            return asyncio.ensure_future(self._send(frame))
         if kind == "ping":
             return dumps({"type": "pong"})
         return self._error("unknown_type", "'type' must be 'send' or 'ping'")
@@ -177,9 +213,15 @@ class RoomConnection:
         try:
             self.send_bucket.take()
             self.services.limits.take_send(self.principal.user_id)
-            # Shielded: a send that started is committed (and fanned out) even if the socket
-            # goes away meanwhile; the client learns of it by resending its client_msg_id.
-            posted = await asyncio.shield(asyncio.ensure_future(self._store(frame)))
+            posted = await post_message(
+                writer=self.services.writer,
+                room=self.room,
+                author=self.principal.user_id,
+                body=frame.get("body"),
+                client_msg_id=frame.get("client_msg_id"),
+                max_chars=self.services.settings.max_message_chars,
+                publish=self.services.publish,
+            )
         except RateLimited as exc:
             return self._error(exc.code, exc.detail, echo, retry_after=round(exc.retry_after, 3))
         except (InvalidMessage, Unavailable) as exc:
@@ -188,18 +230,6 @@ class RoomConnection:
             self.services.metrics.stored.labels("websocket").inc()
         self.services.metrics.acks.inc()
         return ack_frame(posted.message)
-
-    async def _store(self, frame: dict[str, Any]) -> Posted:
-        async with self.services.sessionmaker() as session:
-            return await post_message(
-                session=session,
-                room=self.room,
-                author=self.principal.user_id,
-                body=frame.get("body"),
-                client_msg_id=frame.get("client_msg_id"),
-                max_chars=self.services.settings.max_message_chars,
-                publish=self.services.publish,
-            )
 
 
 def _refuse_constant(name: str) -> Any:

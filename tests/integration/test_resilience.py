@@ -15,18 +15,17 @@ from pathlib import Path
 import asyncpg
 import httpx
 import pytest
-from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from service.chat.messages import post_message
-from service.config import to_sqlalchemy_url
 from service.db.embedded import EmbeddedPostgres
 from service.db.migrate import upgrade
+from service.db.writer import MessageWriter
 from tests.support import (
     Client,
     ServerProcess,
-    database_url_for,
+    locked_out,
     make_token,
     small_buffer_socket,
 )
@@ -62,13 +61,6 @@ async def _close_code(client: Client, timeout: float = 10) -> int:
 
 
 @pytest.fixture
-def own_database(fresh_database) -> str:  # type: ignore[no-untyped-def]
-    url = fresh_database()
-    upgrade(url)
-    return url
-
-
-@pytest.fixture
 def spawn(tmp_path) -> Iterator[object]:  # type: ignore[no-untyped-def]
     """Start extra servers (stopped at the end): ``spawn(database_url, **env)``."""
     started: list[ServerProcess] = []
@@ -93,39 +85,27 @@ async def test_clients_catch_up_on_what_was_committed_while_listen_was_down(
     server = spawn(own_database)
     room = f"r-{uuid.uuid4().hex[:8]}"
     client = await Client.connect(server, room, make_token("reader"))
-    engine = create_async_engine(to_sqlalchemy_url(own_database))
-    db_name = own_database.rsplit("/", 1)[1]
-    admin = await asyncpg.connect(database_url_for(pg_server_url, "postgres"))
+    writer = MessageWriter(own_database, notify=True)
     try:
-        async with engine.connect() as writer_conn:  # opened before the door closes
-            await admin.execute(f'ALTER DATABASE "{db_name}" ALLOW_CONNECTIONS false')
-            killed = await admin.fetchval(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE application_name = 'chat-listen' AND datname = $1",
-                db_name,
-            )
-            assert killed == 1
+        await writer.start()  # connected before the door closes
+        async with locked_out(pg_server_url, own_database, "chat-listen"):
             for i in range(5):
-                async with AsyncSession(bind=writer_conn) as session:
-                    await post_message(
-                        session=session,
-                        room=room,
-                        author="writer",
-                        body=f"while deaf {i}",
-                        client_msg_id=None,
-                        max_chars=4000,
-                    )
+                await post_message(
+                    writer=writer,
+                    room=room,
+                    author="writer",
+                    body=f"while deaf {i}",
+                    client_msg_id=None,
+                    max_chars=4000,
+                )
             await client.assert_silent(0.5)  # nothing can arrive: the listener is gone
-            await admin.execute(f'ALTER DATABASE "{db_name}" ALLOW_CONNECTIONS true')
         assert await _messages_until(client, 5) == [1, 2, 3, 4, 5]
         await client.send("after", "after-1")
         frames = await client.collect("ack", "message")
         assert frames["message"]["seq"] == 6
         await client.assert_silent(0.3)
     finally:
-        await admin.execute(f'ALTER DATABASE "{db_name}" ALLOW_CONNECTIONS true')
-        await admin.close()
-        await engine.dispose()
+        await writer.close()
         await client.close()
 
 

@@ -43,4 +43,4 @@ def test_large_messages_travel_as_a_reference():
 
 def test_frames_keep_unicode_unescaped():
     assert "\U0001f600" in message_frame(_record("\U0001f600"))
-    assert '"created_at":"2026-01-01T00:00:00Z"' in message_frame(_record("x"))
+    assert '"created_at":"2026-01-01T00:00:00.000000Z"' in message_frame(_record("x"))

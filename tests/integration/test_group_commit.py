@@ -1,0 +1,203 @@
+"""Group commit (``service.db.writer`` and migration 0002) against the real database: batches
+keep seqs gap-free and ordered, resends idempotent, frames exact, and one bad message alone."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import asyncpg
+import pytest
+
+from service.db.writer import MessageWriter, Stored
+from service.errors import Unavailable
+from service.realtime.envelope import channel_for, decode_notification, message_frame
+from tests.support import Client, locked_out
+
+
+def _room() -> str:
+    return f"g-{uuid.uuid4().hex[:12]}"
+
+
+def _submit(writer: MessageWriter, room: str, body: str, cmid: str | None = None, author="ann"):
+    return writer.submit(
+        room=room, channel=channel_for(room), author=author, body=body, client_msg_id=cmid
+    )
+
+
+@pytest.fixture
+def batch_sizes() -> list[int]:
+    return []
+
+
+@pytest.fixture
+async def writers(database_url, batch_sizes):
+    """Two writers on separate connections: two server processes, in effect."""
+    made = [MessageWriter(database_url, notify=True, on_batch=batch_sizes.append) for _ in range(2)]
+    for writer in made:
+        await writer.start()
+    yield made
+    for writer in made:
+        await writer.close()
+
+
+async def _stored_seqs(database_url: str, room: str) -> tuple[list[int], int]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        seqs = await conn.fetch(
+            "SELECT m.seq FROM message m JOIN room r ON r.id = m.room_id "
+            "WHERE r.name = $1 ORDER BY m.seq",
+            room,
+        )
+        last = await conn.fetchval("SELECT last_seq FROM room WHERE name = $1", room)
+    finally:
+        await conn.close()
+    return [r["seq"] for r in seqs], last
+
+
+async def test_concurrent_batches_over_rooms_keep_seqs_gap_free_and_in_submit_order(
+    writers, batch_sizes, database_url
+):
+    rooms = [_room() for _ in range(3)]
+    # Interleaved rooms, submitted at once from two writers: batches lock rooms in different
+    # arrival orders, which deadlocks unless the function orders its locks.
+    futures = {w: [] for w in range(2)}
+    for i in range(300):
+        w = i % 2
+        room = rooms[(i * 7 + w) % 3]
+        futures[w].append((room, _submit(writers[w], room, f"m{i}", f"c{i}")))
+    results: dict[int, list[tuple[str, Stored]]] = {}
+    for w, pending in futures.items():
+        done = await asyncio.wait_for(asyncio.gather(*(f for _, f in pending)), 30)
+        results[w] = [(room, stored) for (room, _), stored in zip(pending, done, strict=True)]
+
+    assert max(batch_sizes) > 1  # the sends really were grouped
+    for room in rooms:
+        seqs, last = await _stored_seqs(database_url, room)
+        assert seqs == list(range(1, len(seqs) + 1)) and last == len(seqs)
+        for w in range(2):  # one writer's sends to a room get increasing seqs, in submit order
+            mine = [s.message.seq for r, s in results[w] if r == room]
+            assert mine == sorted(mine)
+    acked = sorted(s.message.seq for w in range(2) for r, s in results[w] if r == rooms[0])
+    assert acked == list(range(1, len(acked) + 1))
+
+
+async def test_resends_in_one_batch_and_across_batches_are_stored_once(writers, database_url):
+    room = _room()
+    first, again, other = await asyncio.gather(
+        _submit(writers[0], room, "hello", "same"),
+        _submit(writers[0], room, "hello, edited", "same"),  # same batch, same id
+        _submit(writers[0], room, "hello", "same", author="bob"),  # another author's id
+    )
+    later = await _submit(writers[1], room, "third try", "same")
+    assert not first.duplicate and not other.duplicate
+    assert again.duplicate and later.duplicate
+    for dup in (again, later):
+        assert dup.message.seq == first.message.seq and dup.message.id == first.message.id
+        assert dup.message.body == "hello"  # the original, not the resend's body
+        assert dup.message.created_at == first.message.created_at
+    after = await _submit(writers[1], room, "next", "next")
+    assert after.message.seq == 3  # the resends gave their seqs back
+    assert await _stored_seqs(database_url, room) == ([1, 2, 3], 3)
+
+
+BODIES = [
+    'quotes " and \\ backslash',
+    "tab\tnewline\nreturn\rformfeed\x0cbackspace\x08",
+    "controls \x01\x1f\x7f",
+    "unicode é ß 中文 \U0001f600 \u2028 \u2029",
+    "</script><script>alert(1)</script>",
+    "x" * 4000,
+]
+
+
+async def test_frames_built_by_postgresql_are_the_frames_python_builds(database_url):
+    writer = MessageWriter(database_url, notify=False)  # frames come back instead of NOTIFY
+    await writer.start()
+    try:
+        room = _room()
+        for i, body in enumerate(BODIES):
+            for cmid in (None, f'id "{i}" \\ é'):
+                stored = await _submit(writer, room, body, cmid, author="ann ✓")
+                assert stored.frame == message_frame(stored.message)
+                assert json.loads(stored.frame)["body"] == body
+    finally:
+        await writer.close()
+
+
+async def test_notify_carries_the_frame_or_a_reference_when_too_big(writers, database_url):
+    room = _room()
+    listener = await asyncpg.connect(database_url)
+    heard: asyncio.Queue[str] = asyncio.Queue()
+    await listener.add_listener(channel_for(room), lambda *args: heard.put_nowait(args[3]))
+    try:
+        small = await _submit(writers[0], room, "small")
+        big = await _submit(writers[0], room, "é" * 4000)  # 8000+ bytes of UTF-8
+        seq, _, frame = decode_notification(await asyncio.wait_for(heard.get(), 5))
+        assert (seq, frame) == (1, message_frame(small.message))
+        seq, _, frame = decode_notification(await asyncio.wait_for(heard.get(), 5))
+        assert (seq, frame) == (big.message.seq, None)
+    finally:
+        await listener.close()
+
+
+async def test_a_bad_message_fails_alone(writers, database_url):
+    room = _room()
+    good_before, bad, good_after = (
+        _submit(writers[0], room, "fine"),
+        _submit(writers[0], room, "nul \x00 inside"),  # PostgreSQL refuses it (not validated here)
+        _submit(writers[0], room, "fine too"),
+    )
+    results = await asyncio.gather(good_before, bad, good_after, return_exceptions=True)
+    assert isinstance(results[1], asyncpg.PostgresError)
+    assert [r.message.seq for r in (results[0], results[2])] == [1, 2]
+    assert await _stored_seqs(database_url, room) == ([1, 2], 2)
+
+
+async def test_reconnects_after_its_connection_is_killed_and_reports_unavailable_meanwhile(
+    own_database, pg_server_url
+):
+    database_url = own_database
+    writer = MessageWriter(database_url, notify=True)
+    await writer.start()
+    room = _room()
+    await _submit(writer, room, "before")
+    try:
+        async with locked_out(pg_server_url, database_url, "chat-service-writer"):
+            with pytest.raises(Unavailable):
+                await asyncio.wait_for(_submit(writer, room, "while down", "w-1"), 15)
+        retried = await asyncio.wait_for(_submit(writer, room, "while down", "w-1"), 15)
+        assert retried.message.seq == 2 and not retried.duplicate
+    finally:
+        await writer.close()
+
+
+async def test_close_stores_what_is_queued(database_url):
+    writer = MessageWriter(database_url, notify=True)
+    await writer.start()
+    room = _room()
+    pending = [_submit(writer, room, f"m{i}") for i in range(50)]
+    await writer.close()
+    assert all(f.done() and not f.exception() for f in pending)
+    assert await _stored_seqs(database_url, room) == (list(range(1, 51)), 50)
+    with pytest.raises(Unavailable):
+        await _submit(writer, room, "after close")
+
+
+async def test_pipelined_sends_are_answered_in_order(server, room, alice):
+    """A client may send without waiting for acks; answers keep the order of its frames."""
+    async with await Client.connect(server, room, alice) as client:
+        for i in range(8):
+            await client.send(f"m{i}", f"p-{i}")
+        await client.send_json({"type": "ping"})
+        await client.send_json({"type": "send", "body": "", "client_msg_id": "p-empty"})
+        for i in range(8, 12):
+            await client.send(f"m{i}", f"p-{i}")
+        frames = [await client.recv() for _ in range(14 + 12)]
+    answers = [f for f in frames if f["type"] != "message"]
+    assert [f["seq"] for f in frames if f["type"] == "message"] == list(range(1, 13))
+    kinds = [(a["type"], a.get("client_msg_id")) for a in answers]
+    expected = [("ack", f"p-{i}") for i in range(8)] + [("pong", None), ("error", "p-empty")]
+    assert kinds == expected + [("ack", f"p-{i}") for i in range(8, 12)]
+    assert [a["seq"] for a in answers if a["type"] == "ack"] == list(range(1, 13))
