@@ -25,7 +25,7 @@ from service.api import rooms as room_routes
 from service.auth import TokenCodec
 from service.chat.limits import RateLimited, UserLimits
 from service.config import Settings, to_asyncpg_dsn
-from service.db.engine import create_engine, create_sessionmaker
+from service.db.engine import create_engine, create_pool
 from service.db.migrate import current_revision, head_revision
 from service.db.writer import MessageWriter
 from service.errors import ChatError
@@ -93,7 +93,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             engine = create_engine(settings)
             stack.push_async_callback(engine.dispose)
             await check_database(engine, expected_revision)
-            sessionmaker = create_sessionmaker(engine)
+            pool = await create_pool(settings)
+            stack.push_async_callback(pool.close)
             writer = MessageWriter(
                 to_asyncpg_dsn(settings.require_database_url()),
                 notify=settings.notify_in_transaction,
@@ -106,22 +107,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await stack.enter_async_context(broadcast)
             hub = RoomHub(
                 broadcast,
-                sessionmaker,
+                pool,
                 settings.outbox_limit,
                 on_forward=lambda sent_at: metrics.fanout_latency.observe(
                     max(0.0, time.time() - sent_at)
                 ),
             )
             metrics.watch(
-                pool_checked_out=engine.pool.checkedout,  # type: ignore[attr-defined]
-                pool_size=engine.pool.size,  # type: ignore[attr-defined]
+                pool_checked_out=lambda: pool.get_size() - pool.get_idle_size(),
+                pool_size=pool.get_size,
                 listen_reconnects=lambda: backend.reconnects,
                 listen_up=lambda: backend.connected,
             )
             stack.push_async_callback(hub.close)
             services = Services(
                 settings=settings,
-                sessionmaker=sessionmaker,
+                pool=pool,
                 writer=writer,
                 hub=hub,
                 tokens=tokens,

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import asyncpg
+
 from service.auth import TokenCodec
 from service.chat.limits import UserLimits
 from service.chat.messages import Publish
 from service.config import Settings
-from service.db.engine import SessionMaker
 from service.db.writer import MessageWriter
 from service.metrics import Metrics
 from service.realtime.hub import RoomHub
@@ -17,7 +18,8 @@ from service.realtime.hub import RoomHub
 @dataclass(frozen=True, slots=True)
 class Services:
     settings: Settings
-    sessionmaker: SessionMaker
+    pool: asyncpg.Pool
+    """Connections for reads; writes go through ``writer``."""
     writer: MessageWriter
     hub: RoomHub
     tokens: TokenCodec

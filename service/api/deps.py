@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Annotated
 from urllib.parse import urlsplit
 
 from fastapi import Depends, HTTPException, Path, WebSocketException
-from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import HTTPConnection
 
 from service.auth import Principal, extract_token
@@ -23,15 +21,6 @@ async def get_services(conn: HTTPConnection) -> Services:
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]
-
-
-async def get_session(services: ServicesDep) -> AsyncIterator[AsyncSession]:
-    """One session per REST request. Websockets open one per message instead."""
-    async with services.sessionmaker() as session:
-        yield session
-
-
-SessionDep = Annotated[AsyncSession, Depends(get_session)]
 
 
 async def get_principal(conn: HTTPConnection, services: ServicesDep) -> Principal:

@@ -1,17 +1,17 @@
 """Reading history: the replay on connect, resume with ``since``, catch-up and REST pages.
 
-Each read that pairs a room's ``last_seq`` with messages runs in one REPEATABLE READ snapshot,
-so the pair is consistent: a client that is told ``last_seq`` L has seen every message up to L.
+Each read that pairs a room's ``last_seq`` with messages is one statement (one snapshot), so
+the pair is consistent: a client that is told ``last_seq`` L has seen every message up to L.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy.ext.asyncio import AsyncSession
+import asyncpg
 
 from service.db import queries
-from service.db.engine import translate_db_errors
+from service.db.engine import reading
 from service.db.queries import MessageRecord
 
 MAX_RESUME_GAP = 1000
@@ -35,79 +35,53 @@ class Page:
     next_after: int | None
 
 
-async def _snapshot(session: AsyncSession) -> None:
-    await session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
-
-
-async def read_replay(
-    *, session: AsyncSession, room: str, history: int, since: int | None
-) -> Replay:
+async def read_replay(*, pool: asyncpg.Pool, room: str, history: int, since: int | None) -> Replay:
     """What a connecting client is sent before ``ready``."""
-    with translate_db_errors():
-        try:
-            await _snapshot(session)
-            last_seq = await queries.room_last_seq(session, room=room)
-            if since is not None and 0 <= last_seq - since <= MAX_RESUME_GAP:
-                missed = await queries.messages_between(
-                    session, room=room, after=since, until=last_seq, limit=MAX_RESUME_GAP
-                )
-                return Replay(missed, last_seq, recovered=True)
-            latest = (
-                await queries.messages_before(
-                    session, room=room, before=None, after=0, limit=history
-                )
-                if history
-                else []
+    async with reading(pool) as conn:
+        if since is not None:
+            last_seq, missed = await queries.room_window(
+                conn, room=room, after=since, before=None, limit=MAX_RESUME_GAP, newest=False
             )
-            return Replay(latest, last_seq, recovered=False)
-        finally:
-            await session.rollback()
+            if 0 <= last_seq - since <= MAX_RESUME_GAP:
+                return Replay(missed, last_seq, recovered=True)
+        last_seq, latest = await queries.room_window(
+            conn, room=room, after=0, before=None, limit=history, newest=True
+        )
+        return Replay(latest, last_seq, recovered=False)
 
 
 async def read_range(
-    *, session: AsyncSession, room: str, after: int, until: int | None
+    *, pool: asyncpg.Pool, room: str, after: int, until: int | None
 ) -> list[MessageRecord]:
     """Every message with ``after < seq <= until``: fills a gap in the live stream."""
-    with translate_db_errors():
-        try:
-            found: list[MessageRecord] = []
-            while True:
-                page = await queries.messages_between(
-                    session, room=room, after=after, until=until, limit=CATCH_UP_PAGE
-                )
-                found.extend(page)
-                if len(page) < CATCH_UP_PAGE:
-                    return found
-                after = page[-1].seq
-        finally:
-            await session.rollback()
+    found: list[MessageRecord] = []
+    async with reading(pool) as conn:
+        while True:
+            page = await queries.messages_between(
+                conn, room=room, after=after, until=until, limit=CATCH_UP_PAGE
+            )
+            found.extend(page)
+            if len(page) < CATCH_UP_PAGE:
+                return found
+            after = page[-1].seq
 
 
 async def read_page(
-    *, session: AsyncSession, room: str, limit: int, before: int | None, after: int | None
+    *, pool: asyncpg.Pool, room: str, limit: int, before: int | None, after: int | None
 ) -> Page:
     """A REST page, ascending. With ``after`` it pages forward, otherwise backward from the end.
 
     Seqs have no gaps, so "is there an older page" is just "does this page start above 1".
     """
-    with translate_db_errors():
-        try:
-            await _snapshot(session)
-            last_seq = await queries.room_last_seq(session, room=room)
-            if after is not None:
-                messages = await queries.messages_between(
-                    session,
-                    room=room,
-                    after=after,
-                    until=None if before is None else before - 1,
-                    limit=limit,
-                )
-            else:
-                messages = await queries.messages_before(
-                    session, room=room, before=before, after=0, limit=limit
-                )
-        finally:
-            await session.rollback()
+    async with reading(pool) as conn:
+        last_seq, messages = await queries.room_window(
+            conn,
+            room=room,
+            after=after or 0,
+            before=before,
+            limit=limit,
+            newest=after is None,
+        )
     upper = last_seq if before is None else min(last_seq, before - 1)
     if messages:
         first, last = messages[0].seq, messages[-1].seq
@@ -116,3 +90,10 @@ async def read_page(
     else:
         next_before = next_after = None
     return Page(messages, last_seq, next_before, next_after)
+
+
+async def list_rooms(
+    *, pool: asyncpg.Pool, after: str | None, limit: int
+) -> list[queries.RoomRecord]:
+    async with reading(pool) as conn:
+        return await queries.list_rooms(conn, after=after, limit=limit)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
-from service.db.queries import MessageRecord
-from service.db.writer import MessageWriter
+from service.db.writer import MessageWriter, Stored
 from service.errors import InvalidMessage
 from service.realtime.envelope import channel_for, encode_notification
 
@@ -17,12 +16,6 @@ MAX_CLIENT_MSG_ID_CHARS = 128
 
 Publish = Callable[[str, str], Awaitable[None]]
 """``publish(channel, payload)`` after commit, for a broadcast bus other than the database."""
-
-
-@dataclass(frozen=True, slots=True)
-class Posted:
-    message: MessageRecord
-    duplicate: bool
 
 
 def check_body(body: object, *, max_chars: int) -> str:
@@ -59,7 +52,7 @@ def check_client_msg_id(client_msg_id: object) -> str | None:
     return client_msg_id
 
 
-async def post_message(
+def submit_message(
     *,
     writer: MessageWriter,
     room: str,
@@ -68,24 +61,37 @@ async def post_message(
     client_msg_id: object,
     max_chars: int,
     publish: Publish | None = None,
-) -> Posted:
-    """Store a message and fan it out; a resend (same room, author, client_msg_id) is a no-op.
+) -> asyncio.Future[Stored]:
+    """Validate (``InvalidMessage`` at once) and queue a message for the next group commit.
 
-    The writer NOTIFYs in the insert transaction, so listeners hear of committed rows only and
-    in seq order. With ``publish`` (a bus other than this database) the frame goes out after
-    commit and the listeners' gap filling restores the order.
+    The future resolves once the message is committed; a resend (same room, author,
+    client_msg_id) resolves to the original, marked ``duplicate``. The writer NOTIFYs in the
+    insert transaction, so listeners hear of committed rows only and in seq order. With
+    ``publish`` (a bus other than this database) the frame goes out after commit and the
+    listeners' gap filling restores the order.
     """
     text = check_body(body, max_chars=max_chars)
     msg_id = check_client_msg_id(client_msg_id)
     channel = channel_for(room)
-    stored = await writer.submit(
+    stored = writer.submit(
         room=room, channel=channel, author=author, body=text, client_msg_id=msg_id
     )
-    if publish is not None and stored.frame is not None:
+    if publish is None:
+        return stored
+    return asyncio.ensure_future(_publish_after_commit(stored, publish, channel))
+
+
+async def _publish_after_commit(
+    stored: asyncio.Future[Stored], publish: Publish, channel: str
+) -> Stored:
+    result = await stored
+    if result.frame is not None:
         try:
-            await publish(channel, encode_notification(stored.message, stored.frame))
+            await publish(channel, encode_notification(result.message, result.frame))
         except Exception:  # stored is what counts: listeners resync when the bus is back
             log.warning(
-                "publish failed for %s/%d; listeners will catch up", room, stored.message.seq
+                "publish failed for %s/%d; listeners will catch up",
+                result.message.room,
+                result.message.seq,
             )
-    return Posted(stored.message, duplicate=stored.duplicate)
+    return result

@@ -1,51 +1,89 @@
-"""Engine and sessionmaker factories: called from the app lifespan, never at import."""
+"""Connections to PostgreSQL, made by the app lifespan (never at import).
+
+* An asyncpg pool for reads (history, rooms): prepared statements, one statement per read.
+* A small SQLAlchemy engine for the schema check at start-up and in ``/readyz`` (Alembic
+  speaks SQLAlchemy).
+* Writes go through ``service.db.writer`` on a connection of their own.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
-from sqlalchemy import exc as sa_exc
-from sqlalchemy.ext.asyncio import (
-    AsyncEngine,
-    AsyncSession,
-    async_sessionmaker,
-    create_async_engine,
-)
+import asyncpg
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from service.config import Settings
+from service.config import Settings, to_asyncpg_dsn
 from service.errors import Unavailable
 
-SessionMaker = async_sessionmaker[AsyncSession]
+TIMEOUT = 10.0
+"""Seconds for a connect, a pool checkout or a statement before the database counts as down."""
 
 
 def create_engine(settings: Settings) -> AsyncEngine:
     return create_async_engine(
         settings.sqlalchemy_url,
-        pool_size=settings.db_pool_size,
-        max_overflow=settings.db_pool_size,
+        pool_size=1,
+        max_overflow=1,
         pool_pre_ping=True,
         hide_parameters=True,  # SQL errors are logged; message bodies must not be
-        pool_timeout=10,
-        connect_args={"timeout": 10, "server_settings": {"application_name": "chat-service"}},
+        pool_timeout=TIMEOUT,
+        connect_args={"timeout": TIMEOUT, "server_settings": {"application_name": "chat-service"}},
     )
 
 
-def create_sessionmaker(engine: AsyncEngine) -> SessionMaker:
-    return async_sessionmaker(engine, expire_on_commit=False)
+async def create_pool(settings: Settings) -> asyncpg.Pool:
+    return await asyncpg.create_pool(
+        to_asyncpg_dsn(settings.require_database_url()),
+        min_size=1,
+        max_size=settings.db_pool_size,
+        timeout=TIMEOUT,
+        command_timeout=TIMEOUT,
+        server_settings={"application_name": "chat-service"},
+    )
 
 
-@contextmanager
-def translate_db_errors() -> Iterator[None]:
-    """Turn "the database is not there" into ``Unavailable``; everything else stays a bug."""
+class _CannotConnect(Exception):
+    """Opening a connection failed, for whatever reason (refused, not allowed, auth)."""
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """The database is down, restarting or unreachable (retry later), as opposed to a bug."""
+    unreachable = (
+        _CannotConnect,
+        OSError,
+        TimeoutError,
+        asyncpg.InterfaceError,
+        asyncpg.InternalClientError,
+    )
+    if isinstance(exc, unreachable):
+        return True
+    if isinstance(exc, asyncpg.PostgresError):
+        # 08 connection exception, 53 insufficient resources, 57 operator intervention
+        # (shutdown, restart); 40001/40P01 never happen here but would be worth a retry too.
+        state = getattr(exc, "sqlstate", "") or ""
+        return state[:2] in ("08", "53", "57") or state in ("40001", "40P01")
+    return False
+
+
+async def connect(dsn: str, application_name: str) -> asyncpg.Connection:
+    """A connection of its own; any failure to open it counts as "unavailable"."""
     try:
-        yield
-    except (TimeoutError, OSError, sa_exc.TimeoutError, sa_exc.InterfaceError) as exc:
-        raise Unavailable("the database is unavailable, try again") from exc
-    except sa_exc.DBAPIError as exc:
-        if exc.connection_invalidated or isinstance(exc, sa_exc.OperationalError):
-            raise Unavailable("the database is unavailable, try again") from exc
-        orig = getattr(exc, "orig", None)
-        if "ConnectionDoesNotExist" in type(orig).__name__ or "CannotConnectNow" in repr(orig):
+        return await asyncpg.connect(
+            dsn, timeout=TIMEOUT, server_settings={"application_name": application_name}
+        )
+    except Exception as exc:
+        raise _CannotConnect(exc) from exc
+
+
+@asynccontextmanager
+async def reading(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+    """A pooled connection; "the database is not there" becomes ``Unavailable``."""
+    try:
+        async with pool.acquire() as conn:
+            yield conn
+    except Exception as exc:
+        if is_unavailable(exc):
             raise Unavailable("the database is unavailable, try again") from exc
         raise

@@ -1,4 +1,8 @@
-"""The reads the service runs (writes: ``service.db.writer``). Callers own the transaction."""
+"""The reads the service runs (writes: ``service.db.writer``), one statement each.
+
+A read that pairs a room's ``last_seq`` with messages is a single statement, so both come from
+one snapshot: a client told ``last_seq`` L has been given every message up to L it asked for.
+"""
 
 from __future__ import annotations
 
@@ -6,23 +10,29 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession
+import asyncpg
 
 UNBOUNDED = 2**62
 """Stands in for "no upper bound": a plain range keeps the (room_id, seq) index scan exact,
-where ``(:x IS NULL OR seq < :x)`` makes PostgreSQL walk the room from one end."""
+where ``($x IS NULL OR seq < $x)`` makes PostgreSQL walk the room from one end."""
 
-_SELECT_MESSAGES = (
-    "SELECT m.id, CAST(:room AS text) AS room, m.seq, m.author, m.body, m.client_msg_id, "
-    "m.created_at FROM message m "
-    "WHERE m.room_id = (SELECT id FROM room WHERE name = :room) "
-)
-_BETWEEN = text(
-    _SELECT_MESSAGES + "AND m.seq > :after AND m.seq <= :until ORDER BY m.seq LIMIT :limit"
-)
-_BEFORE = text(
-    _SELECT_MESSAGES + "AND m.seq > :after AND m.seq < :before ORDER BY m.seq DESC LIMIT :limit"
+_NEWEST = """
+SELECT r.last_seq, m.id, m.seq, m.author, m.body, m.client_msg_id, m.created_at
+FROM room r LEFT JOIN LATERAL (
+    SELECT id, seq, author, body, client_msg_id, created_at FROM message
+    WHERE room_id = r.id AND seq > $2 AND seq < $3 ORDER BY seq DESC LIMIT $4
+) m ON true
+WHERE r.name = $1
+"""
+_OLDEST = _NEWEST.replace("ORDER BY seq DESC", "ORDER BY seq ASC")
+_BETWEEN = """
+SELECT id, seq, author, body, client_msg_id, created_at FROM message
+WHERE room_id = (SELECT id FROM room WHERE name = $1) AND seq > $2 AND seq <= $3
+ORDER BY seq LIMIT $4
+"""
+_ROOMS = (
+    "SELECT name, last_seq, created_at FROM room "
+    "WHERE $1::text IS NULL OR name > $1 ORDER BY name LIMIT $2"
 )
 
 
@@ -44,55 +54,38 @@ class RoomRecord:
     created_at: datetime
 
 
-def _records(rows: Sequence[object]) -> list[MessageRecord]:
-    return [MessageRecord(*row) for row in rows]  # type: ignore[misc]
+def _records(room: str, rows: Sequence[Sequence[object]]) -> list[MessageRecord]:
+    return [MessageRecord(r[0], room, *r[1:]) for r in rows]  # type: ignore[arg-type]
 
 
-async def room_last_seq(session: AsyncSession, *, room: str) -> int:
-    value = await session.scalar(
-        text("SELECT last_seq FROM room WHERE name = :room"), {"room": room}
+async def room_window(
+    conn: asyncpg.Connection, *, room: str, after: int, before: int | None, limit: int, newest: bool
+) -> tuple[int, list[MessageRecord]]:
+    """The room's ``last_seq`` and up to ``limit`` messages with ``after < seq < before``: the
+    newest of them, or the oldest; ascending either way. A room never written to is ``0, []``."""
+    rows = await conn.fetch(
+        _NEWEST if newest else _OLDEST,
+        room,
+        after,
+        UNBOUNDED if before is None else before,
+        limit,
     )
-    return int(value or 0)
+    if not rows:
+        return 0, []
+    messages = _records(room, [r[1:] for r in rows if r[1] is not None])
+    return rows[0][0], messages[::-1] if newest else messages
 
 
 async def messages_between(
-    session: AsyncSession, *, room: str, after: int, until: int | None, limit: int
+    conn: asyncpg.Connection, *, room: str, after: int, until: int | None, limit: int
 ) -> list[MessageRecord]:
-    """Messages with ``after < seq <= until`` (no upper bound when None), ascending."""
-    rows = await session.execute(
-        _BETWEEN,
-        {
-            "room": room,
-            "after": after,
-            "until": UNBOUNDED if until is None else until,
-            "limit": limit,
-        },
-    )
-    return _records(rows.all())
+    """Up to ``limit`` messages with ``after < seq <= until`` (no upper bound when None)."""
+    rows = await conn.fetch(_BETWEEN, room, after, UNBOUNDED if until is None else until, limit)
+    return _records(room, rows)
 
 
-async def messages_before(
-    session: AsyncSession, *, room: str, before: int | None, after: int, limit: int
-) -> list[MessageRecord]:
-    """The newest ``limit`` messages with ``after < seq < before``, returned ascending."""
-    rows = await session.execute(
-        _BEFORE,
-        {
-            "room": room,
-            "before": UNBOUNDED if before is None else before,
-            "after": after,
-            "limit": limit,
-        },
-    )
-    return _records(rows.all())[::-1]
-
-
-async def list_rooms(session: AsyncSession, *, after: str | None, limit: int) -> list[RoomRecord]:
-    rows = await session.execute(
-        text(
-            "SELECT name, last_seq, created_at FROM room "
-            "WHERE CAST(:after AS text) IS NULL OR name > :after ORDER BY name LIMIT :limit"
-        ),
-        {"after": after, "limit": limit},
-    )
-    return [RoomRecord(*row) for row in rows.all()]
+async def list_rooms(
+    conn: asyncpg.Connection, *, after: str | None, limit: int
+) -> list[RoomRecord]:
+    rows = await conn.fetch(_ROOMS, after, limit)
+    return [RoomRecord(*row) for row in rows]

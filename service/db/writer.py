@@ -24,11 +24,13 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from service.db.engine import TIMEOUT, connect, is_unavailable
 from service.db.queries import MessageRecord
 from service.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
+APPLICATION_NAME = "chat-service-writer"
 _POST = "SELECT * FROM chat_post_messages($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6)"  # noqa: E501
 
 
@@ -50,29 +52,6 @@ class _Send:
     result: asyncio.Future[Stored]
 
 
-class _CannotConnect(Exception):
-    """Opening the writer's connection failed, for whatever reason."""
-
-
-def is_unavailable(exc: BaseException) -> bool:
-    """The database is down, restarting or unreachable (retry later), as opposed to a bug."""
-    unreachable = (
-        _CannotConnect,
-        OSError,
-        TimeoutError,
-        asyncpg.InterfaceError,
-        asyncpg.InternalClientError,
-    )
-    if isinstance(exc, unreachable):
-        return True
-    if isinstance(exc, asyncpg.PostgresError):
-        # 08 connection exception, 53 insufficient resources, 57 operator intervention
-        # (shutdown, restart), 40001/40P01 never happen here but would be worth a retry too.
-        state = getattr(exc, "sqlstate", "") or ""
-        return state[:2] in ("08", "53", "57") or state in ("40001", "40P01")
-    return False
-
-
 class MessageWriter:
     def __init__(
         self,
@@ -80,7 +59,7 @@ class MessageWriter:
         *,
         notify: bool,
         max_batch: int = 256,
-        timeout: float = 10.0,
+        timeout: float = TIMEOUT,
         on_batch: Callable[[int], None] = lambda _size: None,
     ) -> None:
         self._dsn = dsn
@@ -97,7 +76,7 @@ class MessageWriter:
 
     async def start(self) -> None:
         """Connect now (a wrong DSN fails at start-up, not at the first send) and flush."""
-        self._conn = await self._connect()
+        self._conn = await connect(self._dsn, APPLICATION_NAME)
         self._flusher = asyncio.create_task(self._flush_forever(), name="message-writer")
 
     async def close(self) -> None:
@@ -193,10 +172,7 @@ class MessageWriter:
         )
         for attempt in (1, 2):
             if self._conn is None or self._conn.is_closed():
-                try:
-                    self._conn = await self._connect()
-                except Exception as exc:  # refused, unreachable, not allowed: all "come back"
-                    raise _CannotConnect(exc) from exc
+                self._conn = await connect(self._dsn, APPLICATION_NAME)
             try:
                 return await self._conn.fetch(_POST, *args, timeout=self._timeout)
             except asyncpg.InternalClientError:
@@ -206,13 +182,6 @@ class MessageWriter:
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
-
-    async def _connect(self) -> asyncpg.Connection:
-        return await asyncpg.connect(
-            self._dsn,
-            timeout=self._timeout,
-            server_settings={"application_name": "chat-service-writer"},
-        )
 
     def _drop_connection(self) -> None:
         """The outcome of the batch is unknown: its senders retry with their client_msg_id."""

@@ -22,10 +22,10 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+import asyncpg
 from broadcaster import Broadcast
 
 from service.chat.history import read_range
-from service.db.engine import SessionMaker
 from service.realtime.backend import RESYNC
 from service.realtime.envelope import channel_for, decode_notification, message_frame
 
@@ -52,7 +52,7 @@ class Outbox:
     def __init__(self, limit: int) -> None:
         self._limit = limit
         self._items: deque[OutboxItem] = deque()
-        self._wakeup = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None  # a bare future: cheaper than an Event
         self.overflow = asyncio.Event()
 
     def put(self, seq: int, frame: str | None) -> None:
@@ -63,15 +63,23 @@ class Outbox:
             self.overflow.set()
         else:
             self._items.append((seq, frame))
-        self._wakeup.set()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
-    async def get(self) -> OutboxItem:
+    async def take(self) -> list[OutboxItem]:
+        """Everything queued (at least one item), oldest first."""
         while not self._items:
             if self.overflow.is_set():
                 raise SlowConsumer
-            self._wakeup.clear()
-            await self._wakeup.wait()
-        return self._items.popleft()
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        items = list(self._items)
+        self._items.clear()
+        return items
 
     async def wait_overflow(self) -> None:
         """Raise ``SlowConsumer`` once overflowed, even while the writer is stuck in a send."""
@@ -92,13 +100,13 @@ class RoomHub:
     def __init__(
         self,
         broadcast: Broadcast,
-        sessionmaker: SessionMaker,
+        pool: asyncpg.Pool,
         outbox_limit: int,
         on_forward: Callable[[float], None] = lambda _sent_at: None,
     ) -> None:
         self._on_forward = on_forward
         self._broadcast = broadcast
-        self._sessionmaker = sessionmaker
+        self._pool = pool
         self._outbox_limit = outbox_limit
         self._streams: dict[str, _RoomStream] = {}
 
@@ -160,8 +168,7 @@ class RoomHub:
     async def _load(self, room: str, seq: int) -> str | None:
         """Read one message that was too big to notify; None leaves it to each connection."""
         try:
-            async with self._sessionmaker() as session:
-                found = await read_range(session=session, room=room, after=seq - 1, until=seq)
+            found = await read_range(pool=self._pool, room=room, after=seq - 1, until=seq)
         except Exception:
             log.warning("could not load message %s/%d; connections will catch up", room, seq)
             return None

@@ -22,10 +22,11 @@ from service.api.deps import MAX_SEQ, CurrentUser, RoomName
 from service.auth import Principal
 from service.chat.history import read_range, read_replay
 from service.chat.limits import RateLimited, TokenBucket, TooManyConnections
-from service.chat.messages import check_client_msg_id, post_message
+from service.chat.messages import check_client_msg_id, submit_message
+from service.db.writer import Stored
 from service.errors import WS_INTERNAL_ERROR, WS_TRY_AGAIN_LATER, InvalidMessage, Unavailable
 from service.realtime.envelope import ack_frame, dumps, error_frame, message_frame, ready_frame
-from service.realtime.hub import DIRECT, FAILED, RESYNC_SEQ, Outbox, SlowConsumer
+from service.realtime.hub import DIRECT, FAILED, RESYNC_SEQ, Outbox, OutboxItem, SlowConsumer
 from service.services import Services
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,9 @@ router = APIRouter()
 
 MAX_PIPELINED = 64
 """Sends of one connection awaiting their commit before it stops reading more frames."""
+
+Reply = str | tuple[asyncio.Future[Stored], str | None]
+"""A ready frame, or a queued send with the client_msg_id its answer echoes."""
 
 
 @router.websocket("/ws/rooms/{room}")
@@ -73,7 +77,8 @@ class RoomConnection:
         self._log_context = {"user": principal.user_id, "room": room}
         rate = services.settings.send_rate
         self.send_bucket = TokenBucket(rate, rate * 2)
-        self._replies: deque[asyncio.Future[str]] = deque()
+        self._replies: deque[Reply] = deque()
+        """Answers not yet in the outbox, oldest first: frames are answered in order."""
 
     async def run(self, *, history: int, since: int | None) -> None:
         try:
@@ -103,10 +108,9 @@ class RoomConnection:
             await self.websocket.close(code, reason)
 
     async def _replay(self, *, history: int, since: int | None) -> None:
-        async with self.services.sessionmaker() as session:
-            replay = await read_replay(
-                session=session, room=self.room, history=history, since=since
-            )
+        replay = await read_replay(
+            pool=self.services.pool, room=self.room, history=history, since=since
+        )
         for message in replay.messages:
             await self.websocket.send_text(message_frame(message))
         self.services.metrics.replay_size.observe(len(replay.messages))
@@ -118,27 +122,29 @@ class RoomConnection:
         send = self.websocket.send_text
         delivered = self.services.metrics.delivered
         while True:
-            seq, frame = await outbox.get()
-            if seq == DIRECT:
-                await send(frame)  # type: ignore[arg-type]
-            elif seq == FAILED:
-                raise RuntimeError("a send failed")  # logged where it failed
-            elif seq == RESYNC_SEQ:
-                await self._catch_up(until=None)
-            elif seq <= self.last_seq:
-                continue  # the replay already covered it
-            elif seq == self.last_seq + 1 and frame is not None:
-                await send(frame)
-                delivered.inc()
-                self.last_seq = seq
-            else:
-                await self._catch_up(until=seq)
+            items = await outbox.take()
+            count = 0
+            for seq, frame in items:
+                if seq == DIRECT:
+                    await send(frame)  # type: ignore[arg-type]
+                elif seq == FAILED:
+                    raise RuntimeError("a send failed")  # logged where it failed
+                elif seq == RESYNC_SEQ:
+                    await self._catch_up(until=None)
+                elif seq <= self.last_seq:
+                    continue  # the replay already covered it
+                elif seq == self.last_seq + 1 and frame is not None:
+                    await send(frame)
+                    count += 1
+                    self.last_seq = seq
+                else:
+                    await self._catch_up(until=seq)
+            delivered.inc(count)
 
     async def _catch_up(self, *, until: int | None) -> None:
-        async with self.services.sessionmaker() as session:
-            missed = await read_range(
-                session=session, room=self.room, after=self.last_seq, until=until
-            )
+        missed = await read_range(
+            pool=self.services.pool, room=self.room, after=self.last_seq, until=until
+        )
         for message in missed:
             await self.websocket.send_text(message_frame(message))
             self.last_seq = message.seq
@@ -151,7 +157,7 @@ class RoomConnection:
         ``MAX_PIPELINED``); answers still go out in the order the frames came."""
         while True:
             if len(self._replies) >= MAX_PIPELINED:
-                await asyncio.wait([self._replies[0]])
+                await asyncio.wait([self._replies[0][0]])  # type: ignore[index]
             message = await self.websocket.receive()
             if message["type"] == "websocket.disconnect":
                 return
@@ -161,34 +167,48 @@ class RoomConnection:
             else:
                 self._answer(outbox, self._handle(text))
 
-    def _answer(self, outbox: Outbox, reply: str | asyncio.Future[str]) -> None:
-        if isinstance(reply, str):
-            if not self._replies:
-                outbox.put(DIRECT, reply)
-                return
-            done = asyncio.get_running_loop().create_future()
-            done.set_result(reply)
-            reply = done
+    def _answer(self, outbox: Outbox, reply: Reply) -> None:
+        if isinstance(reply, str) and not self._replies:
+            outbox.put(DIRECT, reply)
+            return
         self._replies.append(reply)
-        reply.add_done_callback(lambda _: self._flush_replies(outbox))
+        if not isinstance(reply, str):
+            reply[0].add_done_callback(lambda _: self._flush_replies(outbox))
 
     def _flush_replies(self, outbox: Outbox) -> None:
         replies = self._replies
-        while replies and replies[0].done():
-            reply = replies.popleft()
-            if reply.cancelled():
-                continue
-            if reply.exception() is not None:
-                log.error("send failed", exc_info=reply.exception(), extra=self._log_context)
-                outbox.put(FAILED, None)
-                continue
-            outbox.put(DIRECT, reply.result())
+        while replies:
+            reply = replies[0]
+            if isinstance(reply, str):
+                outbox.put(DIRECT, reply)
+            elif reply[0].done():
+                outbox.put(*self._settle(*reply))
+            else:
+                return
+            replies.popleft()
+
+    def _settle(self, stored: asyncio.Future[Stored], echo: str | None) -> OutboxItem:
+        """The answer to a committed (or failed) send."""
+        if stored.cancelled():
+            return DIRECT, self._error("unavailable", "the service is shutting down", echo)
+        exc = stored.exception()
+        if isinstance(exc, Unavailable):
+            return DIRECT, self._error(exc.code, exc.detail, echo)
+        if exc is not None:
+            log.error("send failed", exc_info=exc, extra=self._log_context)
+            return FAILED, None
+        posted = stored.result()
+        metrics = self.services.metrics
+        if not posted.duplicate:
+            metrics.stored.labels("websocket").inc()
+        metrics.acks.inc()
+        return DIRECT, ack_frame(posted.message)
 
     def _error(self, code: str, detail: str, client_msg_id: str | None = None, **extra: Any) -> str:
         self.services.metrics.errors.labels(code).inc()
         return error_frame(code, detail, client_msg_id, **extra)
 
-    def _handle(self, text: str) -> str | asyncio.Future[str]:
+    def _handle(self, text: str) -> Reply:
         try:
             frame: Any = json.loads(text, parse_constant=_refuse_constant)
         except (ValueError, RecursionError):
@@ -198,14 +218,14 @@ class RoomConnection:
         kind = frame.get("type")
         if kind == "send":
             self.services.metrics.received.inc()
-            # A task of its own: a send that started is committed (and fanned out) even if
-            # the socket goes away meanwhile; the client learns of it by resending its id.
-            return asyncio.ensure_future(self._send(frame))
+            return self._send(frame)
         if kind == "ping":
             return dumps({"type": "pong"})
         return self._error("unknown_type", "'type' must be 'send' or 'ping'")
 
-    async def _send(self, frame: dict[str, Any]) -> str:
+    def _send(self, frame: dict[str, Any]) -> Reply:
+        """Queue the message for the next commit. Once queued it is committed (and fanned
+        out) even if the socket goes away meanwhile; the client learns of it by resending."""
         try:  # only a valid id is echoed: an arbitrary string may not even encode
             echo = check_client_msg_id(frame.get("client_msg_id"))
         except InvalidMessage:
@@ -213,7 +233,7 @@ class RoomConnection:
         try:
             self.send_bucket.take()
             self.services.limits.take_send(self.principal.user_id)
-            posted = await post_message(
+            stored = submit_message(
                 writer=self.services.writer,
                 room=self.room,
                 author=self.principal.user_id,
@@ -224,12 +244,9 @@ class RoomConnection:
             )
         except RateLimited as exc:
             return self._error(exc.code, exc.detail, echo, retry_after=round(exc.retry_after, 3))
-        except (InvalidMessage, Unavailable) as exc:
+        except InvalidMessage as exc:
             return self._error(exc.code, exc.detail, echo)
-        if not posted.duplicate:
-            self.services.metrics.stored.labels("websocket").inc()
-        self.services.metrics.acks.inc()
-        return ack_frame(posted.message)
+        return stored, echo
 
 
 def _refuse_constant(name: str) -> Any:

@@ -18,7 +18,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from service.chat.messages import post_message
+from service.chat.messages import submit_message
 from service.db.embedded import EmbeddedPostgres
 from service.db.migrate import upgrade
 from service.db.writer import MessageWriter
@@ -90,7 +90,7 @@ async def test_clients_catch_up_on_what_was_committed_while_listen_was_down(
         await writer.start()  # connected before the door closes
         async with locked_out(pg_server_url, own_database, "chat-listen"):
             for i in range(5):
-                await post_message(
+                await submit_message(
                     writer=writer,
                     room=room,
                     author="writer",
