@@ -32,15 +32,24 @@ class RequestIdMiddleware:
         # Not reset afterwards: the server runs each request in a task of its own, and the
         # error handler outside this middleware still needs the id.
         request_id.set(rid)
+        if scope["type"] == "websocket":
+            # Not wrapped: every frame would pay for it. The endpoint sends the header with
+            # its accept (``request_id_headers``).
+            await self.app(scope, receive, send)
+            return
 
         async def send_with_id(message: Message) -> None:
-            if message["type"] in ("http.response.start", "websocket.accept"):
+            if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", rid.encode()))
                 message = {**message, "headers": headers}
             await send(message)
 
         await self.app(scope, receive, send_with_id)
+
+
+def request_id_headers() -> list[tuple[bytes, bytes]]:
+    return [(b"x-request-id", request_id.get().encode())]
 
 
 class RequestIdFilter(logging.Filter):

@@ -25,6 +25,7 @@ from service.chat.limits import RateLimited, TokenBucket, TooManyConnections
 from service.chat.messages import check_client_msg_id, submit_message
 from service.db.writer import Stored
 from service.errors import WS_INTERNAL_ERROR, WS_TRY_AGAIN_LATER, InvalidMessage, Unavailable
+from service.observability import request_id_headers
 from service.realtime.envelope import ack_frame, dumps, error_frame, message_frame, ready_frame
 from service.realtime.hub import DIRECT, FAILED, RESYNC_SEQ, Outbox, OutboxItem, SlowConsumer
 from service.services import Services
@@ -49,7 +50,7 @@ async def room_socket(
     since: Annotated[int | None, Query(ge=0, le=MAX_SEQ)] = None,
 ) -> None:
     services: Services = websocket.state.services
-    await websocket.accept()
+    await websocket.accept(headers=request_id_headers())
     try:
         services.limits.connect(principal.user_id)
     except TooManyConnections as exc:

@@ -6,6 +6,7 @@ import json
 
 import asyncpg
 import pytest
+from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.support import Client
@@ -139,3 +140,11 @@ async def test_room_name_edge_lengths_work(server, alice):
     for name in ("a", "Z" * 64, "a.b-c_d"):
         async with await Client.connect(server, name, alice) as client:
             assert client.ready["room"] == name
+
+
+async def test_handshake_answers_with_the_request_id(server, room, alice):
+    url = f"{server.ws}/ws/rooms/{room}?token={alice}"
+    async with connect(url, additional_headers={"X-Request-ID": "ws-req-7"}) as ws:
+        assert ws.response.headers["x-request-id"] == "ws-req-7"
+    async with connect(url) as ws:
+        assert len(ws.response.headers["x-request-id"]) == 16  # one of the server's own
