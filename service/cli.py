@@ -87,6 +87,7 @@ def serve(args: argparse.Namespace) -> int:
             "host": args.host,
             "port": args.port,
             "log_config": log_config,
+            "ws": "service.realtime.uvicorn_ws:LeanWebSocketProtocol",
             "ws_max_size": ws_max_size(settings),
             "proxy_headers": True,
             "timeout_graceful_shutdown": settings.drain_seconds,

@@ -47,44 +47,60 @@ class SlowConsumer(Exception):
 
 
 class Outbox:
-    """A bounded queue of frames for one websocket; overflow marks it instead of blocking."""
+    """A bounded queue of frames for one websocket; overflow marks it instead of blocking.
+
+    Lean on purpose (one per connection, thousands idle): no Events, and a deque only while
+    something is queued.
+    """
+
+    __slots__ = ("_items", "_limit", "_waiter", "on_overflow", "overflowed")
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
-        self._items: deque[OutboxItem] = deque()
-        self._waiter: asyncio.Future[None] | None = None  # a bare future: cheaper than an Event
-        self.overflow = asyncio.Event()
+        self._items: deque[OutboxItem] | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self.overflowed = False
+        self.on_overflow: Callable[[], object] | None = None
+        """Called once, at the overflow: the owner stops its writer even while it is in a send."""
 
     def put(self, seq: int, frame: str | None) -> None:
-        if self.overflow.is_set():
+        if self.overflowed:
             return
-        if len(self._items) >= self._limit:
-            self._items.clear()
-            self.overflow.set()
-        else:
-            self._items.append((seq, frame))
+        items = self._items
+        if items is None:
+            items = self._items = deque()
+        if len(items) >= self._limit:
+            self.set_overflow()
+            return
+        items.append((seq, frame))
+        self._wake()
+
+    def set_overflow(self) -> None:
+        if self.overflowed:
+            return
+        self.overflowed = True
+        self._items = None
+        self._wake()
+        if self.on_overflow is not None:
+            self.on_overflow()
+
+    def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def take(self) -> list[OutboxItem]:
+    async def take(self) -> deque[OutboxItem]:
         """Everything queued (at least one item), oldest first."""
         while not self._items:
-            if self.overflow.is_set():
+            if self.overflowed:
                 raise SlowConsumer
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
             finally:
                 self._waiter = None
-        items = list(self._items)
-        self._items.clear()
+        items, self._items = self._items, None
         return items
-
-    async def wait_overflow(self) -> None:
-        """Raise ``SlowConsumer`` once overflowed, even while the writer is stuck in a send."""
-        await self.overflow.wait()
-        raise SlowConsumer
 
 
 @dataclass(eq=False)
@@ -156,8 +172,8 @@ class RoomHub:
             if not stream.listening.done():
                 stream.listening.set_exception(exc)
                 stream.listening.exception()  # retrieved: joiners see it through shield()
-            for outbox in stream.outboxes:
-                outbox.overflow.set()
+            for outbox in list(stream.outboxes):
+                outbox.set_overflow()
             raise
 
     @staticmethod

@@ -1,10 +1,16 @@
 """The websocket endpoint ``/ws/rooms/{room}`` (protocol: docs/protocol.md).
 
 A connection's life: refused before accept when the token or a parameter is bad; then join the
-room's live stream, replay history from one snapshot, send ``ready``; then a receiver and a
-writer run as a pair of tasks until either ends. The writer keeps ``last_seq`` (the last message
-the client got) and forwards live messages in seq order: it drops what the replay already
-covered and fills any hole from the database, so the client sees every message exactly once.
+room's live stream, replay history from one snapshot, send ``ready``; then the receiver runs
+in the connection's own task and the writer in a second one, until either ends. The writer
+keeps ``last_seq`` (the last message the client got) and forwards live messages in seq order:
+it drops what the replay already covered and fills any hole from the database, so the client
+sees every message exactly once.
+
+Under ``chat-service serve`` the endpoint hands the connection's life to the server once it has
+accepted (``service.realtime.uvicorn_ws.DETACH``), so the routing and middleware frames are not
+kept for hours per idle connection. The route therefore must not have ``yield`` dependencies:
+they would be closed at that point (``tests/unit/test_websocket_route.py`` holds it to that).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from service.errors import WS_INTERNAL_ERROR, WS_TRY_AGAIN_LATER, InvalidMessage
 from service.observability import request_id_headers
 from service.realtime.envelope import ack_frame, dumps, error_frame, message_frame, ready_frame
 from service.realtime.hub import DIRECT, FAILED, RESYNC_SEQ, Outbox, OutboxItem, SlowConsumer
+from service.realtime.uvicorn_ws import DETACH
 from service.services import Services
 
 log = logging.getLogger(__name__)
@@ -60,10 +67,26 @@ async def room_socket(
     try:
         connection = RoomConnection(websocket, services, principal, room)
         limit = services.settings.history_limit if history is None else history
-        await connection.run(history=limit, since=since)
-    finally:
-        services.metrics.connections.dec()
-        services.limits.disconnect(principal.user_id)
+        detach = websocket.scope.get("extensions", {}).get(DETACH)
+    except BaseException:
+        _disconnected(services, principal)
+        raise
+
+    async def serve() -> None:
+        try:
+            await connection.run(history=limit, since=since)
+        finally:
+            _disconnected(services, principal)
+
+    if detach is None:
+        await serve()
+    else:
+        detach(serve)  # the server runs it after this returns, without the routing frames
+
+
+def _disconnected(services: Services, principal: Principal) -> None:
+    services.metrics.connections.dec()
+    services.limits.disconnect(principal.user_id)
 
 
 class RoomConnection:
@@ -85,9 +108,7 @@ class RoomConnection:
         try:
             async with self.services.hub.join(self.room) as outbox:
                 await self._replay(history=history, since=since)
-                await _first_to_finish(
-                    self._receive(outbox), self._write(outbox), outbox.wait_overflow()
-                )
+                await self._serve(outbox)
         except WebSocketDisconnect:
             return
         except SlowConsumer:
@@ -118,6 +139,44 @@ class RoomConnection:
         self.services.metrics.delivered.inc(len(replay.messages))
         self.last_seq = replay.last_seq
         await self.websocket.send_text(ready_frame(self.room, replay.last_seq, replay.recovered))
+
+    async def _serve(self, outbox: Outbox) -> None:
+        """Receive in this (the server's) task, write in one task of its own; when either ends,
+        so does the other. An overflow cancels the writer at once, even while it is in a send."""
+        task = asyncio.current_task()
+        if task is None:  # pragma: no cover - always run in a task
+            raise RuntimeError("_serve must run in a task")
+        writer = asyncio.ensure_future(self._write(outbox))
+        receiving = True
+        interrupted = False  # the writer ended first and cancelled the receiver
+
+        def writer_done(_: object) -> None:
+            nonlocal interrupted
+            if receiving:  # then this task is parked in an await inside _receive
+                interrupted = True
+                task.cancel()
+
+        writer.add_done_callback(writer_done)
+        outbox.on_overflow = writer.cancel
+        try:
+            await self._receive(outbox)
+        except asyncio.CancelledError:
+            if not interrupted or task.cancelling() > 1:
+                raise  # cancelled from outside (too)
+        finally:
+            receiving = False
+            outbox.on_overflow = None
+            if interrupted:
+                task.uncancel()
+            if not writer.done():
+                writer.cancel()
+                await asyncio.gather(writer, return_exceptions=True)
+        if interrupted:
+            if writer.cancelled() and outbox.overflowed:
+                raise SlowConsumer
+            writer.result()  # the writer's error
+        elif not writer.cancelled():
+            writer.exception()  # retrieved: the peer left first, its end is what counts
 
     async def _write(self, outbox: Outbox) -> None:
         send = self.websocket.send_text
@@ -253,16 +312,3 @@ class RoomConnection:
 def _refuse_constant(name: str) -> Any:
     """NaN and Infinity are Python's JSON, not JSON."""
     raise ValueError(f"{name} is not JSON")
-
-
-async def _first_to_finish(*coroutines: Any) -> None:
-    """Run the coroutines as tasks; when one ends, cancel the rest and re-raise its error."""
-    tasks = [asyncio.ensure_future(c) for c in coroutines]
-    try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    for task in done:
-        task.result()

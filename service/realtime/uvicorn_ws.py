@@ -1,0 +1,141 @@
+"""uvicorn's websockets-sansio protocol, made leaner per connection (thousands are idle).
+
+Same protocol, same behaviour; only per-connection state is smaller:
+
+* the receive queue and the "writable" gate are created lazily instead of an ``asyncio.Queue``
+  (three deques) and an ``asyncio.Event`` (one deque) each;
+* the handshake request and response are dropped once the handshake is answered (the
+  request's headers emptied: websockets' parser generator still holds the request).
+
+Tied to uvicorn's ``WebSocketsSansIOProtocol`` internals (``queue``, ``writable``, ``request``,
+``response``, ``run_asgi``), checked against uvicorn 0.54: the integration tests run every
+websocket through it; uvicorn needs an upper bound in ``pyproject.toml`` (it is ``>=0.30`` now).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from uvicorn.protocols.utils import ClientDisconnected
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+DETACH = "chat.detach"
+"""Scope extension: ``scope["extensions"][DETACH](serve)`` asks the server to run ``serve()``
+in the same task once the app has returned, so the frames of the middleware and routing stack
+(FastAPI, Starlette: ~10 kB per connection) are freed for the long life of the websocket."""
+
+
+class _Inbox:
+    """``asyncio.Queue``'s ``put_nowait``/``get``/``empty``/``qsize`` for one consumer; no deque
+    while empty."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: deque[Any] | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def qsize(self) -> int:
+        return len(self._items) if self._items else 0
+
+    def put_nowait(self, item: Any) -> None:
+        if self._items is None:
+            self._items = deque()
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> Any:
+        while not self._items:
+            if self._waiter is not None:
+                raise RuntimeError("receive() called concurrently")
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        item = self._items.popleft()
+        if not self._items:
+            self._items = None
+        return item
+
+
+class _Gate:
+    """``asyncio.Event``'s ``set``/``clear``/``wait``/``is_set``; waiters listed only while shut."""
+
+    __slots__ = ("_open", "_waiters")
+
+    def __init__(self) -> None:
+        self._open = True
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def is_set(self) -> bool:
+        return self._open
+
+    def set(self) -> None:
+        self._open = True
+        waiters, self._waiters = self._waiters, None
+        for waiter in waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._open = False
+
+    async def wait(self) -> None:
+        if self._open:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = []
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if self._waiters is not None and waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+
+class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.queue = _Inbox()  # type: ignore[assignment]
+        self.writable = _Gate()  # type: ignore[assignment]
+
+    async def run_asgi(self) -> None:
+        """uvicorn's ``run_asgi``, plus the continuation an app may leave with ``DETACH``."""
+        detached: list[Callable[[], Awaitable[None]]] = []
+        self.scope["extensions"][DETACH] = detached.append  # type: ignore[index]
+        try:
+            result = await self.app(self.scope, self.receive, self.send)
+            self.scope["extensions"].pop(DETACH, None)  # type: ignore[union-attr]
+            if detached and result is None:
+                await detached[0]()
+        except ClientDisconnected:
+            pass
+        except BaseException:
+            self.logger.exception("Exception in ASGI application\n")
+            self.send_500_response()
+        else:
+            if not self.handshake_complete:
+                self.logger.error("ASGI callable returned without completing handshake.")
+                self.send_500_response()
+            elif result is not None:
+                self.logger.error("ASGI callable should return None, but returned '%s'.", result)
+        if self.close_timer is None:
+            self.transport.close()
+
+    async def send(self, message: Any) -> None:
+        await super().send(message)
+        if self.handshake_complete and getattr(self, "response", None) is not None:
+            # websockets' parser generator keeps the request alive: empty its headers at least
+            # (the app has its own copy in scope["headers"]).
+            self.request.headers.clear()
+            self.request = self.response = None  # type: ignore[assignment]

@@ -1,0 +1,91 @@
+"""The parts of the websocket path that can be checked without a socket: the route's
+dependencies (the connection outlives them under DETACH), the outbox, and the lean protocol's
+stand-ins for uvicorn's queue and event."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+
+import pytest
+from fastapi.routing import APIWebSocketRoute
+
+from service.realtime import websocket
+from service.realtime.hub import DIRECT, Outbox, SlowConsumer
+from service.realtime.uvicorn_ws import _Gate, _Inbox
+
+
+def _calls(dependant):  # type: ignore[no-untyped-def]
+    for dep in dependant.dependencies:
+        yield dep.call
+        yield from _calls(dep)
+
+
+def test_the_websocket_route_has_no_yield_dependencies():
+    """Under DETACH the route returns right after accept: a ``yield`` dependency (a database
+    session, say) would be closed while the connection still runs."""
+    routes = [r for r in websocket.router.routes if isinstance(r, APIWebSocketRoute)]
+    assert [r.path for r in routes] == ["/ws/rooms/{room}"]
+    calls = list(_calls(routes[0].dependant))
+    assert calls, "the route has its dependencies"
+    for call in calls:
+        assert not inspect.isasyncgenfunction(call) and not inspect.isgeneratorfunction(call), call
+
+
+async def test_outbox_hands_out_everything_queued_in_order():
+    outbox = Outbox(limit=10)
+    taker = asyncio.ensure_future(outbox.take())
+    await asyncio.sleep(0)
+    assert not taker.done()
+    outbox.put(1, "a")
+    outbox.put(DIRECT, "ack")
+    outbox.put(2, "b")
+    assert list(await taker) == [(1, "a"), (DIRECT, "ack"), (2, "b")]
+    outbox.put(3, "c")
+    assert list(await outbox.take()) == [(3, "c")]
+
+
+async def test_outbox_overflow_drops_everything_and_tells_its_owner_once():
+    outbox = Outbox(limit=2)
+    told: list[bool] = []
+    outbox.on_overflow = lambda: told.append(True)
+    outbox.put(1, "a")
+    outbox.put(2, "b")
+    outbox.put(3, "c")  # one too many
+    outbox.put(4, "d")
+    assert outbox.overflowed and told == [True]
+    with pytest.raises(SlowConsumer):
+        await outbox.take()
+
+
+async def test_inbox_is_a_queue_for_one_consumer():
+    inbox = _Inbox()
+    assert inbox.empty() and inbox.qsize() == 0
+    getter = asyncio.ensure_future(inbox.get())
+    await asyncio.sleep(0)
+    inbox.put_nowait("connect")
+    inbox.put_nowait("receive")
+    assert await getter == "connect"
+    assert inbox.qsize() == 1 and not inbox.empty()
+    assert await inbox.get() == "receive"
+    assert inbox.empty()
+
+
+async def test_gate_is_an_event():
+    gate = _Gate()
+    assert gate.is_set()
+    await asyncio.wait_for(gate.wait(), 1)  # open: no wait
+    gate.clear()
+    waiters = [asyncio.ensure_future(gate.wait()) for _ in range(2)]
+    await asyncio.sleep(0.01)
+    assert not any(w.done() for w in waiters)
+    gate.set()
+    await asyncio.wait_for(asyncio.gather(*waiters), 1)
+    cancelled = asyncio.ensure_future(gate.wait())
+    gate.clear()
+    cancelled = asyncio.ensure_future(gate.wait())
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    await asyncio.gather(cancelled, return_exceptions=True)
+    gate.set()  # a cancelled waiter is simply dropped
+    assert gate.is_set()
