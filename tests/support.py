@@ -173,14 +173,17 @@ class Client:
         token: str | None,
         *,
         sock: socket.socket | None = None,
+        compression: str | None = "deflate",
         **params: Any,
     ) -> Client:
+        """``compression=None`` offers no permessage-deflate (browsers do offer it)."""
         query = {k: v for k, v in params.items() if v is not None}
         if token is not None:
             query["token"] = token
         url = f"{server.ws}/ws/rooms/{quote(room, safe='')}?{urlencode(query)}"
         ws = await asyncio.wait_for(
-            connect(url, open_timeout=RECV_TIMEOUT, sock=sock), RECV_TIMEOUT
+            connect(url, open_timeout=RECV_TIMEOUT, sock=sock, compression=compression),
+            RECV_TIMEOUT,
         )
         client = cls(ws)
         while True:

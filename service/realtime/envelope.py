@@ -21,6 +21,18 @@ NOTIFY_PAYLOAD_LIMIT = 7999  # PostgreSQL refuses payloads of 8000 bytes or more
 CHANNEL_PREFIX = "chat_room_"
 
 
+class SharedFrame:
+    """A ``message`` frame going to every local connection of its room: the text, and its
+    bytes on the wire once the first connection has framed them (connections that negotiated
+    no extension, such as compression, can all write the same bytes)."""
+
+    __slots__ = ("text", "wire")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.wire: bytes | None = None
+
+
 def channel_for(room: str) -> str:
     """A fixed-length, lower-case identifier: room names may be 64 bytes, channels only 63."""
     return CHANNEL_PREFIX + hashlib.blake2b(room.encode(), digest_size=16).hexdigest()

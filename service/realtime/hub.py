@@ -27,7 +27,12 @@ from broadcaster import Broadcast
 
 from service.chat.history import read_range
 from service.realtime.backend import RESYNC
-from service.realtime.envelope import channel_for, decode_notification, message_frame
+from service.realtime.envelope import (
+    SharedFrame,
+    channel_for,
+    decode_notification,
+    message_frame,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +43,9 @@ FAILED = -2
 RESYNC_SEQ = 0
 """Outbox item seq for "catch up from the database": the live stream may have a hole."""
 
-OutboxItem = tuple[int, str | None]
-"""``(seq, frame)``: a live message (``frame`` None: read it from the database), or the above."""
+OutboxItem = tuple[int, str | SharedFrame | None]
+"""``(seq, frame)``: a live message (a ``SharedFrame``; None: read it from the database), or
+a ``DIRECT`` frame (text), or one of the markers above."""
 
 
 class SlowConsumer(Exception):
@@ -163,7 +169,7 @@ class RoomHub:
                     seq, sent_at, frame = decode_notification(event.message)
                     if frame is None:
                         frame = await self._load(room, seq)
-                    self._dispatch(stream, seq, frame)
+                    self._dispatch(stream, seq, None if frame is None else SharedFrame(frame))
                     self._on_forward(sent_at)
         except Exception as exc:
             # The stream is dead: new joiners start a fresh one, current ones are told to retry.
@@ -177,7 +183,7 @@ class RoomHub:
             raise
 
     @staticmethod
-    def _dispatch(stream: _RoomStream, seq: int, frame: str | None) -> None:
+    def _dispatch(stream: _RoomStream, seq: int, frame: SharedFrame | None) -> None:
         for outbox in stream.outboxes:
             outbox.put(seq, frame)
 

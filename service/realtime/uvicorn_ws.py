@@ -1,15 +1,22 @@
-"""uvicorn's websockets-sansio protocol, made leaner per connection (thousands are idle).
+"""uvicorn's websockets-sansio protocol, made leaner per connection (thousands are idle) and
+per frame (each message goes to every connection of its room).
 
-Same protocol, same behaviour; only per-connection state is smaller:
+Same protocol, same behaviour. Per connection:
 
 * the receive queue and the "writable" gate are created lazily instead of an ``asyncio.Queue``
   (three deques) and an ``asyncio.Event`` (one deque) each;
 * the handshake request and response are dropped once the handshake is answered (the
-  request's headers emptied: websockets' parser generator still holds the request).
+  request's headers emptied: websockets' parser generator still holds the request);
+* ``DETACH`` (below) lets the app leave its routing frames behind once it has accepted.
+
+Per frame, ``SEND_NOWAIT`` writes a text frame without the ASGI ``send`` coroutine and the
+middleware wrappers around it, whenever that ``send`` would not have waited; a ``SharedFrame``
+(a message going to a whole room) is framed once and its bytes written to every connection
+that negotiated no extension.
 
 Tied to uvicorn's ``WebSocketsSansIOProtocol`` internals (``queue``, ``writable``, ``request``,
-``response``, ``run_asgi``), checked against uvicorn 0.54: the integration tests run every
-websocket through it; uvicorn needs an upper bound in ``pyproject.toml`` (it is ``>=0.30`` now).
+``response``, ``conn``, ``run_asgi``), checked against uvicorn 0.54, to which
+``pyproject.toml`` pins it: the integration tests run every websocket through this class.
 """
 
 from __future__ import annotations
@@ -21,11 +28,22 @@ from typing import Any
 
 from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.frames import Frame, Opcode
+from websockets.protocol import State
+
+from service.realtime.envelope import SharedFrame
 
 DETACH = "chat.detach"
 """Scope extension: ``scope["extensions"][DETACH](serve)`` asks the server to run ``serve()``
 in the same task once the app has returned, so the frames of the middleware and routing stack
 (FastAPI, Starlette: ~10 kB per connection) are freed for the long life of the websocket."""
+
+
+SEND_NOWAIT = "chat.send_text_nowait"
+"""Scope extension: ``scope["extensions"][SEND_NOWAIT](frame)`` (text or ``SharedFrame``)
+writes a text frame at once and
+returns True, or returns False when the ASGI ``send`` is needed (paused for backpressure,
+closing, closed): the caller then awaits that, which waits or raises as usual."""
 
 
 class _Inbox:
@@ -112,7 +130,9 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
     async def run_asgi(self) -> None:
         """uvicorn's ``run_asgi``, plus the continuation an app may leave with ``DETACH``."""
         detached: list[Callable[[], Awaitable[None]]] = []
-        self.scope["extensions"][DETACH] = detached.append  # type: ignore[index]
+        extensions = self.scope["extensions"]
+        extensions[DETACH] = detached.append  # type: ignore[index]
+        extensions[SEND_NOWAIT] = self.send_text_nowait  # type: ignore[index]
         try:
             result = await self.app(self.scope, self.receive, self.send)
             self.scope["extensions"].pop(DETACH, None)  # type: ignore[union-attr]
@@ -131,6 +151,32 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
                 self.logger.error("ASGI callable should return None, but returned '%s'.", result)
         if self.close_timer is None:
             self.transport.close()
+
+    def send_text_nowait(self, frame: str | SharedFrame) -> bool:
+        conn = self.conn
+        if (
+            not self.writable.is_set()
+            or not self.handshake_complete
+            or self.close_sent
+            or self.disconnected
+            or self.initial_response is not None
+            or conn.state is not State.OPEN
+            or conn.expect_continuation_frame
+        ):
+            return False
+        if isinstance(frame, str):
+            conn.send_text(frame.encode())
+            self.transport.write(b"".join(conn.data_to_send()))
+        elif conn.extensions:  # e.g. compression: framed per connection
+            conn.send_text(frame.text.encode())
+            self.transport.write(b"".join(conn.data_to_send()))
+        else:  # what conn.send_text would write: one final, unmasked text frame
+            if frame.wire is None:
+                frame.wire = Frame(Opcode.TEXT, frame.text.encode()).serialize(
+                    mask=False, extensions=[]
+                )
+            self.transport.write(frame.wire)
+        return True
 
     async def send(self, message: Any) -> None:
         await super().send(message)

@@ -34,7 +34,7 @@ from service.errors import WS_INTERNAL_ERROR, WS_TRY_AGAIN_LATER, InvalidMessage
 from service.observability import request_id_headers
 from service.realtime.envelope import ack_frame, dumps, error_frame, message_frame, ready_frame
 from service.realtime.hub import DIRECT, FAILED, RESYNC_SEQ, Outbox, OutboxItem, SlowConsumer
-from service.realtime.uvicorn_ws import DETACH
+from service.realtime.uvicorn_ws import DETACH, SEND_NOWAIT
 from service.services import Services
 
 log = logging.getLogger(__name__)
@@ -180,13 +180,15 @@ class RoomConnection:
 
     async def _write(self, outbox: Outbox) -> None:
         send = self.websocket.send_text
+        send_nowait = self.websocket.scope.get("extensions", {}).get(SEND_NOWAIT, _never)
         delivered = self.services.metrics.delivered
         while True:
             items = await outbox.take()
             count = 0
             for seq, frame in items:
                 if seq == DIRECT:
-                    await send(frame)  # type: ignore[arg-type]
+                    if not send_nowait(frame):
+                        await send(frame)  # type: ignore[arg-type]
                 elif seq == FAILED:
                     raise RuntimeError("a send failed")  # logged where it failed
                 elif seq == RESYNC_SEQ:
@@ -194,7 +196,8 @@ class RoomConnection:
                 elif seq <= self.last_seq:
                     continue  # the replay already covered it
                 elif seq == self.last_seq + 1 and frame is not None:
-                    await send(frame)
+                    if not send_nowait(frame):
+                        await send(frame.text)  # type: ignore[union-attr]
                     count += 1
                     self.last_seq = seq
                 else:
@@ -307,6 +310,11 @@ class RoomConnection:
         except InvalidMessage as exc:
             return self._error(exc.code, exc.detail, echo)
         return stored, echo
+
+
+def _never(_frame: object) -> bool:
+    """``SEND_NOWAIT`` where the server does not offer it: always the ASGI send."""
+    return False
 
 
 def _refuse_constant(name: str) -> Any:

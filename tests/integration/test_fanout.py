@@ -190,3 +190,20 @@ async def test_message_over_the_notify_payload_limit_arrives_whole_everywhere(
             assert (await client.recv_type("message"))["body"] == "small after big"
     async with await Client.connect(second_server, room, make_token("dave"), since=0) as late:
         assert [m["body"] for m in late.history] == [body, "small after big"]
+
+
+async def test_compressed_and_plain_connections_get_the_same_frames(server, room, alice, bob):
+    """A message is framed once per process for every connection without compression, and per
+    connection for those that negotiated permessage-deflate: both read the same frames."""
+    plain = [await Client.connect(server, room, bob, compression=None) for _ in range(2)]
+    deflated = await Client.connect(server, room, bob)
+    assert plain[0].ws.protocol.extensions == []
+    assert deflated.ws.protocol.extensions  # negotiated
+    bodies = ["short", "é" * 200, "é" * 4000]  # 7- and 16-bit lengths; too big for a NOTIFY
+    async with await Client.connect(server, room, alice) as sender:
+        for i, body in enumerate(bodies):
+            await sender.send(body, f"c-{i}")
+        for client in (*plain, deflated):
+            got = await _messages_until(client, 3)
+            assert [m["body"] for m in got] == bodies
+            await client.close()
