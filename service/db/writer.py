@@ -31,7 +31,10 @@ from service.errors import Unavailable
 log = logging.getLogger(__name__)
 
 APPLICATION_NAME = "chat-service-writer"
-_POST = "SELECT * FROM chat_post_messages($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6)"  # noqa: E501
+_POST = (
+    "SELECT * FROM chat_post_messages($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],"
+    " $6)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,18 +173,18 @@ class MessageWriter:
             [s.client_msg_id for s in batch],
             self._notify,
         )
-        for attempt in (1, 2):
-            if self._conn is None or self._conn.is_closed():
-                self._conn = await connect(self._dsn, APPLICATION_NAME)
-            try:
-                return await self._conn.fetch(_POST, *args, timeout=self._timeout)
-            except asyncpg.InternalClientError:
-                # Refused locally: the connection was terminated under us (its FATAL message
-                # arrived, its EOF not yet) and the batch was never sent. Once more, afresh.
-                self._drop_connection()
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+        try:
+            return await self._fetch(args)
+        except asyncpg.InternalClientError:
+            # Refused locally: the connection was terminated under us (its FATAL message
+            # arrived, its EOF not yet) and the batch was never sent. Once more, afresh.
+            self._drop_connection()
+            return await self._fetch(args)
+
+    async def _fetch(self, args: tuple[object, ...]) -> list[asyncpg.Record]:
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await connect(self._dsn, APPLICATION_NAME)
+        return await self._conn.fetch(_POST, *args, timeout=self._timeout)
 
     def _drop_connection(self) -> None:
         """The outcome of the batch is unknown: its senders retry with their client_msg_id."""
