@@ -81,7 +81,7 @@ async def connect(dsn: str, application_name: str) -> asyncpg.Connection:
 async def reading(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
     """A pooled connection; "the database is not there" becomes ``Unavailable``."""
     try:
-        async with pool.acquire() as conn:
+        async with pool.acquire(timeout=TIMEOUT) as conn:
             yield conn
     except Exception as exc:
         if is_unavailable(exc):
