@@ -9,8 +9,9 @@ Same protocol, same behaviour. Per connection:
   request's headers emptied: websockets' parser generator still holds the request);
 * ``DETACH`` (below) lets the app leave its routing frames behind once it has accepted.
 
-Per frame, ``SEND_NOWAIT`` writes a text frame without the ASGI ``send`` coroutine and the
-middleware wrappers around it, whenever that ``send`` would not have waited; a ``SharedFrame``
+Per frame, ``SEND_NOWAIT`` writes text frames without the ASGI ``send`` coroutine and the
+middleware wrappers around it, whenever that ``send`` would not have waited, a burst of them in
+one write; a ``SharedFrame``
 (a message going to a whole room) is framed once and its bytes written to every connection
 that negotiated no extension.
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from uvicorn.protocols.utils import ClientDisconnected
@@ -39,9 +40,9 @@ in the same task once the app has returned, so the frames of the middleware and 
 (FastAPI, Starlette: ~10 kB per connection) are freed for the long life of the websocket."""
 
 
-SEND_NOWAIT = "chat.send_text_nowait"
-"""Scope extension: ``scope["extensions"][SEND_NOWAIT](frame)`` (text or ``SharedFrame``)
-writes a text frame at once and
+SEND_NOWAIT = "chat.send_texts_nowait"
+"""Scope extension: ``scope["extensions"][SEND_NOWAIT](frames)`` (texts or ``SharedFrame``s)
+writes these text frames at once, in one write (one system call for a burst), and
 returns True, or returns False when the ASGI ``send`` is needed (paused for backpressure,
 closing, closed): the caller then awaits that, which waits or raises as usual."""
 
@@ -132,7 +133,7 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
         detached: list[Callable[[], Awaitable[None]]] = []
         extensions = self.scope["extensions"]
         extensions[DETACH] = detached.append  # type: ignore[index]
-        extensions[SEND_NOWAIT] = self.send_text_nowait  # type: ignore[index]
+        extensions[SEND_NOWAIT] = self.send_texts_nowait  # type: ignore[index]
         try:
             result = await self.app(self.scope, self.receive, self.send)
             self.scope["extensions"].pop(DETACH, None)  # type: ignore[union-attr]
@@ -152,7 +153,7 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
         if self.close_timer is None:
             self.transport.close()
 
-    def send_text_nowait(self, frame: str | SharedFrame) -> bool:
+    def send_texts_nowait(self, frames: Sequence[str | SharedFrame]) -> bool:
         conn = self.conn
         if (
             not self.writable.is_set()
@@ -164,18 +165,21 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
             or conn.expect_continuation_frame
         ):
             return False
-        if isinstance(frame, str):
-            conn.send_text(frame.encode())
-            self.transport.write(b"".join(conn.data_to_send()))
-        elif conn.extensions:  # e.g. compression: framed per connection
-            conn.send_text(frame.text.encode())
-            self.transport.write(b"".join(conn.data_to_send()))
-        else:  # what conn.send_text would write: one final, unmasked text frame
-            if frame.wire is None:
-                frame.wire = Frame(Opcode.TEXT, frame.text.encode()).serialize(
-                    mask=False, extensions=[]
-                )
-            self.transport.write(frame.wire)
+        chunks: list[bytes] = []
+        for frame in frames:
+            if isinstance(frame, str):
+                conn.send_text(frame.encode())
+                chunks.extend(conn.data_to_send())
+            elif conn.extensions:  # e.g. compression: framed per connection
+                conn.send_text(frame.text.encode())
+                chunks.extend(conn.data_to_send())
+            else:  # what conn.send_text would write: one final, unmasked text frame
+                if frame.wire is None:
+                    frame.wire = Frame(Opcode.TEXT, frame.text.encode()).serialize(
+                        mask=False, extensions=[]
+                    )
+                chunks.append(frame.wire)
+        self.transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
         return True
 
     async def send(self, message: Any) -> None:

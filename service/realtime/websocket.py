@@ -32,7 +32,14 @@ from service.chat.messages import check_client_msg_id, submit_message
 from service.db.writer import Stored
 from service.errors import WS_INTERNAL_ERROR, WS_TRY_AGAIN_LATER, InvalidMessage, Unavailable
 from service.observability import request_id_headers
-from service.realtime.envelope import ack_frame, dumps, error_frame, message_frame, ready_frame
+from service.realtime.envelope import (
+    SharedFrame,
+    ack_frame,
+    dumps,
+    error_frame,
+    message_frame,
+    ready_frame,
+)
 from service.realtime.hub import DIRECT, FAILED, RESYNC_SEQ, Outbox, OutboxItem, SlowConsumer
 from service.realtime.uvicorn_ws import DETACH, SEND_NOWAIT
 from service.services import Services
@@ -101,6 +108,7 @@ class RoomConnection:
         self._log_context = {"user": principal.user_id, "room": room}
         rate = services.settings.send_rate
         self.send_bucket = TokenBucket(rate, rate * 2)
+        self._send_nowait = websocket.scope.get("extensions", {}).get(SEND_NOWAIT, _never)
         self._replies: deque[Reply] = deque()
         """Answers not yet in the outbox, oldest first: frames are answered in order."""
 
@@ -179,30 +187,37 @@ class RoomConnection:
             writer.exception()  # retrieved: the peer left first, its end is what counts
 
     async def _write(self, outbox: Outbox) -> None:
-        send = self.websocket.send_text
-        send_nowait = self.websocket.scope.get("extensions", {}).get(SEND_NOWAIT, _never)
         delivered = self.services.metrics.delivered
+        ready: list[str | SharedFrame] = []  # frames to write, in order, before any await
         while True:
             items = await outbox.take()
             count = 0
             for seq, frame in items:
                 if seq == DIRECT:
-                    if not send_nowait(frame):
-                        await send(frame)  # type: ignore[arg-type]
+                    ready.append(frame)  # type: ignore[arg-type]
                 elif seq == FAILED:
                     raise RuntimeError("a send failed")  # logged where it failed
                 elif seq == RESYNC_SEQ:
+                    await self._send_all(ready)
                     await self._catch_up(until=None)
                 elif seq <= self.last_seq:
                     continue  # the replay already covered it
                 elif seq == self.last_seq + 1 and frame is not None:
-                    if not send_nowait(frame):
-                        await send(frame.text)  # type: ignore[union-attr]
+                    ready.append(frame)
                     count += 1
                     self.last_seq = seq
                 else:
+                    await self._send_all(ready)
                     await self._catch_up(until=seq)
+            await self._send_all(ready)
             delivered.inc(count)
+
+    async def _send_all(self, frames: list[str | SharedFrame]) -> None:
+        """Write the frames in one go when nothing is in the way, else one ASGI send each."""
+        if frames and not self._send_nowait(frames):
+            for frame in frames:
+                await self.websocket.send_text(frame if isinstance(frame, str) else frame.text)
+        frames.clear()
 
     async def _catch_up(self, *, until: int | None) -> None:
         missed = await read_range(
@@ -312,7 +327,7 @@ class RoomConnection:
         return stored, echo
 
 
-def _never(_frame: object) -> bool:
+def _never(_frames: object) -> bool:
     """``SEND_NOWAIT`` where the server does not offer it: always the ASGI send."""
     return False
 
