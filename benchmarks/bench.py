@@ -6,8 +6,9 @@ Scenarios (docs/benchmarks.md explains every figure):
 
 * ``fanout``   R rooms x C connections over two servers, S senders at a paced total rate:
                loss, duplicates, order, deliveries/s, send-to-delivery latency, connect time.
-* ``saturate`` the same, with the rate ramped in steps until p99 > --p99-limit or any loss:
-               the last sustained step.
+* ``saturate`` the same, with the rate ramped in steps until p99 > --p99-limit or any loss,
+               then bisected between the last sustained and the first failed step: the
+               highest sustained rate.
 * ``idle``     N idle connections to one server: RSS per connection.
 * ``history``  a room of N messages: connect with 50 replayed, resume of 500, REST pages.
 * ``rest``     POST /rooms/{room}/messages with K concurrent clients: throughput, latency.
@@ -65,8 +66,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                "warmup": 2.0, "drain": 5.0, "servers": 2, "concurrency": 10},
     "saturate": {"rooms": 5, "connections": 20, "senders": 10, "step_seconds": 5.0,
                  "rates": "200,400,800,1200,1600,2000", "rate_increment": 400.0,
-                 "max_rate": 20000.0, "p99_limit": 250.0, "warmup": 1.0, "drain": 5.0,
-                 "servers": 2, "concurrency": 10},
+                 "max_rate": 20000.0, "p99_limit": 250.0, "refine": 2, "warmup": 1.0,
+                 "drain": 5.0, "servers": 2, "concurrency": 10},
     "idle": {"connections": 2000, "rooms": 100, "settle": 2.0, "servers": 1, "concurrency": 50},
     "history": {"messages": 1_000_000, "reps": 100, "servers": 1, "concurrency": 1},
     "rest": {"clients": 10, "rooms": 5, "duration": 10.0, "warmup": 1.0, "servers": 2,
@@ -76,7 +77,8 @@ TINY: dict[str, dict[str, Any]] = {
     "fanout": {"rooms": 2, "connections": 5, "senders": 4, "rate": 50.0, "duration": 2.0,
                "warmup": 0.5, "drain": 5.0},
     "saturate": {"rooms": 2, "connections": 5, "senders": 4, "step_seconds": 2.0,
-                 "rates": "100,200,400,800", "max_rate": 800.0, "warmup": 0.5, "drain": 3.0},
+                 "rates": "100,200,400,800", "max_rate": 800.0, "refine": 1, "warmup": 0.5,
+                 "drain": 3.0},
     "idle": {"connections": 50, "rooms": 5, "settle": 0.5},
     "history": {"messages": 5000, "reps": 10},
     "rest": {"clients": 4, "rooms": 2, "duration": 2.0, "warmup": 0.5},
@@ -245,7 +247,16 @@ def rate_steps(args: argparse.Namespace) -> list[float]:
     return steps or [args.max_rate]
 
 
+def refined_rate(sustained: float, failed: float) -> float | None:
+    """The rate halfway between a sustained step and a failed one, on a 50 msg/s grid; None
+    once they are adjacent on it (the ramp's resolution is then 50 msg/s)."""
+    mid = round((sustained + failed) / 2 / 50) * 50
+    return float(mid) if sustained < mid < failed else None
+
+
 async def saturate(ctx: Context, target: Target) -> dict[str, Any]:
+    """Ramp until a step fails, then bisect between the last sustained step and the failed one
+    (``--refine`` times): the coarse ramp alone would quantize the result to its increment."""
     args = ctx.args
     peers, info = await open_room_peers(ctx, target, "saturate")
     steps: list[dict[str, Any]] = []
@@ -256,7 +267,8 @@ async def saturate(ctx: Context, target: Target) -> dict[str, Any]:
         load = Load(peers, args.body_chars)
         rates = rate_steps(args)
         await load.run_step(0, rates[0], args.warmup, senders, args.drain)
-        for index, rate in enumerate(rates, 1):
+
+        async def step_at(index: int, rate: float, refining: bool) -> list[str]:
             step = await load.run_step(
                 index, rate, args.step_seconds, senders, args.drain, ctx.meter(target)
             )
@@ -269,16 +281,33 @@ async def saturate(ctx: Context, target: Target) -> dict[str, Any]:
             if step["send_rate"] < 0.9 * rate:
                 reasons.append(f"the generator sent only {step['send_rate']:g}/s")
             step["sustained"] = not reasons
+            step["refinement"] = refining
             steps.append(step)
             log(
                 f"{target.name}: {rate:g} msg/s -> {step['deliveries_per_s']:g} deliveries/s, "
                 f"p99 {p99} ms, lost {step['lost']}"
+                + (" (refining)" if refining else "")
                 + (f" [{'; '.join(reasons)}]" if reasons else "")
             )
+            return reasons
+
+        failed_rate: float | None = None
+        for index, rate in enumerate(rates, 1):
+            reasons = await step_at(index, rate, refining=False)
             if reasons:
                 stop_reason = "; ".join(reasons)
+                failed_rate = rate
                 break
-            sustained = step
+            sustained = steps[-1]
+        for _ in range(args.refine if failed_rate is not None else 0):
+            low = sustained["rate_target"] if sustained else 0.0
+            rate = refined_rate(low, failed_rate)  # type: ignore[arg-type]
+            if rate is None:
+                break
+            if await step_at(len(steps) + 1, rate, refining=True):
+                failed_rate = rate
+            else:
+                sustained = steps[-1]
         errors = dict(load.errors)
     finally:
         await close_all(peers)
@@ -289,6 +318,7 @@ async def saturate(ctx: Context, target: Target) -> dict[str, Any]:
         "sustained_p99_ms": sustained["latency_ms"]["p99"] if sustained else None,
         "sustained_cpu_cores": sustained["cpu_cores"] if sustained else None,
         "stop_reason": stop_reason,
+        "first_failed_rate": failed_rate,
         "ceiling_found": stop_reason != "max rate reached",
         "errors": errors,
         "steps": steps,
@@ -681,6 +711,7 @@ def table(scenario: str, report: dict[str, Any]) -> str:
                     f"  {s['rate_target']:>7g} -> {s['deliveries_per_s']:>9g}/s  "
                     f"p99 {s['latency_ms']['p99']}  lost {s['lost']}"
                     + ("" if s["sustained"] else "  (not sustained)")
+                    + ("  (refining)" if s.get("refinement") else "")
                     for s in steps
                 ]
                 lines.append(f"  stop: {report[name]['stop_reason']}")
@@ -793,6 +824,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rate", type=float, help="saturate: last step")
     p.add_argument("--step-seconds", type=float, help="saturate: length of a step")
     p.add_argument("--p99-limit", type=float, help="saturate: ms; a step above it fails")
+    p.add_argument("--refine", type=int, help="saturate: bisections after the first failed step")
     p.add_argument("--settle", type=float, help="idle: seconds before reading RSS")
     p.add_argument("--messages", type=int, help="history: messages in the room")
     p.add_argument("--reps", type=int, help="history: measurements of each kind")
