@@ -318,7 +318,7 @@ async def saturate(ctx: Context, target: Target) -> dict[str, Any]:
         "sustained_p99_ms": sustained["latency_ms"]["p99"] if sustained else None,
         "sustained_cpu_cores": sustained["cpu_cores"] if sustained else None,
         "stop_reason": stop_reason,
-        "first_failed_rate": failed_rate,
+        "lowest_failed_rate": failed_rate,
         "ceiling_found": stop_reason != "max rate reached",
         "errors": errors,
         "steps": steps,

@@ -9,11 +9,10 @@ Same protocol, same behaviour. Per connection:
   request's headers emptied: websockets' parser generator still holds the request);
 * ``DETACH`` (below) lets the app leave its routing frames behind once it has accepted.
 
-Per frame, ``SEND_NOWAIT`` writes text frames without the ASGI ``send`` coroutine and the
-middleware wrappers around it, whenever that ``send`` would not have waited, a burst of them in
-one write; a ``SharedFrame``
-(a message going to a whole room) is framed once and its bytes written to every connection
-that negotiated no extension.
+``SEND_NOWAIT`` writes a burst of text frames in one write, without the ASGI ``send`` coroutine
+and the middleware wrappers around it, whenever that ``send`` would not have waited. A
+``SharedFrame`` (a message going to a whole room) is framed once and its bytes written to every
+connection that negotiated no extension.
 
 Tied to uvicorn's ``WebSocketsSansIOProtocol`` internals (``queue``, ``writable``, ``request``,
 ``response``, ``conn``, ``run_asgi``), checked against uvicorn 0.54, to which
