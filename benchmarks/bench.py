@@ -38,10 +38,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 
 from benchmarks.bench_client import (
+    HttpClient,
     Load,
     Peer,
     close_all,
@@ -510,20 +512,18 @@ async def history(ctx: Context, target: Target) -> dict[str, Any]:
             raise HarnessError(f"since replayed {peer.replayed}: {peer.ready_frame}")
         return took
 
-    http = httpx.AsyncClient(
-        base_url=base_http,
-        headers={"authorization": f"Bearer {token}"},
-        timeout=10,
-        trust_env=False,
-    )
+    http = await HttpClient.open(base_http, {"authorization": f"Bearer {token}"})
 
     def page(first: int, **params: int) -> Callable[[], Awaitable[float]]:
+        path = f"/rooms/{room}/messages?{urlencode({'limit': 50, **params})}"
+
         async def get() -> float:
             started = perf()
-            response = await http.get(f"/rooms/{room}/messages", params={"limit": 50, **params})
+            status, body = await http.request("GET", path)
             took = perf() - started
-            response.raise_for_status()
-            messages = response.json()["messages"]
+            if status != 200:
+                raise HarnessError(f"page {params}: status {status}: {body[:200]!r}")
+            messages = json.loads(body)["messages"]
             if len(messages) != 50 or messages[0]["seq"] != first:
                 seqs = [m["seq"] for m in messages[:1]]
                 raise HarnessError(f"page {params}: {len(messages)} messages from {seqs}")
@@ -552,7 +552,7 @@ async def history(ctx: Context, target: Target) -> dict[str, Any]:
         ctx.violations.append(f"{target.name}: {exc}")
         raise
     finally:
-        await http.aclose()
+        http.close()
     result: dict[str, Any] = {"messages": n, "seed_seconds": round(seeded_in, 2)}
     for kind, values in times.items():
         result[kind] = percentiles(values)
@@ -570,36 +570,35 @@ async def rest(ctx: Context, target: Target) -> dict[str, Any]:
     latencies: list[float] = []
     statuses: Counter[str] = Counter()
     phase = {"measure": False, "stop": False}
-    clients = [
-        httpx.AsyncClient(
-            base_url=target.http[k % len(target.http)],
-            headers={
-                "authorization": f"Bearer {ctx.token(f'b{ctx.run}-rest-{k}')}",
-                "content-type": "application/json",
-            },
-            timeout=10,
-            trust_env=False,
-            limits=httpx.Limits(max_connections=1),
-        )
-        for k in range(args.clients)
-    ]
 
-    async def worker(k: int, http: httpx.AsyncClient) -> None:
+    async def worker(k: int) -> None:
+        base = target.http[k % len(target.http)]
+        headers = {
+            "authorization": f"Bearer {ctx.token(f'b{ctx.run}-rest-{k}')}",
+            "content-type": "application/json",
+        }
         path = f"/rooms/{ctx.room(target, 'rest', k % args.rooms)}/messages"
+        http: HttpClient | None = None
         count = 0
-        while not phase["stop"]:
-            count += 1
-            content = f'{{"body":"{body}","client_msg_id":"{k}-{count}"}}'
-            started = perf()
-            try:
-                status = str((await http.post(path, content=content)).status_code)
-            except httpx.HTTPError as exc:
-                status = type(exc).__name__
-            if phase["measure"] and not phase["stop"]:
-                latencies.append(perf() - started)
-                statuses[status] += 1
+        try:
+            while not phase["stop"]:
+                count += 1
+                content = f'{{"body":"{body}","client_msg_id":"{k}-{count}"}}'.encode()
+                started = perf()
+                try:
+                    if http is None or http.transport is None:
+                        http = await HttpClient.open(base, headers)
+                    status = str((await http.request("POST", path, content))[0])
+                except (OSError, TimeoutError) as exc:  # reconnects on the next round
+                    status = type(exc).__name__
+                if phase["measure"] and not phase["stop"]:
+                    latencies.append(perf() - started)
+                    statuses[status] += 1
+        finally:
+            if http is not None:
+                http.close()
 
-    tasks = [asyncio.create_task(worker(k, c)) for k, c in enumerate(clients)]
+    tasks = [asyncio.create_task(worker(k)) for k in range(args.clients)]
     try:
         await asyncio.sleep(args.warmup)
         meter = ctx.meter(target)
@@ -616,8 +615,6 @@ async def rest(ctx: Context, target: Target) -> dict[str, Any]:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for http in clients:
-            await http.aclose()
     ok = statuses.get("201", 0)
     errors = {k: v for k, v in statuses.items() if k != "201"}
     if errors:
