@@ -21,7 +21,7 @@ from service.chat.limits import RateLimited
 from service.chat.messages import submit_message
 from service.config import ROOM_NAME_PATTERN
 from service.errors import InvalidMessage
-from service.realtime.envelope import dumps, iso, message_fields
+from service.realtime.envelope import dumps, dumps_with_items, iso, message_fields
 
 router = APIRouter(tags=["rooms"], responses=ERROR_RESPONSES)
 
@@ -78,15 +78,14 @@ async def room_messages(
     page = await history.read_page(
         pool=services.pool, room=room, limit=limit, before=before, after=after
     )
-    return json_response(
-        {
-            "room": room,
-            "last_seq": page.last_seq,
-            "messages": [message_fields(m) for m in page.messages],
-            "next_before": page.next_before,
-            "next_after": page.next_after,
-        }
-    )
+    head = {
+        "room": room,
+        "last_seq": page.last_seq,
+        "next_before": page.next_before,
+        "next_after": page.next_after,
+    }
+    content = dumps_with_items(head, "messages", [m.json for m in page.messages])
+    return Response(content, media_type="application/json")
 
 
 @router.post("/rooms/{room}/messages", response_model=MessageOut, status_code=201)

@@ -12,7 +12,7 @@ import asyncpg
 
 from service.db import queries
 from service.db.engine import reading
-from service.db.queries import MessageRecord
+from service.db.queries import StoredMessage
 
 MAX_RESUME_GAP = 1000
 """A resume replays every missed message up to this many; past it, only the latest N."""
@@ -22,14 +22,14 @@ CATCH_UP_PAGE = 500
 
 @dataclass(frozen=True, slots=True)
 class Replay:
-    messages: list[MessageRecord]
+    messages: list[StoredMessage]
     last_seq: int
     recovered: bool
 
 
 @dataclass(frozen=True, slots=True)
 class Page:
-    messages: list[MessageRecord]
+    messages: list[StoredMessage]
     last_seq: int
     next_before: int | None
     next_after: int | None
@@ -52,9 +52,9 @@ async def read_replay(*, pool: asyncpg.Pool, room: str, history: int, since: int
 
 async def read_range(
     *, pool: asyncpg.Pool, room: str, after: int, until: int | None
-) -> list[MessageRecord]:
+) -> list[StoredMessage]:
     """Every message with ``after < seq <= until``: fills a gap in the live stream."""
-    found: list[MessageRecord] = []
+    found: list[StoredMessage] = []
     async with reading(pool) as conn:
         while True:
             page = await queries.messages_between(

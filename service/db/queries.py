@@ -6,9 +6,9 @@ one snapshot: a client told ``last_seq`` L has been given every message up to L 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import NamedTuple
 
 import asyncpg
 
@@ -16,20 +16,32 @@ UNBOUNDED = 2**62
 """Stands in for "no upper bound": a plain range keeps the (room_id, seq) index scan exact,
 where ``($x IS NULL OR seq < $x)`` makes PostgreSQL walk the room from one end."""
 
-_NEWEST = """
-SELECT r.last_seq, m.id, m.seq, m.author, m.body, m.client_msg_id, m.created_at
+
+def _message_json(room: str) -> str:
+    """SQL for a message's JSON object, as ``envelope.message_fields`` and ``dumps`` write it
+    (migration 0002 builds frames the same way; a test holds them together): the rows go out
+    as they come, without decoding, building and encoding seven fields in Python."""
+    return f"""'{{"room":' || to_json({room})::text || ',"seq":' || seq || ',"id":' || id
+    || ',"author":' || to_json(author)::text || ',"body":' || to_json(body)::text
+    || ',"client_msg_id":' || COALESCE(to_json(client_msg_id)::text, 'null')
+    || ',"created_at":"'
+    || to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') || '"}}'"""
+
+
+_NEWEST = f"""
+SELECT r.last_seq, m.seq, m.json
 FROM room r LEFT JOIN LATERAL (
-    SELECT id, seq, author, body, client_msg_id, created_at FROM message
+    SELECT seq, {_message_json("r.name")} AS json FROM message
     WHERE room_id = r.id AND seq > $2 AND seq < $3 ORDER BY seq DESC LIMIT $4
 ) m ON true
 WHERE r.name = $1
-"""
+"""  # noqa: S608 - constant fragments; every value is a bind parameter
 _OLDEST = _NEWEST.replace("ORDER BY seq DESC", "ORDER BY seq ASC")
-_BETWEEN = """
-SELECT id, seq, author, body, client_msg_id, created_at FROM message
+_BETWEEN = f"""
+SELECT seq, {_message_json("$1::text")} FROM message
 WHERE room_id = (SELECT id FROM room WHERE name = $1) AND seq > $2 AND seq <= $3
 ORDER BY seq LIMIT $4
-"""
+"""  # noqa: S608 - the same
 _ROOMS = (
     "SELECT name, last_seq, created_at FROM room "
     "WHERE $1::text IS NULL OR name > $1 ORDER BY name LIMIT $2"
@@ -47,6 +59,13 @@ class MessageRecord:
     created_at: datetime
 
 
+class StoredMessage(NamedTuple):
+    """A message as history sends it: its seq, and its JSON object (``message_fields``)."""
+
+    seq: int
+    json: str
+
+
 @dataclass(frozen=True, slots=True)
 class RoomRecord:
     name: str
@@ -54,13 +73,9 @@ class RoomRecord:
     created_at: datetime
 
 
-def _records(room: str, rows: Sequence[Sequence[object]]) -> list[MessageRecord]:
-    return [MessageRecord(r[0], room, *r[1:]) for r in rows]  # type: ignore[arg-type]
-
-
 async def room_window(
     conn: asyncpg.Connection, *, room: str, after: int, before: int | None, limit: int, newest: bool
-) -> tuple[int, list[MessageRecord]]:
+) -> tuple[int, list[StoredMessage]]:
     """The room's ``last_seq`` and up to ``limit`` messages with ``after < seq < before``: the
     newest of them, or the oldest; ascending either way. A room never written to is ``0, []``."""
     rows = await conn.fetch(
@@ -72,16 +87,16 @@ async def room_window(
     )
     if not rows:
         return 0, []
-    messages = _records(room, [r[1:] for r in rows if r[1] is not None])
+    messages = [StoredMessage(r[1], r[2]) for r in rows if r[1] is not None]
     return rows[0][0], messages[::-1] if newest else messages
 
 
 async def messages_between(
     conn: asyncpg.Connection, *, room: str, after: int, until: int | None, limit: int
-) -> list[MessageRecord]:
+) -> list[StoredMessage]:
     """Up to ``limit`` messages with ``after < seq <= until`` (no upper bound when None)."""
     rows = await conn.fetch(_BETWEEN, room, after, UNBOUNDED if until is None else until, limit)
-    return _records(room, rows)
+    return [StoredMessage(*r) for r in rows]
 
 
 async def list_rooms(

@@ -15,7 +15,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from service.db.queries import MessageRecord
+from service.db.queries import MessageRecord, StoredMessage
 
 NOTIFY_PAYLOAD_LIMIT = 7999  # PostgreSQL refuses payloads of 8000 bytes or more
 CHANNEL_PREFIX = "chat_room_"
@@ -39,8 +39,11 @@ def channel_for(room: str) -> str:
 
 
 def iso(ts: datetime) -> str:
-    """Always with microseconds, as ``chat_post_messages`` (migration 0002) writes it."""
-    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """Always with microseconds, as ``chat_post_messages`` (migration 0002) writes it.
+    ``isoformat`` is twice as fast as ``strftime``; asyncpg's datetimes are in UTC already."""
+    if ts.tzinfo is not UTC:
+        ts = ts.astimezone(UTC)
+    return ts.isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 def dumps(obj: dict[str, Any]) -> str:
@@ -61,6 +64,17 @@ def message_fields(msg: MessageRecord) -> dict[str, Any]:
 
 def message_frame(msg: MessageRecord) -> str:
     return dumps({"type": "message", **message_fields(msg)})
+
+
+def stored_frame(msg: StoredMessage) -> str:
+    """``message_frame`` of a message read from history, which comes as its JSON object."""
+    return '{"type":"message",' + msg.json[1:]
+
+
+def dumps_with_items(obj: dict[str, Any], key: str, items: list[str]) -> str:
+    """``dumps(obj)`` with one more key, a list of values that are JSON texts already."""
+    head = dumps(obj)[:-1]
+    return f'{head}{"," if len(head) > 1 else ""}"{key}":[{",".join(items)}]}}'
 
 
 def ack_frame(msg: MessageRecord) -> str:

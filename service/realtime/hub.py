@@ -31,7 +31,7 @@ from service.realtime.envelope import (
     SharedFrame,
     channel_for,
     decode_notification,
-    message_frame,
+    stored_frame,
 )
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ class RoomHub:
         except Exception:
             log.warning("could not load message %s/%d; connections will catch up", room, seq)
             return None
-        return message_frame(found[0]) if found else None
+        return stored_frame(found[0]) if found else None
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:

@@ -37,8 +37,8 @@ from service.realtime.envelope import (
     ack_frame,
     dumps,
     error_frame,
-    message_frame,
     ready_frame,
+    stored_frame,
 )
 from service.realtime.hub import DIRECT, FAILED, RESYNC_SEQ, Outbox, OutboxItem, SlowConsumer
 from service.realtime.uvicorn_ws import DETACH, SEND_NOWAIT
@@ -141,12 +141,12 @@ class RoomConnection:
         replay = await read_replay(
             pool=self.services.pool, room=self.room, history=history, since=since
         )
-        for message in replay.messages:
-            await self.websocket.send_text(message_frame(message))
+        frames: list[str | SharedFrame] = [stored_frame(m) for m in replay.messages]
+        frames.append(ready_frame(self.room, replay.last_seq, replay.recovered))
+        await self._send_all(frames)
         self.services.metrics.replay_size.observe(len(replay.messages))
         self.services.metrics.delivered.inc(len(replay.messages))
         self.last_seq = replay.last_seq
-        await self.websocket.send_text(ready_frame(self.room, replay.last_seq, replay.recovered))
 
     async def _serve(self, outbox: Outbox) -> None:
         """Receive in this (the server's) task, write in one task of its own; when either ends,
@@ -223,9 +223,9 @@ class RoomConnection:
         missed = await read_range(
             pool=self.services.pool, room=self.room, after=self.last_seq, until=until
         )
-        for message in missed:
-            await self.websocket.send_text(message_frame(message))
-            self.last_seq = message.seq
+        await self._send_all([stored_frame(m) for m in missed])
+        if missed:
+            self.last_seq = missed[-1].seq
         self.services.metrics.delivered.inc(len(missed))
         if until is not None and self.last_seq < until:
             log.error("room %s: message %d not found while catching up", self.room, until)

@@ -10,9 +10,17 @@ import uuid
 import asyncpg
 import pytest
 
+from service.chat import history
 from service.db.writer import MessageWriter, Stored
 from service.errors import Unavailable
-from service.realtime.envelope import channel_for, decode_notification, message_frame
+from service.realtime.envelope import (
+    channel_for,
+    decode_notification,
+    dumps,
+    message_fields,
+    message_frame,
+    stored_frame,
+)
 from tests.support import Client, locked_out
 
 
@@ -113,16 +121,31 @@ BODIES = [
 
 
 async def test_frames_built_by_postgresql_are_the_frames_python_builds(database_url):
+    """The writer's frames, and history's (replay, catch-up, REST pages), byte for byte."""
     writer = MessageWriter(database_url, notify=False)  # frames come back instead of NOTIFY
     await writer.start()
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
     try:
         room = _room()
+        expected = []
         for i, body in enumerate(BODIES):
             for cmid in (None, f'id "{i}" \\ é'):
                 stored = await _submit(writer, room, body, cmid, author="ann ✓")
                 assert stored.frame == message_frame(stored.message)
                 assert json.loads(stored.frame)["body"] == body
+                expected.append(stored.message)
+        frames = [message_frame(m) for m in expected]
+        replay = await history.read_replay(pool=pool, room=room, history=100, since=None)
+        assert [stored_frame(m) for m in replay.messages] == frames
+        missed = await history.read_range(pool=pool, room=room, after=2, until=None)
+        assert [stored_frame(m) for m in missed] == frames[2:]
+        page = await history.read_page(pool=pool, room=room, limit=3, before=None, after=1)
+        assert [json.loads(m.json) for m in page.messages] == [
+            message_fields(m) for m in expected[1:4]
+        ]
+        assert [m.json for m in page.messages] == [dumps(message_fields(m)) for m in expected[1:4]]
     finally:
+        await pool.close()
         await writer.close()
 
 

@@ -6,7 +6,7 @@ import jwt
 import pytest
 from pydantic import ValidationError
 
-from service.auth import TokenCodec, extract_token
+from service.auth import LEEWAY, VERIFIED_CACHE_SIZE, TokenCodec, extract_token
 from service.config import Settings
 from service.errors import NotAuthenticated
 
@@ -73,3 +73,30 @@ def test_name_claim_is_optional():
     codec = TokenCodec(Settings(database_url="postgresql://d/x", jwt_secret=SECRET))
     principal = codec.verify(codec.issue("zoe", ttl=60, name="Zoe Z"))
     assert (principal.user_id, principal.name) == ("zoe", "Zoe Z")
+
+
+def test_a_verified_token_is_remembered_until_it_expires():
+    now = [time.time()]
+    codec = TokenCodec(
+        Settings(database_url="postgresql://d/x", jwt_secret=SECRET), clock=lambda: now[0]
+    )
+    token = codec.issue("ann", ttl=60)
+    assert codec.verify(token).user_id == "ann"
+    assert codec.verify(token).user_id == "ann"  # from the cache
+    now[0] += 60 + LEEWAY - 1
+    assert codec.verify(token).user_id == "ann"
+    now[0] += 2
+    with pytest.raises(NotAuthenticated, match="expired"):
+        codec.verify(token)
+    forged = token[:-2] + ("AA" if not token.endswith("AA") else "BB")
+    for _ in range(2):  # a refusal is not remembered as a success
+        with pytest.raises(NotAuthenticated, match="invalid"):
+            codec.verify(forged)
+
+
+def test_the_verified_token_cache_is_bounded():
+    codec = TokenCodec(Settings(database_url="postgresql://d/x", jwt_secret=SECRET))
+    tokens = [codec.issue(f"u{i}", ttl=60) for i in range(VERIFIED_CACHE_SIZE + 10)]
+    assert [codec.verify(t).user_id for t in tokens] == [f"u{i}" for i in range(len(tokens))]
+    assert len(codec._verified) == VERIFIED_CACHE_SIZE
+    assert codec.verify(tokens[0]).user_id == "u0"  # evicted, verified again

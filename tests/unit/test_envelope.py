@@ -44,3 +44,26 @@ def test_large_messages_travel_as_a_reference():
 def test_frames_keep_unicode_unescaped():
     assert "\U0001f600" in message_frame(_record("\U0001f600"))
     assert '"created_at":"2026-01-01T00:00:00.000000Z"' in message_frame(_record("x"))
+
+
+def test_timestamps_are_utc_with_microseconds_whatever_the_zone():
+    from datetime import timedelta, timezone
+
+    from service.realtime.envelope import iso
+
+    plus_two = timezone(timedelta(hours=2))
+    assert iso(datetime(2026, 1, 1, 2, 0, tzinfo=plus_two)) == "2026-01-01T00:00:00.000000Z"
+    assert iso(datetime(2026, 1, 1, 0, 0, 0, 5, tzinfo=UTC)) == "2026-01-01T00:00:00.000005Z"
+
+
+def test_a_list_of_json_texts_joins_an_object_as_valid_json():
+    import json
+
+    from service.realtime.envelope import dumps_with_items
+
+    items = ['{"a":1}', '"é"']
+    assert json.loads(dumps_with_items({"x": None}, "items", items)) == {
+        "x": None,
+        "items": [{"a": 1}, "é"],
+    }
+    assert json.loads(dumps_with_items({}, "items", [])) == {"items": []}
