@@ -45,21 +45,40 @@ class _Live(Collector):
         )
 
 
+class Counts:
+    """The counters bumped per message and per delivery: plain integers, read at scrape time.
+    A ``prometheus_client.Counter`` takes a lock per ``inc``: ~5% of a server's time under
+    fan-out. The event loop is the only writer."""
+
+    __slots__ = ("acks", "delivered", "received", "stored_rest", "stored_websocket")
+
+    def __init__(self) -> None:
+        self.received = self.stored_websocket = self.stored_rest = 0
+        self.delivered = self.acks = 0
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(
+            "chat_messages_received", "Send frames received from clients", self.received
+        )
+        stored = CounterMetricFamily(
+            "chat_messages_stored", "Messages stored (resends excluded)", labels=["via"]
+        )
+        stored.add_metric(["websocket"], self.stored_websocket)
+        stored.add_metric(["rest"], self.stored_rest)
+        yield stored
+        yield CounterMetricFamily(
+            "chat_messages_delivered", "Message frames sent to websocket clients", self.delivered
+        )
+        yield CounterMetricFamily("chat_acks", "Acks sent", self.acks)
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        self.counts = Counts()
+        r.register(self.counts)
         self.connections = Gauge("chat_connections", "Open websocket connections", registry=r)
-        self.received = Counter(
-            "chat_messages_received", "Send frames received from clients", registry=r
-        )
-        self.stored = Counter(
-            "chat_messages_stored", "Messages stored (resends excluded)", ["via"], registry=r
-        )
-        self.delivered = Counter(
-            "chat_messages_delivered", "Message frames sent to websocket clients", registry=r
-        )
-        self.acks = Counter("chat_acks", "Acks sent", registry=r)
         self.errors = Counter(
             "chat_errors", "Error frames and error responses by code", ["code"], registry=r
         )

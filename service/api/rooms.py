@@ -118,5 +118,5 @@ async def create_message(
     if posted.duplicate:
         headers["Idempotent-Replayed"] = "true"
     else:
-        services.metrics.stored.labels("rest").inc()
+        services.metrics.counts.stored_rest += 1
     return json_response(message_fields(posted.message), 201, **headers)

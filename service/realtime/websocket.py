@@ -145,7 +145,7 @@ class RoomConnection:
         frames.append(ready_frame(self.room, replay.last_seq, replay.recovered))
         await self._send_all(frames)
         self.services.metrics.replay_size.observe(len(replay.messages))
-        self.services.metrics.delivered.inc(len(replay.messages))
+        self.services.metrics.counts.delivered += len(replay.messages)
         self.last_seq = replay.last_seq
 
     async def _serve(self, outbox: Outbox) -> None:
@@ -187,7 +187,7 @@ class RoomConnection:
             writer.exception()  # retrieved: the peer left first, its end is what counts
 
     async def _write(self, outbox: Outbox) -> None:
-        delivered = self.services.metrics.delivered
+        counts = self.services.metrics.counts
         ready: list[str | SharedFrame] = []  # frames to write, in order, before any await
         while True:
             items = await outbox.take()
@@ -210,7 +210,7 @@ class RoomConnection:
                     await self._send_all(ready)
                     await self._catch_up(until=seq)
             await self._send_all(ready)
-            delivered.inc(count)
+            counts.delivered += count
 
     async def _send_all(self, frames: list[str | SharedFrame]) -> None:
         """Write the frames in one go when nothing is in the way, else one ASGI send each."""
@@ -226,7 +226,7 @@ class RoomConnection:
         await self._send_all([stored_frame(m) for m in missed])
         if missed:
             self.last_seq = missed[-1].seq
-        self.services.metrics.delivered.inc(len(missed))
+        self.services.metrics.counts.delivered += len(missed)
         if until is not None and self.last_seq < until:
             log.error("room %s: message %d not found while catching up", self.room, until)
 
@@ -276,10 +276,10 @@ class RoomConnection:
             log.error("send failed", exc_info=exc, extra=self._log_context)
             return FAILED, None
         posted = stored.result()
-        metrics = self.services.metrics
+        counts = self.services.metrics.counts
         if not posted.duplicate:
-            metrics.stored.labels("websocket").inc()
-        metrics.acks.inc()
+            counts.stored_websocket += 1
+        counts.acks += 1
         return DIRECT, ack_frame(posted.message)
 
     def _error(self, code: str, detail: str, client_msg_id: str | None = None, **extra: Any) -> str:
@@ -295,7 +295,7 @@ class RoomConnection:
             return self._error("invalid_frame", "a frame must be a JSON object")
         kind = frame.get("type")
         if kind == "send":
-            self.services.metrics.received.inc()
+            self.services.metrics.counts.received += 1
             return self._send(frame)
         if kind == "ping":
             return dumps({"type": "pong"})

@@ -37,6 +37,18 @@ async def test_metrics_count_what_happens(server, room):
     assert during["chat_connections"] >= 1
     assert during["chat_acks_total"] == before.get("chat_acks_total", 0) + 1
     assert during['chat_messages_stored_total{via="websocket"}'] >= 1
+    for counter in ("chat_messages_received_total", "chat_messages_delivered_total"):
+        assert during[counter] >= before.get(counter, 0) + 1
+    posted = httpx.post(
+        f"{server.http}/rooms/{room}/messages",
+        json={"body": "over rest"},
+        headers={"authorization": f"Bearer {make_token('metered')}"},
+    )
+    assert posted.status_code == 201
+    after = scrape()
+    assert after['chat_messages_stored_total{via="rest"}'] == (
+        during.get('chat_messages_stored_total{via="rest"}', 0) + 1
+    )
     assert during['chat_errors_total{code="empty_body"}'] >= 1
     assert during["chat_fanout_latency_seconds_count"] > before.get(
         "chat_fanout_latency_seconds_count", 0
