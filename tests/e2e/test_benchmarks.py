@@ -110,6 +110,7 @@ def test_history(fresh_database, tmp_path: Path) -> None:  # type: ignore[no-unt
         for kind in kinds:
             assert result[kind]["n"] == 10, kind
             assert result[kind]["p99"] is not None, kind
+        assert result["rest_page_cpu_us"]["servers"] > 0  # the server was metered
 
 
 @pytest.mark.timeout(SCENARIO_TIMEOUT + 30)
