@@ -882,6 +882,9 @@ def main(argv: list[str] | None = None) -> int:
         "database": "given" if args.database_url else "embedded (fsync on)",
     }
     code = 0
+    if "process_round_trip_us" in report["machine"]:
+        rtt = report["machine"]["process_round_trip_us"]
+        log(f"this box: a process round trip takes p50 {rtt['p50']} / p99 {rtt['p99']} µs")
     try:
         log("starting the database" if not args.database_url else "migrating the database")
         harness.start_database()

@@ -146,7 +146,45 @@ def machine() -> dict[str, Any]:
                 break
     with contextlib.suppress(OSError):
         info["load_avg_at_start"] = Path("/proc/loadavg").read_text().split()[:3]
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        info["process_round_trip_us"] = process_round_trip()
     return info
+
+
+_ECHO = (
+    "import socket, sys\n"
+    "s = socket.socket(fileno=int(sys.argv[1]))\n"
+    "while d := s.recv(64): s.send(d)"
+)
+
+
+def process_round_trip(count: int = 2000) -> dict[str, float]:
+    """A one-byte ping-pong with another process over a socketpair, pausing 1 ms every ten so
+    the CPUs can go idle, as between messages: what one wake-up of another process costs on
+    this box, and how long its tail is. A message to chat-service crosses several processes."""
+    ours, theirs = socket.socketpair()
+    child = subprocess.Popen(
+        [sys.executable, "-c", _ECHO, str(theirs.fileno())], pass_fds=[theirs.fileno()]
+    )
+    theirs.close()
+    times = []
+    try:
+        ours.settimeout(5)
+        for i in range(count):
+            started = time.perf_counter()
+            ours.send(b"x")
+            ours.recv(64)
+            times.append(time.perf_counter() - started)
+            if i % 10 == 9:
+                time.sleep(0.001)
+    finally:
+        ours.close()
+        child.wait(5)
+    times.sort()
+    return {
+        q: round(times[min(len(times) - 1, int(f * len(times)))] * 1e6)
+        for q, f in (("p50", 0.5), ("p99", 0.99), ("max", 1.0))
+    }
 
 
 class Process:

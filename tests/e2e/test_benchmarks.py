@@ -36,6 +36,8 @@ def run_bench(scenario: str, database_url: str, tmp_path: Path, *extra: str) -> 
     only = extra[extra.index("--only") + 1] if "--only" in extra else None
     targets = {only} if only else {"chat", "trivial", "ratio"}
     assert set(data) >= {*targets, "machine", "rlimit_nofile"}, output
+    rtt = data["machine"]["process_round_trip_us"]
+    assert 0 < rtt["p50"] <= rtt["p99"] <= rtt["max"], rtt
     return data
 
 
