@@ -48,8 +48,8 @@ async def create_pool(settings: Settings) -> asyncpg.Pool:
 async def _keep_session(_conn: asyncpg.Connection) -> None:
     """The pool's reset after each checkout, instead of asyncpg's ``RESET ALL; UNLISTEN *;
     ...``: a read leaves no session state (no SET, LISTEN, lock or cursor), and that query was
-    one more round trip per read, half the time of a history page's. asyncpg still rolls back
-    a transaction left open."""
+    one more round trip per read (a pooled history query: 1.04 -> 0.79 ms). asyncpg still
+    rolls back a transaction left open."""
 
 
 class _CannotConnect(Exception):
