@@ -40,8 +40,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-import httpx
-
 from benchmarks.bench_client import (
     HttpClient,
     Load,
@@ -485,8 +483,13 @@ async def history(ctx: Context, target: Target) -> dict[str, Any]:
         seeded_in = await seed_history(ctx.harness.dsn, room, n)
         log(f"chat: inserted and vacuumed in {seeded_in:.1f}s")
     else:
-        async with httpx.AsyncClient(timeout=10, trust_env=False) as http:
-            (await http.post(f"{target.http[0]}/_seed/{room}", params={"n": n})).raise_for_status()
+        seeder = await HttpClient.open(target.http[0])
+        try:
+            status, body = await seeder.request("POST", f"/_seed/{room}?n={n}")
+        finally:
+            seeder.close()
+        if status != 200:
+            raise HarnessError(f"seeding the trivial server: status {status}: {body[:200]!r}")
         seeded_in = 0.0
     token = ctx.token(f"b{ctx.run}-reader")
     base_ws, base_http = target.ws[0], target.http[0]
@@ -600,7 +603,7 @@ async def rest(ctx: Context, target: Target) -> dict[str, Any]:
                 content = f'{{"body":"{body}","client_msg_id":"{k}-{count}"}}'.encode()
                 started = perf()
                 try:
-                    if http is None or http.transport is None:
+                    if http is None or http.closed:
                         http = await HttpClient.open(base, headers)
                     status = str((await http.request("POST", path, content))[0])
                 except (OSError, TimeoutError) as exc:  # reconnects on the next round
@@ -884,7 +887,7 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     if "process_round_trip_us" in report["machine"]:
         rtt = report["machine"]["process_round_trip_us"]
-        log(f"this box: a process round trip takes p50 {rtt['p50']} / p99 {rtt['p99']} µs")
+        log(f"this box: a process round trip takes p50 {rtt['p50']:.0f} / p99 {rtt['p99']:.0f} µs")
     try:
         log("starting the database" if not args.database_url else "migrating the database")
         harness.start_database()

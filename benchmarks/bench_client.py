@@ -385,6 +385,10 @@ class HttpClient(asyncio.Protocol):
         )
         return client
 
+    @property
+    def closed(self) -> bool:
+        return self.transport is None
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 

@@ -25,6 +25,7 @@ from typing import Any
 import asyncpg
 import httpx
 
+from benchmarks.bench_client import percentiles
 from service.config import to_asyncpg_dsn
 
 START_TIMEOUT = 30.0
@@ -158,7 +159,7 @@ _ECHO = (
 )
 
 
-def process_round_trip(count: int = 2000) -> dict[str, float]:
+def process_round_trip(count: int = 2000) -> dict[str, float | None]:
     """A one-byte ping-pong with another process over a socketpair, pausing 1 ms every ten so
     the CPUs can go idle, as between messages: what one wake-up of another process costs on
     this box, and how long its tail is. A message to chat-service crosses several processes."""
@@ -180,11 +181,7 @@ def process_round_trip(count: int = 2000) -> dict[str, float]:
     finally:
         ours.close()
         child.wait(5)
-    times.sort()
-    return {
-        q: round(times[min(len(times) - 1, int(f * len(times)))] * 1e6)
-        for q, f in (("p50", 0.5), ("p99", 0.99), ("max", 1.0))
-    }
+    return percentiles(times, scale=1e6)
 
 
 class Process:
