@@ -76,6 +76,7 @@ class MessageWriter:
         self._on_batch = on_batch
         self._closing = False
         self._in_flight: list[_Send] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
         """Connect now (a wrong DSN fails at start-up, not at the first send) and flush."""
@@ -100,7 +101,9 @@ class MessageWriter:
         self, *, room: str, channel: str, author: str, body: str, client_msg_id: str | None
     ) -> asyncio.Future[Stored]:
         """Queue a validated message; the future resolves once it is committed."""
-        result: asyncio.Future[Stored] = asyncio.get_running_loop().create_future()
+        if self._loop is None:  # once: get_running_loop() costs a getpid() on 3.11
+            self._loop = asyncio.get_running_loop()
+        result: asyncio.Future[Stored] = self._loop.create_future()
         if self._closing:
             result.set_exception(Unavailable("the service is shutting down"))
             return result

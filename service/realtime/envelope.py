@@ -46,8 +46,13 @@ def iso(ts: datetime) -> str:
     return ts.isoformat(timespec="microseconds")[:-6] + "Z"
 
 
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+"""Configuration only (no state between calls): ``json.dumps`` with arguments builds an
+encoder per call."""
+
+
 def dumps(obj: dict[str, Any]) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return _ENCODER.encode(obj)
 
 
 def message_fields(msg: MessageRecord) -> dict[str, Any]:
@@ -78,14 +83,11 @@ def dumps_with_items(obj: dict[str, Any], key: str, items: list[str]) -> str:
 
 
 def ack_frame(msg: MessageRecord) -> str:
-    return dumps(
-        {
-            "type": "ack",
-            "client_msg_id": msg.client_msg_id,
-            "seq": msg.seq,
-            "id": msg.id,
-            "created_at": iso(msg.created_at),
-        }
+    """``dumps`` of the ack's fields, formatted directly: one per send."""
+    cmid = "null" if msg.client_msg_id is None else _ENCODER.encode(msg.client_msg_id)
+    return (
+        f'{{"type":"ack","client_msg_id":{cmid},"seq":{msg.seq},"id":{msg.id},'
+        f'"created_at":"{iso(msg.created_at)}"}}'
     )
 
 

@@ -52,24 +52,40 @@ class SlowConsumer(Exception):
     """The connection fell too far behind its room."""
 
 
+WriteNow = Callable[[deque[OutboxItem]], deque[OutboxItem] | None]
+"""Writes what it can of the items at once, without awaiting; returns the rest (from the first
+item that needs an await), or None."""
+
+
 class Outbox:
     """A bounded queue of frames for one websocket; overflow marks it instead of blocking.
 
     Lean on purpose (one per connection, thousands idle): no Events, and a deque only while
-    something is queued.
+    something is queued. The loop is looked up once, not per wait.
+
+    While the owner's writer waits in ``take``, what is put is first offered to ``write_now``
+    from one loop callback per burst, and the writer is woken only for what that leaves (a
+    frame to read from the database, a socket that is not writable): most frames go out without
+    a task switch each.
     """
 
-    __slots__ = ("_items", "_limit", "_waiter", "on_overflow", "overflowed")
+    __slots__ = (
+        "_flush_scheduled", "_items", "_limit", "_loop", "_waiter", "on_overflow", "overflowed",
+        "write_now",
+    )  # fmt: skip
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
         self._items: deque[OutboxItem] | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._flush_scheduled = False
         self.overflowed = False
         self.on_overflow: Callable[[], object] | None = None
         """Called once, at the overflow: the owner stops its writer even while it is in a send."""
+        self.write_now: WriteNow | None = None
 
-    def put(self, seq: int, frame: str | None) -> None:
+    def put(self, seq: int, frame: str | SharedFrame | None) -> None:
         if self.overflowed:
             return
         items = self._items
@@ -79,7 +95,29 @@ class Outbox:
             self.set_overflow()
             return
         items.append((seq, frame))
-        self._wake()
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # the writer is busy: it takes the items when it is done
+        if self.write_now is None:
+            waiter.set_result(None)
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)  # type: ignore[union-attr]  # set with the waiter
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        waiter, items, write_now = self._waiter, self._items, self.write_now
+        if waiter is None or waiter.done() or not items or write_now is None:
+            return  # the writer was woken meanwhile (overflow, cancelled): it sees the items
+        self._items = None
+        try:
+            rest = write_now(items)
+        except Exception:
+            log.exception("writing frames at once failed")
+            rest = deque([(FAILED, None)])  # what was written is unknown: close with 1011
+        if rest:
+            self._items = rest
+            waiter.set_result(None)
 
     def set_overflow(self) -> None:
         if self.overflowed:
@@ -100,7 +138,9 @@ class Outbox:
         while not self._items:
             if self.overflowed:
                 raise SlowConsumer
-            self._waiter = asyncio.get_running_loop().create_future()
+            if self._loop is None:  # once: get_running_loop() costs a getpid() on 3.11
+                self._loop = asyncio.get_running_loop()
+            self._waiter = self._loop.create_future()
             try:
                 await self._waiter
             finally:

@@ -50,11 +50,12 @@ class _Inbox:
     """``asyncio.Queue``'s ``put_nowait``/``get``/``empty``/``qsize`` for one consumer; no deque
     while empty."""
 
-    __slots__ = ("_items", "_waiter")
+    __slots__ = ("_items", "_loop", "_waiter")
 
     def __init__(self) -> None:
         self._items: deque[Any] | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def empty(self) -> bool:
         return not self._items
@@ -74,7 +75,9 @@ class _Inbox:
         while not self._items:
             if self._waiter is not None:
                 raise RuntimeError("receive() called concurrently")
-            self._waiter = asyncio.get_running_loop().create_future()
+            if self._loop is None:  # once: get_running_loop() costs a getpid() on 3.11
+                self._loop = asyncio.get_running_loop()
+            self._waiter = self._loop.create_future()
             try:
                 await self._waiter
             finally:

@@ -166,6 +166,7 @@ class RoomConnection:
 
         writer.add_done_callback(writer_done)
         outbox.on_overflow = writer.cancel
+        outbox.write_now = self._write_now
         try:
             await self._receive(outbox)
         except asyncio.CancelledError:
@@ -173,7 +174,7 @@ class RoomConnection:
                 raise  # cancelled from outside (too)
         finally:
             receiving = False
-            outbox.on_overflow = None
+            outbox.on_overflow = outbox.write_now = None
             if interrupted:
                 task.uncancel()
             if not writer.done():
@@ -211,6 +212,36 @@ class RoomConnection:
                     await self._catch_up(until=seq)
             await self._send_all(ready)
             counts.delivered += count
+
+    def _write_now(self, items: deque[OutboxItem]) -> deque[OutboxItem] | None:
+        """``_write``'s work on the items that need no await, done from the outbox's callback
+        while ``_write`` waits for items: direct frames and the next live messages in seq order
+        are written in one go. From the first other item (a marker, a gap, a frame to read) the
+        rest is returned for ``_write``. Frames the socket cannot take now (backpressure, closing)
+        go back too, as direct frames, still in order."""
+        ready: list[str | SharedFrame] = []
+        last_seq = self.last_seq
+        count = 0
+        while items:
+            seq, frame = items[0]
+            if seq == DIRECT:
+                ready.append(frame)  # type: ignore[arg-type]
+            elif seq <= RESYNC_SEQ:  # FAILED or RESYNC
+                break
+            elif seq <= last_seq:
+                pass  # the replay already covered it
+            elif seq == last_seq + 1 and frame is not None:
+                ready.append(frame)
+                count += 1
+                last_seq = seq
+            else:
+                break
+            items.popleft()
+        self.last_seq = last_seq
+        self.services.metrics.counts.delivered += count
+        if ready and not self._send_nowait(ready):
+            items.extendleft((DIRECT, frame) for frame in reversed(ready))
+        return items or None
 
     async def _send_all(self, frames: list[str | SharedFrame]) -> None:
         """Write the frames in one go when nothing is in the way, else one ASGI send each."""
@@ -288,7 +319,7 @@ class RoomConnection:
 
     def _handle(self, text: str) -> Reply:
         try:
-            frame: Any = json.loads(text, parse_constant=_refuse_constant)
+            frame: Any = _JSON.decode(text)
         except (ValueError, RecursionError):
             return self._error("invalid_json", "the frame is not valid JSON")
         if not isinstance(frame, dict):
@@ -335,3 +366,8 @@ def _never(_frames: object) -> bool:
 def _refuse_constant(name: str) -> Any:
     """NaN and Infinity are Python's JSON, not JSON."""
     raise ValueError(f"{name} is not JSON")
+
+
+_JSON = json.JSONDecoder(parse_constant=_refuse_constant)
+"""Configuration only: ``json.loads`` with an argument builds a decoder (and its scanner) per
+frame."""

@@ -67,3 +67,15 @@ def test_a_list_of_json_texts_joins_an_object_as_valid_json():
         "items": [{"a": 1}, "é"],
     }
     assert json.loads(dumps_with_items({}, "items", [])) == {"items": []}
+
+
+def test_acks_are_the_json_of_their_fields_byte_for_byte():
+    import json
+
+    from service.realtime.envelope import ack_frame, iso
+
+    for cmid in (None, "m-1", 'quote " and \\ back', "é\U0001f600", "tab\there", "\u2028"):
+        record = MessageRecord(7, "lobby", 42, "alice", "x", cmid, datetime(2026, 1, 1, tzinfo=UTC))
+        fields = {"type": "ack", "client_msg_id": cmid, "seq": 42, "id": 7}
+        fields["created_at"] = iso(record.created_at)
+        assert ack_frame(record) == json.dumps(fields, ensure_ascii=False, separators=(",", ":"))

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+from collections import deque
 
 import pytest
 from fastapi.routing import APIWebSocketRoute
 
 from service.realtime import websocket
-from service.realtime.hub import DIRECT, Outbox, SlowConsumer
+from service.realtime.hub import DIRECT, FAILED, Outbox, OutboxItem, SlowConsumer
 from service.realtime.uvicorn_ws import _Gate, _Inbox
 
 
@@ -43,6 +44,46 @@ async def test_outbox_hands_out_everything_queued_in_order():
     assert list(await taker) == [(1, "a"), (DIRECT, "ack"), (2, "b")]
     outbox.put(3, "c")
     assert list(await outbox.take()) == [(3, "c")]
+
+
+async def test_a_waiting_writer_is_not_woken_for_what_write_now_takes_in_one_go():
+    outbox = Outbox(limit=10)
+    calls: list[list[OutboxItem]] = []
+
+    def write_now(items: deque[OutboxItem]) -> deque[OutboxItem] | None:
+        calls.append(list(items))
+        while items and items[0][1] != "stop":
+            items.popleft()
+        return items or None
+
+    outbox.write_now = write_now
+    taker = asyncio.ensure_future(outbox.take())
+    await asyncio.sleep(0)
+    outbox.put(1, "a")
+    outbox.put(DIRECT, "ack")  # the same burst: one call for both
+    await asyncio.sleep(0)
+    assert calls == [[(1, "a"), (DIRECT, "ack")]] and not taker.done()
+    outbox.put(2, "b")
+    outbox.put(3, "stop")
+    outbox.put(4, "c")
+    assert list(await asyncio.wait_for(taker, 1)) == [(3, "stop"), (4, "c")]  # the rest, in order
+    assert calls[1] == [(2, "b"), (3, "stop"), (4, "c")]
+    outbox.put(5, "d")  # nobody waits: nothing is written behind the writer's back
+    await asyncio.sleep(0)
+    assert len(calls) == 2 and list(await outbox.take()) == [(5, "d")]
+
+
+async def test_a_failing_write_now_closes_the_connection_instead_of_losing_frames():
+    outbox = Outbox(limit=10)
+
+    def write_now(_items: deque[OutboxItem]) -> deque[OutboxItem] | None:
+        raise RuntimeError("boom")
+
+    outbox.write_now = write_now
+    taker = asyncio.ensure_future(outbox.take())
+    await asyncio.sleep(0)
+    outbox.put(1, "a")
+    assert list(await asyncio.wait_for(taker, 1)) == [(FAILED, None)]
 
 
 async def test_outbox_overflow_drops_everything_and_tells_its_owner_once():
