@@ -58,6 +58,21 @@ def test_fanout(fresh_database, tmp_path: Path) -> None:  # type: ignore[no-unty
 
 
 @pytest.mark.timeout(SCENARIO_TIMEOUT + 30)
+def test_fanout_alternates_the_targets_for_rounds(  # type: ignore[no-untyped-def]
+    fresh_database, tmp_path: Path
+) -> None:
+    data = run_bench("fanout", fresh_database(), tmp_path, "--rounds", "2")
+    assert [sorted(both) for both in data["rounds"]] == [["chat", "trivial"]] * 2
+    for both in data["rounds"]:
+        for result in both.values():
+            assert result["lost"] == result["duplicated"] == 0
+            assert result["delivered"] == result["expected_deliveries"] > 0
+    assert len(data["round_ratios"]) == 2
+    p99s = sorted(both["chat"]["latency_ms"]["p99"] for both in data["rounds"])
+    assert data["chat"]["latency_ms"]["p99"] == p99s[0]  # the median of two: the lower one
+
+
+@pytest.mark.timeout(SCENARIO_TIMEOUT + 30)
 def test_saturate(fresh_database, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     data = run_bench("saturate", fresh_database(), tmp_path)
     for name in ("chat", "trivial"):

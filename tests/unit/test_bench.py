@@ -1,4 +1,4 @@
-"""The saturate ramp's bisection: where it probes between a sustained and a failed rate."""
+"""The saturate ramp's bisection, and how rounds are summed up."""
 
 from __future__ import annotations
 
@@ -24,3 +24,25 @@ def test_probes_halfway_on_a_50_grid(sustained: float, failed: float, probe: flo
 @pytest.mark.parametrize(("sustained", "failed"), [(2950, 3000), (3000, 3000), (2975, 3000)])
 def test_stops_when_the_grid_has_nothing_between(sustained: float, failed: float) -> None:
     assert refined_rate(sustained, failed) is None
+
+
+def _saturate(rate: float) -> dict[str, float]:
+    return {"sustained_rate": rate}
+
+
+def test_the_median_round_is_reported_and_ratios_pair_the_rounds() -> None:
+    from benchmarks.bench import median_round, round_ratios
+
+    chat = [_saturate(r) for r in (4400, 3900, 5600)]
+    trivial = [_saturate(r) for r in (5100, 5300, 4600)]
+    assert median_round("saturate", chat) == _saturate(4400)
+    assert median_round("saturate", chat[:2]) == _saturate(3900)  # even: the lower one
+    rounds = [{"trivial": t, "chat": c} for t, c in zip(trivial, chat, strict=True)]
+    assert round_ratios("saturate", rounds) == [0.863, 0.736, 1.217]
+
+
+def test_a_fanout_round_without_a_latency_sorts_last() -> None:
+    from benchmarks.bench import median_round
+
+    runs = [{"latency_ms": {"p99": p99}} for p99 in (None, 3.1, 2.7)]
+    assert median_round("fanout", runs) == {"latency_ms": {"p99": 3.1}}
