@@ -855,6 +855,8 @@ def round_figure(scenario: str, result: dict[str, Any]) -> float:
 
 def median_round(scenario: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The round with the median figure (the lower one of an even count)."""
+    if len(runs) == 1:  # every scenario; only fanout and saturate have a figure to order by
+        return runs[0]
     ordered = sorted(runs, key=lambda run: round_figure(scenario, run))
     return ordered[(len(ordered) - 1) // 2]
 

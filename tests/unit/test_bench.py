@@ -46,3 +46,12 @@ def test_a_fanout_round_without_a_latency_sorts_last() -> None:
 
     runs = [{"latency_ms": {"p99": p99}} for p99 in (None, 3.1, 2.7)]
     assert median_round("fanout", runs) == {"latency_ms": {"p99": 3.1}}
+
+
+def test_one_round_of_any_scenario_is_its_own_median() -> None:
+    from benchmarks.bench import SCENARIOS, median_round
+
+    for scenario in SCENARIOS:
+        assert median_round(scenario, [{"rss_per_connection_kb": 22.4}]) == {
+            "rss_per_connection_kb": 22.4
+        }
