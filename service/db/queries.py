@@ -19,7 +19,7 @@ where ``($x IS NULL OR seq < $x)`` makes PostgreSQL walk the room from one end."
 
 def _message_json(room: str) -> str:
     """SQL for a message's JSON object, as ``envelope.message_fields`` and ``dumps`` write it
-    (migration 0002 builds frames the same way; a test holds them together): the rows go out
+    (migration 0003 builds frames the same way; a test holds them together): the rows go out
     as they come, without decoding, building and encoding seven fields in Python."""
     return f"""'{{"room":' || to_json({room})::text || ',"seq":' || seq || ',"id":' || id
     || ',"author":' || to_json(author)::text || ',"body":' || to_json(body)::text

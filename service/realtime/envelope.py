@@ -39,7 +39,7 @@ def channel_for(room: str) -> str:
 
 
 def iso(ts: datetime) -> str:
-    """Always with microseconds, as ``chat_post_messages`` (migration 0002) writes it.
+    """Always with microseconds, as ``chat_post_messages`` (migration 0003) writes it.
     ``isoformat`` is twice as fast as ``strftime``; asyncpg's datetimes are in UTC already."""
     if ts.tzinfo is not UTC:
         ts = ts.astimezone(UTC)

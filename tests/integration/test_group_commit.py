@@ -1,5 +1,6 @@
-"""Group commit (``service.db.writer`` and migration 0002) against the real database: batches
-keep seqs gap-free and ordered, resends idempotent, frames exact, and one bad message alone."""
+"""Group commit (``service.db.writer``, migrations 0002 and 0003) against the real database:
+batches keep seqs gap-free and ordered, resends idempotent, frames exact, and one bad message
+alone."""
 
 from __future__ import annotations
 
@@ -224,3 +225,52 @@ async def test_pipelined_sends_are_answered_in_order(server, room, alice):
     expected = [("ack", f"p-{i}") for i in range(8)] + [("pong", None), ("error", "p-empty")]
     assert kinds == expected + [("ack", f"p-{i}") for i in range(8, 12)]
     assert [a["seq"] for a in answers if a["type"] == "ack"] == list(range(1, 13))
+
+
+async def _post_batch(conn: asyncpg.Connection, room: str, cmids: list[str]) -> list[int]:
+    rows = await conn.fetch(
+        "SELECT * FROM chat_post_messages($1::text[], $2::text[], $3::text[], $4::text[],"
+        " $5::text[], false)",
+        [room] * len(cmids),
+        [channel_for(room)] * len(cmids),
+        ["ann"] * len(cmids),
+        ["x"] * len(cmids),
+        cmids,
+    )
+    return [row["o_seq"] for row in sorted(rows, key=lambda row: row["o_ord"])]
+
+
+async def test_a_big_batch_leaves_one_version_of_its_room_row(own_database):
+    """Under overload batches hold hundreds of messages: bumping ``last_seq`` once per message
+    left as many row versions, unprunable until commit, and the room table bloated (0003)."""
+    conn = await asyncpg.connect(own_database)
+    try:
+        room = _room()
+        assert await _post_batch(conn, room, ["first"]) == [1]
+        size = await conn.fetchval("SELECT pg_relation_size('room')")
+        cmids = [f"m{k}" for k in range(400)] + ["m7"]  # and a resend inside the batch
+        assert await _post_batch(conn, room, cmids) == [*range(2, 402), 9]
+        assert await conn.fetchval("SELECT last_seq FROM room WHERE name = $1", room) == 401
+        assert await conn.fetchval("SELECT pg_relation_size('room')") == size == 8192
+    finally:
+        await conn.close()
+
+
+def test_downgrading_to_0002_keeps_a_working_function(fresh_database):
+    from service.db.migrate import downgrade, upgrade
+
+    async def post(url: str, room: str, cmids: list[str]) -> tuple[list[int], int]:
+        conn = await asyncpg.connect(url)
+        try:
+            seqs = await _post_batch(conn, room, cmids)
+            return seqs, await conn.fetchval("SELECT last_seq FROM room WHERE name = $1", room)
+        finally:
+            await conn.close()
+
+    url = fresh_database()
+    upgrade(url)
+    downgrade(url, "0002")
+    room = _room()
+    assert asyncio.run(post(url, room, ["a", "b", "a"])) == ([1, 2, 1], 2)
+    upgrade(url)
+    assert asyncio.run(post(url, room, ["c", "b", "d"])) == ([3, 2, 4], 4)
