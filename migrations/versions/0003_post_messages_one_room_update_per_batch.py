@@ -11,9 +11,11 @@ messages, the five-row ``room`` table of the benchmark grew from 16 kB to 4 MB w
 each UPDATE had more dead versions to step over, PostgreSQL's CPU per message went up and the
 service fell further behind (docs/benchmarks.md, round 5).
 
-Now each room of a batch is locked with ``SELECT ... FOR UPDATE`` (a lock, not a new version)
-when the batch reaches it, its seqs are counted in a variable, and ``last_seq`` is written once
-when the batch leaves it: one new version per room per batch. Everything else is 0002's:
+Now the batch reaches each of its rooms with one UPDATE that locks the row and reserves a seq
+for each of the room's messages in the batch; the messages take them in order, and only when
+some were resends (which take no seq) is ``last_seq`` set back to the last one given out. One
+new version per room per batch (two with resends), and for a batch of one message the same
+two statements as 0002. Everything else is 0002's:
 rooms in name order ("C" collation, so batches cannot deadlock), arrival order within a room,
 a resend gives its seq back and returns the original, the NOTIFY carries the exact frame.
 Same signature and results: servers of the release before call it unchanged.
@@ -53,30 +55,31 @@ DECLARE
     original record;
     v_room text;
     v_room_id bigint;
-    v_stored_seq bigint;  -- room.last_seq as the batch found it
-    v_seq bigint;         -- the last seq given out in this room by this batch
+    v_reserved bigint;  -- room.last_seq once the batch's seqs of the room are reserved
+    v_seq bigint;       -- the last of them given out so far
     v_head text;
     v_payload text;
 BEGIN
     FOR m IN
-        SELECT u.ord::integer AS ord, u.room, u.channel, u.author, u.body, u.cmid
+        SELECT u.ord::integer AS ord, u.room, u.channel, u.author, u.body, u.cmid,
+            count(*) OVER (PARTITION BY u.room) AS in_room
         FROM unnest(p_rooms, p_channels, p_authors, p_bodies, p_client_msg_ids)
             WITH ORDINALITY AS u(room, channel, author, body, cmid, ord)
         ORDER BY u.room COLLATE "C", u.ord
     LOOP
         IF v_room IS DISTINCT FROM m.room THEN
-            IF v_seq > v_stored_seq THEN
+            IF v_seq < v_reserved THEN  -- resends in the room before: give their seqs back
                 UPDATE room SET last_seq = v_seq WHERE room.id = v_room_id;
             END IF;
-            SELECT room.id, room.last_seq INTO v_room_id, v_stored_seq
-            FROM room WHERE room.name = m.room FOR UPDATE;
+            UPDATE room SET last_seq = room.last_seq + m.in_room WHERE room.name = m.room
+                RETURNING room.id, room.last_seq INTO v_room_id, v_reserved;
             IF NOT FOUND THEN
-                INSERT INTO room (name) VALUES (m.room) ON CONFLICT (name) DO NOTHING;
-                SELECT room.id, room.last_seq INTO v_room_id, v_stored_seq
-                FROM room WHERE room.name = m.room FOR UPDATE;
+                INSERT INTO room (name, last_seq) VALUES (m.room, m.in_room)
+                ON CONFLICT (name) DO UPDATE SET last_seq = room.last_seq + m.in_room
+                RETURNING room.id, room.last_seq INTO v_room_id, v_reserved;
             END IF;
             v_room := m.room;
-            v_seq := v_stored_seq;
+            v_seq := v_reserved - m.in_room;
         END IF;
 
         o_ord := m.ord;
@@ -126,7 +129,7 @@ BEGIN
         END IF;
         RETURN NEXT;
     END LOOP;
-    IF v_seq > v_stored_seq THEN
+    IF v_seq < v_reserved THEN
         UPDATE room SET last_seq = v_seq WHERE room.id = v_room_id;
     END IF;
 END
