@@ -853,12 +853,16 @@ def round_figure(scenario: str, result: dict[str, Any]) -> float:
     return float("inf") if value is None else float(value)
 
 
+def lower_median(values: list[Any], key: Callable[[Any], Any] = lambda v: v) -> Any:
+    """The median of an odd count, the lower of the two middle values of an even one."""
+    return sorted(values, key=key)[(len(values) - 1) // 2]
+
+
 def median_round(scenario: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The round with the median figure (the lower one of an even count)."""
+    """The round with the median figure."""
     if len(runs) == 1:  # every scenario; only fanout and saturate have a figure to order by
         return runs[0]
-    ordered = sorted(runs, key=lambda run: round_figure(scenario, run))
-    return ordered[(len(ordered) - 1) // 2]
+    return lower_median(runs, key=lambda run: round_figure(scenario, run))
 
 
 def round_ratios(scenario: str, rounds: list[dict[str, Any]]) -> list[float]:
@@ -956,9 +960,7 @@ def main(argv: list[str] | None = None) -> int:
             report["ratio"] = ratios(results["chat"], results["trivial"])
             if "rounds" in results:
                 report["round_ratios"] = round_ratios(args.scenario, results["rounds"])
-                report["median_round_ratio"] = sorted(report["round_ratios"])[
-                    (len(report["round_ratios"]) - 1) // 2
-                ]
+                report["median_round_ratio"] = lower_median(report["round_ratios"])
         report["targets"] = assess(args.scenario, report)
         report["violations"] = ctx.violations
         code = 1 if ctx.violations else 0

@@ -188,37 +188,29 @@ class RoomConnection:
             writer.exception()  # retrieved: the peer left first, its end is what counts
 
     async def _write(self, outbox: Outbox) -> None:
-        counts = self.services.metrics.counts
-        ready: list[str | SharedFrame] = []  # frames to write, in order, before any await
+        """Everything that needs no await goes through ``_write_now``, here as from the
+        outbox's callback; this task does the rest: fill a gap or resync from the database,
+        wait for a socket that refused frames, close on a failed send."""
         while True:
             items = await outbox.take()
-            count = 0
-            for seq, frame in items:
-                if seq == DIRECT:
-                    ready.append(frame)  # type: ignore[arg-type]
+            while (rest := self._write_now(items)) is not None:
+                items = rest
+                seq, frame = items.popleft()
+                if seq == DIRECT:  # the socket refused it just now: wait until it takes it
+                    await self._send_all([frame])  # type: ignore[list-item]
                 elif seq == FAILED:
                     raise RuntimeError("a send failed")  # logged where it failed
                 elif seq == RESYNC_SEQ:
-                    await self._send_all(ready)
                     await self._catch_up(until=None)
-                elif seq <= self.last_seq:
-                    continue  # the replay already covered it
-                elif seq == self.last_seq + 1 and frame is not None:
-                    ready.append(frame)
-                    count += 1
-                    self.last_seq = seq
-                else:
-                    await self._send_all(ready)
+                else:  # a gap, or a message too big to notify that nobody loaded
                     await self._catch_up(until=seq)
-            await self._send_all(ready)
-            counts.delivered += count
 
     def _write_now(self, items: deque[OutboxItem]) -> deque[OutboxItem] | None:
-        """``_write``'s work on the items that need no await, done from the outbox's callback
-        while ``_write`` waits for items: direct frames and the next live messages in seq order
-        are written in one go. From the first other item (a marker, a gap, a frame to read) the
-        rest is returned for ``_write``. Frames the socket cannot take now (backpressure, closing)
-        go back too, as direct frames, still in order."""
+        """The items that need no await, written in one go: direct frames and the next live
+        messages in seq order (called from the outbox's callback while ``_write`` waits, and by
+        ``_write``). From the first other item (a marker, a gap, a frame to read) the rest is
+        returned. Frames the socket cannot take now (backpressure, closing) go back too, as
+        direct frames, still in order."""
         ready: list[str | SharedFrame] = []
         last_seq = self.last_seq
         count = 0
