@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hmac
 import logging
 import math
 import time
@@ -29,7 +30,7 @@ from service.config import Settings, to_asyncpg_dsn
 from service.db.engine import create_engine, create_pool
 from service.db.migrate import current_revision, head_revision
 from service.db.writer import MessageWriter
-from service.errors import ChatError
+from service.errors import ChatError, DatabaseUnreachable, SchemaMismatch, StartupError
 from service.metrics import Metrics
 from service.observability import RequestIdMiddleware, request_id
 from service.realtime import websocket as websocket_routes
@@ -45,30 +46,42 @@ log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
 
 
-class StartupError(RuntimeError):
-    """The service cannot serve: said once, clearly, at start-up rather than on each request."""
-
-
 async def check_database(engine: AsyncEngine, expected_revision: str) -> None:
     url = engine.url.render_as_string(hide_password=True)
     try:
         async with engine.connect() as conn:
             revision = await asyncio.wait_for(current_revision(conn), 10)
     except (OSError, TimeoutError, DBAPIError) as exc:
-        raise StartupError(f"cannot reach the database at {url}: {exc}") from None
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise DatabaseUnreachable(f"cannot reach the database at {url}: {reason}") from None
     if revision != expected_revision:
-        raise StartupError(
+        raise SchemaMismatch(
             f"the database schema is at {revision or 'nothing'}, this version needs "
             f"{expected_revision}: run `chat-service migrate`"
         )
 
 
-async def database_check(engine: AsyncEngine, expected_revision: str) -> str:
+async def database_check(engine: AsyncEngine, expected_revision: str) -> str | None:
+    """``None`` when the database is ready, else why not (for the log: it names the host)."""
     try:
         await asyncio.wait_for(check_database(engine, expected_revision), 3)
     except (StartupError, TimeoutError) as exc:
         return str(exc) or "database check timed out"
-    return "ok"
+    return None
+
+
+def check_database_once(settings: Settings) -> None:
+    """The lifespan's database check, run by the CLI before the server starts, so that a
+    failure is one log line and an exit code rather than a server's traceback."""
+
+    async def check() -> None:
+        engine = create_engine(settings)
+        try:
+            await check_database(engine, head_revision())
+        finally:
+            await engine.dispose()
+
+    asyncio.run(check())
 
 
 def make_backend(settings: Settings) -> ListenBackend | RedisPubSubBackend:
@@ -138,13 +151,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # long as the process: out of the collector's sight, a full collection takes a few
             # ms instead of ~70 ms of stopped event loop (docs/benchmarks.md, round 4).
             gc.freeze()
+            if settings.dev_auth_enabled and not settings.listens_on_loopback:
+                log.warning(
+                    "CHAT_DEV_AUTH is on and the service listens on %s, not loopback: ANYONE "
+                    "who can reach it can sign in as ANYONE (POST /auth/dev-token)",
+                    settings.listen_host or "an unknown address",
+                )
             yield {"services": services, "listen": backend, "engine": engine}
 
+    docs = settings.docs_enabled  # off a loopback listener only with CHAT_PUBLIC_DOCS=true
     app = FastAPI(
         title="chat-service",
         summary="Rooms, history and live messages, persisted in PostgreSQL.",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
     )
     app.include_router(room_routes.router)
     app.include_router(auth_routes.router)
@@ -190,22 +213,44 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get(
         "/readyz",
         tags=["health"],
-        responses={503: {"description": "Not ready: the failing checks are listed"}},
+        responses={503: {"description": "Not ready: the failing checks are named"}},
     )
     async def readyz(request: Request) -> JSONResponse:
-        """Readiness: database reachable with the schema at head, LISTEN connection up."""
-        checks = {
+        """Readiness: database reachable with the schema at head, LISTEN connection up.
+        Anyone may ask, so the answer names the failing check only: why it fails (a host, a
+        user, a driver error) goes to the log."""
+        problems = {
             "database": await database_check(request.state.engine, expected_revision),
-            "listen": "ok" if request.state.listen.connected else "LISTEN connection down",
+            "listen": None if request.state.listen.connected else "LISTEN connection down",
         }
+        for name, problem in problems.items():
+            if problem is not None:
+                log.warning("not ready: %s check fails: %s", name, problem)
+        checks = {name: "ok" if p is None else "failing" for name, p in problems.items()}
         ready = all(v == "ok" for v in checks.values())
         return JSONResponse(
             {"status": "ready" if ready else "not ready", "checks": checks},
             status_code=200 if ready else 503,
         )
 
+    metrics_token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
+    metrics_open = metrics_token is None and settings.listens_on_loopback
+
     @app.get("/metrics", include_in_schema=False)
-    async def metrics_endpoint() -> Response:
+    async def metrics_endpoint(request: Request) -> Response:
+        """With CHAT_METRICS_TOKEN, for its bearer only; without, on a loopback listener only."""
+        if metrics_token is not None:
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode(), metrics_token.encode()
+            ):
+                return JSONResponse(
+                    {"detail": "metrics need CHAT_METRICS_TOKEN", "code": "not_authenticated"},
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        elif not metrics_open:
+            return JSONResponse({"detail": "Not Found"}, status_code=404)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", include_in_schema=False)

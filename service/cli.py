@@ -1,19 +1,35 @@
-"""``chat-service serve | migrate | token``."""
+"""``chat-service serve | migrate | token``.
+
+A start-up failure is one log line in the configured format (JSON lines, or plain text with
+``--dev`` and in embedded mode) and an exit code from ``service.errors``: 2 for invalid
+settings, 3 for an unreachable database, 4 for a schema that is not at this release's head,
+1 for anything else (a bug: its traceback is in the line's ``exc``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import logging.config
+import os
 import re
 import signal
-import sys
 from typing import Any
 
 from pydantic import ValidationError
 
 from service.config import Settings
+from service.errors import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_INVALID_SETTINGS,
+    DatabaseUnreachable,
+    InvalidSettings,
+    StartupError,
+)
 from service.observability import JsonFormatter, RequestIdFilter
+
+log = logging.getLogger("chat-service")
 
 TOKEN_IN_TEXT = re.compile(r"(token=)[^&\s\"']+")
 
@@ -68,21 +84,37 @@ def _exit_cleanly(_signum: int, _frame: object) -> None:
     raise SystemExit(0)
 
 
+def _embedded_requested() -> bool:
+    """Whether settings would select embedded mode (no database URL), known before they are
+    validated: an invalid setting is then reported in embedded mode's plain format."""
+    return not any(k.upper() == "CHAT_DATABASE_URL" for k in os.environ)
+
+
+def _settings(**update: object) -> Settings:
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        problems = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+        raise InvalidSettings(f"invalid settings: {problems}") from None
+    return settings.model_copy(update=update) if update else settings
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn  # noqa: PLC0415 - keep `token` fast
 
-    from service.app import create_app  # noqa: PLC0415
-    from service.db.migrate import upgrade  # noqa: PLC0415
+    from service.app import check_database_once, create_app  # noqa: PLC0415
     from service.embedded_mode import export, resolved_settings  # noqa: PLC0415
 
-    with resolved_settings(Settings()) as settings:
-        if settings.embedded:
-            upgrade(settings.require_database_url())
-        host = "localhost" if args.host in ("0.0.0.0", "::") else args.host  # noqa: S104
-        print(f"chat-service: demo page at http://{host}:{args.port}/", file=sys.stderr)
+    # The listen address decides what is open by default (dev logins, metrics, docs).
+    with resolved_settings(_settings(listen_host=args.host)) as settings:
         # JSON lines for production; plain text with --dev and in the embedded (try-it) mode.
         log_config = logging_config(args.log_level, dev=args.dev or settings.embedded)
         logging.config.dictConfig(log_config)
+        if settings.embedded:
+            _migrate(settings.require_database_url())
+        check_database_once(settings)
+        host = "localhost" if args.host in ("0.0.0.0", "::") else args.host  # noqa: S104
+        log.info("demo page at http://%s:%d/", host, args.port)
         options = {
             "host": args.host,
             "port": args.port,
@@ -105,25 +137,47 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def migrate(_args: argparse.Namespace) -> int:
+def _migrate(url: str) -> None:
+    """``alembic upgrade head``; a database it cannot reach is a start-up failure, not a bug."""
+    from sqlalchemy.exc import DBAPIError  # noqa: PLC0415
+
     from service.db.migrate import upgrade  # noqa: PLC0415
+
+    try:
+        upgrade(url)
+    except (OSError, TimeoutError, DBAPIError) as exc:
+        from sqlalchemy.engine import make_url  # noqa: PLC0415
+
+        where = make_url(url).render_as_string(hide_password=True)
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise DatabaseUnreachable(f"cannot migrate the database at {where}: {reason}") from None
+
+
+def migrate(_args: argparse.Namespace) -> int:
     from service.embedded_mode import resolved_settings  # noqa: PLC0415
 
-    with resolved_settings(Settings()) as settings:
-        upgrade(settings.require_database_url())
-    print("chat-service: database schema is at head", file=sys.stderr)
+    with resolved_settings(_settings()) as settings:
+        _migrate(settings.require_database_url())
+    log.info("database schema is at head")
     return 0
 
 
 def token(args: argparse.Namespace) -> int:
+    """Sign with the configured secret, or the one a local embedded ``serve`` keeps; never make
+    one up: a new secret would sign tokens that no running service accepts."""
     from service.auth import TokenCodec  # noqa: PLC0415
-    from service.embedded_mode import with_local_secret  # noqa: PLC0415
+    from service.embedded_mode import local_secret_path, with_existing_secret  # noqa: PLC0415
 
-    settings = with_local_secret(Settings())
+    settings = with_existing_secret(_settings())
+    if settings.jwt_secret is None and not settings.jwt_public_key:
+        path = local_secret_path(settings)
+        raise InvalidSettings(
+            f"no signing secret: CHAT_JWT_SECRET is not set and {path} does not exist "
+            "(set CHAT_JWT_SECRET, or CHAT_DATA_DIR to the data folder of the running service)"
+        )
     codec = TokenCodec(settings)
     if not codec.can_issue:
-        print("chat-service: issuing tokens needs CHAT_JWT_SECRET", file=sys.stderr)
-        return 2
+        raise InvalidSettings("issuing tokens needs CHAT_JWT_SECRET (a public key only verifies)")
     print(codec.issue(args.user, ttl=args.ttl, name=args.name))
     return 0
 
@@ -153,13 +207,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # serve logs JSON unless --dev; the one-shot commands talk to a person.
-    logging.config.dictConfig(logging_config(args.log_level, dev=getattr(args, "dev", True)))
+    # serve logs JSON unless --dev or embedded; the one-shot commands talk to a person.
+    plain = getattr(args, "dev", True) or _embedded_requested()
+    logging.config.dictConfig(logging_config(args.log_level, dev=plain))
     try:
         return int(args.func(args))
-    except ValidationError as exc:
-        problems = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
-        print(f"chat-service: invalid settings: {problems}", file=sys.stderr)
-        return 2
+    except StartupError as exc:
+        # One line; a multi-line message (the embedded PostgreSQL's log tail) says in its first
+        # line where the rest is, and the rest is logged at debug level.
+        first, _, rest = str(exc).partition("\n")
+        log.error("%s", first)
+        if rest:
+            log.debug("%s", rest)
+        return exc.exit_code
+    except ValidationError as exc:  # settings built after start-up checks (a bug, but clear)
+        log.error("invalid settings: %s", exc)
+        return EXIT_INVALID_SETTINGS
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception:
+        log.exception("chat-service failed to start")
+        return EXIT_ERROR

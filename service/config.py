@@ -4,11 +4,16 @@ Nothing here runs at import time. ``Settings()`` is built by the CLI or ``create
 down; no module keeps a global copy. With no ``CHAT_DATABASE_URL`` the service is in *embedded
 mode*: the CLI starts a private PostgreSQL in ``CHAT_DATA_DIR`` and fills in the database URL and a
 generated JWT secret (see ``service.embedded_mode``). Outside embedded mode unsafe defaults are
-refused instead of silently accepted.
+refused instead of silently accepted: a secret must look random (``weak_secret_problem``), and
+dev logins, metrics and the API docs are open by default only on a loopback listener
+(``listen_host``, which the CLI sets from ``serve --host``).
 """
 
 from __future__ import annotations
 
+import ipaddress
+import math
+from collections import Counter
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -19,7 +24,65 @@ ROOM_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 """Room names and dev-login user names: safe in URLs, logs and channel names."""
 
 _MIN_SECRET_BYTES = 32
+_MIN_SECRET_BITS = 80
+"""Estimated from character frequencies; ``openssl rand -hex 16`` (128 real bits) scores ~96."""
 _KNOWN_WEAK_SECRETS = {"changeme", "changethis", "secret", "password", "test", "dev"}
+_SHIPPED_EXAMPLES = {
+    # what .env.example shipped before it left the secrets empty: copies of it are everywhere
+    "change-me-to-48-random-url-safe-characters-xxxxxxxxxxxx",
+    "change-me-to-a-long-random-password",
+}
+_PLACEHOLDER_MARKERS = (
+    "changeme",
+    "change-me",
+    "change_me",
+    "changethis",
+    "change-this",
+    "replaceme",
+    "replace-me",
+    "placeholder",
+    "example",
+    "your-secret",
+    "yoursecret",
+)
+GENERATE_SECRET_HINT = "python -c 'import secrets; print(secrets.token_urlsafe(48))'"  # noqa: S105
+
+
+def weak_secret_problem(secret: str) -> str | None:
+    """Why ``secret`` cannot be a signing key, or ``None``. Length alone is not enough: 32
+    copies of one character, a shipped placeholder or ``abcabc...`` are as good as public."""
+    lowered = secret.lower()
+    if lowered in _KNOWN_WEAK_SECRETS or secret in _SHIPPED_EXAMPLES:
+        return "a well-known value"
+    if len(secret.encode()) < _MIN_SECRET_BYTES:
+        return f"shorter than {_MIN_SECRET_BYTES} bytes"
+    if any(marker in lowered for marker in _PLACEHOLDER_MARKERS):
+        return "a placeholder"
+    counts = Counter(secret)
+    bits = max(0.0, -sum(n * math.log2(n / len(secret)) for n in counts.values()))
+    if bits < _MIN_SECRET_BITS or counts.most_common(1)[0][1] * 2 > len(secret):
+        return f"too predictable (its characters carry about {bits:.0f} bits of randomness)"
+    if secret in (secret + secret)[1:-1]:
+        return "a repeated pattern"
+    steps = [ord(b) - ord(a) for a, b in zip(secret, secret[1:], strict=False)]
+    regular = sum(1 for d, e in zip(steps, steps[1:], strict=False) if d == e)
+    if regular * 2 > len(steps) or any(c * 6 in secret for c in counts):
+        return "a run or sequence of characters"
+    return None
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether a listen address only accepts connections from this machine:
+    ``localhost``, ``127.0.0.0/8`` and ``::1``; not ``0.0.0.0`` or ``::``."""
+    if host is None:
+        return False
+    host = host.strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class Settings(BaseSettings):
@@ -57,22 +120,44 @@ class Settings(BaseSettings):
     embedded: bool = False
     """Set by the CLI once it has started the embedded PostgreSQL; not meant to be set by hand."""
 
+    # -- issue 11, safe defaults: what is open to whom ------------------------------------------
+    listen_host: str | None = None
+    """Set by the CLI from ``serve --host`` (and passed to worker processes); unknown means not
+    loopback. Dev logins, metrics and the API docs default to on only on a loopback listener."""
+    public_docs: bool | None = None
+    """``/docs``, ``/redoc`` and ``/openapi.json``: unset means only on a loopback listener."""
+    metrics_token: SecretStr | None = None
+    """When set, ``/metrics`` needs ``Authorization: Bearer <it>``; unset, ``/metrics`` answers
+    only on a loopback listener (404 elsewhere)."""
+
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:
+        if self.metrics_token is not None:
+            problem = weak_secret_problem(self.metrics_token.get_secret_value())
+            if problem:
+                raise ValueError(f"CHAT_METRICS_TOKEN is {problem}: try {GENERATE_SECRET_HINT}")
+        if self.jwt_secret is not None:
+            problem = weak_secret_problem(self.jwt_secret.get_secret_value())
+            if problem:
+                raise ValueError(
+                    f"CHAT_JWT_SECRET is {problem}: it must be at least {_MIN_SECRET_BYTES} "
+                    f"bytes of randomness (try: {GENERATE_SECRET_HINT})"
+                )
         if self.database_url is None:
             return self  # embedded mode: the CLI fills in URL and secret before serving
+        password = urlsplit(self.database_url).password
+        if password is not None and (
+            password in _SHIPPED_EXAMPLES
+            or any(marker in password.lower() for marker in _PLACEHOLDER_MARKERS)
+        ):
+            raise ValueError(
+                "the password in CHAT_DATABASE_URL is the example's placeholder: set a real one"
+            )
         if self.jwt_secret is None and not self.jwt_public_key:
             raise ValueError(
                 "CHAT_JWT_SECRET (HS256) or CHAT_JWT_PUBLIC_KEY (RS256/ES256) is required "
                 "when CHAT_DATABASE_URL is set"
             )
-        if self.jwt_secret is not None:
-            secret = self.jwt_secret.get_secret_value()
-            if secret.lower() in _KNOWN_WEAK_SECRETS or len(secret.encode()) < _MIN_SECRET_BYTES:
-                raise ValueError(
-                    f"CHAT_JWT_SECRET must be at least {_MIN_SECRET_BYTES} bytes of randomness "
-                    "(try: python -c 'import secrets; print(secrets.token_urlsafe(48))')"
-                )
         if self.broadcast_url is not None and not self.broadcast_over_redis:
             to_asyncpg_dsn(self.broadcast_url)  # refuses any other scheme with a clear error
         if self.dev_auth and self.jwt_secret is None:
@@ -80,9 +165,20 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def listens_on_loopback(self) -> bool:
+        return is_loopback(self.listen_host)
+
+    @property
     def dev_auth_enabled(self) -> bool:
-        """Dev logins default to on only for the embedded, single-machine mode."""
-        return self.embedded if self.dev_auth is None else self.dev_auth
+        """Dev logins default to on only for the embedded mode on a loopback listener: anyone
+        who reaches ``/auth/dev-token`` can sign in as anyone."""
+        if self.dev_auth is not None:
+            return self.dev_auth
+        return self.embedded and self.listens_on_loopback
+
+    @property
+    def docs_enabled(self) -> bool:
+        return self.listens_on_loopback if self.public_docs is None else self.public_docs
 
     @property
     def origins(self) -> frozenset[str]:

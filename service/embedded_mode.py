@@ -1,8 +1,10 @@
 """Embedded mode: with no ``CHAT_DATABASE_URL``, run a private PostgreSQL in ``CHAT_DATA_DIR``.
 
-The JWT secret is generated once and kept beside the data (``jwt-secret``, mode 0600), so
-tokens stay valid across restarts, and dev logins default to on. The server is started by the
-process that calls ``embedded_settings`` and dies with it.
+The JWT secret is generated once by ``serve`` (or ``migrate``) and kept beside the data
+(``jwt-secret``, mode 0600), so tokens stay valid across restarts; ``token`` only ever reads it
+(a secret it made up would sign tokens no running service accepts). Dev logins default to on
+when the service listens on loopback. The server is started by the process that calls
+``resolved_settings`` and dies with it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ def read_or_create_secret(data_dir: Path) -> str:
     path = data_dir / "jwt-secret"
     if path.exists():
         return path.read_text().strip()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     secret = secrets.token_urlsafe(48)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -39,6 +41,22 @@ def with_local_secret(settings: Settings) -> Settings:
         return settings
     secret = read_or_create_secret(settings.data_dir)
     return settings.model_copy(update={"jwt_secret": SecretStr(secret)})
+
+
+def local_secret_path(settings: Settings) -> Path | None:
+    """Where ``token`` looks for the embedded mode's secret (``None`` outside embedded mode)."""
+    if settings.database_url is not None:
+        return None
+    return settings.data_dir.resolve() / "jwt-secret"
+
+
+def with_existing_secret(settings: Settings) -> Settings:
+    """Like ``with_local_secret``, but never creates one."""
+    path = local_secret_path(settings)
+    if settings.jwt_secret is not None or path is None or not path.is_file():
+        return settings
+    secret = path.read_text().strip()
+    return settings.model_copy(update={"jwt_secret": SecretStr(secret)}) if secret else settings
 
 
 @contextmanager
@@ -65,3 +83,7 @@ def export(settings: Settings) -> None:
     if settings.jwt_secret is not None:
         os.environ["CHAT_JWT_SECRET"] = settings.jwt_secret.get_secret_value()
     os.environ["CHAT_EMBEDDED"] = "true" if settings.embedded else "false"
+    if settings.listen_host is not None:
+        os.environ["CHAT_LISTEN_HOST"] = settings.listen_host
+    else:
+        os.environ.pop("CHAT_LISTEN_HOST", None)

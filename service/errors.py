@@ -10,6 +10,14 @@
 
 Anything else is a bug: REST answers 500 without details, a websocket closes with 1011, and
 the server log carries the traceback. No error path puts SQL, tracebacks or secrets on the wire.
+
+Start-up failures are a tree of their own, mapped to the CLI's exit codes (docs/operations.md):
+the CLI logs them as one line in the configured format and exits with ``exit_code``.
+
+    StartupError               the service cannot serve                        -> exit 1
+    +-- InvalidSettings        a setting is missing, malformed or unsafe       -> exit 2
+    +-- DatabaseUnreachable    no connection (refused, timeout, bad password)  -> exit 3
+    +-- SchemaMismatch         schema not at this release's head: migrate      -> exit 4
 """
 
 from __future__ import annotations
@@ -46,3 +54,28 @@ class InvalidMessage(ChatError):
 class Unavailable(ChatError):
     code = "unavailable"
     http_status = 503
+
+
+EXIT_ERROR = 1
+EXIT_INVALID_SETTINGS = 2
+EXIT_DATABASE_UNREACHABLE = 3
+EXIT_SCHEMA_MISMATCH = 4
+EXIT_INTERRUPTED = 130
+
+
+class StartupError(RuntimeError):
+    """The service cannot serve: said once, clearly, at start-up rather than on each request."""
+
+    exit_code = EXIT_ERROR
+
+
+class InvalidSettings(StartupError):
+    exit_code = EXIT_INVALID_SETTINGS
+
+
+class DatabaseUnreachable(StartupError):
+    exit_code = EXIT_DATABASE_UNREACHABLE
+
+
+class SchemaMismatch(StartupError):
+    exit_code = EXIT_SCHEMA_MISMATCH

@@ -57,6 +57,8 @@ from typing import Any, TypeVar
 
 import asyncpg
 
+from service.errors import DatabaseUnreachable
+
 log = logging.getLogger(__name__)
 
 SYSTEM_DIR = Path("/var/lib/chat-service")
@@ -71,8 +73,8 @@ _PORT_ATTEMPTS = 3
 _T = TypeVar("_T")
 
 
-class EmbeddedPostgresError(RuntimeError):
-    """The embedded server could not be set up, started or reached."""
+class EmbeddedPostgresError(DatabaseUnreachable):
+    """The embedded server could not be set up, started or reached (the CLI exits with 3)."""
 
 
 # -- helpers ----------------------------------------------------------------------------------
