@@ -30,7 +30,7 @@ def pg_server_url() -> Iterator[str]:
     data_dir = Path(tempfile.mkdtemp(prefix="chat-test-pg-"))
     try:
         with EmbeddedPostgres(data_dir) as server:
-            yield server.url
+            yield server.superuser_url
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
 

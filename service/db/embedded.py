@@ -3,20 +3,28 @@
 It exists so that the service works out of the box, with no database to install: the CLI starts
 one when no ``CHAT_DATABASE_URL`` is given. What it guarantees:
 
-* **Durable data in ``data_dir``.** The cluster lives in ``data_dir/pgdata`` (``fsync`` stays on)
-  and the server log in ``data_dir/postgres.log``. The first start runs ``initdb`` with a random
-  superuser password kept in ``data_dir/pg-password`` (0600); later starts reuse the cluster and
-  take well under a second.
+* **Durable data in ``data_dir``.** The cluster lives in ``data_dir/pgdata`` (0700, ``fsync``
+  stays on) and the server log in ``data_dir/postgres.log``. The first start runs ``initdb`` with
+  a random superuser password kept in ``data_dir/pg-password`` (0600); later starts reuse the
+  cluster and take well under a second.
+* **Least privilege.** The service gets a URL for the role ``chat`` (password in
+  ``data_dir/app-password``, 0600), which owns the database and so its ``public`` schema (the
+  migrations run as it) but is no superuser and cannot create roles or databases. The superuser
+  URL (``superuser_url``) never leaves this process. A cluster made by an older version, whose
+  tables the superuser owns, is handed over to ``chat`` at start.
 * **Private.** The server listens on 127.0.0.1 only, on a free port picked at each start, has no
   unix socket, and requires the password (scram-sha-256) for every connection.
 * **Dies with its parent.** ``postgres`` is a direct child process with ``PR_SET_PDEATHSIG``: when
   the process that started it exits, even by ``kill -9``, the server gets SIGINT (a fast, clean
   shutdown). It runs in its own session, so a Ctrl-C in the terminal reaches the service only,
   which stops the server after its own shutdown. ``start()`` may be called from any thread.
-* **Works as root.** PostgreSQL refuses to run as root, so as root it runs as ``nobody``. Only
-  folders this module owns are chmod-ed (``data_dir`` gets o+x), never their parents. Binaries
-  ``nobody`` cannot reach are copied once to ``/var/lib/chat-service/pginstall-<version>``; data
-  it cannot reach goes to ``/var/lib/chat-service/data-<hash>`` with a warning.
+* **Works as root.** PostgreSQL refuses to run as root, so as root it runs as a system user of
+  its own, ``chat-postgres`` (created with ``useradd --system`` on first use, under a lock; not
+  ``nobody``, which other daemons share). A cluster an older version ran as ``nobody`` is
+  chown-ed to it. Only folders this module owns are changed (``data_dir`` gets the user's group
+  and mode 0710), never their parents. Binaries it cannot reach are copied once to
+  ``/var/lib/chat-service/pginstall-<version>``; data it cannot reach goes to
+  ``/var/lib/chat-service/data-<hash>`` with a warning.
 * **One server per data dir.** A second ``EmbeddedPostgres`` on the same ``data_dir`` (another
   service process) reuses the running server instead of failing; its lifetime stays tied to the
   process that started it.
@@ -54,6 +62,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -62,10 +71,14 @@ from service.errors import DatabaseUnreachable
 log = logging.getLogger(__name__)
 
 SYSTEM_DIR = Path("/var/lib/chat-service")
-"""Where root keeps what ``nobody`` could not reach elsewhere (binaries, data)."""
-UNPRIVILEGED_USER = "nobody"
-UNPRIVILEGED_GROUP = "nogroup"
+"""Where root keeps what the PostgreSQL user could not reach elsewhere (binaries, data)."""
+UNPRIVILEGED_USER = "chat-postgres"
+"""The system user (and group) PostgreSQL runs as when the service runs as root."""
+LEGACY_USER = "nobody"
+"""What older versions ran PostgreSQL as: their clusters are chown-ed to UNPRIVILEGED_USER."""
 SUPERUSER = "postgres"
+APP_ROLE = "chat"
+"""The role the service connects as: owns the database, no superuser."""
 
 _PR_SET_PDEATHSIG = 1
 _LOG_TAIL_LINES = 40
@@ -208,6 +221,41 @@ class _Spawner:
 
 _SPAWNER = _Spawner()
 
+_ADOPT_PUBLIC_OBJECTS = """
+DO $$
+DECLARE r record;
+BEGIN
+    FOR r IN
+        SELECT c.oid::regclass AS obj, c.relkind FROM pg_class c
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = 'public' AND c.relowner <> '$role'::regrole
+          AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
+          AND NOT EXISTS (  -- identity and serial sequences follow their table
+              SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+              AND d.objid = c.oid AND d.deptype IN ('a', 'i'))
+    LOOP
+        EXECUTE format('ALTER %s %s OWNER TO $role', CASE r.relkind
+            WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW' WHEN 'S' THEN 'SEQUENCE'
+            WHEN 'f' THEN 'FOREIGN TABLE' ELSE 'TABLE' END, r.obj);
+    END LOOP;
+    FOR r IN
+        SELECT p.oid::regprocedure AS obj FROM pg_proc p
+        JOIN pg_namespace n ON n.oid = p.pronamespace
+        WHERE n.nspname = 'public' AND p.proowner <> '$role'::regrole
+    LOOP
+        EXECUTE format('ALTER ROUTINE %s OWNER TO $role', r.obj);
+    END LOOP;
+    FOR r IN
+        SELECT t.oid::regtype AS obj FROM pg_type t
+        JOIN pg_namespace n ON n.oid = t.typnamespace
+        WHERE n.nspname = 'public' AND t.typowner <> '$role'::regrole AND t.typtype IN ('e', 'd')
+    LOOP
+        EXECUTE format('ALTER TYPE %s OWNER TO $role', r.obj);
+    END LOOP;
+END $$
+"""
+"""Hands what the superuser made in ``public`` (an older version migrated as it) to the app role."""
+
 
 def _run(make: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
     """Run a coroutine to completion from sync code, even when called inside an event loop."""
@@ -242,6 +290,66 @@ def _quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def _create_system_user() -> None:
+    """``useradd --system`` the PostgreSQL user, once even when several processes start at the
+    same moment: a lock file serializes them, and "already exists" counts as success."""
+    SYSTEM_DIR.mkdir(parents=True, exist_ok=True)
+    fd = os.open(SYSTEM_DIR / ".useradd.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # useradd takes well under a second
+        with contextlib.suppress(KeyError):
+            pwd.getpwnam(UNPRIVILEGED_USER)
+            return  # another process made it while we waited
+        useradd = shutil.which("useradd") or "/usr/sbin/useradd"
+        try:
+            grp.getgrnam(UNPRIVILEGED_USER)
+            group = ["--gid", UNPRIVILEGED_USER]  # left by an earlier, interrupted attempt
+        except KeyError:
+            group = ["--user-group"]
+        argv = [
+            useradd,
+            "--system",
+            *group,
+            "--no-create-home",
+            "--home-dir",
+            "/nonexistent",
+            "--shell",
+            "/usr/sbin/nologin",
+            "--comment",
+            "chat-service embedded PostgreSQL",
+            UNPRIVILEGED_USER,
+        ]
+        log.warning(
+            "running as root: creating the system user %r for PostgreSQL", UNPRIVILEGED_USER
+        )
+        try:
+            result = subprocess.run(  # noqa: S603 - argv built here
+                argv, capture_output=True, text=True, check=False, timeout=30
+            )
+            problem = result.stderr.strip() if result.returncode not in (0, 9) else ""
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            problem = str(exc)
+        try:
+            pwd.getpwnam(UNPRIVILEGED_USER)
+        except KeyError:
+            raise EmbeddedPostgresError(
+                f"running as root, PostgreSQL needs a system user {UNPRIVILEGED_USER!r}, which "
+                f"could not be created ({problem or 'useradd did not make it'}): create it "
+                f"(useradd --system --user-group {UNPRIVILEGED_USER}) or run the service as a "
+                "user other than root"
+            ) from None
+    finally:
+        os.close(fd)
+
+
+def _chown_tree(top: Path, uid: int, gid: int) -> None:
+    """``chown -R`` without following symlinks (a cluster holds none of its own)."""
+    os.lchown(top, uid, gid)
+    for root, dirs, files in os.walk(top):
+        for name in dirs + files:
+            os.lchown(os.path.join(root, name), uid, gid)
+
+
 # -- the server -------------------------------------------------------------------------------
 
 
@@ -263,13 +371,23 @@ class EmbeddedPostgres:
         self._proc: subprocess.Popen[bytes] | None = None
         self._owner_pid: int | None = None
         self._url: str | None = None
+        """The superuser's URL; ``url`` is the app role's."""
+        self._app_url: str | None = None
         self._pgdata: Path | None = None
 
     # -- public --------------------------------------------------------------------------------
 
     @property
     def url(self) -> str:
-        """``postgresql://postgres:PASSWORD@127.0.0.1:PORT/<database>`` once started."""
+        """``postgresql://chat:PASSWORD@127.0.0.1:PORT/<database>`` once started: what the
+        service uses (the app role)."""
+        if self._app_url is None:
+            raise EmbeddedPostgresError("the embedded PostgreSQL is not started")
+        return self._app_url
+
+    @property
+    def superuser_url(self) -> str:
+        """``postgresql://postgres:PASSWORD@127.0.0.1:PORT/<database>``: administration only."""
         if self._url is None:
             raise EmbeddedPostgresError("the embedded PostgreSQL is not started")
         return self._url
@@ -290,6 +408,10 @@ class EmbeddedPostgres:
         return self.data_dir / "pg-password"
 
     @property
+    def app_password_path(self) -> Path:
+        return self.data_dir / "app-password"
+
+    @property
     def owns_server(self) -> bool:
         """Whether this instance started the server (rather than reusing another's)."""
         return self._proc is not None and self._proc.poll() is None
@@ -302,15 +424,15 @@ class EmbeddedPostgres:
         self.stop()
 
     def start(self, timeout: float = 30.0, *, port: int | None = None) -> str:
-        """Start (``initdb`` on first use) and return a URL
-        ``postgresql://postgres:PASSWORD@127.0.0.1:PORT/<database>``.
+        """Start (``initdb`` on first use) and return the app role's URL
+        ``postgresql://chat:PASSWORD@127.0.0.1:PORT/<database>``.
 
         ``port`` defaults to a free one; tests that restart the server pass the previous one.
         """
-        if self.owns_server and self._url is not None:
-            return self._url
+        if self.owns_server and self._app_url is not None:
+            return self._app_url
         deadline = time.monotonic() + timeout
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         with self._start_lock(deadline):
             try:
                 self._start_locked(deadline, port)
@@ -323,7 +445,7 @@ class EmbeddedPostgres:
         """Fast shutdown (SIGINT), then SIGKILL after ``timeout``. Idempotent; does nothing
         for a reused server or in a forked child process."""
         proc, self._proc = self._proc, None
-        self._url = None
+        self._url = self._app_url = None
         with contextlib.suppress(Exception):
             atexit.unregister(self.stop)
         if proc is None or self._owner_pid != os.getpid() or proc.poll() is not None:
@@ -356,26 +478,22 @@ class EmbeddedPostgres:
                 self._initdb(pgdata, run_as, deadline)
             self._check_ownership(pgdata, run_as)
             self._launch(pgdata, run_as, deadline, port)
-        self._create_database(deadline)
+        self._provision(deadline)
 
     # -- placement (root) ----------------------------------------------------------------------
 
     @staticmethod
     def _run_as() -> tuple[int, int] | None:
-        """``(uid, gid)`` of the unprivileged user when root, else ``None`` (run as ourselves)."""
+        """``(uid, gid)`` of the PostgreSQL system user when root (created on first use), else
+        ``None`` (run as ourselves)."""
         if os.geteuid() != 0:
             return None
         try:
             user = pwd.getpwnam(UNPRIVILEGED_USER)
         except KeyError:
-            raise EmbeddedPostgresError(
-                f"running as root, but there is no {UNPRIVILEGED_USER!r} user to run PostgreSQL"
-            ) from None
-        try:
-            gid = grp.getgrnam(UNPRIVILEGED_GROUP).gr_gid
-        except KeyError:
-            gid = user.pw_gid
-        return user.pw_uid, gid
+            _create_system_user()
+            user = pwd.getpwnam(UNPRIVILEGED_USER)
+        return user.pw_uid, user.pw_gid
 
     def _place_data(self, run_as: tuple[int, int] | None) -> Path:
         """``data_dir/pgdata``, unless root and ``nobody`` cannot get to it."""
@@ -394,10 +512,13 @@ class EmbeddedPostgres:
                     f"{local} holds a cluster, but {UNPRIVILEGED_USER!r} (which PostgreSQL runs "
                     f"as, since this process is root) cannot traverse the folders above it"
                 )
-            if not _searchable_by(self.data_dir, *run_as):
-                # data_dir is ours (never its parents): let nobody traverse it, not list it
-                mode = stat.S_IMODE(self.data_dir.stat().st_mode)
-                self.data_dir.chmod(mode | stat.S_IXGRP | stat.S_IXOTH)
+            # data_dir is ours (never its parents): PostgreSQL's user may traverse it (as its
+            # group), nobody else may even do that
+            st = self.data_dir.stat()
+            if st.st_gid != run_as[1]:
+                os.chown(self.data_dir, -1, run_as[1])
+            if stat.S_IMODE(st.st_mode) & 0o077 != 0o010:
+                self.data_dir.chmod(stat.S_IMODE(st.st_mode) & 0o700 | 0o010)
             return local
         log.warning(
             "PostgreSQL runs as %r (this process is root), which cannot traverse the folders "
@@ -472,9 +593,26 @@ class EmbeddedPostgres:
                 folder.chmod(folder_mode)  # explicit: mkdir's mode is filtered by the umask
 
     def _check_ownership(self, pgdata: Path, run_as: tuple[int, int] | None) -> None:
+        """The cluster belongs to the user PostgreSQL runs as, and only to it (0700)."""
+        st = pgdata.stat()
+        if stat.S_IMODE(st.st_mode) != 0o700:
+            log.warning("%s was mode %o: making it 0700", pgdata, stat.S_IMODE(st.st_mode))
+            pgdata.chmod(0o700)
         if run_as is None:
             return
-        st = pgdata.stat()
+        try:
+            legacy = pwd.getpwnam(LEGACY_USER).pw_uid
+        except KeyError:
+            legacy = None
+        if st.st_uid == legacy and legacy != run_as[0]:
+            log.warning(
+                "%s was made by an older version, which ran PostgreSQL as %r: handing it to %r",
+                pgdata,
+                LEGACY_USER,
+                UNPRIVILEGED_USER,
+            )
+            _chown_tree(pgdata, *run_as)
+            st = pgdata.stat()
         if st.st_uid != run_as[0]:
             raise EmbeddedPostgresError(
                 f"{pgdata} belongs to uid {st.st_uid}, but this root process runs PostgreSQL "
@@ -713,11 +851,11 @@ class EmbeddedPostgres:
                     raise
                 log.warning("port %d was taken before postgres could bind it: retrying", chosen)
 
-    def _make_url(self, password: str, port: int) -> str:
-        return f"postgresql://{SUPERUSER}:{password}@127.0.0.1:{port}/{self.database}"
+    def _make_url(self, password: str, port: int, user: str = SUPERUSER) -> str:
+        return f"postgresql://{user}:{password}@127.0.0.1:{port}/{self.database}"
 
     def _admin_url(self) -> str:
-        return self.url.rsplit("/", 1)[0] + "/postgres"
+        return self.superuser_url.rsplit("/", 1)[0] + "/postgres"
 
     def _wait_ready(self, deadline: float) -> None:
         """Poll until the server accepts an authenticated connection."""
@@ -751,23 +889,68 @@ class EmbeddedPostgres:
                     ) from None
                 time.sleep(0.05)
 
-    def _create_database(self, deadline: float) -> None:
-        url, database = self._admin_url(), self.database
+    def _app_password(self) -> str:
+        """The app role's password, made on first use (under the start lock)."""
+        path = self.app_password_path
+        with contextlib.suppress(FileNotFoundError):
+            password = path.read_text().strip()
+            if password:
+                return password
+        password = secrets.token_urlsafe(32)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(password)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return password
 
-        async def create() -> None:
-            conn = await asyncpg.connect(url, timeout=max(deadline - time.monotonic(), 2))
+    def _provision(self, deadline: float) -> None:
+        """The app role (login, no superuser, its password from the file) owns the database and
+        everything in its ``public`` schema, including what an older version made as the
+        superuser. Idempotent; runs at every start, under the start lock."""
+        admin_url, database, role = self._admin_url(), self.database, _quote_ident(APP_ROLE)
+        password = self._app_password()
+        if not password.replace("-", "").replace("_", "").isalnum():
+            raise EmbeddedPostgresError(f"{self.app_password_path} holds unexpected characters")
+        rights = "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS"
+
+        async def provision() -> None:
+            timeout = max(deadline - time.monotonic(), 2)
+            conn = await asyncpg.connect(admin_url, timeout=timeout)
             try:
-                exists = await conn.fetchval(
-                    "SELECT 1 FROM pg_database WHERE datname = $1", database
+                if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", APP_ROLE):
+                    log.info("creating the role %r", APP_ROLE)
+                    with contextlib.suppress(asyncpg.DuplicateObjectError):
+                        await conn.execute(f"CREATE ROLE {role}")
+                # utility statements take no parameters; the password is URL-safe base64
+                await conn.execute(f"ALTER ROLE {role} WITH {rights} PASSWORD '{password}'")
+                owner = await conn.fetchval(
+                    "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = $1",
+                    database,
                 )
-                if not exists:
+                if owner is None:
                     log.info("creating database %r", database)
                     with contextlib.suppress(asyncpg.DuplicateDatabaseError):
-                        await conn.execute(f"CREATE DATABASE {_quote_ident(database)}")
+                        await conn.execute(f"CREATE DATABASE {_quote_ident(database)} OWNER {role}")
+                elif owner != APP_ROLE:
+                    log.warning("handing database %r over to the role %r", database, APP_ROLE)
+                    await conn.execute(f"ALTER DATABASE {_quote_ident(database)} OWNER TO {role}")
+            finally:
+                await conn.close()
+            conn = await asyncpg.connect(
+                self.superuser_url, timeout=max(deadline - time.monotonic(), 2)
+            )
+            try:
+                await conn.execute(_ADOPT_PUBLIC_OBJECTS.replace("$role", role))
             finally:
                 await conn.close()
 
-        _run(create)
+        _run(provision)
+        self._app_url = self._make_url(
+            password, int(urlsplit(self.superuser_url).port or 0), user=APP_ROLE
+        )
 
     def _log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
         try:

@@ -105,8 +105,9 @@ def test_data_survives_a_restart_and_the_second_start_skips_initdb(data_dir: Pat
     with EmbeddedPostgres(data_dir) as server:
         first_start = time.monotonic() - started
         url = urlsplit(server.url)
-        assert (url.hostname, url.username, url.path) == ("127.0.0.1", "postgres", "/chat")
-        assert url.password == (data_dir / "pg-password").read_text()
+        assert (url.hostname, url.username, url.path) == ("127.0.0.1", "chat", "/chat")
+        assert url.password == (data_dir / "app-password").read_text()
+        assert url.password != (data_dir / "pg-password").read_text()
         _execute(
             server.url,
             "CREATE TABLE kept (n int)",
@@ -120,17 +121,18 @@ def test_data_survives_a_restart_and_the_second_start_skips_initdb(data_dir: Pat
         second_start = time.monotonic() - started
         assert _fetch(server.url, "SELECT n FROM kept") == 42
         assert _fetch(server.url, "SHOW fsync") == "on"
-        assert _fetch(server.url, "SHOW unix_socket_directories") == ""
-        assert _fetch(server.url, "SHOW listen_addresses") == "127.0.0.1"
+        assert _fetch(server.superuser_url, "SHOW unix_socket_directories") == ""
+        assert _fetch(server.superuser_url, "SHOW listen_addresses") == "127.0.0.1"
     print(f"embedded first start {first_start:.2f}s, second start {second_start:.2f}s")
     assert second_start < 5
     again = (data_dir / "pgdata" / "PG_VERSION").stat()
     assert (again.st_ino, again.st_mtime_ns) == (version_file.st_ino, version_file.st_mtime_ns)
     assert (data_dir / "pg-password").stat().st_mode & 0o777 == 0o600
+    assert (data_dir / "app-password").stat().st_mode & 0o777 == 0o600
     pgdata = (data_dir / "pgdata").stat()
     assert pgdata.st_mode & 0o777 == 0o700
     if AS_ROOT:
-        assert pgdata.st_uid == embedded.pwd.getpwnam("nobody").pw_uid
+        assert pgdata.st_uid == embedded.pwd.getpwnam("chat-postgres").pw_uid
     assert (
         "database system is ready to accept connections" in (data_dir / "postgres.log").read_text()
     )
@@ -156,14 +158,16 @@ def test_a_wrong_password_is_refused(data_dir: Path) -> None:
 
 
 @root_only
-def test_as_root_postgres_runs_as_nobody(data_dir: Path) -> None:
+def test_as_root_postgres_runs_as_a_system_user_of_its_own(data_dir: Path) -> None:
     with EmbeddedPostgres(data_dir) as server:
         pid = _postmaster_pid(server.pgdata)
-        assert _uid_of(pid) != 0
-        assert _uid_of(pid) == embedded.pwd.getpwnam("nobody").pw_uid
+        user = embedded.pwd.getpwnam("chat-postgres")
+        assert _uid_of(pid) not in (0, embedded.pwd.getpwnam("nobody").pw_uid)
+        assert _uid_of(pid) == user.pw_uid
         assert _fetch(server.url, "SELECT 1") == 1
-    # the data dir is ours: it may be made traversable, not readable, by others
-    assert data_dir.stat().st_mode & 0o777 == 0o711
+    # the data dir is ours: PostgreSQL's user may traverse it (as its group), nobody else
+    st = data_dir.stat()
+    assert (st.st_mode & 0o777, st.st_uid, st.st_gid) == (0o710, 0, user.pw_gid)
 
 
 def test_postgres_dies_with_its_parent_even_on_kill_9(data_dir: Path) -> None:
