@@ -378,3 +378,114 @@ def test_as_root_binaries_nobody_cannot_reach_are_copied_once(
         assert _fetch(server.url, "SELECT 1") == 1
     assert binary.stat().st_ino == first_copy
     assert [p.name for p in system_dir.iterdir()] == [f"pginstall-{version}"]
+
+
+def test_the_service_role_owns_its_schema_but_is_no_superuser(data_dir: Path) -> None:
+    from service.db.migrate import upgrade
+
+    with EmbeddedPostgres(data_dir) as server:
+        upgrade(server.url)  # migrations run as the app role
+        assert _fetch(server.url, "SELECT current_user") == "chat"
+        assert _fetch(server.url, "SELECT rolsuper FROM pg_roles WHERE rolname = 'chat'") is False
+        owners = _fetch(
+            server.url,
+            "SELECT array_agg(DISTINCT tableowner) FROM pg_tables WHERE schemaname = 'public'",
+        )
+        assert owners == ["chat"]
+        for statement in (
+            "CREATE DATABASE other",
+            "CREATE ROLE other",
+            "SELECT rolpassword FROM pg_authid",
+            "COPY (SELECT 1) TO PROGRAM 'true'",
+        ):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                _execute(server.url, statement)
+        assert urlsplit(server.superuser_url).username == "postgres"
+        assert urlsplit(server.superuser_url).password not in server.url
+
+
+def _make_it_look_old(data_dir: Path) -> None:
+    """What an older version left: the superuser owns the database and the tables (it
+    migrated as the superuser), there is no app role and no app-password."""
+    from service.db.migrate import upgrade
+
+    with EmbeddedPostgres(data_dir) as server:
+        upgrade(server.superuser_url)
+        admin = server.superuser_url
+        _execute(
+            admin,
+            "INSERT INTO room (name) VALUES ('old-room')",
+            "ALTER DATABASE chat OWNER TO postgres",
+            "REASSIGN OWNED BY chat TO postgres",
+        )
+        _execute(admin.rsplit("/", 1)[0] + "/postgres", "DROP OWNED BY chat", "DROP ROLE chat")
+        pgdata = server.pgdata
+    (data_dir / "app-password").unlink()
+    if AS_ROOT:  # older versions ran PostgreSQL as nobody
+        nobody = embedded.pwd.getpwnam("nobody")
+        embedded._chown_tree(pgdata, nobody.pw_uid, nobody.pw_gid)
+
+
+def test_a_cluster_from_an_older_version_is_handed_to_the_app_role(data_dir: Path) -> None:
+    _make_it_look_old(data_dir)
+    with EmbeddedPostgres(data_dir) as server:
+        assert urlsplit(server.url).username == "chat"
+        assert _fetch(server.url, "SELECT name FROM room") == "old-room"
+        owners = _fetch(
+            server.url,
+            "SELECT array_agg(DISTINCT pg_get_userbyid(relowner)) FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'public'",
+        )
+        assert owners == ["chat"]
+        assert (
+            _fetch(
+                server.url,
+                "SELECT pg_get_userbyid(proowner) FROM pg_proc "
+                "WHERE proname = 'chat_post_messages'",
+            )
+            == "chat"
+        )
+        _execute(server.url, "INSERT INTO room (name) VALUES ('new-room')")
+        if AS_ROOT:
+            assert (
+                _uid_of(_postmaster_pid(server.pgdata))
+                == embedded.pwd.getpwnam("chat-postgres").pw_uid
+            )
+    if AS_ROOT:
+        owners = {p.stat().st_uid for p in (data_dir / "pgdata").rglob("*")}
+        assert owners == {embedded.pwd.getpwnam("chat-postgres").pw_uid}
+
+
+@root_only
+def test_the_system_user_is_created_once_by_concurrent_starts() -> None:
+    name = f"chat-pg-test-{os.getpid() % 100000}"
+    script = textwrap.dedent(
+        f"""
+        import pwd
+        from service.db import embedded
+        embedded.UNPRIVILEGED_USER = {name!r}
+        embedded._create_system_user()
+        print(pwd.getpwnam({name!r}).pw_uid, flush=True)
+        """
+    )
+    try:
+        children = [
+            subprocess.Popen(
+                [sys.executable, "-c", script],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=REPO_ROOT,
+            )
+            for _ in range(3)
+        ]
+        results = [child.communicate(timeout=60) for child in children]
+        assert [child.returncode for child in children] == [0, 0, 0], results
+        uids = {out.strip() for out, _err in results}
+        assert len(uids) == 1, results
+        user = embedded.pwd.getpwnam(name)
+        assert user.pw_uid < 1000 and user.pw_shell.endswith("nologin")  # a system user
+        assert embedded.grp.getgrgid(user.pw_gid).gr_name == name  # with a group of its own
+    finally:
+        subprocess.run(["userdel", name], capture_output=True, check=False)
+        subprocess.run(["groupdel", name], capture_output=True, check=False)
