@@ -1,16 +1,18 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import jwt
 import pytest
 from pydantic import ValidationError
 
 from service.auth import LEEWAY, VERIFIED_CACHE_SIZE, TokenCodec, extract_token
-from service.config import Settings
+from service.config import Settings, weak_secret_problem
 from service.errors import NotAuthenticated
 
-SECRET = "s" * 48
+ANY = "0.0.0.0"  # noqa: S104 - the address that is not loopback
+SECRET = "kR3v9Qx7LmT2pW8zN4bY6cH1jF5gD0sA-uE_iO3rK7eV9wX2"
 
 
 def test_database_url_without_jwt_settings_is_refused(monkeypatch):
@@ -19,16 +21,78 @@ def test_database_url_without_jwt_settings_is_refused(monkeypatch):
         Settings(database_url="postgresql://db/chat")
 
 
-@pytest.mark.parametrize("secret", ["changeme", "short"])
+@pytest.mark.parametrize(
+    "secret",
+    [
+        "changeme",
+        "short",
+        "s" * 32,  # long enough, one character
+        "s" * 48,
+        "ab" * 24,
+        "0123456789abcdef" * 2,
+        "abcdefghijklmnopqrstuvwxyz012345",
+        "a" * 60 + "Zq9-xW3_rT7y",
+        "change-me-to-48-random-url-safe-characters-xxxxxxxxxxxx",  # the old .env.example
+        "please-CHANGE-ME-this-is-just-the-default-value-0123456789",
+        "your-secret-key-goes-here-and-it-is-long-enough",
+        "k3Jd8Qm2Lp5Zx7Vn-EXAMPLE-Rt4Wy6Ub9Hc1Gf0Se",
+    ],
+)
 def test_weak_secrets_are_refused(secret):
-    with pytest.raises(ValidationError, match="at least 32 bytes"):
+    with pytest.raises(ValidationError, match="CHAT_JWT_SECRET is .*: it must be at least 32"):
         Settings(database_url="postgresql://db/chat", jwt_secret=secret)
+    with pytest.raises(ValidationError, match="CHAT_JWT_SECRET"):  # embedded mode too
+        Settings(jwt_secret=secret)
 
 
-def test_dev_auth_defaults_on_only_in_embedded_mode():
+def test_generated_secrets_pass():
+    import secrets as random
+
+    for _ in range(2000):
+        for secret in (random.token_urlsafe(32), random.token_hex(16), random.token_hex(32)):
+            assert weak_secret_problem(secret) is None, secret
+
+
+def test_nothing_env_example_ships_passes_for_a_secret():
+    """Every value .env.example ships for a secret or password is refused (or empty, which
+    docker compose refuses), so a copied example can never run."""
+    example = Path(__file__).resolve().parents[2] / ".env.example"
+    values = {}
+    for line in example.read_text().splitlines():
+        name, sep, value = line.partition("=")
+        if sep and not name.startswith("#") and ("SECRET" in name or "PASSWORD" in name):
+            values[name] = value
+    assert {"CHAT_JWT_SECRET", "POSTGRES_PASSWORD"} <= set(values)
+    for name, value in values.items():
+        assert value == "" or weak_secret_problem(value), name
+    with pytest.raises(ValidationError, match="placeholder"):
+        Settings(
+            database_url="postgresql://chat:change-me-to-a-long-random-password@db/chat",
+            jwt_secret=SECRET,
+        )
+
+
+def test_a_weak_metrics_token_is_refused():
+    with pytest.raises(ValidationError, match="CHAT_METRICS_TOKEN"):
+        Settings(database_url="postgresql://db/x", jwt_secret=SECRET, metrics_token="m" * 40)
+
+
+def test_dev_auth_defaults_on_only_in_embedded_mode_on_loopback():
     assert Settings(database_url="postgresql://db/x", jwt_secret=SECRET).dev_auth_enabled is False
-    assert Settings(embedded=True).dev_auth_enabled is True
-    assert Settings(embedded=True, dev_auth=False).dev_auth_enabled is False
+    for host in ("127.0.0.1", "localhost", "::1", "[::1]", "127.0.0.2"):
+        assert Settings(embedded=True, listen_host=host).dev_auth_enabled is True, host
+    for host in (ANY, "::", "192.168.1.10", "example.com", "", None):
+        assert Settings(embedded=True, listen_host=host).dev_auth_enabled is False, host
+    assert Settings(embedded=True, listen_host="::1", dev_auth=False).dev_auth_enabled is False
+    explicit = Settings(embedded=True, listen_host=ANY, dev_auth=True)
+    assert explicit.dev_auth_enabled is True  # on purpose: the server then warns at start
+
+
+def test_docs_are_public_on_loopback_or_when_asked():
+    assert Settings(listen_host="127.0.0.1").docs_enabled is True
+    assert Settings(listen_host=ANY).docs_enabled is False
+    assert Settings(listen_host=ANY, public_docs=True).docs_enabled is True
+    assert Settings(listen_host="127.0.0.1", public_docs=False).docs_enabled is False
 
 
 def test_settings_come_from_the_environment(monkeypatch):
