@@ -17,6 +17,9 @@ COPY --from=build /opt/venv /opt/venv
 USER chat
 WORKDIR /var/lib/chat
 ENV CHAT_DATA_DIR=/var/lib/chat/data
+# The command below listens on 0.0.0.0: dev logins (anyone signs in as anyone), /metrics and
+# /docs stay off unless asked for (CHAT_DEV_AUTH, CHAT_METRICS_TOKEN, CHAT_PUBLIC_DOCS).
+ENV CHAT_DEV_AUTH=false
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=2).status != 200)"]

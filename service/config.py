@@ -17,7 +17,7 @@ from collections import Counter
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ROOM_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
@@ -129,6 +129,12 @@ class Settings(BaseSettings):
     metrics_token: SecretStr | None = None
     """When set, ``/metrics`` needs ``Authorization: Bearer <it>``; unset, ``/metrics`` answers
     only on a loopback listener (404 elsewhere)."""
+
+    @field_validator("metrics_token", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """``CHAT_METRICS_TOKEN=`` (what compose passes when .env leaves it empty) is no token."""
+        return None if value == "" else value
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:
