@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed")
 def test_compose_file_is_valid():
-    env = {**os.environ, "POSTGRES_PASSWORD": "pw", "CHAT_JWT_SECRET": "s" * 48}
+    env = {**os.environ, "POSTGRES_PASSWORD": "pw", "CHAT_JWT_SECRET": secrets.token_urlsafe(48)}
     result = subprocess.run(
         ["docker-compose", "-f", str(COMPOSE), "config"],
         env=env,
@@ -41,6 +42,39 @@ def test_compose_file_is_valid():
     for service in ("db", "migrate", "app1", "app2", "lb"):
         assert f"  {service}:" in result.stdout
     assert "./deploy/nginx.conf:/etc/nginx/nginx.conf" in COMPOSE.read_text()
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed")
+def test_compose_refuses_to_start_with_the_example_env_file(tmp_path):
+    """``cp .env.example .env && docker compose up`` stops at the empty secrets; a placeholder
+    put there instead is refused by the service itself (tests/e2e/test_safe_defaults.py)."""
+    shutil.copy(COMPOSE, tmp_path / "docker-compose.yml")
+    shutil.copy(REPO / ".env.example", tmp_path / ".env")
+    env = {k: v for k, v in os.environ.items() if k not in ("POSTGRES_PASSWORD", "CHAT_JWT_SECRET")}
+
+    def config() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["docker-compose", "config"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    refused = config()
+    assert refused.returncode != 0
+    assert "set POSTGRES_PASSWORD in .env" in refused.stderr
+    text = (tmp_path / ".env").read_text()
+    text = text.replace("POSTGRES_PASSWORD=\n", f"POSTGRES_PASSWORD={secrets.token_urlsafe(24)}\n")
+    (tmp_path / ".env").write_text(text)
+    refused = config()
+    assert refused.returncode != 0 and "set CHAT_JWT_SECRET in .env" in refused.stderr
+    text = text.replace("CHAT_JWT_SECRET=\n", f"CHAT_JWT_SECRET={secrets.token_urlsafe(48)}\n")
+    (tmp_path / ".env").write_text(text)
+    accepted = config()
+    assert accepted.returncode == 0, accepted.stderr
+    assert accepted.stdout.count('CHAT_DEV_AUTH: "false"') == 3  # migrate, app1, app2
 
 
 @pytest.fixture
