@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -302,3 +303,37 @@ def test_the_readme_says_which_routes_need_a_token(server: ServerProcess) -> Non
                 assert r.status_code != 401, route
             checked += 1
     assert checked >= 8
+
+
+@pytest.mark.slow
+def test_worker_processes_know_the_listen_address(database_url: str, tmp_path: Path) -> None:
+    """``--workers 2`` builds the app in worker processes from the environment: the listen
+    address must reach them, or they would fall back to the closed defaults (or worse)."""
+    env = _env(CHAT_DATABASE_URL=database_url, CHAT_JWT_SECRET=JWT_SECRET)
+    port = free_port()
+    log = (tmp_path / "workers.log").open("wb")
+    proc = subprocess.Popen(
+        [*CLI, "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    log.close()
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, (tmp_path / "workers.log").read_text()
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "workers.log").read_text()
+            time.sleep(0.1)
+        for _ in range(6):  # whichever worker answers
+            assert httpx.get(f"{base}/metrics", timeout=5).status_code == 200
+            assert httpx.get(f"{base}/openapi.json", timeout=5).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(30)
