@@ -19,6 +19,7 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from service.config import Settings
+from service.errors import InvalidSettings
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +54,14 @@ def local_secret_path(settings: Settings) -> Path | None:
 def with_existing_secret(settings: Settings) -> Settings:
     """Like ``with_local_secret``, but never creates one."""
     path = local_secret_path(settings)
-    if settings.jwt_secret is not None or path is None or not path.is_file():
+    if settings.jwt_secret is not None or path is None:
         return settings
-    secret = path.read_text().strip()
+    try:
+        secret = path.read_text().strip()
+    except FileNotFoundError:
+        return settings
+    except OSError as exc:
+        raise InvalidSettings(f"cannot read {path}: {exc.strerror}") from None
     return settings.model_copy(update={"jwt_secret": SecretStr(secret)}) if secret else settings
 
 

@@ -597,7 +597,10 @@ class EmbeddedPostgres:
         st = pgdata.stat()
         if stat.S_IMODE(st.st_mode) != 0o700:
             log.warning("%s was mode %o: making it 0700", pgdata, stat.S_IMODE(st.st_mode))
-            pgdata.chmod(0o700)
+            try:
+                pgdata.chmod(0o700)
+            except OSError as exc:
+                raise EmbeddedPostgresError(f"cannot make {pgdata} private: {exc}") from None
         if run_as is None:
             return
         try:
