@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hmac
 import json
 import time
 from typing import Any
@@ -85,8 +86,10 @@ def test_each_key_type_fixes_its_algorithms(keys):
         (lambda k: _jwk(k["rsa"], "x", alg="HS256"), "does not fit"),
         (lambda k: _jwk(k["ed"], "x", alg="ES256"), "does not fit"),
         (lambda k: {**_jwk(k["p256"], "x"), "crv": "P-384"}, "invalid"),
-        (lambda k: _jwk(rsa.generate_private_key(public_exponent=65537, key_size=1024), "x"),
-         "1024 bits"),
+        (
+            lambda k: _jwk(rsa.generate_private_key(public_exponent=65537, key_size=1024), "x"),  # noqa: S505
+            "1024 bits",
+        ),
         (lambda k: {"kty": "RSA", "n": "!!", "e": "AQAB"}, "invalid"),
         (lambda k: ["not", "a", "key"], "not an object"),
         (lambda k: _jwk(k["rsa"], "k" * 300), "kid"),
@@ -189,8 +192,6 @@ def _hostile_tokens(keys: dict[str, Any]) -> dict[str, str]:
 
     def hs256_with(secret: bytes, **headers: Any) -> str:
         signing_input = f"{_segment({'alg': 'HS256', 'typ': 'JWT', **headers})}.{payload}"
-        import hmac
-
         mac = hmac.new(secret, signing_input.encode(), "sha256").digest()
         return f"{signing_input}.{_b64(mac)}"
 
@@ -284,9 +285,7 @@ class FakeProvider:
         return parse_jwks(json.dumps({"keys": self.jwks}).encode())
 
 
-async def test_jwks_cache_refetches_once_per_interval_and_survives_a_dead_endpoint(
-    keys, caplog
-):
+async def test_jwks_cache_refetches_once_per_interval_and_survives_a_dead_endpoint(keys, caplog):
     provider = FakeProvider()
     provider.jwks = [_jwk(keys["ed"], "k1")]
     now = [1000.0]
