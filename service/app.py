@@ -150,6 +150,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.include_router(room_routes.router)
     app.include_router(auth_routes.router)
+    app.include_router(auth_routes.me_router)
     app.include_router(websocket_routes.router)
 
     @app.exception_handler(ChatError)

@@ -4,95 +4,61 @@ refetches only when it should, and no token whatsoever escapes as anything but N
 from __future__ import annotations
 
 import asyncio
-import base64
-import hmac
 import json
 import time
 from typing import Any
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+from cryptography.hazmat.primitives.asymmetric import rsa
+from jwt.algorithms import RSAAlgorithm
 from pydantic import ValidationError
 
 from service.auth import TokenCodec, UnknownKey
 from service.config import Settings
 from service.errors import NotAuthenticated
 from service.idp import JwksCache, key_from_jwk, load_public_key, parse_jwks
+from tests.idp_tokens import b64, claims, generate_keys, hostile_tokens, jwk, pem, published
 
 SECRET = "s" * 48
 DB = "postgresql://d/x"
 
 
-def _b64(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
-
-
-def _pem(key: Any) -> str:
-    return (
-        key.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
-
-
-def _jwk(key: Any, kid: str, **extra: Any) -> dict[str, Any]:
-    public = key.public_key()
-    if isinstance(public, rsa.RSAPublicKey):
-        jwk = RSAAlgorithm.to_jwk(public, as_dict=True)
-    elif isinstance(public, ec.EllipticCurvePublicKey):
-        jwk = ECAlgorithm.to_jwk(public, as_dict=True)
-    else:
-        jwk = OKPAlgorithm.to_jwk(public, as_dict=True)
-    return {**jwk, "kid": kid, **extra}
-
-
-def _claims(**extra: Any) -> dict[str, Any]:
-    return {"sub": "u-1", "exp": int(time.time()) + 300, **extra}
-
-
 @pytest.fixture(scope="module")
 def keys() -> dict[str, Any]:
-    return {
-        "rsa": rsa.generate_private_key(public_exponent=65537, key_size=2048),
-        "p256": ec.generate_private_key(ec.SECP256R1()),
-        "p384": ec.generate_private_key(ec.SECP384R1()),
-        "ed": ed25519.Ed25519PrivateKey.generate(),
-    }
+    return generate_keys()
 
 
 def test_each_key_type_fixes_its_algorithms(keys):
-    assert key_from_jwk(_jwk(keys["rsa"], "r")).algorithms[0] == "RS256"
-    assert key_from_jwk(_jwk(keys["rsa"], "r", alg="PS256")).algorithms == ("PS256",)
-    assert key_from_jwk(_jwk(keys["p256"], "e")).algorithms == ("ES256",)
-    assert key_from_jwk(_jwk(keys["p384"], "e")).algorithms == ("ES384",)
-    assert key_from_jwk(_jwk(keys["ed"], "o")).algorithms == ("EdDSA",)
-    assert load_public_key(_pem(keys["p256"])).algorithms == ("ES256",)
-    assert load_public_key(_pem(keys["ed"])).algorithms == ("EdDSA",)
+    assert key_from_jwk(jwk(keys["rsa"], "r")).algorithms[0] == "RS256"
+    assert key_from_jwk(jwk(keys["rsa"], "r", alg="PS256")).algorithms == ("PS256",)
+    assert key_from_jwk(jwk(keys["p256"], "e")).algorithms == ("ES256",)
+    assert key_from_jwk(jwk(keys["p384"], "e")).algorithms == ("ES384",)
+    assert key_from_jwk(jwk(keys["ed"], "o")).algorithms == ("EdDSA",)
+    assert load_public_key(pem(keys["p256"])).algorithms == ("ES256",)
+    assert load_public_key(pem(keys["ed"])).algorithms == ("EdDSA",)
     # Keycloak shows the bare base64 key; environment files squeeze PEMs into one line.
-    bare = "".join(_pem(keys["rsa"]).splitlines()[1:-1])
+    bare = "".join(pem(keys["rsa"]).splitlines()[1:-1])
     assert "RS256" in load_public_key(bare).algorithms
-    assert load_public_key(_pem(keys["p256"]).replace("\n", "\\n")).algorithms == ("ES256",)
+    assert load_public_key(pem(keys["p256"]).replace("\n", "\\n")).algorithms == ("ES256",)
 
 
 @pytest.mark.parametrize(
     "make, reason",
     [
-        (lambda k: {"kty": "oct", "k": _b64(b"k" * 32), "kid": "s"}, "kty"),
-        (lambda k: _jwk(k["rsa"], "x", use="enc"), "use"),
-        (lambda k: _jwk(k["p256"], "x", alg="ES384"), "does not fit"),
-        (lambda k: _jwk(k["rsa"], "x", alg="HS256"), "does not fit"),
-        (lambda k: _jwk(k["ed"], "x", alg="ES256"), "does not fit"),
-        (lambda k: {**_jwk(k["p256"], "x"), "crv": "P-384"}, "invalid"),
+        (lambda k: {"kty": "oct", "k": b64(b"k" * 32), "kid": "s"}, "kty"),
+        (lambda k: jwk(k["rsa"], "x", use="enc"), "use"),
+        (lambda k: jwk(k["p256"], "x", alg="ES384"), "does not fit"),
+        (lambda k: jwk(k["rsa"], "x", alg="HS256"), "does not fit"),
+        (lambda k: jwk(k["ed"], "x", alg="ES256"), "does not fit"),
+        (lambda k: {**jwk(k["p256"], "x"), "crv": "P-384"}, "invalid"),
         (
-            lambda k: _jwk(rsa.generate_private_key(public_exponent=65537, key_size=1024), "x"),  # noqa: S505
+            lambda k: jwk(rsa.generate_private_key(public_exponent=65537, key_size=1024), "x"),  # noqa: S505
             "1024 bits",
         ),
         (lambda k: {"kty": "RSA", "n": "!!", "e": "AQAB"}, "invalid"),
         (lambda k: ["not", "a", "key"], "not an object"),
-        (lambda k: _jwk(k["rsa"], "k" * 300), "kid"),
+        (lambda k: jwk(k["rsa"], "k" * 300), "kid"),
     ],
 )
 def test_unusable_jwks_entries_are_skipped_with_a_reason(keys, make, reason):
@@ -102,7 +68,7 @@ def test_unusable_jwks_entries_are_skipped_with_a_reason(keys, make, reason):
 
 def test_a_jwks_keeps_its_usable_keys_and_refuses_garbage(keys):
     body = json.dumps(
-        {"keys": [_jwk(keys["p256"], "good"), {"kty": "oct", "k": "AAAA", "kid": "sym"}]}
+        {"keys": [jwk(keys["p256"], "good"), {"kty": "oct", "k": "AAAA", "kid": "sym"}]}
     )
     usable, skipped = parse_jwks(body.encode())
     assert [k.kid for k in usable] == ["good"] and "sym" in skipped[0]
@@ -138,17 +104,17 @@ def test_identity_provider_claims_are_checked_and_own_tokens_still_work(keys):
             jwt_user_claim="preferred_username",
             jwt_name_claim="given_name",
         ),
-        _jwk(keys["rsa"], "r1"),
+        jwk(keys["rsa"], "r1"),
     )
 
-    def idp(**claims: Any) -> str:
+    def idp(**extra: Any) -> str:
         payload = {
             "preferred_username": "alice",
             "given_name": "Alice",
             "aud": ["account", "chat"],
             "iss": "https://idp.example/",
-            **_claims(),
-            **claims,
+            **claims(),
+            **extra,
         }
         payload = {k: v for k, v in payload.items() if v is not None}
         return jwt.encode(payload, keys["rsa"], algorithm="RS256", headers={"kid": "r1"})
@@ -173,100 +139,33 @@ def test_identity_provider_claims_are_checked_and_own_tokens_still_work(keys):
 
 
 def test_tokens_with_aud_work_when_no_audience_is_configured(keys):
-    codec = _codec(jwt_public_key=_pem(keys["p256"]))
-    token = jwt.encode(_claims(aud="anything", iss="x"), keys["p256"], algorithm="ES256")
+    codec = _codec(jwt_public_key=pem(keys["p256"]))
+    token = jwt.encode(claims(aud="anything", iss="x"), keys["p256"], algorithm="ES256")
     assert codec.verify(token).user_id == "u-1"
-
-
-def _segment(data: Any) -> str:
-    return _b64(data if isinstance(data, bytes) else json.dumps(data).encode())
-
-
-def _hostile_tokens(keys: dict[str, Any]) -> dict[str, str]:
-    payload = _segment(_claims())
-    rsa_pem = _pem(keys["rsa"]).encode()
-    other_rsa = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-    def raw(header: Any, signature: bytes = b"sig") -> str:
-        return f"{_segment(header)}.{payload}.{_b64(signature)}"
-
-    def hs256_with(secret: bytes, **headers: Any) -> str:
-        signing_input = f"{_segment({'alg': 'HS256', 'typ': 'JWT', **headers})}.{payload}"
-        mac = hmac.new(secret, signing_input.encode(), "sha256").digest()
-        return f"{signing_input}.{_b64(mac)}"
-
-    return {
-        "alg_none": raw({"alg": "none", "kid": "rsa"}, b""),
-        "alg_None": raw({"alg": "None"}, b""),
-        "no_alg": raw({"kid": "rsa"}),
-        "alg_list": raw({"alg": ["RS256"], "kid": "rsa"}),
-        "alg_object": raw({"alg": {"x": 1}, "kid": "rsa"}),
-        "kid_number": raw({"alg": "RS256", "kid": 7}),
-        "kid_object": raw({"alg": "RS256", "kid": {"a": 1}}),
-        "hs256_with_public_pem": hs256_with(rsa_pem, kid="rsa"),
-        "hs384_with_public_pem": raw({"alg": "HS384", "kid": "rsa"}),
-        "wrong_key_type": jwt.encode(_claims(), keys["p256"], "ES256", headers={"kid": "rsa"}),
-        "rsa_token_ec_kid": jwt.encode(_claims(), keys["rsa"], "RS256", headers={"kid": "p256"}),
-        "wrong_curve": jwt.encode(_claims(), keys["p384"], "ES384", headers={"kid": "p256"}),
-        "wrong_curve_es256": raw({"alg": "ES256", "kid": "p256"}, b"x" * 96),
-        "eddsa_on_rsa": jwt.encode(_claims(), keys["ed"], "EdDSA", headers={"kid": "rsa"}),
-        "other_rsa_key": jwt.encode(_claims(), other_rsa, "RS256", headers={"kid": "rsa"}),
-        "embedded_jwk": jwt.encode(
-            _claims(),
-            other_rsa,
-            "RS256",
-            headers={"kid": "rsa", "jwk": RSAAlgorithm.to_jwk(other_rsa.public_key(), True)},
-        ),
-        "jku": jwt.encode(
-            _claims(), other_rsa, "RS256", headers={"kid": "x", "jku": "https://evil/"}
-        ),
-        "unknown_kid": jwt.encode(_claims(), keys["rsa"], "RS256", headers={"kid": "nope"}),
-        "long_kid": jwt.encode(_claims(), keys["rsa"], "RS256", headers={"kid": "k" * 1000}),
-        "huge_kid": jwt.encode(_claims(), keys["rsa"], "RS256", headers={"kid": "k" * 3000}),
-        "huge_header": raw({"alg": "RS256", "pad": "x" * 5000}),
-        "non_json_header": f"{_b64(b'{not json')}.{payload}.sig",
-        "header_list": raw(["alg", "RS256"]),
-        "header_deep": f"{_b64(b'[' * 1000)}.{payload}.sig",
-        "header_not_base64": f"!!!.{payload}.sig",
-        "header_not_utf8": f"{_b64(bytes([0xFF, 0xFE]))}.{payload}.sig",
-        "crit_unknown": raw({"alg": "RS256", "kid": "rsa", "crit": ["exp"]}),
-        "b64_false": raw({"alg": "RS256", "kid": "rsa", "b64": False}),
-        "two_segments": f"{_segment({'alg': 'RS256'})}.{payload}",
-        "empty": "",
-        "dots": "..",
-        "payload_list": f"{_segment({'alg': 'RS256', 'kid': 'rsa'})}.{_segment([1])}.sig",
-        "ps256_on_rs256_jwk": jwt.encode(
-            _claims(), keys["rsa"], "PS256", headers={"kid": "rsa-rs256"}
-        ),
-    }
 
 
 def test_hostile_tokens_are_refused_as_not_authenticated(keys, caplog):
     codec = _with_jwks(
-        _codec(jwks_url="https://idp.example/jwks", jwt_secret=SECRET),
-        _jwk(keys["rsa"], "rsa"),
-        _jwk(keys["rsa"], "rsa-rs256", alg="RS256"),
-        _jwk(keys["p256"], "p256"),
-        _jwk(keys["ed"], "ed"),
+        _codec(jwks_url="https://idp.example/jwks", jwt_secret=SECRET), *published(keys)
     )
-    good = jwt.encode(_claims(), keys["p256"], "ES256", headers={"kid": "p256"})
+    good = jwt.encode(claims(), keys["p256"], "ES256", headers={"kid": "p256"})
     assert codec.verify(good).user_id == "u-1"
-    for name, token in _hostile_tokens(keys).items():
+    for name, token in hostile_tokens(keys).items():
         with pytest.raises(NotAuthenticated):
             codec.verify(token)
         assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], name
     # HS256 with a public-key PEM as secret, against a codec with no shared secret at all.
-    pem_only = _codec(jwt_public_key=_pem(keys["rsa"]))
+    pem_only = _codec(jwt_public_key=pem(keys["rsa"]))
     with pytest.raises(NotAuthenticated, match="HS256"):
-        pem_only.verify(_hostile_tokens(keys)["hs256_with_public_pem"])
+        pem_only.verify(hostile_tokens(keys)["hs256_with_public_pem"])
 
 
 def test_an_unknown_kid_is_told_apart_for_a_refetch(keys):
-    codec = _with_jwks(_codec(jwks_url="https://idp.example/jwks"), _jwk(keys["ed"], "a"))
+    codec = _with_jwks(_codec(jwks_url="https://idp.example/jwks"), jwk(keys["ed"], "a"))
     with pytest.raises(UnknownKey):
-        codec.verify(jwt.encode(_claims(), keys["ed"], "EdDSA", headers={"kid": "b"}))
+        codec.verify(jwt.encode(claims(), keys["ed"], "EdDSA", headers={"kid": "b"}))
     # Without a kid, a JWKS of one key is that key.
-    assert codec.verify(jwt.encode(_claims(), keys["ed"], "EdDSA")).user_id == "u-1"
+    assert codec.verify(jwt.encode(claims(), keys["ed"], "EdDSA")).user_id == "u-1"
 
 
 class FakeProvider:
@@ -287,7 +186,7 @@ class FakeProvider:
 
 async def test_jwks_cache_refetches_once_per_interval_and_survives_a_dead_endpoint(keys, caplog):
     provider = FakeProvider()
-    provider.jwks = [_jwk(keys["ed"], "k1")]
+    provider.jwks = [jwk(keys["ed"], "k1")]
     now = [1000.0]
     cache = JwksCache(
         "https://idp.example/jwks",
@@ -302,7 +201,7 @@ async def test_jwks_cache_refetches_once_per_interval_and_survives_a_dead_endpoi
     assert provider.calls == 1 and cache.get("k1") is not None
 
     # Rotation: a new kid is fetched once, for any number of concurrent requests.
-    provider.jwks = [_jwk(keys["ed"], "k1"), _jwk(keys["p256"], "k2")]
+    provider.jwks = [jwk(keys["ed"], "k1"), jwk(keys["p256"], "k2")]
     now[0] += 30
     await asyncio.gather(*(cache.refresh() for _ in range(20)))
     assert provider.calls == 2 and cache.get("k2") is not None
@@ -321,7 +220,7 @@ async def test_jwks_cache_refetches_once_per_interval_and_survives_a_dead_endpoi
 
     # Keys older than max_age are refreshed in the background; a removed key stops.
     provider.down = False
-    provider.jwks = [_jwk(keys["p256"], "k2")]
+    provider.jwks = [jwk(keys["p256"], "k2")]
     now[0] += 600
     cache.refresh_if_stale()
     await cache.refresh()  # joins it
@@ -334,12 +233,12 @@ async def test_authenticate_refetches_for_an_unknown_kid(keys):
     provider = FakeProvider()
     assert codec.jwks is not None
     codec.jwks._fetch = provider
-    provider.jwks = [_jwk(keys["ed"], "new")]
-    token = jwt.encode(_claims(), keys["ed"], "EdDSA", headers={"kid": "new"})
+    provider.jwks = [jwk(keys["ed"], "new")]
+    token = jwt.encode(claims(), keys["ed"], "EdDSA", headers={"kid": "new"})
     assert (await codec.authenticate(token)).user_id == "u-1"
     assert provider.calls == 1
     with pytest.raises(UnknownKey):  # rate limited: no second fetch right away
-        await codec.authenticate(jwt.encode(_claims(), keys["ed"], "EdDSA", headers={"kid": "x"}))
+        await codec.authenticate(jwt.encode(claims(), keys["ed"], "EdDSA", headers={"kid": "x"}))
     assert provider.calls == 1
     await codec.close()
 
