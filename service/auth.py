@@ -193,7 +193,11 @@ class TokenCodec:
             )
         except jwt.ExpiredSignatureError:
             raise NotAuthenticated("token expired") from None
-        except (jwt.InvalidAudienceError, jwt.InvalidIssuerError) as exc:
+        except (
+            jwt.InvalidAudienceError,
+            jwt.InvalidIssuerError,
+            jwt.MissingRequiredClaimError,
+        ) as exc:  # what an operator wiring in a provider needs to read; nothing secret
             raise NotAuthenticated(f"invalid token: {exc}") from None
         except jwt.PyJWTError:
             raise NotAuthenticated("invalid token") from None

@@ -136,6 +136,8 @@ def parse_jwks(body: bytes) -> tuple[list[VerificationKey], list[str]]:
     keys: list[VerificationKey] = []
     skipped: list[str] = []
     for jwk in document["keys"][:MAX_KEYS]:
+        if isinstance(jwk, dict) and jwk.get("use") == "enc":
+            continue  # published for encryption (Keycloak does): not ours, not a problem
         try:
             keys.append(key_from_jwk(jwk))
         except ValueError as exc:

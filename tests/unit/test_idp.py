@@ -68,10 +68,17 @@ def test_unusable_jwks_entries_are_skipped_with_a_reason(keys, make, reason):
 
 def test_a_jwks_keeps_its_usable_keys_and_refuses_garbage(keys):
     body = json.dumps(
-        {"keys": [jwk(keys["p256"], "good"), {"kty": "oct", "k": "AAAA", "kid": "sym"}]}
+        {
+            "keys": [
+                jwk(keys["p256"], "good"),
+                {"kty": "oct", "k": "AAAA", "kid": "sym"},
+                jwk(keys["rsa"], "for-encryption", use="enc"),  # Keycloak publishes one
+            ]
+        }
     )
     usable, skipped = parse_jwks(body.encode())
-    assert [k.kid for k in usable] == ["good"] and "sym" in skipped[0]
+    assert [k.kid for k in usable] == ["good"]
+    assert len(skipped) == 1 and "sym" in skipped[0]
     for garbage in (b"nope", b"[]", b'{"keys": 3}', b'{"keys": []}', b"[" * 100_000):
         with pytest.raises(ValueError):
             parse_jwks(garbage)
