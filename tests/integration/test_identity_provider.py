@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import subprocess
 import sys
 import threading
@@ -22,6 +23,7 @@ import jwt
 import pytest
 from websockets.exceptions import InvalidStatus
 
+from tests.idp_tokens import b64 as b64url
 from tests.idp_tokens import generate_keys, hostile_tokens, jwk, pem, published
 from tests.support import JWT_SECRET, Client, ServerProcess, make_token
 
@@ -65,7 +67,10 @@ class JwksServer:
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                try:
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the replica gave up waiting (its deadline): what the test wants
 
             def log_message(self, *_args: object) -> None:
                 pass
@@ -267,6 +272,63 @@ async def test_hostile_tokens_get_401_and_no_error_in_the_log(replicas, keys, ro
         assert_clean_log(server)
 
 
+def _random_token(rng: random.Random, keys: dict[str, Any]) -> tuple[str, bool]:
+    """A token with a header an attacker chose: any alg, any kid, extra members; signed with
+    a real key, or garbage. True if it is signed with the very key its kid names."""
+    values: list[Any] = [None, 0, -1, 1.5, True, [], {}, "", "x" * 300, "\u0000", ["RS256"]]
+    header: dict[str, Any] = {
+        "alg": rng.choice([*jwt.algorithms.get_default_algorithms(), "none", "NONE", *values]),
+        "kid": rng.choice(["rsa", "rsa-rs256", "p256", "ed", "next", "nope", *values]),
+    }
+    for extra in ("jku", "x5u", "jwk", "crit", "b64", "typ", "cty", "x5c"):
+        if rng.random() < 0.15:
+            header[extra] = rng.choice(["https://evil.test/jwks", *values])
+    header = {k: v for k, v in header.items() if v is not None or rng.random() < 0.5}
+    payload = b64url(
+        json.dumps(
+            {"preferred_username": "mallory", "exp": 2**31, "aud": AUDIENCE, "iss": ISSUER}
+        ).encode()
+    )
+    head = b64url(json.dumps(header).encode())
+    signing_input = f"{head}.{payload}".encode()
+    name = rng.choice(["rsa", "p256", "p384", "ed", None])
+    if name is None or not isinstance(header.get("alg"), str):
+        signature = rng.randbytes(rng.choice([0, 1, 64, 96, 256]))
+    else:
+        key = keys[name]
+        try:
+            alg = jwt.algorithms.get_default_algorithms()[header["alg"]]
+            signature = alg.sign(signing_input, alg.prepare_key(key))
+        except Exception:  # alg and key do not fit: garbage then
+            signature = rng.randbytes(64)
+    legit = name is not None and str(header.get("kid")).startswith(name)
+    return f"{head}.{payload}.{b64url(signature)}", legit
+
+
+@pytest.mark.slow
+async def test_random_hostile_headers_never_get_a_500(replicas, keys):
+    rng = random.Random(11)  # noqa: S311 - reproducible, not secret
+    tokens = [_random_token(rng, keys) for _ in range(300)]
+    async with httpx.AsyncClient(timeout=HTTP_TIMEOUT) as http:
+        for server in replicas.values():
+
+            async def status(token: str, url: str = f"{server.http}/auth/me") -> int:
+                r = await http.get(url, headers={"Authorization": f"Bearer {token}"})
+                return r.status_code
+
+            statuses: list[int] = []
+            for start in range(0, len(tokens), 25):
+                batch = tokens[start : start + 25]
+                statuses += await asyncio.gather(*(status(t) for t, _ in batch))
+            assert set(statuses) <= {200, 401}, sorted(set(statuses))
+            accepted = [
+                legit for (_, legit), code in zip(tokens, statuses, strict=True) if code == 200
+            ]
+            assert all(accepted), "a token was accepted without the key its kid names"
+            assert statuses.count(401) > 250
+            assert_clean_log(server)
+
+
 async def test_a_public_key_refuses_other_key_types_with_401(database_url, server_log_dir, room):
     """CHAT_JWT_PUBLIC_KEY (RSA) beside the secret: a token of another key type was a 500."""
     keys = generate_keys()
@@ -288,7 +350,9 @@ async def test_a_public_key_refuses_other_key_types_with_401(database_url, serve
 
 
 def test_keys_rotate_and_a_removed_key_stops_working(replicas, keys, jwks):
-    new = lambda: idp_token(keys["next"], "next", "ES256")  # noqa: E731
+    def new() -> str:
+        return idp_token(keys["next"], "next", "ES256")
+
     jwks.keys = [*published(keys), jwk(keys["next"], "next")]
     for server in replicas.values():
         wait_until_accepted(server, new)
@@ -320,10 +384,14 @@ async def test_a_burst_of_unknown_kids_costs_one_fetch_per_interval(replicas, ke
                     r = await http.get(url, headers={"Authorization": f"Bearer {token}"})
                     return r.status_code
 
+                started = time.monotonic()
                 first = await asyncio.gather(*(probe(i) for i in range(30)))
                 second = await asyncio.gather(*(probe(i) for i in range(30, 60)))
+                elapsed = time.monotonic() - started
                 assert set(first) == set(second) == {401}
-                assert jwks.fetches(name) - before == 1, jwks.fetches(name) - before
+                # One shared fetch; a second only if the bursts outlasted the interval.
+                fetched = jwks.fetches(name) - before
+                assert 1 <= fetched <= 1 + int(elapsed // REFETCH_SECONDS), (fetched, elapsed)
                 # A cached key was never held up by the unknown ones.
                 assert me(server, idp_token(keys["ed"], "ed", "EdDSA")).status_code == 200
     finally:
