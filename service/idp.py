@@ -28,7 +28,7 @@ import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -218,6 +218,9 @@ class JwksCache:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.url = url
+        parts = urlsplit(url)
+        self._shown_url = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+        """What the log says: the URL without any credentials in it."""
         self._min_interval = min_interval
         self._max_age = max_age
         self._timeout = timeout
@@ -229,7 +232,6 @@ class JwksCache:
         self._inflight: asyncio.Task[None] | None = None
         self._failing = False
         self._warn = RateLimitedLog(log)
-        self.fetches = 0
 
     def get(self, kid: str | None) -> VerificationKey | None:
         """The key for ``kid``; a token without one matches a JWKS of exactly one key."""
@@ -279,7 +281,6 @@ class JwksCache:
         return self._inflight
 
     async def _fetch_and_install(self) -> None:
-        self.fetches += 1
         try:
             # The thread's own deadline ends it; this one ends the wait even if it does not.
             keys, skipped = await asyncio.wait_for(
@@ -293,7 +294,7 @@ class JwksCache:
             self._warn.warning(
                 "fetch",
                 "JWKS fetch from %s failed, keeping the %d cached keys: %s",
-                self.url,
+                self._shown_url,
                 len(self._keys),
                 reason[:300],
             )
@@ -303,11 +304,17 @@ class JwksCache:
         by_kid = {key.kid: key for key in keys}
         if by_kid.keys() != self._keys.keys() or self._failing:
             log.info(
-                "JWKS from %s: %d signing keys %s", self.url, len(by_kid), sorted(map(str, by_kid))
+                "JWKS from %s: %d signing keys %s",
+                self._shown_url,
+                len(by_kid),
+                sorted(map(str, by_kid)),
             )
         if skipped:
             self._warn.warning(
-                "skipped", "JWKS from %s: skipped keys: %s", self.url, "; ".join(skipped)[:500]
+                "skipped",
+                "JWKS from %s: skipped keys: %s",
+                self._shown_url,
+                "; ".join(skipped)[:500],
             )
         self._keys = by_kid
         self._fetched_at = self._clock()
