@@ -269,3 +269,19 @@ def test_a_jwks_url_alone_is_enough(monkeypatch):
     monkeypatch.delenv("CHAT_JWT_SECRET", raising=False)
     settings = Settings(database_url=DB, jwks_url="https://idp.example/jwks")
     assert not TokenCodec(settings).can_issue
+
+
+def test_an_unforeseen_error_while_verifying_is_a_401_and_one_warning(keys, monkeypatch, caplog):
+    """Whatever a library raises on some token, the caller gets 401, the log no traceback."""
+    codec = _codec(jwt_public_key=pem(keys["p256"]))
+
+    def broken(*_args: Any, **_kwargs: Any) -> None:
+        raise RecursionError("somewhere deep in a library")
+
+    monkeypatch.setattr(jwt, "decode", broken)
+    token = jwt.encode(claims(), keys["p256"], "ES256")
+    for _ in range(3):
+        with pytest.raises(NotAuthenticated):
+            codec.verify(token)
+    warnings = [r for r in caplog.records if r.name == "service.auth"]
+    assert [(r.levelname, r.exc_info) for r in warnings] == [("WARNING", None)]  # rate limited
