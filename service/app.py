@@ -104,6 +104,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[dict[str, object]]:
         async with AsyncExitStack() as stack:
+            tokens.start()  # the identity provider's JWKS, fetched in the background
+            stack.push_async_callback(tokens.close)
             engine = create_engine(settings)
             stack.push_async_callback(engine.dispose)
             await check_database(engine, expected_revision)
@@ -171,6 +173,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.include_router(room_routes.router)
     app.include_router(auth_routes.router)
+    app.include_router(auth_routes.me_router)
     app.include_router(websocket_routes.router)
 
     @app.exception_handler(ChatError)

@@ -1,14 +1,26 @@
 """Tokens -> Principal. One dependency serves REST and websockets.
 
-A token is a JWT with ``sub`` (the user id, which becomes the author of every message) and
-``exp`` (required), optionally ``name``. It is read from, in this order, ``Authorization:
-Bearer``, the ``session`` cookie, or the ``token`` query parameter (browsers cannot set headers
-on a websocket). Only the configured algorithms are accepted, so ``alg: none`` and algorithm
-confusion (an HS256 token signed with a public key) are refused.
+A token is a JWT with ``exp`` and a user id, which becomes the author of every message. It is
+read from, in this order, ``Authorization: Bearer``, the ``session`` cookie, or the ``token``
+query parameter (browsers cannot set headers on a websocket).
+
+Two kinds of token are accepted side by side:
+
+* the service's own, HS256 with ``CHAT_JWT_SECRET`` (``chat-service token``, dev logins, or
+  the app's backend): user id in ``sub``, display name in ``name``;
+* an identity provider's, verified with ``CHAT_JWKS_URL``'s keys (chosen by ``kid``) or
+  ``CHAT_JWT_PUBLIC_KEY``: user id and display name in the configured claims, ``aud`` and
+  ``iss`` checked when configured.
+
+Every key verifies only the algorithms fixed by the key (``service.idp``): HS256 goes to the
+secret and nowhere else, so ``alg: none``, algorithm confusion (HS256 signed with a public
+key), a key of the wrong type or curve, and an unknown ``kid`` are all refused. Whatever is
+wrong with a token, the answer is ``NotAuthenticated`` (401, websocket refused), never a crash.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,9 +29,20 @@ import jwt
 
 from service.config import Settings
 from service.errors import NotAuthenticated
+from service.idp import (
+    ASYMMETRIC_ALGORITHMS,
+    MAX_KID_CHARS,
+    JwksCache,
+    RateLimitedLog,
+    VerificationKey,
+    load_public_key,
+)
+
+log = logging.getLogger(__name__)
 
 MAX_TOKEN_BYTES = 4096
 MAX_SUBJECT_CHARS = 128
+MAX_NAME_CHARS = 128
 DEV_TOKEN_TTL = 24 * 3600
 LEEWAY = 30
 """Seconds of clock skew tolerated on ``exp``."""
@@ -42,26 +65,72 @@ class TokenSource:
     origin: str  # "header" | "cookie" | "query"
 
 
+class UnknownKey(NotAuthenticated):
+    """The token names a key the cached JWKS does not have (yet): worth one refetch."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimPolicy:
+    """Where the user id and name are, and which ``aud`` / ``iss`` are required."""
+
+    user_claim: str = "sub"
+    name_claim: str | None = "name"
+    audience: tuple[str, ...] | None = None
+    issuer: str | None = None
+
+
+OWN_TOKENS = ClaimPolicy()
+
+
 class TokenCodec:
-    """Verifies (and, with a shared secret, issues) the service's tokens."""
+    """Verifies tokens (the service's own and an identity provider's) and issues its own.
+
+    ``verify`` never touches the network: a token whose ``kid`` is not cached is refused with
+    ``UnknownKey``. ``authenticate`` is what requests call: it refetches the JWKS once (rate
+    limited, shared) for an unknown ``kid`` before refusing.
+    """
 
     def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._verified: dict[str, tuple[Principal, float]] = {}
         """token -> (its principal, the time it stops being accepted); oldest first."""
-        if settings.jwt_public_key:
-            self._verify_key: str = settings.jwt_public_key
-            self._algorithms = ["RS256", "ES256"]
-        elif settings.jwt_secret is not None:
-            self._verify_key = settings.jwt_secret.get_secret_value()
-            self._algorithms = ["HS256"]
-        else:
-            raise RuntimeError("no JWT secret or public key configured")
         self._secret = settings.jwt_secret.get_secret_value() if settings.jwt_secret else None
+        self._public_key = (
+            load_public_key(settings.jwt_public_key) if settings.jwt_public_key else None
+        )
+        self.jwks = (
+            JwksCache(
+                settings.jwks_url,
+                min_interval=settings.jwks_min_refetch_seconds,
+                max_age=settings.jwks_max_age_seconds,
+                timeout=settings.jwks_timeout,
+            )
+            if settings.jwks_url
+            else None
+        )
+        if self._secret is None and self._public_key is None and self.jwks is None:
+            raise RuntimeError("no JWT secret, public key or JWKS URL configured")
+        audience = tuple(a.strip() for a in (settings.jwt_audience or "").split(",") if a.strip())
+        self._idp = ClaimPolicy(
+            user_claim=settings.jwt_user_claim,
+            name_claim=settings.jwt_name_claim or None,
+            audience=audience or None,
+            issuer=settings.jwt_issuer or None,
+        )
+        self._warn = RateLimitedLog(log)
 
     @property
     def can_issue(self) -> bool:
         return self._secret is not None
+
+    def start(self) -> None:
+        """In the lifespan: fetch the JWKS in the background (start-up does not wait for it)."""
+        if self.jwks is not None:
+            self.jwks.start()
+
+    async def close(self) -> None:
+        if self.jwks is not None:
+            await self.jwks.close()
 
     def issue(self, user_id: str, *, ttl: int, name: str | None = None) -> str:
         if self._secret is None:
@@ -71,6 +140,20 @@ class TokenCodec:
         if name:
             claims["name"] = name
         return jwt.encode(claims, self._secret, algorithm="HS256")
+
+    async def authenticate(self, token: str) -> Principal:
+        """``verify``, with one JWKS refetch (at most one per interval, shared) for a token
+        signed with a key the cache does not know yet: the provider has rotated its keys."""
+        try:
+            principal = self.verify(token)
+        except UnknownKey:
+            if self.jwks is None:
+                raise
+            await self.jwks.refresh()
+            return self.verify(token)
+        if self.jwks is not None:
+            self.jwks.refresh_if_stale()
+        return principal
 
     def verify(self, token: str) -> Principal:
         known = self._verified.get(token)
@@ -90,27 +173,80 @@ class TokenCodec:
         if len(token) > MAX_TOKEN_BYTES:
             raise NotAuthenticated("token too large")
         try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise NotAuthenticated("invalid token") from None
+        key, policy = self._key_for(header.get("alg"), header.get("kid"))
+        try:
             claims = jwt.decode(
                 token,
-                self._verify_key,
-                algorithms=self._algorithms,
-                options={"require": ["exp", "sub"]},
+                key.key,
+                algorithms=key.algorithms,
+                audience=policy.audience,
+                issuer=policy.issuer,
+                options={
+                    "require": ["exp", policy.user_claim],
+                    "verify_aud": policy.audience is not None,
+                    "verify_sub": policy.user_claim == "sub",
+                },
                 leeway=LEEWAY,
             )
         except jwt.ExpiredSignatureError:
             raise NotAuthenticated("token expired") from None
-        except jwt.InvalidTokenError:
+        except (
+            jwt.InvalidAudienceError,
+            jwt.InvalidIssuerError,
+            jwt.MissingRequiredClaimError,
+        ) as exc:  # what an operator wiring in a provider needs to read; nothing secret
+            raise NotAuthenticated(f"invalid token: {exc}") from None
+        except jwt.PyJWTError:
             raise NotAuthenticated("invalid token") from None
-        sub = claims.get("sub")
+        except Exception as exc:
+            # A token no check above foresaw must still be a 401, not a 500 with a traceback:
+            # one line says what happened, for whoever maintains this code.
+            self._warn.warning(
+                "unexpected", "token refused on an unexpected error: %s", type(exc).__name__
+            )
+            raise NotAuthenticated("invalid token") from None
+        return self._principal(claims, policy)
+
+    def _key_for(self, alg: object, kid: object) -> tuple[VerificationKey, ClaimPolicy]:
+        """The one key (and claim policy) the token may be verified with. The header only
+        says which key is meant; what that key accepts is fixed by the key."""
+        if alg == "HS256":
+            if self._secret is None:
+                raise NotAuthenticated("invalid token: HS256 is not accepted here")
+            return VerificationKey(self._secret, ("HS256",)), OWN_TOKENS
+        if not isinstance(alg, str) or alg not in ASYMMETRIC_ALGORITHMS:
+            raise NotAuthenticated("invalid token: unsupported algorithm")
+        if kid is not None and (not isinstance(kid, str) or len(kid) > MAX_KID_CHARS):
+            raise NotAuthenticated("invalid token: bad kid")
+        if self.jwks is not None:
+            key = self.jwks.get(kid)
+            if key is not None:
+                return key, self._idp
+        if self._public_key is not None and alg in self._public_key.algorithms:
+            return self._public_key, self._idp
+        if self.jwks is not None:
+            raise UnknownKey("invalid token: unknown signing key")
+        raise NotAuthenticated("invalid token: no key for this algorithm")
+
+    @staticmethod
+    def _principal(claims: dict[str, object], policy: ClaimPolicy) -> tuple[Principal, float]:
+        user = claims.get(policy.user_claim)
         if (
-            not isinstance(sub, str)
-            or not 0 < len(sub) <= MAX_SUBJECT_CHARS
-            or not sub.isprintable()
+            not isinstance(user, str)
+            or not 0 < len(user) <= MAX_SUBJECT_CHARS
+            or not user.isprintable()
         ):
             raise NotAuthenticated("invalid token subject")
-        name = claims.get("name")
-        principal = Principal(user_id=sub, name=name if isinstance(name, str) else None)
-        return principal, float(claims["exp"]) + LEEWAY
+        name = claims.get(policy.name_claim) if policy.name_claim else None
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_CHARS:
+            name = None
+        exp = claims["exp"]
+        if not isinstance(exp, int | float):  # PyJWT has checked it is a number
+            raise NotAuthenticated("invalid token")
+        return Principal(user_id=user, name=name), float(exp) + LEEWAY
 
 
 def extract_token(

@@ -136,6 +136,26 @@ class Settings(BaseSettings):
         """``CHAT_METRICS_TOKEN=`` (what compose passes when .env leaves it empty) is no token."""
         return None if value == "" else value
 
+    # Tokens from an identity provider (issue 11, part 2). The claims settings describe the
+    # provider's tokens (verified with CHAT_JWKS_URL or CHAT_JWT_PUBLIC_KEY); tokens signed
+    # with CHAT_JWT_SECRET are the service's own (``sub``, ``name``) and are not subject to them.
+    jwks_url: str | None = None
+    """The provider's JWKS (``https://idp.example.com/.well-known/jwks.json``)."""
+    jwt_audience: str | None = None
+    """Comma-separated; when set, a provider token's ``aud`` must name one of them."""
+    jwt_issuer: str | None = None
+    """When set, a provider token's ``iss`` must be exactly this."""
+    jwt_user_claim: str = Field(default="sub", min_length=1, max_length=100)
+    """The claim of a provider token that holds the user id (the author of messages)."""
+    jwt_name_claim: str = Field(default="name", max_length=100)
+    """The claim holding a display name; empty for none."""
+    jwks_min_refetch_seconds: float = Field(default=30.0, ge=0.1, le=86_400)
+    """A token with an unknown ``kid`` refetches the JWKS at most this often."""
+    jwks_max_age_seconds: float = Field(default=600.0, ge=1, le=86_400)
+    """Cached keys are refetched in the background once this old (a removed key stops)."""
+    jwks_timeout: float = Field(default=5.0, gt=0, le=60)
+    """Deadline of one JWKS fetch, connection to last byte."""
+
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:
         if self.metrics_token is not None:
@@ -159,15 +179,40 @@ class Settings(BaseSettings):
             raise ValueError(
                 "the password in CHAT_DATABASE_URL is the example's placeholder: set a real one"
             )
-        if self.jwt_secret is None and not self.jwt_public_key:
+        if self.jwt_secret is None and not self.jwt_public_key and not self.jwks_url:
             raise ValueError(
-                "CHAT_JWT_SECRET (HS256) or CHAT_JWT_PUBLIC_KEY (RS256/ES256) is required "
+                "CHAT_JWT_SECRET (HS256), CHAT_JWT_PUBLIC_KEY or CHAT_JWKS_URL is required "
                 "when CHAT_DATABASE_URL is set"
             )
         if self.broadcast_url is not None and not self.broadcast_over_redis:
             to_asyncpg_dsn(self.broadcast_url)  # refuses any other scheme with a clear error
         if self.dev_auth and self.jwt_secret is None:
             raise ValueError("CHAT_DEV_AUTH needs CHAT_JWT_SECRET to sign its tokens")
+        return self
+
+    @model_validator(mode="after")
+    def _check_identity_provider(self) -> Settings:
+        """Bad identity-provider settings are refused at start-up, not on the first token."""
+        if self.jwks_url is not None:
+            parts = urlsplit(self.jwks_url)
+            if parts.scheme not in ("https", "http") or not parts.hostname:
+                raise ValueError("CHAT_JWKS_URL must be an https:// (or http://) URL")
+        if self.jwt_public_key:
+            from service.idp import load_public_key  # noqa: PLC0415 - idp imports cryptography
+
+            load_public_key(self.jwt_public_key)  # ValueError says what is wrong
+        provider_only = {
+            "CHAT_JWT_AUDIENCE": bool(self.jwt_audience),
+            "CHAT_JWT_ISSUER": bool(self.jwt_issuer),
+            "CHAT_JWT_USER_CLAIM": self.jwt_user_claim != "sub",
+            "CHAT_JWT_NAME_CLAIM": self.jwt_name_claim != "name",
+        }
+        given = [name for name, is_set in provider_only.items() if is_set]
+        if given and not (self.jwks_url or self.jwt_public_key):
+            raise ValueError(
+                f"{', '.join(given)} describe identity-provider tokens: set CHAT_JWKS_URL or "
+                "CHAT_JWT_PUBLIC_KEY too (tokens signed with CHAT_JWT_SECRET always use sub/name)"
+            )
         return self
 
     @property

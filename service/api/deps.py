@@ -35,7 +35,7 @@ async def get_principal(conn: HTTPConnection, services: ServicesDep) -> Principa
             raise NotAuthenticated("missing token")
         if source.origin == "cookie":
             check_origin(conn, services.settings.origins)
-        return services.tokens.verify(source.token)
+        return await services.tokens.authenticate(source.token)
     except NotAuthenticated as exc:
         if conn.scope["type"] == "websocket":
             raise WebSocketException(WS_POLICY_VIOLATION, exc.detail) from None

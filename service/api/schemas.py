@@ -61,6 +61,11 @@ class DevToken(BaseModel):
     expires_at: datetime
 
 
+class Me(BaseModel):
+    user: str = Field(description="The user id taken from the token: the author of messages")
+    name: str | None = Field(description="The display name taken from the token, if any")
+
+
 class ErrorOut(BaseModel):
     detail: str
     code: str | None = None
