@@ -15,6 +15,8 @@ Guarantees, per process:
   sent a complete request head, or whose websocket handshake is not answered, within it is
   closed (slowloris). At most ``Settings.max_unfinished_connections`` may be unfinished at once;
   beyond that the oldest is closed (an attacker's, as honest clients finish in milliseconds).
+* **Request heads are capped** at ``MAX_HEAD_BYTES``: a longer one is answered 431 and closed
+  (the HTTP parser would otherwise buffer a header for as long as the deadline lets it grow).
 * **File descriptors are kept in reserve** (``Settings.fd_reserve``): a new connection that
   would leave fewer than that many free under ``RLIMIT_NOFILE`` is closed at once, so the
   database pool, the LISTEN connection and static files keep working and accept() does not fail.
@@ -46,6 +48,9 @@ if TYPE_CHECKING:
     from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+MAX_HEAD_BYTES = 64 * 1024
+"""The longest request head (request line and headers) read; nginx's default allows 32 kB."""
 
 GUARD_STATE_KEY = "connection_guard"
 """Lifespan state key of the process's ``ConnectionGuard`` (the protocol finds it there)."""
@@ -283,6 +288,15 @@ class ConnectionGuard:
         deadline.transport.abort()
 
 
+_HEAD_TOO_LARGE_TEXT = b"request head over 64 kB: refused"
+HEAD_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+    b"content-type: text/plain; charset=utf-8\r\n"
+    b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+    % (len(_HEAD_TOO_LARGE_TEXT), _HEAD_TOO_LARGE_TEXT)
+)
+
+
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with a deadline on request heads (see module docstring).
 
@@ -292,6 +306,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.head_deadline: HeadDeadline | None = None
+        self.head_bytes = 0
         self.guard: ConnectionGuard | None = self.app_state.get(GUARD_STATE_KEY)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -302,6 +317,23 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._head_done()
         super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        guard = self.guard
+        if self.head_deadline is not None and guard is not None:
+            self.head_bytes += len(data)  # what was read so far is (mostly) the head
+            if self.head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+                self._head_done()
+                guard.counter.labels("head_too_large").inc()
+                guard.burst.warn(
+                    "head_too_large",
+                    guard.loop.time(),
+                    "request head over %d bytes: answered 431 and closed",
+                    MAX_HEAD_BYTES,
+                )
+                self.transport.write(HEAD_TOO_LARGE)
+                self.transport.close()
 
     def on_message_begin(self) -> None:
         # The next request on a kept-alive connection: its head has a deadline too.
@@ -327,6 +359,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.guard.handoff = None
 
     def _head_done(self) -> None:
+        self.head_bytes = 0
         deadline, self.head_deadline = self.head_deadline, None
         if deadline is not None:
             deadline.done()

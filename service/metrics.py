@@ -133,8 +133,8 @@ class Metrics:
         self.http_connections_closed = Counter(
             "chat_http_connections_closed",
             "Connections closed by the server's guards: head_timeout (request head or websocket "
-            "handshake too slow), unfinished_limit (too many such at once), fd_limit (file "
-            "descriptor reserve reached)",
+            "handshake too slow), unfinished_limit (too many such at once), head_too_large (over "
+            "64 kB: 431), fd_limit (file descriptor reserve reached)",
             ["reason"],
             registry=r,
         )

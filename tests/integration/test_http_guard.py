@@ -325,6 +325,19 @@ async def test_half_sent_requests_are_closed_at_the_deadline_while_others_are_se
     assert len(warnings) == 1, warnings  # rate-limited: one line for the burst
 
 
+def test_an_endless_request_head_is_cut_off_at_64_kb(server):
+    """The deadline bounds its time; the size is bounded too, or a fast client could send
+    gigabytes of one header within it."""
+    before = server.rss_kb()
+    with raw_socket(server) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\nX-Endless: " + b"a" * 70_000)
+        status, headers, _body = read_response(sock)
+        assert (status, headers["connection"]) == (431, "close")
+        assert send_until_refused(sock, BIG) < BIG // 4
+    assert server.rss_kb() - before < RSS_SLACK_KB
+    assert server.metric('chat_http_connections_closed_total{reason="head_too_large"}') >= 1
+
+
 async def test_beyond_the_unfinished_cap_the_oldest_are_closed(guarded, room):
     server = guarded(CHAT_HEADER_TIMEOUT="60", CHAT_MAX_UNFINISHED_CONNECTIONS="10")
     slow = []
