@@ -240,10 +240,9 @@ class _InlineFinder(HTMLParser):
                 self.blocked.append(f"{name}= on <{tag}>")
             if value and value.strip().lower().startswith("javascript:"):
                 self.blocked.append(f"javascript: URL on <{tag}>")
-        if tag in ("script", "link") and (dict(attrs).get("src") or dict(attrs).get("href", ""))[
-            :1
-        ] not in ("/", ""):
-            self.blocked.append(f"<{tag}> from another origin")
+        url = dict(attrs).get("src") or dict(attrs).get("href") or ""
+        if tag in ("script", "link") and url and (url[:1] != "/" or url[:2] == "//"):
+            self.blocked.append(f"<{tag}> from another origin: {url}")
 
 
 def test_the_demo_page_needs_nothing_its_policy_blocks():
