@@ -31,6 +31,13 @@ from service.db.engine import create_engine, create_pool
 from service.db.migrate import current_revision, head_revision
 from service.db.writer import MessageWriter
 from service.errors import ChatError, DatabaseUnreachable, SchemaMismatch, StartupError
+from service.http_guard import (
+    GUARD_STATE_KEY,
+    BodyTooLarge,
+    ConnectionGuard,
+    GuardMiddleware,
+    security_headers,
+)
 from service.metrics import Metrics
 from service.observability import RequestIdMiddleware, request_id
 from service.realtime import websocket as websocket_routes
@@ -159,7 +166,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     "who can reach it can sign in as ANYONE (POST /auth/dev-token)",
                     settings.listen_host or "an unknown address",
                 )
-            yield {"services": services, "listen": backend, "engine": engine}
+            yield {
+                "services": services,
+                "listen": backend,
+                "engine": engine,
+                GUARD_STATE_KEY: ConnectionGuard(settings, metrics),
+            }
 
     docs = settings.docs_enabled  # off a loopback listener only with CHAT_PUBLIC_DOCS=true
     app = FastAPI(
@@ -185,6 +197,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             {"detail": exc.detail, "code": exc.code}, status_code=exc.http_status, headers=headers
         )
 
+    @app.exception_handler(BodyTooLarge)
+    async def body_too_large(_request: Request, exc: BodyTooLarge) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail, "code": "too_large"}, status_code=413)
+
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
         """FastAPI's default echoes the offending input, which may not even be encodable
@@ -203,9 +219,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse(
             {"detail": "internal error", "code": "internal", "request_id": rid},
             status_code=500,
-            headers={"X-Request-ID": rid},
+            # Answered outside the middleware stack: the security headers are added here.
+            headers={"X-Request-ID": rid, **security_headers()},
         )
 
+    docs = (app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url)
+    app.add_middleware(
+        GuardMiddleware,
+        body_limit=settings.body_limit,
+        docs_paths=frozenset(path for path in docs if path),
+    )
     app.add_middleware(RequestIdMiddleware)
 
     @app.get("/healthz", tags=["health"])

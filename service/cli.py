@@ -31,7 +31,10 @@ from service.observability import JsonFormatter, RequestIdFilter
 
 log = logging.getLogger("chat-service")
 
-TOKEN_IN_TEXT = re.compile(r"(token=)[^&\s\"']+")
+TOKEN_IN_TEXT = re.compile(
+    r"((?:t|%74)(?:o|%6f)(?:k|%6b)(?:e|%65)(?:n|%6e)(?:=|%3d))[^&\s\"']+", re.IGNORECASE
+)
+"""``token=`` however it is spelt: the server decodes ``%74oken`` to ``token`` too."""
 
 
 class RedactTokens(logging.Filter):
@@ -39,9 +42,11 @@ class RedactTokens(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if "token=" in message:
-            record.msg = TOKEN_IN_TEXT.sub(r"\1[redacted]", message)
-            record.args = None
+        if "=" in message or "%3d" in message.lower():
+            redacted = TOKEN_IN_TEXT.sub(r"\1[redacted]", message)
+            if redacted != message:
+                record.msg = redacted
+                record.args = None
         return True
 
 
@@ -119,6 +124,7 @@ def serve(args: argparse.Namespace) -> int:
             "host": args.host,
             "port": args.port,
             "log_config": log_config,
+            "http": "service.http_guard:GuardedHttpToolsProtocol",
             "ws": "service.realtime.uvicorn_ws:LeanWebSocketProtocol",
             "ws_max_size": ws_max_size(settings),
             "proxy_headers": True,

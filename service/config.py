@@ -117,6 +117,19 @@ class Settings(BaseSettings):
     ws_ping_timeout: float = Field(default=20.0, gt=0)
     drain_seconds: float = Field(default=10.0, ge=0)
     """On SIGTERM: how long in-flight requests may take before they are cancelled."""
+    # --- Issue 11, HTTP-level protections (service/http_guard.py) ---
+    max_body_bytes: int | None = Field(default=None, ge=1024)
+    """Largest request body; default: room for the longest message in the worst JSON escaping
+    (``body_limit``). Larger bodies are refused with 413 before they are read."""
+    header_timeout: float = Field(default=10.0, gt=0)
+    """Seconds a connection may take to send its request head (and have its websocket
+    handshake answered) before it is closed."""
+    max_unfinished_connections: int = Field(default=512, ge=1)
+    """Connections that may be waiting for their request head at once; beyond it the oldest is
+    closed."""
+    fd_reserve: int = Field(default=64, ge=0)
+    """File descriptors kept free under RLIMIT_NOFILE for the database, LISTEN and files: a new
+    connection that would use one of them is closed at once."""
     embedded: bool = False
     """Set by the CLI once it has started the embedded PostgreSQL; not meant to be set by hand."""
 
@@ -230,6 +243,14 @@ class Settings(BaseSettings):
     @property
     def docs_enabled(self) -> bool:
         return self.listens_on_loopback if self.public_docs is None else self.public_docs
+
+    @property
+    def body_limit(self) -> int:
+        """``max_body_bytes``, or room for the longest message even if every character arrives
+        as a 12-byte JSON escape (the websocket frame limit uses the same rule)."""
+        if self.max_body_bytes is not None:
+            return self.max_body_bytes
+        return max(64 * 1024, self.max_message_chars * 12 + 4096)
 
     @property
     def origins(self) -> frozenset[str]:

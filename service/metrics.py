@@ -130,6 +130,14 @@ class Metrics:
         self.slow_consumers = Counter(
             "chat_slow_consumer_disconnects", "Connections closed for falling behind", registry=r
         )
+        self.http_connections_closed = Counter(
+            "chat_http_connections_closed",
+            "Connections closed by the server's guards: head_timeout (request head or websocket "
+            "handshake too slow), unfinished_limit (too many such at once), head_too_large (over "
+            "64 kB: 431), fd_limit (file descriptor reserve reached)",
+            ["reason"],
+            registry=r,
+        )
 
     def watch(self, **sources: Callable[[], object]) -> None:
         self.registry.register(_Live(**sources))  # type: ignore[arg-type]

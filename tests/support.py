@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
@@ -75,11 +76,18 @@ class ServerProcess:
     """``python -m service serve`` on a free port, as a user would run it."""
 
     def __init__(
-        self, database_url: str, *, log_path: Path, env: dict[str, str] | None = None
+        self,
+        database_url: str,
+        *,
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
+        """``preexec_fn`` runs in the child before the server starts (e.g. to lower a limit)."""
         self.database_url = database_url
         self.log_path = log_path
         self.extra_env = env or {}
+        self.preexec_fn = preexec_fn
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -113,6 +121,7 @@ class ServerProcess:
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                preexec_fn=self.preexec_fn,  # noqa: PLW1509 - only sets resource limits
             )
             log.close()
             if self._wait_ready(timeout):
@@ -134,6 +143,21 @@ class ServerProcess:
                 pass
             time.sleep(0.05)
         return False
+
+    def rss_kb(self) -> int:
+        """The server's resident memory (VmRSS), from /proc."""
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+    def metric(self, name: str) -> float:
+        """One sample of ``GET /metrics`` (``name`` with its labels), 0 when absent."""
+        for line in httpx.get(f"{self.http}/metrics", timeout=5).text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[-1])
+        return 0.0
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
         if self.proc is None:

@@ -74,6 +74,7 @@ class ErrorOut(BaseModel):
 ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     400: {"model": ErrorOut, "description": "The body could not be parsed"},
     401: {"model": ErrorOut, "description": "Missing, invalid or expired token"},
+    413: {"model": ErrorOut, "description": "Request body larger than CHAT_MAX_BODY_BYTES"},
     429: {"model": ErrorOut, "description": "Rate limited; see Retry-After"},
     503: {"model": ErrorOut, "description": "The database is unavailable; retry"},
 }

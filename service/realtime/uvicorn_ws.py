@@ -31,6 +31,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
+from service.http_guard import GUARD_STATE_KEY, HeadDeadline
 from service.realtime.envelope import SharedFrame
 
 DETACH = "chat.detach"
@@ -129,6 +130,32 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
         super().__init__(*args, **kwargs)
         self.queue = _Inbox()  # type: ignore[assignment]
         self.writable = _Gate()  # type: ignore[assignment]
+        self.head_deadline: HeadDeadline | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        guard = self.app_state.get(GUARD_STATE_KEY)
+        if guard is not None:  # the HTTP protocol's deadline runs on until the handshake answer
+            self.head_deadline = guard.take_handoff()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end_head_deadline()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if not self.handshake_initiated and self.conn.handshake_exc is not None:
+            # websockets refused the request before it became a request event (a line over
+            # 8 kB: 414 or 431; not HTTP: EOF) and queued its answer; uvicorn only handles
+            # request events, so without this the answer is never written nor the socket closed.
+            self.handshake_complete = self.close_sent = True
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.transport.close()
+
+    def _end_head_deadline(self) -> None:
+        deadline, self.head_deadline = self.head_deadline, None
+        if deadline is not None:
+            deadline.done()
 
     async def run_asgi(self) -> None:
         """uvicorn's ``run_asgi``, plus the continuation an app may leave with ``DETACH``."""
@@ -186,6 +213,8 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
 
     async def send(self, message: Any) -> None:
         await super().send(message)
+        if self.head_deadline is not None and self.handshake_complete:
+            self._end_head_deadline()  # answered: the head deadline is over
         if self.handshake_complete and getattr(self, "response", None) is not None:
             # websockets' parser generator keeps the request alive: empty its headers at least
             # (the app has its own copy in scope["headers"]).

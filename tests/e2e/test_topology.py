@@ -17,8 +17,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from websockets.asyncio.client import connect
 
-from tests.support import JWT_SECRET, Client, ServerProcess, free_port, make_token
+from tests.support import JWT_SECRET, RECV_TIMEOUT, Client, ServerProcess, free_port, make_token
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"
@@ -153,3 +154,39 @@ async def test_messages_cross_replicas_behind_nginx(fresh_database, nginx, tmp_p
         )
         assert [m["seq"] for m in r.json()["messages"]] == [1, 2, 3, 4]
         assert httpx.get(f"{lb.http}/readyz").status_code == 200
+
+
+async def test_the_demo_pages_cookie_login_passes_the_origin_check_behind_nginx(
+    database_url, nginx, tmp_path, room
+):
+    """A browser on the service's own page, through the load balancer: the session cookie and
+    an Origin with nginx's port; the service must see the same host and port in Host."""
+    with (
+        ServerProcess(database_url, log_path=tmp_path / "app1.log") as app1,
+        ServerProcess(database_url, log_path=tmp_path / "app2.log") as app2,
+    ):
+        port = nginx([app1.port, app2.port])
+        lb = _Lb(port)
+        own_page = {"Origin": f"http://127.0.0.1:{port}", "Cookie": f"session={make_token('web')}"}
+        for _ in range(2):  # one websocket per replica
+            ws = await asyncio.wait_for(
+                connect(
+                    f"{lb.ws}/ws/rooms/{room}",
+                    additional_headers=own_page,
+                    open_timeout=RECV_TIMEOUT,
+                ),
+                RECV_TIMEOUT,
+            )
+            try:
+                while True:
+                    frame = await asyncio.wait_for(ws.recv(), RECV_TIMEOUT)
+                    if '"type":"ready"' in frame.replace(" ", ""):
+                        break
+            finally:
+                await ws.close()
+        r = httpx.get(f"{lb.http}/rooms/{room}/messages", headers=own_page, timeout=RECV_TIMEOUT)
+        assert r.status_code == 200, r.text
+        # Another site's page with the same cookie is still refused.
+        evil = {**own_page, "Origin": "http://evil.example"}
+        r = httpx.get(f"{lb.http}/rooms/{room}/messages", headers=evil, timeout=RECV_TIMEOUT)
+        assert r.status_code == 401
