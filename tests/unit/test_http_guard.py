@@ -8,8 +8,9 @@ import pytest
 
 from service.cli import RedactTokens
 from service.config import Settings
+from tests.support import JWT_SECRET
 
-SECRET = "s" * 48
+SECRET = JWT_SECRET
 
 
 def redacted(message: str, *args: object) -> str:

@@ -19,8 +19,9 @@ from service.config import Settings
 from service.errors import NotAuthenticated
 from service.idp import JwksCache, key_from_jwk, load_public_key, parse_jwks
 from tests.idp_tokens import b64, claims, generate_keys, hostile_tokens, jwk, pem, published
+from tests.support import JWT_SECRET
 
-SECRET = "s" * 48
+SECRET = JWT_SECRET
 DB = "postgresql://d/x"
 
 
