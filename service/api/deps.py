@@ -60,7 +60,8 @@ def check_origin(conn: HTTPConnection, allowed: frozenset[str]) -> None:
 CurrentUser = Annotated[Principal, Depends(get_principal)]
 
 RoomName = Annotated[
-    str, Path(pattern=ROOM_NAME_PATTERN, description="1 to 64 of A-Z a-z 0-9 _ . -")
+    str,
+    Path(pattern=ROOM_NAME_PATTERN, description="1 to 64 of A-Z a-z 0-9 _ . -, not only dots"),
 ]
 
 MAX_SEQ = UNBOUNDED
