@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     """Websocket connects per second one user may open (token bucket of ``ws_connect_burst``);
     over it the handshake is refused with HTTP 429 and ``Retry-After``."""
     ws_connect_burst: int = Field(default=10, ge=1)
-    ws_replay_budget: int = Field(default=32 * 1024 * 1024, ge=0)
+    ws_replay_budget: int = Field(default=32 * 1024 * 1024, ge=1)
     """Bytes of replay and catch-up frames one user may be sent per ``ws_replay_interval``
     (a bucket that refills continuously). A connect while over it is refused like one over
     the connect rate; a replay that is let in is sent whole, however much it costs."""

@@ -376,7 +376,7 @@ class RoomConnection:
         pings = self._pings
         if pings is None:
             rate = self.services.settings.ws_ping_rate
-            pings = self._pings = TokenBucket(rate, rate * 5)
+            pings = self._pings = TokenBucket(rate, max(1.0, rate * 5))
         return _PONG if pings.try_take() else None
 
     def _send(self, frame: dict[str, Any]) -> Reply:
