@@ -4,11 +4,10 @@ A connection's life: refused before accept when the token or a parameter is bad,
 429 when the user is over a limit (``UserLimits.admit``: connects per second, replayed bytes,
 open connections); then join the room's live stream and read the replay from one snapshot,
 within ``ws_connect_timeout`` (else 1013: the database is out), send it and ``ready``; then the
-receiver runs
-in the connection's own task and the writer in a second one, until either ends. The writer
-keeps ``last_seq`` (the last message the client got) and forwards live messages in seq order:
-it drops what the replay already covered and fills any hole from the database, so the client
-sees every message exactly once.
+receiver runs in the connection's own task and the writer in a second one, until either ends.
+The writer keeps ``last_seq`` (the last message the client got) and forwards live messages in
+seq order: it drops what the replay already covered and fills any hole from the database, so
+the client sees every message exactly once.
 
 Under ``chat-service serve`` the endpoint hands the connection's life to the server once it has
 accepted (``service.realtime.uvicorn_ws.DETACH``), so the routing and middleware frames are not
