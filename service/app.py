@@ -150,10 +150,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 hub=hub,
                 tokens=tokens,
                 publish=None if settings.notify_in_transaction else broadcast.publish,
-                limits=UserLimits(
-                    send_rate=settings.user_send_rate,
-                    max_connections=settings.max_connections_per_user,
-                ),
+                limits=UserLimits.from_settings(settings),
                 metrics=metrics,
             )
             # What start-up made (modules, routes, schemas: ~half a million objects) lives as

@@ -20,8 +20,12 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-ROOM_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
-"""Room names and dev-login user names: safe in URLs, logs and channel names."""
+ROOM_NAME_PATTERN = r"^[A-Za-z0-9_.-]*[A-Za-z0-9_-][A-Za-z0-9_.-]*$"
+ROOM_NAME_MAX = 64
+"""Room names and dev-login user names: safe in URLs, logs and channel names. 1 to
+``ROOM_NAME_MAX`` of ``A-Z a-z 0-9 _ . -``, not only dots: URL normalisation (RFC 3986) removes
+``.`` and ``..`` segments from paths, so a REST client could never reach such a room. (The
+length is a separate ``max_length``: pydantic's regex engine has no look-ahead.)"""
 
 _MIN_SECRET_BYTES = 32
 _MIN_SECRET_BITS = 80
@@ -130,6 +134,26 @@ class Settings(BaseSettings):
     fd_reserve: int = Field(default=64, ge=0)
     """File descriptors kept free under RLIMIT_NOFILE for the database, LISTEN and files: a new
     connection that would use one of them is closed at once."""
+    # -- issue 11, hostile websocket clients: per user and process unless said otherwise --
+    ws_connect_rate: float = Field(default=1.0, gt=0)
+    """Websocket connects per second one user may open (token bucket of ``ws_connect_burst``);
+    over it the handshake is refused with HTTP 429 and ``Retry-After``."""
+    ws_connect_burst: int = Field(default=10, ge=1)
+    ws_replay_budget: int = Field(default=32 * 1024 * 1024, ge=1)
+    """Bytes of replay and catch-up frames one user may be sent per ``ws_replay_interval``
+    (a bucket that refills continuously). A connect while over it is refused like one over
+    the connect rate; a replay that is let in is sent whole, however much it costs."""
+    ws_replay_interval: float = Field(default=60.0, gt=0)
+    ws_ping_rate: float = Field(default=2.0, gt=0)
+    """Application ``ping`` frames per second one connection gets a ``pong`` for (bursts of
+    five times this); the rest are dropped unanswered."""
+    ws_connect_timeout: float = Field(default=5.0, gt=0)
+    """Seconds a new websocket may wait to join its room's live stream and read its replay
+    from the database; past it (a database outage) it is closed with 1013."""
+    limiter_max_users: int = Field(default=100_000, ge=1)
+    """Entries in each per-user limiter map; past it, new users are refused until idle ones
+    are forgotten."""
+    # -- end of issue 11, hostile websocket clients --
     embedded: bool = False
     """Set by the CLI once it has started the embedded PostgreSQL; not meant to be set by hand."""
 

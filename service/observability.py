@@ -12,6 +12,8 @@ from contextvars import ContextVar
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.chat.limits import TokenBucket
+
 request_id: ContextVar[str] = ContextVar("request_id", default="-")
 
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -78,3 +80,28 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+class LogBudget:
+    """At most ``rate`` lines a second (bursts of ``burst``) for what clients can cause at
+    will, such as their bad input: a flood of it must not become a flood of log lines.
+
+    ``allow`` answers whether to log this one, and counts the ones it refused; the next line
+    that is logged says how many were left out (``dropped``).
+    """
+
+    __slots__ = ("_bucket", "dropped")
+
+    def __init__(self, rate: float = 5.0, burst: float = 20.0) -> None:
+        self._bucket = TokenBucket(rate, burst)
+        self.dropped = 0
+
+    def allow(self) -> bool:
+        if self._bucket.try_take():
+            return True
+        self.dropped += 1
+        return False
+
+    def take_dropped(self) -> int:
+        dropped, self.dropped = self.dropped, 0
+        return dropped

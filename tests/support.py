@@ -110,6 +110,10 @@ class ServerProcess:
             "CHAT_SEND_RATE": "10000",
             "CHAT_USER_SEND_RATE": "10000",
             "CHAT_MAX_CONNECTIONS_PER_USER": "1000",
+            "CHAT_WS_CONNECT_RATE": "10000",
+            "CHAT_WS_CONNECT_BURST": "10000",
+            "CHAT_WS_REPLAY_BUDGET": str(2**40),
+            "CHAT_WS_PING_RATE": "10000",
             "PYTHONUNBUFFERED": "1",
             **self.extra_env,
         }

@@ -9,7 +9,7 @@ from fastapi import Depends, HTTPException, Path, WebSocketException
 from starlette.requests import HTTPConnection
 
 from service.auth import Principal, extract_token
-from service.config import ROOM_NAME_PATTERN
+from service.config import ROOM_NAME_MAX, ROOM_NAME_PATTERN
 from service.db.queries import UNBOUNDED
 from service.errors import WS_POLICY_VIOLATION, NotAuthenticated
 from service.services import Services
@@ -60,7 +60,12 @@ def check_origin(conn: HTTPConnection, allowed: frozenset[str]) -> None:
 CurrentUser = Annotated[Principal, Depends(get_principal)]
 
 RoomName = Annotated[
-    str, Path(pattern=ROOM_NAME_PATTERN, description="1 to 64 of A-Z a-z 0-9 _ . -")
+    str,
+    Path(
+        pattern=ROOM_NAME_PATTERN,
+        max_length=ROOM_NAME_MAX,
+        description="1 to 64 of A-Z a-z 0-9 _ . -, not only dots",
+    ),
 ]
 
 MAX_SEQ = UNBOUNDED

@@ -22,7 +22,7 @@ from service.api.schemas import (
 from service.chat import history
 from service.chat.limits import RateLimited
 from service.chat.messages import submit_message
-from service.config import ROOM_NAME_PATTERN
+from service.config import ROOM_NAME_MAX, ROOM_NAME_PATTERN
 from service.errors import InvalidMessage
 from service.realtime.envelope import dumps, dumps_with_items, iso, message_fields
 
@@ -52,7 +52,7 @@ async def list_rooms(
     _: CurrentUser,
     services: ServicesDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    after: Annotated[str | None, Query(pattern=ROOM_NAME_PATTERN)] = None,
+    after: Annotated[str | None, Query(pattern=ROOM_NAME_PATTERN, max_length=ROOM_NAME_MAX)] = None,
 ) -> Response:
     """Rooms that have messages, by name."""
     rooms = await history.list_rooms(pool=services.pool, after=after, limit=limit + 1)

@@ -6,7 +6,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.config import ROOM_NAME_PATTERN
+from service.config import ROOM_NAME_MAX, ROOM_NAME_PATTERN
 
 
 class MessageOut(BaseModel):
@@ -52,7 +52,7 @@ class NewMessage(BaseModel):
 
 
 class DevTokenRequest(BaseModel):
-    user: str = Field(pattern=ROOM_NAME_PATTERN)
+    user: str = Field(pattern=ROOM_NAME_PATTERN, max_length=ROOM_NAME_MAX)
 
 
 class DevToken(BaseModel):

@@ -87,11 +87,18 @@ async def connect(dsn: str, application_name: str) -> asyncpg.Connection:
 
 @asynccontextmanager
 async def reading(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
-    """A pooled connection; "the database is not there" becomes ``Unavailable``."""
+    """A pooled connection; "the database is not there" becomes ``Unavailable``, and so does
+    any failure to get a connection (refused, timed out, "not currently accepting
+    connections"): that is never a bug in the read."""
     try:
-        async with pool.acquire(timeout=TIMEOUT) as conn:
-            yield conn
+        conn = await pool.acquire(timeout=TIMEOUT)
+    except Exception as exc:
+        raise Unavailable("the database is unavailable, try again") from exc
+    try:
+        yield conn
     except Exception as exc:
         if is_unavailable(exc):
             raise Unavailable("the database is unavailable, try again") from exc
         raise
+    finally:
+        await pool.release(conn)

@@ -81,7 +81,12 @@ class ListenBackend(BroadcastBackend):
             if self.connected:
                 try:
                     await self._conn.add_listener(channel, self._on_notify)  # type: ignore[union-attr]
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                except (
+                    OSError,
+                    asyncpg.PostgresError,
+                    asyncpg.InterfaceError,
+                    asyncpg.InternalClientError,  # "another operation is in progress": dying
+                ) as exc:
                     log.warning("LISTEN failed (%s); reconnecting", exc)
                     self._lost.set()
 

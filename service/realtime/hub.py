@@ -26,6 +26,7 @@ import asyncpg
 from broadcaster import Broadcast
 
 from service.chat.history import read_range
+from service.errors import Unavailable
 from service.realtime.backend import RESYNC
 from service.realtime.envelope import (
     SharedFrame,
@@ -182,7 +183,10 @@ class RoomHub:
             stream.task.add_done_callback(_log_failure)
         stream.outboxes.add(outbox)
         try:
-            await asyncio.shield(stream.listening)
+            try:
+                await asyncio.shield(stream.listening)
+            except Exception as exc:  # logged by the stream's task
+                raise Unavailable("the room's live stream could not be joined") from exc
             yield outbox
         finally:
             stream.outboxes.discard(outbox)
@@ -213,6 +217,7 @@ class RoomHub:
                     self._on_forward(sent_at)
         except Exception as exc:
             # The stream is dead: new joiners start a fresh one, current ones are told to retry.
+            cancelled = asyncio.current_task().cancelling()  # type: ignore[union-attr]
             if self._streams.get(room) is stream:
                 del self._streams[room]
             if not stream.listening.done():
@@ -220,6 +225,8 @@ class RoomHub:
                 stream.listening.exception()  # retrieved: joiners see it through shield()
             for outbox in list(stream.outboxes):
                 outbox.set_overflow()
+            if cancelled:  # its last joiner left while it subscribed: broadcaster's subscribe,
+                raise asyncio.CancelledError from exc  # cancelled there, fails in its finally
             raise
 
     @staticmethod

@@ -9,6 +9,12 @@ Same protocol, same behaviour. Per connection:
   request's headers emptied: websockets' parser generator still holds the request);
 * ``DETACH`` (below) lets the app leave its routing frames behind once it has accepted.
 
+Two fixes for what hostile clients could do to the log: invalid UTF-8 in a text message is a
+client's bad input, logged at INFO without a traceback and within a per-process ``LogBudget``
+(uvicorn logs each at ERROR with a traceback); and a handshake refused with a denial response
+(HTTP 429) counts as answered (uvicorn logs "ASGI callable returned without completing
+handshake." at ERROR for each: Kludex/uvicorn#3138).
+
 ``SEND_NOWAIT`` writes a burst of text frames in one write, without the ASGI ``send`` coroutine
 and the middleware wrappers around it, whenever that ``send`` would not have waited. A
 ``SharedFrame`` (a message going to a whole room) is framed once and its bytes written to every
@@ -22,9 +28,10 @@ Tied to uvicorn's ``WebSocketsSansIOProtocol`` internals (``queue``, ``writable`
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -32,7 +39,10 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
 from service.http_guard import GUARD_STATE_KEY, HeadDeadline
+from service.observability import LogBudget
 from service.realtime.envelope import SharedFrame
+
+log = logging.getLogger(__name__)
 
 DETACH = "chat.detach"
 """Scope extension: ``scope["extensions"][DETACH](serve)`` asks the server to run ``serve()``
@@ -126,6 +136,9 @@ class _Gate:
 
 
 class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
+    bad_input_log: ClassVar[LogBudget | None] = None
+    """One per process, like the log it protects; made at the first bad input."""
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.queue = _Inbox()  # type: ignore[assignment]
@@ -182,6 +195,42 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
         if self.close_timer is None:
             self.transport.close()
 
+    def send_receive_event_to_app(self) -> None:
+        """uvicorn's, but invalid UTF-8 goes to ``_invalid_utf8`` instead of an ERROR line."""
+        data = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
+        self.frames = []
+        if self.close_sent:
+            return  # the app is past websocket.close: reads stay on for the peer's close
+        if self.curr_msg_data_type == "text":
+            try:
+                self.queue.put_nowait({"type": "websocket.receive", "text": data.decode()})
+            except UnicodeDecodeError as exc:
+                self._invalid_utf8(exc)
+                return
+        else:
+            self.queue.put_nowait({"type": "websocket.receive", "bytes": data})
+        if not self.read_paused:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def _invalid_utf8(self, exc: UnicodeDecodeError) -> None:
+        """Close with 1007 as uvicorn does; log one INFO line, if the budget allows."""
+        budget = LeanWebSocketProtocol.bad_input_log
+        if budget is None:
+            budget = LeanWebSocketProtocol.bad_input_log = LogBudget()
+        if budget.allow():
+            client = f"{self.client[0]}:{self.client[1]}" if self.client else "-"
+            dropped = budget.take_dropped()
+            log.info(
+                "%s - invalid UTF-8 in a text message (%s at byte %d); closing with 1007%s",
+                client,
+                exc.reason,
+                exc.start,
+                f" ({dropped} more like it not logged)" if dropped else "",
+            )
+        self.conn.send_close(1007, "invalid UTF-8")
+        self.handle_parser_exception()
+
     def send_texts_nowait(self, frames: Sequence[str | SharedFrame]) -> bool:
         conn = self.conn
         if (
@@ -213,6 +262,8 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
 
     async def send(self, message: Any) -> None:
         await super().send(message)
+        if self.initial_response is not None and self.close_sent:
+            self.handshake_complete = True  # a denial response was sent: the handshake is over
         if self.head_deadline is not None and self.handshake_complete:
             self._end_head_deadline()  # answered: the head deadline is over
         if self.handshake_complete and getattr(self, "response", None) is not None:

@@ -1,11 +1,13 @@
 """The websocket endpoint ``/ws/rooms/{room}`` (protocol: docs/protocol.md).
 
-A connection's life: refused before accept when the token or a parameter is bad; then join the
-room's live stream, replay history from one snapshot, send ``ready``; then the receiver runs
-in the connection's own task and the writer in a second one, until either ends. The writer
-keeps ``last_seq`` (the last message the client got) and forwards live messages in seq order:
-it drops what the replay already covered and fills any hole from the database, so the client
-sees every message exactly once.
+A connection's life: refused before accept when the token or a parameter is bad, or with HTTP
+429 when the user is over a limit (``UserLimits.admit``: connects per second, replayed bytes,
+open connections); then join the room's live stream and read the replay from one snapshot,
+within ``ws_connect_timeout`` (else 1013: the database is out), send it and ``ready``; then the
+receiver runs in the connection's own task and the writer in a second one, until either ends.
+The writer keeps ``last_seq`` (the last message the client got) and forwards live messages in
+seq order: it drops what the replay already covered and fills any hole from the database, so
+the client sees every message exactly once.
 
 Under ``chat-service serve`` the endpoint hands the connection's life to the server once it has
 accepted (``service.realtime.uvicorn_ws.DETACH``), so the routing and middleware frames are not
@@ -19,19 +21,21 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 from collections import deque
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, WebSocket, WebSocketDisconnect
+from fastapi.responses import JSONResponse
 
 from service.api.deps import MAX_SEQ, CurrentUser, RoomName
 from service.auth import Principal
-from service.chat.history import read_range, read_replay
+from service.chat.history import Replay, read_range, read_replay
 from service.chat.limits import RateLimited, TokenBucket, TooManyConnections
 from service.chat.messages import check_client_msg_id, submit_message
 from service.db.writer import Stored
 from service.errors import WS_INTERNAL_ERROR, WS_TRY_AGAIN_LATER, InvalidMessage, Unavailable
-from service.observability import request_id_headers
+from service.observability import request_id, request_id_headers
 from service.realtime.envelope import (
     SharedFrame,
     ack_frame,
@@ -64,14 +68,14 @@ async def room_socket(
     since: Annotated[int | None, Query(ge=0, le=MAX_SEQ)] = None,
 ) -> None:
     services: Services = websocket.state.services
-    await websocket.accept(headers=request_id_headers())
     try:
-        services.limits.connect(principal.user_id)
-    except TooManyConnections as exc:
-        await websocket.close(WS_TRY_AGAIN_LATER, exc.detail)
+        services.limits.admit(principal.user_id)
+    except (RateLimited, TooManyConnections) as exc:
+        await _refuse(websocket, exc)
         return
     services.metrics.connections.inc()
     try:
+        await websocket.accept(headers=request_id_headers())
         connection = RoomConnection(websocket, services, principal, room)
         limit = services.settings.history_limit if history is None else history
         detach = websocket.scope.get("extensions", {}).get(DETACH)
@@ -96,6 +100,23 @@ def _disconnected(services: Services, principal: Principal) -> None:
     services.limits.disconnect(principal.user_id)
 
 
+async def _refuse(websocket: WebSocket, exc: RateLimited | TooManyConnections) -> None:
+    """Before accept: HTTP 429 with ``Retry-After`` where the server can send a denial response
+    (the ASGI ``websocket.http.response`` extension), else accept and close with 1013."""
+    services: Services = websocket.state.services
+    services.metrics.errors.labels(exc.code).inc()
+    if "websocket.http.response" not in websocket.scope.get("extensions", {}):
+        await websocket.accept(headers=request_id_headers())
+        await websocket.close(WS_TRY_AGAIN_LATER, exc.detail)
+        return
+    headers = {
+        "Retry-After": str(max(1, math.ceil(exc.retry_after))),
+        "X-Request-ID": request_id.get(),
+    }
+    body = {"detail": exc.detail, "code": exc.code}
+    await websocket.send_denial_response(JSONResponse(body, status_code=429, headers=headers))
+
+
 class RoomConnection:
     def __init__(
         self, websocket: WebSocket, services: Services, principal: Principal, room: str
@@ -108,14 +129,17 @@ class RoomConnection:
         self._log_context = {"user": principal.user_id, "room": room}
         rate = services.settings.send_rate
         self.send_bucket = TokenBucket(rate, rate * 2)
+        self._pings: TokenBucket | None = None
+        """Made at the first ``ping``: most connections never send one."""
         self._send_nowait = websocket.scope.get("extensions", {}).get(SEND_NOWAIT, _never)
         self._replies: deque[Reply] = deque()
         """Answers not yet in the outbox, oldest first: frames are answered in order."""
 
     async def run(self, *, history: int, since: int | None) -> None:
         try:
-            async with self.services.hub.join(self.room) as outbox:
-                await self._replay(history=history, since=since)
+            async with contextlib.AsyncExitStack() as stack:
+                outbox, replay = await self._join(stack, history=history, since=since)
+                await self._replay(replay)
                 await self._serve(outbox)
         except WebSocketDisconnect:
             return
@@ -137,11 +161,25 @@ class RoomConnection:
         with contextlib.suppress(Exception):
             await self.websocket.close(code, reason)
 
-    async def _replay(self, *, history: int, since: int | None) -> None:
-        replay = await read_replay(
-            pool=self.services.pool, room=self.room, history=history, since=since
-        )
+    async def _join(
+        self, stack: contextlib.AsyncExitStack, *, history: int, since: int | None
+    ) -> tuple[Outbox, Replay]:
+        """Join the room's live stream (left when ``stack`` closes) and read the replay, within
+        ``ws_connect_timeout``: while the database is out either can wait far longer (the
+        LISTEN connection reconnecting, a pool checkout), and the client is owed a 1013."""
+        try:
+            async with asyncio.timeout(self.services.settings.ws_connect_timeout):
+                outbox = await stack.enter_async_context(self.services.hub.join(self.room))
+                replay = await read_replay(
+                    pool=self.services.pool, room=self.room, history=history, since=since
+                )
+        except TimeoutError:
+            raise Unavailable("the database did not answer in time") from None
+        return outbox, replay
+
+    async def _replay(self, replay: Replay) -> None:
         frames: list[str | SharedFrame] = [stored_frame(m) for m in replay.messages]
+        self._charge(frames)  # type: ignore[arg-type]  # all str here
         frames.append(ready_frame(self.room, replay.last_seq, replay.recovered))
         await self._send_all(frames)
         self.services.metrics.replay_size.observe(len(replay.messages))
@@ -246,12 +284,19 @@ class RoomConnection:
         missed = await read_range(
             pool=self.services.pool, room=self.room, after=self.last_seq, until=until
         )
-        await self._send_all([stored_frame(m) for m in missed])
+        frames: list[str] = [stored_frame(m) for m in missed]
+        self._charge(frames)
+        await self._send_all(frames)  # type: ignore[arg-type]
         if missed:
             self.last_seq = missed[-1].seq
         self.services.metrics.counts.delivered += len(missed)
         if until is not None and self.last_seq < until:
             log.error("room %s: message %d not found while catching up", self.room, until)
+
+    def _charge(self, frames: list[str]) -> None:
+        """Count replayed bytes against the user's budget (``UserLimits.admit`` checks it)."""
+        size = sum(len(f) if f.isascii() else len(f.encode()) for f in frames)
+        self.services.limits.charge_replay(self.principal.user_id, size)
 
     async def _receive(self, outbox: Outbox) -> None:
         """Read frames without waiting for their commits (sends are pipelined up to
@@ -265,8 +310,8 @@ class RoomConnection:
             text = message.get("text")
             if text is None:
                 self._answer(outbox, self._error("binary_not_supported", "send JSON text frames"))
-            else:
-                self._answer(outbox, self._handle(text))
+            elif (reply := self._handle(text)) is not None:
+                self._answer(outbox, reply)
 
     def _answer(self, outbox: Outbox, reply: Reply) -> None:
         if isinstance(reply, str) and not self._replies:
@@ -309,7 +354,7 @@ class RoomConnection:
         self.services.metrics.errors.labels(code).inc()
         return error_frame(code, detail, client_msg_id, **extra)
 
-    def _handle(self, text: str) -> Reply:
+    def _handle(self, text: str) -> Reply | None:
         try:
             frame: Any = _JSON.decode(text)
         except (ValueError, RecursionError):
@@ -321,8 +366,17 @@ class RoomConnection:
             self.services.metrics.counts.received += 1
             return self._send(frame)
         if kind == "ping":
-            return dumps({"type": "pong"})
+            return self._pong()
         return self._error("unknown_type", "'type' must be 'send' or 'ping'")
+
+    def _pong(self) -> str | None:
+        """A ``pong``, or nothing for pings over ``ws_ping_rate``: a ping flood costs its
+        sender, not the room's other connections."""
+        pings = self._pings
+        if pings is None:
+            rate = self.services.settings.ws_ping_rate
+            pings = self._pings = TokenBucket(rate, max(1.0, rate * 5))
+        return _PONG if pings.try_take() else None
 
     def _send(self, frame: dict[str, Any]) -> Reply:
         """Queue the message for the next commit. Once queued it is committed (and fanned
@@ -348,6 +402,9 @@ class RoomConnection:
         except InvalidMessage as exc:
             return self._error(exc.code, exc.detail, echo)
         return stored, echo
+
+
+_PONG = dumps({"type": "pong"})
 
 
 def _never(_frames: object) -> bool:

@@ -116,4 +116,5 @@ def message_problems(body: object, client_msg_id: object) -> set[str]:
 
 
 def valid_room(name: str) -> bool:
-    return ROOM_NAME.fullmatch(name) is not None
+    """Room and dev-login user names: ``ROOM_NAME``, but not only dots (``.``, ``..``)."""
+    return ROOM_NAME.fullmatch(name) is not None and name.strip(".") != ""

@@ -18,7 +18,15 @@ from schemathesis.config import SchemathesisConfig
 from schemathesis.core.result import Err
 from schemathesis.generation.modes import GenerationMode
 
-from tests.fuzz.rules import MAX_SEQ, NOT_JSON, ROOM_NAME, message_problems, nesting, parse
+from tests.fuzz.rules import (
+    MAX_SEQ,
+    NOT_JSON,
+    ROOM_NAME,
+    message_problems,
+    nesting,
+    parse,
+    valid_room,
+)
 from tests.fuzz.strategies import (
     encoded,
     json_values,
@@ -223,7 +231,7 @@ class PageQuery:
     def expected_statuses(self) -> set[int]:
         if "/" in self.room:
             return {404}  # a slash, even escaped, splits the path: no such route
-        if not ROOM_NAME.fullmatch(self.room):
+        if not valid_room(self.room):
             return {422}
         if UNKNOWN in (self.limit, self.before, self.after):
             return {200, 422}
@@ -347,9 +355,7 @@ def valid_message(value: Any) -> bool:
 
 def valid_dev_login(value: Any) -> bool:
     return (
-        isinstance(value, dict)
-        and isinstance(value.get("user"), str)
-        and ROOM_NAME.fullmatch(value["user"]) is not None
+        isinstance(value, dict) and isinstance(value.get("user"), str) and valid_room(value["user"])
     )
 
 

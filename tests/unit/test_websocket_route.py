@@ -7,10 +7,14 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections import deque
+from types import SimpleNamespace
 
 import pytest
 from fastapi.routing import APIWebSocketRoute
+from starlette.websockets import WebSocket
 
+from service.chat.limits import RateLimited, TooManyConnections
+from service.metrics import Metrics
 from service.realtime import websocket
 from service.realtime.hub import DIRECT, FAILED, Outbox, OutboxItem, SlowConsumer
 from service.realtime.uvicorn_ws import _Gate, _Inbox
@@ -130,3 +134,40 @@ async def test_gate_is_an_event():
     await asyncio.gather(cancelled, return_exceptions=True)
     gate.set()  # a cancelled waiter is simply dropped
     assert gate.is_set()
+
+
+def _handshake(extensions: dict[str, object]) -> tuple[object, list[dict[str, object]]]:
+    """A websocket that has not been accepted yet, and the ASGI messages the app sends."""
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        return {"type": "websocket.connect"}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "websocket",
+        "path": "/ws/rooms/lobby",
+        "headers": [],
+        "query_string": b"",
+        "extensions": extensions,
+        "state": {"services": SimpleNamespace(metrics=Metrics())},
+    }
+    return WebSocket(scope, receive, send), sent  # type: ignore[arg-type]
+
+
+async def test_a_refused_handshake_is_an_http_429_with_retry_after():
+    ws, sent = _handshake({"websocket.http.response": {}})
+    await websocket._refuse(ws, RateLimited(2.5, "too many connects; retry later"))  # type: ignore[arg-type]
+    start = sent[0]
+    assert start["type"] == "websocket.http.response.start" and start["status"] == 429
+    assert (b"retry-after", b"3") in start["headers"]  # type: ignore[operator]
+    assert b"too many connects" in sent[1]["body"]  # type: ignore[operator]
+
+
+async def test_without_the_denial_extension_a_refused_handshake_is_closed_with_1013():
+    ws, sent = _handshake({})
+    await websocket._refuse(ws, TooManyConnections("at most 2 connections"))  # type: ignore[arg-type]
+    assert [m["type"] for m in sent] == ["websocket.accept", "websocket.close"]
+    assert sent[1]["code"] == 1013 and sent[1]["reason"] == "at most 2 connections"
