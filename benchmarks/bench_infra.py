@@ -355,6 +355,10 @@ class Harness:
                 "CHAT_USER_SEND_RATE": "100000",
                 "CHAT_MAX_CONNECTIONS_PER_USER": "100000",
                 "CHAT_OUTBOX_LIMIT": "100000",
+                "CHAT_WS_CONNECT_RATE": "100000",
+                "CHAT_WS_CONNECT_BURST": "100000",
+                "CHAT_WS_REPLAY_BUDGET": str(2**40),
+                "CHAT_WS_PING_RATE": "100000",
                 "PYTHONUNBUFFERED": "1",
             }
         )

@@ -140,7 +140,7 @@ class Settings(BaseSettings):
     over it the handshake is refused with HTTP 429 and ``Retry-After``."""
     ws_connect_burst: int = Field(default=10, ge=1)
     ws_replay_budget: int = Field(default=32 * 1024 * 1024, ge=1)
-    """Bytes of replay and catch-up frames one user may be sent per ``ws_replay_interval``
+    """Bytes of connect-time replay frames one user may be sent per ``ws_replay_interval``
     (a bucket that refills continuously). A connect while over it is refused like one over
     the connect rate; a replay that is let in is sent whole, however much it costs."""
     ws_replay_interval: float = Field(default=60.0, gt=0)

@@ -189,7 +189,7 @@ class UserLimits:
         self.connect(user)
 
     def charge_replay(self, user: str, size: int) -> None:
-        """Bytes sent to ``user`` by a replay or catch-up (never refused: already read)."""
+        """Bytes a connect's replay sent to ``user`` (never refused: already read)."""
         try:
             self._replays.get(user).spend(size)
         except RateLimited:

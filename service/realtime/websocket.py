@@ -284,9 +284,7 @@ class RoomConnection:
         missed = await read_range(
             pool=self.services.pool, room=self.room, after=self.last_seq, until=until
         )
-        frames: list[str] = [stored_frame(m) for m in missed]
-        self._charge(frames)
-        await self._send_all(frames)  # type: ignore[arg-type]
+        await self._send_all([stored_frame(m) for m in missed])
         if missed:
             self.last_seq = missed[-1].seq
         self.services.metrics.counts.delivered += len(missed)
