@@ -27,7 +27,7 @@ from service.errors import (
     InvalidSettings,
     StartupError,
 )
-from service.observability import JsonFormatter, RequestIdFilter
+from service.observability import ClientNoise, JsonFormatter, RequestIdFilter
 
 log = logging.getLogger("chat-service")
 
@@ -57,7 +57,11 @@ def logging_config(level: str, *, dev: bool = False) -> dict[str, Any]:
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "filters": {"redact": {"()": RedactTokens}, "request_id": {"()": RequestIdFilter}},
+        "filters": {
+            "redact": {"()": RedactTokens},
+            "request_id": {"()": RequestIdFilter},
+            "client_noise": {"()": ClientNoise},
+        },
         "formatters": {
             "plain": {"format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"},
             "json": {"()": JsonFormatter},
@@ -73,7 +77,7 @@ def logging_config(level: str, *, dev: bool = False) -> dict[str, Any]:
         "root": {"handlers": ["stderr"], "level": level.upper()},
         "loggers": {
             "uvicorn": quiet,
-            "uvicorn.error": quiet,
+            "uvicorn.error": {**quiet, "filters": ["client_noise"]},
             "uvicorn.access": quiet,
             "alembic.runtime.plugins": {"level": "WARNING"},
         },

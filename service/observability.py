@@ -105,3 +105,26 @@ class LogBudget:
     def take_dropped(self) -> int:
         dropped, self.dropped = self.dropped, 0
         return dropped
+
+
+class ClientNoise(logging.Filter):
+    """uvicorn's lines about a client's malformed request ("Invalid HTTP request received.")
+    come at WARNING, one per request: demoted to INFO and kept within a ``LogBudget``, like
+    every other bad input a client can send at will."""
+
+    MESSAGES = frozenset({"Invalid HTTP request received.", "Unsupported upgrade request."})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._budget = LogBudget()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg not in self.MESSAGES:
+            return True
+        if not self._budget.allow() or not logging.getLogger().isEnabledFor(logging.INFO):
+            return False
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        dropped = self._budget.take_dropped()
+        if dropped:
+            record.msg = f"{record.msg} ({dropped} more like it not logged)"
+        return True

@@ -268,3 +268,29 @@ async def test_rooms_made_only_of_dots_are_refused(server, alice, name):
                 assert r.status_code in (404, 405), (name, r.status_code)
             else:
                 assert r.status_code == 422, (name, method, r.status_code, r.text)
+
+
+async def test_malformed_http_requests_are_logged_at_info_within_a_budget(database_url, spawn):
+    """uvicorn says "Invalid HTTP request received." at WARNING for each one: a client can
+    make as many as it likes, so they are INFO lines, at most a burst plus a few a second."""
+    server = spawn(database_url)
+
+    async def garbage() -> bytes:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection("127.0.0.1", server.port), 5
+        )
+        try:
+            writer.write(b"NOT HTTP AT ALL\x00\r\n\r\n")
+            return await asyncio.wait_for(reader.read(), 5)
+        finally:
+            writer.close()
+
+    answers = await asyncio.gather(*(garbage() for _ in range(150)))
+    assert all(answer.startswith(b"HTTP/1.1 400") for answer in answers)
+    async with httpx.AsyncClient(base_url=server.http, timeout=5) as http:
+        assert (await http.get("/healthz")).status_code == 200
+    entries = [json.loads(line) for line in server.log_path.read_text().splitlines()]
+    noted = [e for e in entries if e["msg"].startswith("Invalid HTTP request")]
+    assert noted and {e["level"] for e in noted} == {"info"}
+    assert len(noted) <= 30  # a burst of 20, then 5 a second
+    assert _log_problems(server) == []
