@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -101,6 +102,24 @@ def second_server(database_url: str, server_log_dir: Path) -> Iterator[ServerPro
     """Another process on the same database: fan-out between them goes through LISTEN/NOTIFY."""
     with ServerProcess(database_url, log_path=server_log_dir / "server-b.log") as proc:
         yield proc
+
+
+@pytest.fixture
+def spawn(tmp_path) -> Iterator[object]:  # type: ignore[no-untyped-def]
+    """Start extra servers (stopped at the end): ``spawn(database_url, **env)``."""
+    started: list[ServerProcess] = []
+
+    def start(database_url: str, **env: str) -> ServerProcess:
+        proc = ServerProcess(
+            database_url, log_path=tmp_path / f"server-{len(started)}.log", env=env
+        )
+        proc.start()
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop(signal.SIGKILL)
 
 
 @pytest.fixture

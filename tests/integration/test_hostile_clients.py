@@ -7,10 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -21,24 +20,6 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.frames import Frame, Opcode
 
 from tests.support import Client, ServerProcess, database_url_for, make_token
-
-
-@pytest.fixture
-def spawn(tmp_path) -> Iterator[object]:  # type: ignore[no-untyped-def]
-    """Start servers of the test's own (stopped at the end): ``spawn(database_url, **env)``."""
-    started: list[ServerProcess] = []
-
-    def start(database_url: str, **env: str) -> ServerProcess:
-        proc = ServerProcess(
-            database_url, log_path=tmp_path / f"server-{len(started)}.log", env=env
-        )
-        proc.start()
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        proc.stop(signal.SIGKILL)
 
 
 def _room() -> str:

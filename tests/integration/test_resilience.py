@@ -9,7 +9,6 @@ import shutil
 import signal
 import tempfile
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
@@ -24,7 +23,6 @@ from service.db.migrate import upgrade
 from service.db.writer import MessageWriter
 from tests.support import (
     Client,
-    ServerProcess,
     locked_out,
     make_token,
     small_buffer_socket,
@@ -48,24 +46,6 @@ async def _close_code(client: Client, timeout: float = 10) -> int:
             await asyncio.wait_for(client.ws.recv(), timeout)
     except ConnectionClosed as closed:
         return closed.rcvd.code if closed.rcvd else 1006
-
-
-@pytest.fixture
-def spawn(tmp_path) -> Iterator[object]:  # type: ignore[no-untyped-def]
-    """Start extra servers (stopped at the end): ``spawn(database_url, **env)``."""
-    started: list[ServerProcess] = []
-
-    def start(database_url: str, **env: str) -> ServerProcess:
-        proc = ServerProcess(
-            database_url, log_path=tmp_path / f"server-{len(started)}.log", env=env
-        )
-        proc.start()
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        proc.stop(signal.SIGKILL)
 
 
 async def test_clients_catch_up_on_what_was_committed_while_listen_was_down(
