@@ -70,7 +70,7 @@ def weak_secret_problem(secret: str) -> str | None:
         return "a repeated pattern"
     steps = [ord(b) - ord(a) for a, b in zip(secret, secret[1:], strict=False)]
     regular = sum(1 for d, e in zip(steps, steps[1:], strict=False) if d == e)
-    if regular * 2 > len(steps) or any(c * 6 in secret for c in counts):
+    if regular * 2 > len(steps) or any(c * 8 in secret for c in counts):
         return "a run or sequence of characters"
     return None
 
