@@ -96,8 +96,8 @@ def make_backend(
     settings: Settings, pool: asyncpg.Pool | None = None
 ) -> ListenBackend | RedisPubSubBackend:
     """PostgreSQL LISTEN by default; Redis pub/sub for a ``redis://`` broadcast URL. A LISTEN
-    connection to the database found dead retires ``pool``'s connections too: they crossed
-    the same network path, and the catch-up that follows must not wait on a dead one."""
+    connection to the database that stops answering retires ``pool``'s connections too: they
+    crossed the same network path, and the catch-up that follows must not wait on a dead one."""
     if settings.broadcast_over_redis:
         from service.realtime.redis_backend import RedisPubSubBackend  # noqa: PLC0415
 
@@ -109,7 +109,7 @@ def make_backend(
         timeout=settings.listen_timeout,
         connect_timeout=settings.db_timeout,
         keepalive=Keepalive.from_settings(settings),
-        on_lost=pool.expire_connections if same_server else None,  # type: ignore[union-attr]
+        on_silence=pool.expire_connections if same_server else None,  # type: ignore[union-attr]
     )
 
 

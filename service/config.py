@@ -157,8 +157,8 @@ class Settings(BaseSettings):
     # -- issue 12, part 1: a partition that sends no reset (every database call has a deadline) --
     db_timeout: float = Field(default=5.0, gt=0, le=300)
     """Seconds for opening a database connection and for each read statement (history,
-    replay, catch-up) and each ``/readyz`` schema check before the database counts as
-    unavailable and the connection is dropped."""
+    replay, catch-up) before the database counts as unavailable and the connection is
+    dropped."""
     listen_timeout: float = Field(default=3.0, gt=0, le=300)
     """Deadline of each command on the LISTEN connection (LISTEN, UNLISTEN, the watchdog's
     probe) and of a publish. A command unanswered after half of it makes ``/readyz`` and

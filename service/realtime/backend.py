@@ -11,7 +11,7 @@ and never reconnects (subscribers then wait forever). This backend, plugged in t
 * watches the LISTEN connection: a termination callback, and a ``SELECT 1`` every
   ``probe_interval`` while no other command is in flight (a command in flight is the probe: it
   has the same deadline), so the probe never queues behind a stuck LISTEN;
-* drops a connection whose command missed its deadline (``on_lost`` is told, so the app can
+* drops a connection whose command missed its deadline (``on_silence`` is told, so the app can
   retire its pooled connections, which crossed the same path), reopens it with capped
   exponential backoff and LISTENs to every channel again, without holding the lock while it
   waits, so joining a room never hangs behind the reconnect;
@@ -66,7 +66,7 @@ class ListenBackend(BroadcastBackend):
         connect_timeout: float = 5.0,
         max_backoff: float = 5.0,
         keepalive: Keepalive = DEFAULT_KEEPALIVE,
-        on_lost: Callable[[], Awaitable[object]] | None = None,
+        on_silence: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         self._dsn = dsn
         self._probe_interval = probe_interval
@@ -74,7 +74,9 @@ class ListenBackend(BroadcastBackend):
         self._connect_timeout = connect_timeout
         self._max_backoff = max_backoff
         self._keepalive = keepalive
-        self._on_lost = on_lost
+        self._on_silence = on_silence
+        """Called when a command went unanswered past its deadline: the network path is
+        suspect. Not when the server ended the connection (it answered: the path works)."""
         self._channels: set[str] = set()
         self._conn: asyncpg.Connection | None = None
         self._publish_conn: asyncpg.Connection | None = None
@@ -119,7 +121,7 @@ class ListenBackend(BroadcastBackend):
                 try:
                     await self._command(conn.add_listener(channel, self._on_notify))  # type: ignore[union-attr]
                 except _NETWORK_ERRORS as exc:
-                    await self._drop(conn, f"LISTEN failed ({_describe(exc)})")
+                    await self._drop(conn, f"LISTEN failed ({_describe(exc)})", exc)
 
     async def unsubscribe(self, channel: str) -> None:
         async with self._lock:
@@ -129,7 +131,7 @@ class ListenBackend(BroadcastBackend):
                 try:
                     await self._command(conn.remove_listener(channel, self._on_notify))  # type: ignore[union-attr]
                 except _NETWORK_ERRORS as exc:
-                    await self._drop(conn, f"UNLISTEN failed ({_describe(exc)})")
+                    await self._drop(conn, f"UNLISTEN failed ({_describe(exc)})", exc)
 
     async def publish(self, channel: str, message: str) -> None:
         """Within one deadline, the wait for the connection included; a connection that
@@ -189,7 +191,9 @@ class ListenBackend(BroadcastBackend):
             raise
         return channels
 
-    async def _drop(self, conn: asyncpg.Connection | None, reason: str) -> None:
+    async def _drop(
+        self, conn: asyncpg.Connection | None, reason: str, exc: BaseException | None = None
+    ) -> None:
         """Give up on ``conn`` now: terminating it fails whatever waits on it at once; the
         watchdog reconnects."""
         if conn is None or conn is not self._conn:
@@ -198,11 +202,11 @@ class ListenBackend(BroadcastBackend):
         self._conn = None
         conn.terminate()
         self._lost.set()
-        if self._on_lost is not None:
+        if isinstance(exc, TimeoutError) and self._on_silence is not None:
             try:
-                await self._on_lost()
+                await self._on_silence()
             except Exception:
-                log.exception("on_lost failed")
+                log.exception("on_silence failed")
 
     def _on_terminated(self, conn: object) -> None:
         if conn is self._conn:  # not one that was dropped on purpose
@@ -223,7 +227,7 @@ class ListenBackend(BroadcastBackend):
             try:
                 await self._command(conn.fetchval("SELECT 1"))  # type: ignore[union-attr]
             except _NETWORK_ERRORS as exc:
-                await self._drop(conn, f"probe failed ({_describe(exc)})")
+                await self._drop(conn, f"probe failed ({_describe(exc)})", exc)
 
     async def _watch(self) -> None:
         while True:

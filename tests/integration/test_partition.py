@@ -110,7 +110,7 @@ async def test_a_stuck_listen_is_cut_off_and_the_connection_replaced(
     """Today: the LISTEN of a new room hangs for good under the lock the watchdog needs."""
     lost: list[float] = []
 
-    async def on_lost() -> None:
+    async def on_silence() -> None:
         lost.append(time.monotonic())
 
     backend = ListenBackend(
@@ -118,7 +118,7 @@ async def test_a_stuck_listen_is_cut_off_and_the_connection_replaced(
         probe_interval=0.2,
         timeout=1.0,
         connect_timeout=2.0,
-        on_lost=on_lost,
+        on_silence=on_silence,
     )
     notifier = await asyncpg.connect(to_asyncpg_dsn(own_database))
     await backend.connect()
@@ -166,6 +166,30 @@ async def test_an_idle_silent_listen_connection_is_found_by_the_probe(
         assert backend.connected and backend.reconnects == 1
     finally:
         await backend.disconnect()
+
+
+async def test_a_connection_the_server_ended_keeps_the_pool(own_database: str) -> None:
+    """The server answered (a terminated backend): the path works, the pool is not retired."""
+    silences: list[None] = []
+
+    async def on_silence() -> None:
+        silences.append(None)
+
+    backend = ListenBackend(to_asyncpg_dsn(own_database), probe_interval=0.2, on_silence=on_silence)
+    admin = await asyncpg.connect(to_asyncpg_dsn(own_database))
+    await backend.connect()
+    try:
+        await backend.subscribe("ended")
+        killed = await admin.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = 'chat-listen' AND datname = current_database()"
+        )
+        assert killed == 1
+        assert await _next_event(backend, timeout=5) == ("ended", RESYNC)
+        assert backend.reconnects == 1 and silences == []
+    finally:
+        await backend.disconnect()
+        await admin.close()
 
 
 async def test_publish_and_pool_reads_have_deadlines(own_database: str, proxy: SilentProxy) -> None:
@@ -306,6 +330,7 @@ async def test_a_replica_cut_off_without_a_reset_recovers_within_30s(
             await writer_b.send(f"while A is cut off {i}", f"b-{i}")
             acked_by_b.append((await writer_b.recv_type("ack"))["seq"])
         assert acked_by_b == [2, 3, 4, 5, 6]
+        reading_b = asyncio.ensure_future(_until_seq(reader_a, acked_by_b[-1], deadline))
 
         fresh = await joining
         assert fresh.ready["type"] == "ready"
@@ -320,8 +345,9 @@ async def test_a_replica_cut_off_without_a_reset_recovers_within_30s(
 
         # Every message B acked reaches A's reader exactly once, in order (and A's own, if
         # it was acked: it is in the same room).
-        last = max(acked_by_b + ([own_seq] if own_seq else []))
-        seqs = await _until_seq(reader_a, last, deadline)
+        seqs = await reading_b
+        if own_seq is not None and own_seq > seqs[-1]:
+            seqs += await _until_seq(reader_a, own_seq, deadline)
         assert seqs == sorted(set(seqs)), seqs
         assert set(acked_by_b) <= set(seqs)
         assert set(seqs) <= set(acked_by_b) | {own_seq}
