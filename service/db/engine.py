@@ -186,9 +186,10 @@ async def reading(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
         yield conn
     except Exception as exc:
         if is_unavailable(exc):
-            # A statement cut off by its deadline leaves the connection waiting for an answer
-            # that may never come (a silent partition): it is dropped, not reused.
-            conn.terminate()
+            if not isinstance(exc, asyncpg.PostgresError):
+                # No answer (a deadline, a broken socket): the connection may wait forever
+                # for one (a silent partition), so it is dropped, not reused.
+                conn.terminate()
             raise Unavailable("the database is unavailable, try again") from exc
         raise
     finally:
