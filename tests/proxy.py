@@ -73,6 +73,10 @@ class SilentProxy:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.CancelledError):  # by close(): not an error to report
+            await self._forward(reader, writer)
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         frozen = asyncio.Event()
         self._live.append(frozen)

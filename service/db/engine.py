@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlalchemy.pool import NullPool
 
 from service.config import Settings, to_asyncpg_dsn
 from service.errors import Unavailable
@@ -83,9 +82,8 @@ DEFAULT_KEEPALIVE = Keepalive()
 
 
 def create_engine(settings: Settings) -> AsyncEngine:
-    """No pool: the engine serves the start-up check and ``/readyz``, a few times a minute. A
-    fresh connection each time checks the path a new connection would take, and a check cut
-    off by its deadline leaves nothing behind that a later check could queue behind."""
+    """Two connections at most however many ``/readyz`` calls arrive (anyone may ask); a
+    connection whose check was cut off by its deadline is replaced, not reused."""
     dsn = to_asyncpg_dsn(settings.require_database_url())
     keepalive = Keepalive.from_settings(settings)
 
@@ -101,8 +99,11 @@ def create_engine(settings: Settings) -> AsyncEngine:
 
     return create_async_engine(
         settings.sqlalchemy_url,
-        poolclass=NullPool,
+        pool_size=1,
+        max_overflow=1,
+        pool_pre_ping=True,
         hide_parameters=True,  # SQL errors are logged; message bodies must not be
+        pool_timeout=settings.db_timeout,
         async_creator=open_connection,
     )
 
