@@ -13,6 +13,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import asyncpg
 from broadcaster import Broadcast
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,7 +28,7 @@ from service.api import rooms as room_routes
 from service.auth import TokenCodec
 from service.chat.limits import RateLimited, UserLimits
 from service.config import Settings, to_asyncpg_dsn
-from service.db.engine import create_engine, create_pool
+from service.db.engine import Keepalive, create_engine, create_pool
 from service.db.migrate import current_revision, head_revision
 from service.db.writer import MessageWriter
 from service.errors import ChatError, DatabaseUnreachable, SchemaMismatch, StartupError
@@ -91,13 +92,25 @@ def check_database_once(settings: Settings) -> None:
     asyncio.run(check())
 
 
-def make_backend(settings: Settings) -> ListenBackend | RedisPubSubBackend:
-    """PostgreSQL LISTEN by default; Redis pub/sub for a ``redis://`` broadcast URL."""
+def make_backend(
+    settings: Settings, pool: asyncpg.Pool | None = None
+) -> ListenBackend | RedisPubSubBackend:
+    """PostgreSQL LISTEN by default; Redis pub/sub for a ``redis://`` broadcast URL. A LISTEN
+    connection to the database that stops answering retires ``pool``'s connections too: they
+    crossed the same network path, and the catch-up that follows must not wait on a dead one."""
     if settings.broadcast_over_redis:
         from service.realtime.redis_backend import RedisPubSubBackend  # noqa: PLC0415
 
         return RedisPubSubBackend(settings.broadcast_url)  # type: ignore[arg-type]
-    return ListenBackend(settings.listen_dsn)
+    same_server = pool is not None and settings.notify_in_transaction
+    return ListenBackend(
+        settings.listen_dsn,
+        probe_interval=settings.listen_probe_interval,
+        timeout=settings.listen_timeout,
+        connect_timeout=settings.db_timeout,
+        keepalive=Keepalive.from_settings(settings),
+        on_silence=pool.expire_connections if same_server else None,  # type: ignore[union-attr]
+    )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -125,7 +138,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
             await writer.start()
             stack.push_async_callback(writer.close)
-            backend = make_backend(settings)
+            backend = make_backend(settings, pool)
             broadcast = Broadcast(backend=backend)
             await stack.enter_async_context(broadcast)
             hub = RoomHub(

@@ -154,6 +154,27 @@ class Settings(BaseSettings):
     """Entries in each per-user limiter map; past it, new users are refused until idle ones
     are forgotten."""
     # -- end of issue 11, hostile websocket clients --
+    # -- issue 12, part 1: a partition that sends no reset (every database call has a deadline) --
+    db_timeout: float = Field(default=5.0, gt=0, le=300)
+    """Seconds for opening a database connection and for each read statement (history,
+    replay, catch-up) before the database counts as unavailable and the connection is
+    dropped."""
+    listen_timeout: float = Field(default=3.0, gt=0, le=300)
+    """Deadline of each command on the LISTEN connection (LISTEN, UNLISTEN, the watchdog's
+    probe) and of a publish. A command unanswered after half of it makes ``/readyz`` and
+    ``chat_listen_up`` report the connection down; at the deadline it is replaced."""
+    listen_probe_interval: float = Field(default=2.0, gt=0, le=300)
+    """Seconds between the watchdog's probes (``SELECT 1``) of an idle LISTEN connection."""
+    tcp_keepalive_idle: int = Field(default=10, ge=1, le=32_767)
+    """Seconds a database connection may be silent before TCP keepalive probes start."""
+    tcp_keepalive_interval: int = Field(default=5, ge=1, le=32_767)
+    """Seconds between unanswered keepalive probes."""
+    tcp_keepalive_count: int = Field(default=3, ge=1, le=127)
+    """Unanswered keepalive probes after which the kernel drops the connection."""
+    tcp_user_timeout: float = Field(default=30.0, ge=0, le=3600)
+    """Seconds sent data may stay unacknowledged before the kernel drops the connection
+    (Linux ``TCP_USER_TIMEOUT``; 0 leaves the kernel's ~15 minutes)."""
+    # -- end of issue 12, part 1 --
     embedded: bool = False
     """Set by the CLI once it has started the embedded PostgreSQL; not meant to be set by hand."""
 

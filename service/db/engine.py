@@ -4,12 +4,21 @@
 * A small SQLAlchemy engine for the schema check at start-up and in ``/readyz`` (Alembic
   speaks SQLAlchemy).
 * Writes go through ``service.db.writer`` on a connection of their own.
+
+A network path can die without a reset (a failover, a firewall forgetting its state): a
+connection then hangs until the kernel gives up, ~15 minutes. So every connection gets TCP
+keepalives and ``TCP_USER_TIMEOUT`` (``Keepalive``), every connect and statement a deadline
+(``CHAT_DB_TIMEOUT``), and a read that failed for the network drops its connection instead of
+giving it back to the pool.
 """
 
 from __future__ import annotations
 
+import logging
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -17,30 +26,102 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from service.config import Settings, to_asyncpg_dsn
 from service.errors import Unavailable
 
+log = logging.getLogger(__name__)
+
 TIMEOUT = 10.0
-"""Seconds for a connect, a pool checkout or a statement before the database counts as down."""
+"""Seconds for a connect, a pool checkout or a statement before the database counts as down
+(where no setting says otherwise: the writer, a pool checkout's wait for a free connection)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Keepalive:
+    """TCP options for a database connection; the defaults are the settings' defaults.
+
+    asyncpg has no keepalive parameters (libpq's ``keepalives_idle`` and friends are not
+    asyncpg's, and ``server_settings`` only sets the server's side), so they are set on the
+    connection's socket, which asyncpg exposes only through its transport (``_transport``).
+    """
+
+    idle: int = 10
+    interval: int = 5
+    count: int = 3
+    user_timeout: float = 30.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Keepalive:
+        return cls(
+            idle=settings.tcp_keepalive_idle,
+            interval=settings.tcp_keepalive_interval,
+            count=settings.tcp_keepalive_count,
+            user_timeout=settings.tcp_user_timeout,
+        )
+
+    def apply(self, conn: asyncpg.Connection) -> None:
+        """Set the options on ``conn``'s socket (a Unix socket has none to set)."""
+        transport = getattr(conn, "_transport", None)
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return
+        options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+        for name, value in (
+            ("TCP_KEEPIDLE", self.idle),
+            ("TCP_KEEPINTVL", self.interval),
+            ("TCP_KEEPCNT", self.count),
+            ("TCP_USER_TIMEOUT", int(self.user_timeout * 1000)),  # milliseconds
+        ):
+            if hasattr(socket, name):  # Linux has them all; others keep their defaults
+                options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+        for level, option, value in options:
+            try:
+                sock.setsockopt(level, option, value)
+            except OSError as exc:  # pragma: no cover - a kernel without the option
+                log.warning("cannot set TCP option %s on a database connection: %s", option, exc)
+
+
+DEFAULT_KEEPALIVE = Keepalive()
 
 
 def create_engine(settings: Settings) -> AsyncEngine:
+    """Two connections at most however many ``/readyz`` calls arrive (anyone may ask); a
+    connection whose check was cut off by its deadline is replaced, not reused."""
+    dsn = to_asyncpg_dsn(settings.require_database_url())
+    keepalive = Keepalive.from_settings(settings)
+
+    async def open_connection() -> asyncpg.Connection:
+        conn = await asyncpg.connect(
+            dsn,
+            timeout=settings.db_timeout,
+            command_timeout=settings.db_timeout,
+            server_settings={"application_name": "chat-service"},
+        )
+        keepalive.apply(conn)
+        return conn
+
     return create_async_engine(
         settings.sqlalchemy_url,
         pool_size=1,
         max_overflow=1,
         pool_pre_ping=True,
         hide_parameters=True,  # SQL errors are logged; message bodies must not be
-        pool_timeout=TIMEOUT,
-        connect_args={"timeout": TIMEOUT, "server_settings": {"application_name": "chat-service"}},
+        pool_timeout=settings.db_timeout,
+        async_creator=open_connection,
     )
 
 
 async def create_pool(settings: Settings) -> asyncpg.Pool:
+    keepalive = Keepalive.from_settings(settings)
+
+    async def init(conn: asyncpg.Connection) -> None:
+        keepalive.apply(conn)
+
     return await asyncpg.create_pool(
         to_asyncpg_dsn(settings.require_database_url()),
         min_size=1,
         max_size=settings.db_pool_size,
-        timeout=TIMEOUT,
-        command_timeout=TIMEOUT,
+        timeout=settings.db_timeout,
+        command_timeout=settings.db_timeout,
         server_settings={"application_name": "chat-service"},
+        init=init,
         reset=_keep_session,
     )
 
@@ -75,14 +156,22 @@ def is_unavailable(exc: BaseException) -> bool:
     return False
 
 
-async def connect(dsn: str, application_name: str) -> asyncpg.Connection:
-    """A connection of its own; any failure to open it counts as "unavailable"."""
+async def connect(
+    dsn: str,
+    application_name: str,
+    *,
+    keepalive: Keepalive = DEFAULT_KEEPALIVE,
+) -> asyncpg.Connection:
+    """A connection of its own, with keepalives; any failure to open it counts as
+    "unavailable"."""
     try:
-        return await asyncpg.connect(
+        conn = await asyncpg.connect(
             dsn, timeout=TIMEOUT, server_settings={"application_name": application_name}
         )
     except Exception as exc:
         raise _CannotConnect(exc) from exc
+    keepalive.apply(conn)
+    return conn
 
 
 @asynccontextmanager
@@ -98,6 +187,10 @@ async def reading(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
         yield conn
     except Exception as exc:
         if is_unavailable(exc):
+            if not isinstance(exc, asyncpg.PostgresError):
+                # No answer (a deadline, a broken socket): the connection may wait forever
+                # for one (a silent partition), so it is dropped, not reused.
+                conn.terminate()
             raise Unavailable("the database is unavailable, try again") from exc
         raise
     finally:
