@@ -240,7 +240,11 @@ class RoomHub:
 
     async def close(self) -> None:
         tasks = [s.task for s in self._streams.values() if s.task is not None]
-        tasks += [r.task for r in self._reads.values() if r.task is not None]
+        for reads in self._reads.values():  # a task cancelled before it began never sees it
+            if reads.waiting is not None:
+                _shut(reads.waiting)
+            if reads.task is not None:
+                tasks.append(reads.task)
         self._streams.clear()
         for task in tasks:
             task.cancel()
@@ -314,8 +318,8 @@ class RoomHub:
                         max_bytes=self._catch_up_limits.bytes,
                     )
                     frames = [SharedFrame(stored_frame(m)) for m in found.messages]
-                except asyncio.CancelledError:
-                    read.result.cancel()
+                except asyncio.CancelledError:  # the hub is closing
+                    _shut(read)
                     raise
                 except Exception as exc:  # Unavailable, or a bug: each caller handles it
                     read.result.set_exception(exc)
@@ -324,7 +328,7 @@ class RoomHub:
         finally:
             reads.task = None
             if reads.waiting is not None:  # cancelled (closing) with a read still waiting
-                reads.waiting.result.cancel()
+                _shut(reads.waiting)
                 reads.waiting = None
             if self._reads.get(room) is reads:
                 del self._reads[room]
@@ -342,6 +346,11 @@ class RoomHub:
             log.warning("could not load message %s/%d; connections will catch up", room, seq)
             return None
         return stored_frame(found[0]) if found else None
+
+
+def _shut(read: _SharedRead) -> None:
+    if not read.result.done():
+        read.result.set_exception(Unavailable("the service is shutting down"))
 
 
 def _retrieve(future: asyncio.Future[CatchUp]) -> None:

@@ -137,6 +137,25 @@ async def test_a_failed_read_is_unavailable_to_every_caller(stored_room):  # typ
     await counted.hub.close()
 
 
+async def test_closing_the_hub_answers_waiting_callers(stored_room):  # type: ignore[no-untyped-def]
+    room, _writer, pool = stored_room
+    counted = _Hub(pool, CatchUpLimits())
+    held = await pool.acquire()
+    try:
+        running = asyncio.ensure_future(counted.hub.catch_up(room, after=0))
+        for _ in range(5):
+            await asyncio.sleep(0)  # its read waits for the pool
+        waiting = asyncio.ensure_future(counted.hub.catch_up(room, after=0))
+        await asyncio.sleep(0)
+        await asyncio.wait_for(counted.hub.close(), 5)
+        results = await asyncio.wait_for(
+            asyncio.gather(running, waiting, return_exceptions=True), 5
+        )
+    finally:
+        await pool.release(held)
+    assert all(isinstance(r, Unavailable) for r in results), results
+
+
 # --- real processes ----------------------------------------------------------------------------
 
 
