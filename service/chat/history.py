@@ -97,6 +97,11 @@ async def read_tail(
         if size > max_bytes and keep:
             messages = messages[len(messages) - keep :]
             break
+    if messages and messages[-1].seq - messages[0].seq != len(messages) - 1:
+        keep = 1  # a hole (history deleted by hand): only what follows it is contiguous
+        while keep < len(messages) and messages[-keep - 1].seq == messages[-keep].seq - 1:
+            keep += 1
+        messages = messages[len(messages) - keep :]
     return Tail(messages, last_seq)
 
 

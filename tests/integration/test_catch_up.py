@@ -5,6 +5,7 @@ is closed with 1013 and resumes with ``since``."""
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import uuid
 from collections.abc import Iterator
@@ -123,6 +124,22 @@ async def test_a_read_holds_the_newest_messages_within_its_limits(stored_room): 
     assert (empty.first, empty.last_seq, empty.frames) == (1, 0, [])
     for counted in (by_count, by_bytes, tiny):
         await counted.hub.close()
+
+
+async def test_a_read_never_hands_out_frames_across_a_hole(stored_room, own_database):  # type: ignore[no-untyped-def]
+    """Seqs have no gaps unless history was deleted by hand; then a connection before the hole
+    is too far behind rather than sent the wrong frames."""
+    room, _writer, pool = stored_room
+    conn = await asyncpg.connect(own_database)
+    try:
+        await conn.execute("DELETE FROM message WHERE seq = 25")
+    finally:
+        await conn.close()
+    counted = _Hub(pool, CatchUpLimits())
+    window = await counted.hub.catch_up(room, after=20)
+    assert _seqs(window) == [26, 27, 28, 29, 30]
+    assert [json.loads(f.text)["seq"] for f in window.frames] == [26, 27, 28, 29, 30]
+    await counted.hub.close()
 
 
 async def test_a_failed_read_is_unavailable_to_every_caller(stored_room):  # type: ignore[no-untyped-def]
