@@ -46,7 +46,7 @@ from service.realtime.backend import ListenBackend
 
 if TYPE_CHECKING:
     from service.realtime.redis_backend import RedisPubSubBackend
-from service.realtime.hub import RoomHub
+from service.realtime.hub import CatchUpLimits, RoomHub
 from service.services import Services
 
 log = logging.getLogger(__name__)
@@ -148,6 +148,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 on_forward=lambda sent_at: metrics.fanout_latency.observe(
                     max(0.0, time.time() - sent_at)
                 ),
+                catch_up_limits=CatchUpLimits(settings.catch_up_limit, settings.catch_up_max_bytes),
+                on_catch_up_read=metrics.catch_up_reads.inc,
             )
             metrics.watch(
                 pool_checked_out=lambda: pool.get_size() - pool.get_idle_size(),

@@ -175,6 +175,14 @@ class Settings(BaseSettings):
     """Seconds sent data may stay unacknowledged before the kernel drops the connection
     (Linux ``TCP_USER_TIMEOUT``; 0 leaves the kernel's ~15 minutes)."""
     # -- end of issue 12, part 1 --
+    # -- issue 12, catch-up without storms (service/realtime/hub.py, RoomHub.catch_up) --
+    catch_up_limit: int = Field(default=1000, ge=1, le=100_000)
+    """Newest messages one shared catch-up read holds (after a LISTEN reconnect or a hole in
+    the live stream); a connection further behind is closed with 1013 and resumes with
+    ``since``."""
+    catch_up_max_bytes: int = Field(default=8 * 1024 * 1024, ge=64 * 1024)
+    """Bytes of message JSON one shared catch-up read holds (the newest message always)."""
+    # -- end of issue 12, catch-up without storms --
     embedded: bool = False
     """Set by the CLI once it has started the embedded PostgreSQL; not meant to be set by hand."""
 

@@ -130,6 +130,12 @@ class Metrics:
         self.slow_consumers = Counter(
             "chat_slow_consumer_disconnects", "Connections closed for falling behind", registry=r
         )
+        self.catch_up_reads = Counter(
+            "chat_catchup_reads",
+            "Shared catch-up reads from the database (after a LISTEN reconnect or a hole in the "
+            "live stream): about one per room, however many connections it has",
+            registry=r,
+        )
         self.http_connections_closed = Counter(
             "chat_http_connections_closed",
             "Connections closed by the server's guards: head_timeout (request head or websocket "

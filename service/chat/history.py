@@ -21,6 +21,20 @@ CATCH_UP_PAGE = 500
 
 
 @dataclass(frozen=True, slots=True)
+class Tail:
+    """The newest messages of a room after some seq, and the room's ``last_seq`` in the same
+    snapshot; ``messages`` are contiguous and end at ``last_seq`` (seqs have no gaps)."""
+
+    messages: list[StoredMessage]
+    last_seq: int
+
+    @property
+    def first(self) -> int:
+        """The oldest seq it holds (``last_seq + 1`` when it holds none)."""
+        return self.messages[0].seq if self.messages else self.last_seq + 1
+
+
+@dataclass(frozen=True, slots=True)
 class Replay:
     messages: list[StoredMessage]
     last_seq: int
@@ -64,6 +78,31 @@ async def read_range(
             if len(page) < CATCH_UP_PAGE:
                 return found
             after = page[-1].seq
+
+
+async def read_tail(
+    *, pool: asyncpg.Pool, room: str, after: int, limit: int, max_bytes: int
+) -> Tail:
+    """The newest messages with ``seq > after``: at most ``limit`` of them and ``max_bytes`` of
+    JSON (but always the newest one), so a catch-up holds a bounded window in memory however
+    far behind a connection is; older ones are left out (``Tail.first`` says where it starts)."""
+    async with reading(pool) as conn:
+        last_seq, messages = await queries.room_window(
+            conn, room=room, after=after, before=None, limit=limit, newest=True
+        )
+    size = 0
+    for keep, message in enumerate(reversed(messages)):
+        text = message.json
+        size += len(text) if text.isascii() else len(text.encode())
+        if size > max_bytes and keep:
+            messages = messages[len(messages) - keep :]
+            break
+    if messages and messages[-1].seq - messages[0].seq != len(messages) - 1:
+        keep = 1  # a hole (history deleted by hand): only what follows it is contiguous
+        while keep < len(messages) and messages[-keep - 1].seq == messages[-keep].seq - 1:
+            keep += 1
+        messages = messages[len(messages) - keep :]
+    return Tail(messages, last_seq)
 
 
 async def read_page(

@@ -10,7 +10,12 @@ Guarantees, for each local connection of a room:
 * Every outbox is bounded. A connection that falls ``outbox_limit`` frames behind is marked
   overflowed and closed by its owner (1013); it never delays the room or the process.
 * After the LISTEN connection was lost and restored, every outbox gets a resync marker and its
-  owner catches up from the database (``service.realtime.connection``).
+  owner catches up from the database (``service.realtime.websocket``), as it does for a hole
+  in the live stream. Catch-ups are shared (``RoomHub.catch_up``): the connections of a room
+  that ask together get one read of the room's newest messages, bounded in count and bytes,
+  each frame made once; a connection further behind than that read reaches is closed (1013)
+  and resumes with ``since``, whose replay is bounded too. A LISTEN reconnect therefore costs
+  about one read per room, not one per connection.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from dataclasses import dataclass, field
 import asyncpg
 from broadcaster import Broadcast
 
-from service.chat.history import read_range
+from service.chat.history import read_range, read_tail
 from service.errors import Unavailable
 from service.realtime.backend import RESYNC
 from service.realtime.envelope import (
@@ -150,6 +155,40 @@ class Outbox:
         return items
 
 
+@dataclass(frozen=True, slots=True)
+class CatchUp:
+    """The newest messages of a room as one read found them: ``frames[i]`` is message
+    ``first + i`` (contiguous), and the last one is ``last_seq``, the room's end at the read."""
+
+    first: int
+    last_seq: int
+    frames: list[SharedFrame]
+
+
+@dataclass(eq=False, slots=True)
+class _SharedRead:
+    """A catch-up read not yet started: connections that ask before it starts share it."""
+
+    after: int
+    result: asyncio.Future[CatchUp]
+
+
+@dataclass(eq=False, slots=True)
+class _RoomReads:
+    """A room's catch-up reads: at most one running and one waiting to start after it."""
+
+    task: asyncio.Task[None] | None = None
+    waiting: _SharedRead | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CatchUpLimits:
+    messages: int = 1000
+    """Newest messages one shared read holds (``CHAT_CATCH_UP_LIMIT``)."""
+    bytes: int = 8 * 1024 * 1024
+    """Bytes of message JSON one shared read holds (``CHAT_CATCH_UP_MAX_BYTES``)."""
+
+
 @dataclass(eq=False)
 class _RoomStream:
     outboxes: set[Outbox] = field(default_factory=set)
@@ -166,12 +205,17 @@ class RoomHub:
         pool: asyncpg.Pool,
         outbox_limit: int,
         on_forward: Callable[[float], None] = lambda _sent_at: None,
+        catch_up_limits: CatchUpLimits | None = None,
+        on_catch_up_read: Callable[[], None] = lambda: None,
     ) -> None:
         self._on_forward = on_forward
         self._broadcast = broadcast
         self._pool = pool
         self._outbox_limit = outbox_limit
         self._streams: dict[str, _RoomStream] = {}
+        self._catch_up_limits = catch_up_limits or CatchUpLimits()
+        self._on_catch_up_read = on_catch_up_read
+        self._reads: dict[str, _RoomReads] = {}
 
     @contextlib.asynccontextmanager
     async def join(self, room: str) -> AsyncIterator[Outbox]:
@@ -196,6 +240,11 @@ class RoomHub:
 
     async def close(self) -> None:
         tasks = [s.task for s in self._streams.values() if s.task is not None]
+        for reads in self._reads.values():  # a task cancelled before it began never sees it
+            if reads.waiting is not None:
+                _shut(reads.waiting)
+            if reads.task is not None:
+                tasks.append(reads.task)
         self._streams.clear()
         for task in tasks:
             task.cancel()
@@ -229,6 +278,61 @@ class RoomHub:
                 raise asyncio.CancelledError from exc  # cancelled there, fails in its finally
             raise
 
+    async def catch_up(self, room: str, *, after: int) -> CatchUp:
+        """The room's newest messages, from one read shared by every connection of the room
+        that asks before it starts; it holds every message after ``after`` unless there are
+        more than the limits allow (then ``first > after + 1``: the caller is too far behind).
+
+        A read serves only the requests made before it began, so its snapshot holds whatever
+        any of them is missing (a resync marker or a gap seen before the request). The
+        connections woken by one marker ask within the same loop iteration; the read starts
+        in a later one, so they all share it. Raises ``Unavailable`` when the database is out.
+        """
+        reads = self._reads.get(room)
+        if reads is None:
+            reads = self._reads[room] = _RoomReads()
+        read = reads.waiting
+        if read is None:
+            read = reads.waiting = _SharedRead(after, asyncio.get_running_loop().create_future())
+            read.result.add_done_callback(_retrieve)
+            if reads.task is None:
+                reads.task = asyncio.create_task(
+                    self._run_reads(room, reads), name=f"catch-up-{room}"
+                )
+        elif after < read.after:
+            read.after = after
+        return await asyncio.shield(read.result)  # a caller that leaves does not cancel it
+
+    async def _run_reads(self, room: str, reads: _RoomReads) -> None:
+        """Run the room's waiting read, and the one that waited meanwhile, until none waits."""
+        try:
+            while (read := reads.waiting) is not None:
+                reads.waiting = None
+                self._on_catch_up_read()
+                try:
+                    found = await read_tail(
+                        pool=self._pool,
+                        room=room,
+                        after=read.after,
+                        limit=self._catch_up_limits.messages,
+                        max_bytes=self._catch_up_limits.bytes,
+                    )
+                    frames = [SharedFrame(stored_frame(m)) for m in found.messages]
+                except asyncio.CancelledError:  # the hub is closing
+                    _shut(read)
+                    raise
+                except Exception as exc:  # Unavailable, or a bug: each caller handles it
+                    read.result.set_exception(exc)
+                else:
+                    read.result.set_result(CatchUp(found.first, found.last_seq, frames))
+        finally:
+            reads.task = None
+            if reads.waiting is not None:  # cancelled (closing) with a read still waiting
+                _shut(reads.waiting)
+                reads.waiting = None
+            if self._reads.get(room) is reads:
+                del self._reads[room]
+
     @staticmethod
     def _dispatch(stream: _RoomStream, seq: int, frame: SharedFrame | None) -> None:
         for outbox in stream.outboxes:
@@ -242,6 +346,17 @@ class RoomHub:
             log.warning("could not load message %s/%d; connections will catch up", room, seq)
             return None
         return stored_frame(found[0]) if found else None
+
+
+def _shut(read: _SharedRead) -> None:
+    if not read.result.done():
+        read.result.set_exception(Unavailable("the service is shutting down"))
+
+
+def _retrieve(future: asyncio.Future[CatchUp]) -> None:
+    """A read's error reaches every caller still waiting; when none is, it is not an error."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:

@@ -30,7 +30,7 @@ from fastapi.responses import JSONResponse
 
 from service.api.deps import MAX_SEQ, CurrentUser, RoomName
 from service.auth import Principal
-from service.chat.history import Replay, read_range, read_replay
+from service.chat.history import Replay, read_replay
 from service.chat.limits import RateLimited, TokenBucket, TooManyConnections
 from service.chat.messages import check_client_msg_id, submit_message
 from service.db.writer import Stored
@@ -238,10 +238,10 @@ class RoomConnection:
                     await self._send_all([frame])  # type: ignore[list-item]
                 elif seq == FAILED:
                     raise RuntimeError("a send failed")  # logged where it failed
-                elif seq == RESYNC_SEQ:
-                    await self._catch_up(until=None)
-                else:  # a gap, or a message too big to notify that nobody loaded
-                    await self._catch_up(until=seq)
+                else:  # a resync, a gap, or a message too big to notify that nobody loaded
+                    await self._catch_up(until=None if seq == RESYNC_SEQ else seq)
+                    if any(item[0] == RESYNC_SEQ for item in items):  # covered by the read
+                        items = deque(item for item in items if item[0] != RESYNC_SEQ)
 
     def _write_now(self, items: deque[OutboxItem]) -> deque[OutboxItem] | None:
         """The items that need no await, written in one go: direct frames and the next live
@@ -281,13 +281,19 @@ class RoomConnection:
         frames.clear()
 
     async def _catch_up(self, *, until: int | None) -> None:
-        missed = await read_range(
-            pool=self.services.pool, room=self.room, after=self.last_seq, until=until
-        )
-        await self._send_all([stored_frame(m) for m in missed])
+        """Send what the live stream missed, from the room's shared read
+        (``RoomHub.catch_up``); past what that read holds the connection is too far behind
+        (``SlowConsumer``: 1013, and its resume with ``since`` has a bounded replay)."""
+        window = await self.services.hub.catch_up(self.room, after=self.last_seq)
+        start = self.last_seq + 1 - window.first
+        if start < 0:
+            raise SlowConsumer
+        missed: list[str | SharedFrame] = window.frames[start:]  # type: ignore[assignment]
         if missed:
-            self.last_seq = missed[-1].seq
-        self.services.metrics.counts.delivered += len(missed)
+            count = len(missed)
+            await self._send_all(missed)  # empties the list: a copy, not the shared one
+            self.last_seq = window.last_seq
+            self.services.metrics.counts.delivered += count
         if until is not None and self.last_seq < until:
             log.error("room %s: message %d not found while catching up", self.room, until)
 
