@@ -96,7 +96,11 @@ def make_backend(settings: Settings) -> ListenBackend | RedisPubSubBackend:
     if settings.broadcast_over_redis:
         from service.realtime.redis_backend import RedisPubSubBackend  # noqa: PLC0415
 
-        return RedisPubSubBackend(settings.broadcast_url)  # type: ignore[arg-type]
+        return RedisPubSubBackend(
+            settings.broadcast_url,  # type: ignore[arg-type]
+            timeout=settings.redis_timeout,
+            health_interval=settings.redis_health_interval,
+        )
     return ListenBackend(settings.listen_dsn)
 
 
