@@ -223,6 +223,7 @@ class RedisPubSubBackend(BroadcastBackend):
         self._lock = asyncio.Lock()
         """Serializes subscribe/unsubscribe with the (re)subscription of every channel."""
         self._last_reply = 0.0
+        self._publisher: RespConnection | None = None
         self._outgoing: deque[tuple[str, str]] = deque()
         self._stale: set[str] = set()
         """Channels whose listeners must resync: a publish to them failed or was dropped."""
@@ -249,6 +250,9 @@ class RedisPubSubBackend(BroadcastBackend):
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         self._drop()
+        if self._publisher is not None:
+            self._publisher.close()
+            self._publisher = None
 
     async def subscribe(self, channel: str) -> None:
         async with self._lock:
@@ -408,7 +412,6 @@ class RedisPubSubBackend(BroadcastBackend):
     async def _publish_loop(self) -> None:
         """Send what is queued; on failure mark its rooms stale and notify them once Redis is
         back. Ends only when cancelled."""
-        conn: RespConnection | None = None
         outage = _Outage("publish", self._max_backoff)
         while True:
             if not self._outgoing and not self._stale:
@@ -417,8 +420,9 @@ class RedisPubSubBackend(BroadcastBackend):
                 continue
             batch: list[tuple[str, str]] = []
             try:
+                conn = self._publisher
                 if conn is None:
-                    conn = await RespConnection.open(self._target, self._timeout)
+                    conn = self._publisher = await RespConnection.open(self._target, self._timeout)
                 if self._stale:
                     stale = sorted(self._stale)
                     await self._pipeline(conn, [(channel, RESYNC) for channel in stale])
@@ -439,9 +443,9 @@ class RedisPubSubBackend(BroadcastBackend):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the bus is down: what is queued is told by a resync
-                if conn is not None:
-                    conn.close()
-                    conn = None
+                if self._publisher is not None:
+                    self._publisher.close()
+                    self._publisher = None
                 for channel, _ in batch:
                     self._mark_stale(channel)
                 while self._outgoing:
