@@ -101,7 +101,11 @@ def make_backend(
     if settings.broadcast_over_redis:
         from service.realtime.redis_backend import RedisPubSubBackend  # noqa: PLC0415
 
-        return RedisPubSubBackend(settings.broadcast_url)  # type: ignore[arg-type]
+        return RedisPubSubBackend(
+            settings.broadcast_url,  # type: ignore[arg-type]
+            timeout=settings.redis_timeout,
+            health_interval=settings.redis_health_interval,
+        )
     same_server = pool is not None and settings.notify_in_transaction
     return ListenBackend(
         settings.listen_dsn,

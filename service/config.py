@@ -183,6 +183,13 @@ class Settings(BaseSettings):
     catch_up_max_bytes: int = Field(default=8 * 1024 * 1024, ge=64 * 1024)
     """Bytes of message JSON one shared catch-up read holds (the newest message always)."""
     # -- end of issue 12, catch-up without storms --
+    # -- issue 12, the Redis bus (service/realtime/redis_backend.py) --
+    redis_timeout: float = Field(default=2.0, gt=0, le=60)
+    """With ``CHAT_BROADCAST_URL=redis://``: seconds a Redis connect, subscribe, publish batch
+    or PING may take before the bus counts as down (it is then reconnected with backoff)."""
+    redis_health_interval: float = Field(default=5.0, gt=0, le=3600)
+    """Seconds of silence on the Redis subscriber connection before it is PINGed."""
+    # -- end of issue 12, the Redis bus --
     embedded: bool = False
     """Set by the CLI once it has started the embedded PostgreSQL; not meant to be set by hand."""
 
