@@ -121,6 +121,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             writer = MessageWriter(
                 to_asyncpg_dsn(settings.require_database_url()),
                 notify=settings.notify_in_transaction,
+                deadline=settings.send_deadline,
+                queue_limit=settings.writer_queue_limit,
                 on_batch=metrics.commit_batch.observe,
             )
             await writer.start()

@@ -154,6 +154,15 @@ class Settings(BaseSettings):
     """Entries in each per-user limiter map; past it, new users are refused until idle ones
     are forgotten."""
     # -- end of issue 11, hostile websocket clients --
+    # -- issue 12, unknown outcomes and the bounded writer queue (service/db/writer.py) --
+    send_deadline: float = Field(default=5.0, gt=0, le=300)
+    """Seconds within which a send is answered: the writer's connect, batch call and commit
+    all count against it. Past it the send gets ``unavailable`` (never sent) or
+    ``outcome_unknown`` (sent, commit not confirmed) and the writer reconnects."""
+    writer_queue_limit: int = Field(default=2000, ge=1)
+    """Sends queued for the writer and not yet in a batch; past it new sends get
+    ``overloaded`` (with ``retry_after``; REST: 503 with Retry-After) instead of queueing."""
+    # -- end of issue 12, unknown outcomes --
     embedded: bool = False
     """Set by the CLI once it has started the embedded PostgreSQL; not meant to be set by hand."""
 
