@@ -74,12 +74,12 @@ class PgProxy:
         """Stop listening (connects are refused) and close every connection."""
         assert self._listener is not None
         self._listener.close()
-        await self._listener.wait_closed()
-        self._listener = None
         for link in self._links:
             link.client.transport.abort()
             link.server.transport.abort()
         self._links.clear()
+        await self._listener.wait_closed()
+        self._listener = None
 
     async def close(self) -> None:
         if self._listener is not None:
