@@ -138,6 +138,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             writer = MessageWriter(
                 to_asyncpg_dsn(settings.require_database_url()),
                 notify=settings.notify_in_transaction,
+                deadline=settings.send_deadline,
+                queue_limit=settings.writer_queue_limit,
+                keepalive=Keepalive.from_settings(settings),
                 on_batch=metrics.commit_batch.observe,
             )
             await writer.start()

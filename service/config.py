@@ -190,6 +190,15 @@ class Settings(BaseSettings):
     redis_health_interval: float = Field(default=5.0, gt=0, le=3600)
     """Seconds of silence on the Redis subscriber connection before it is PINGed."""
     # -- end of issue 12, the Redis bus --
+    # -- issue 12, unknown outcomes and the bounded writer queue (service/db/writer.py) --
+    send_deadline: float = Field(default=5.0, gt=0, le=300)
+    """Seconds within which a send is answered: the writer's connect, batch call and commit
+    all count against it. Past it the send gets ``unavailable`` (never sent) or
+    ``outcome_unknown`` (sent, commit not confirmed) and the writer reconnects."""
+    writer_queue_limit: int = Field(default=2000, ge=1)
+    """Sends queued for the writer and not yet in a batch; past it new sends get
+    ``overloaded`` (with ``retry_after``; REST: 503 with Retry-After) instead of queueing."""
+    # -- end of issue 12, unknown outcomes --
     embedded: bool = False
     """Set by the CLI once it has started the embedded PostgreSQL; not meant to be set by hand."""
 

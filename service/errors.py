@@ -5,8 +5,16 @@
     |                          -> HTTP 401, websocket refused before accept (1008)
     +-- InvalidMessage         a message the rules refuse (empty, too long, bad id)
     |                          -> HTTP 422, websocket error frame (connection stays open)
-    +-- Unavailable            the database cannot be reached right now
-                               -> HTTP 503, websocket error frame ``unavailable`` (no ack sent)
+    +-- Unavailable            nothing was stored: the database cannot be reached right now
+    |   |                      -> HTTP 503, websocket error frame ``unavailable`` (no ack sent)
+    |   +-- Overloaded         nothing was stored: the writer's queue is full (``retry_after``)
+    |                          -> HTTP 503 with Retry-After, error frame ``overloaded``
+    +-- OutcomeUnknown         the send may have been stored (the database stopped answering
+                               after it was sent): retry with the same ``client_msg_id``
+                               -> HTTP 503, websocket error frame ``outcome_unknown``
+
+A send's ``Unavailable`` and ``OutcomeUnknown`` carry its ``client_msg_id`` (the server assigns
+one when the client gave none), so the client can retry without storing the message twice.
 
 Anything else is a bug: REST answers 500 without details, a websocket closes with 1011, and
 the server log carries the traceback. No error path puts SQL, tracebacks or secrets on the wire.
@@ -54,6 +62,27 @@ class InvalidMessage(ChatError):
 class Unavailable(ChatError):
     code = "unavailable"
     http_status = 503
+
+    def __init__(self, detail: str, client_msg_id: str | None = None) -> None:
+        super().__init__(detail)
+        self.client_msg_id = client_msg_id
+
+
+class Overloaded(Unavailable):
+    code = "overloaded"
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__("the service is storing as fast as it can; retry later")
+        self.retry_after = retry_after
+
+
+class OutcomeUnknown(ChatError):
+    code = "outcome_unknown"
+    http_status = 503
+
+    def __init__(self, detail: str, client_msg_id: str | None = None) -> None:
+        super().__init__(detail)
+        self.client_msg_id = client_msg_id
 
 
 EXIT_ERROR = 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import email.message
 import json
+import math
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
@@ -18,12 +19,13 @@ from service.api.schemas import (
     MessagePage,
     NewMessage,
     RoomList,
+    SendFailedOut,
 )
 from service.chat import history
 from service.chat.limits import RateLimited
 from service.chat.messages import submit_message
 from service.config import ROOM_NAME_MAX, ROOM_NAME_PATTERN
-from service.errors import InvalidMessage
+from service.errors import InvalidMessage, OutcomeUnknown, Overloaded, Unavailable
 from service.realtime.envelope import dumps, dumps_with_items, iso, message_fields
 
 router = APIRouter(tags=["rooms"], responses=ERROR_RESPONSES)
@@ -139,11 +141,30 @@ async def read_new_message(request: Request) -> NewMessage:
         ) from None
 
 
+def send_failed(exc: Unavailable | OutcomeUnknown) -> Response:
+    """503 with the code that says whether the message may have been stored, and the id to
+    resend it with (the server's, when the client gave none)."""
+    content: dict[str, Any] = {"detail": exc.detail, "code": exc.code}
+    if exc.client_msg_id is not None:
+        content["client_msg_id"] = exc.client_msg_id
+    headers = {}
+    if isinstance(exc, Overloaded):
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+    return json_response(content, 503, **headers)
+
+
 @router.post(
     "/rooms/{room}/messages",
     response_model=MessageOut,
     status_code=201,
     openapi_extra=NEW_MESSAGE_BODY,
+    responses={
+        503: {
+            "model": SendFailedOut,
+            "description": "Not stored (`unavailable`, `overloaded` with Retry-After), or maybe "
+            "stored (`outcome_unknown`): resend with the `client_msg_id` given",
+        }
+    },
 )
 async def create_message(
     room: RoomName,
@@ -172,6 +193,9 @@ async def create_message(
         if isinstance(exc, RateLimited):
             raise
         raise invalid(("body", "body"), f"{exc.code}: {exc.detail}", exc.code) from None
+    except (Unavailable, OutcomeUnknown) as exc:
+        services.metrics.errors.labels(exc.code).inc()
+        return send_failed(exc)
     headers = {}
     if posted.duplicate:
         headers["Idempotent-Replayed"] = "true"

@@ -71,6 +71,15 @@ class ErrorOut(BaseModel):
     code: str | None = None
 
 
+class SendFailedOut(ErrorOut):
+    """A message that was not stored (``unavailable``, ``overloaded``) or may have been
+    (``outcome_unknown``)."""
+
+    client_msg_id: str | None = Field(
+        default=None, description="Resend with this id (the server's when you gave none)"
+    )
+
+
 ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     400: {"model": ErrorOut, "description": "The body could not be parsed"},
     401: {"model": ErrorOut, "description": "Missing, invalid or expired token"},

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable, Callable
 
-from service.db.writer import MessageWriter, Stored
+from service.db.writer import ASSIGNED_ID_PATTERN, ASSIGNED_ID_PREFIX, MessageWriter, Stored
 from service.errors import InvalidMessage
 from service.realtime.envelope import channel_for, encode_notification
 
 log = logging.getLogger(__name__)
 
 MAX_CLIENT_MSG_ID_CHARS = 128
+_ASSIGNED_ID = re.compile(ASSIGNED_ID_PATTERN)
 
 Publish = Callable[[str, str], Awaitable[None]]
 """``publish(channel, payload)`` after commit, for a broadcast bus other than the database."""
@@ -49,6 +51,14 @@ def check_client_msg_id(client_msg_id: object) -> str | None:
             "'client_msg_id' must be a printable string of 1 to "
             f"{MAX_CLIENT_MSG_ID_CHARS} characters",
         )
+    if client_msg_id[0] == ASSIGNED_ID_PREFIX and not _ASSIGNED_ID.fullmatch(client_msg_id):
+        # Ids the server assigns start with "~": a client sends one only to retry the send it
+        # was given for, so its own ids can never collide with one the server made up.
+        raise InvalidMessage(
+            "invalid_client_msg_id",
+            f"a 'client_msg_id' starting with {ASSIGNED_ID_PREFIX!r} is reserved for the ids "
+            "the server assigns",
+        )
     return client_msg_id
 
 
@@ -62,13 +72,16 @@ def submit_message(
     max_chars: int,
     publish: Publish | None = None,
 ) -> asyncio.Future[Stored]:
-    """Validate (``InvalidMessage`` at once) and queue a message for the next group commit.
+    """Validate (``InvalidMessage`` at once) and queue a message for the next group commit
+    (``Overloaded`` at once when the writer's queue is full).
 
     The future resolves once the message is committed; a resend (same room, author,
-    client_msg_id) resolves to the original, marked ``duplicate``. The writer NOTIFYs in the
-    insert transaction, so listeners hear of committed rows only and in seq order. With
-    ``publish`` (a bus other than this database) the frame goes out after commit and the
-    listeners' gap filling restores the order.
+    client_msg_id) resolves to the original, marked ``duplicate``; a send without one is given
+    one by the writer. The future fails with ``Unavailable`` (nothing stored) or
+    ``OutcomeUnknown`` (maybe stored), both naming the id, within the send deadline. The
+    writer NOTIFYs in the insert transaction, so listeners hear of committed rows only and in
+    seq order. With ``publish`` (a bus other than this database) the frame goes out after
+    commit and the listeners' gap filling restores the order.
     """
     text = check_body(body, max_chars=max_chars)
     msg_id = check_client_msg_id(client_msg_id)

@@ -12,21 +12,43 @@ order: a connection's sends resolve in the order it made them.
 
 A batch that fails for a reason other than the database being unreachable is retried message
 by message, so one bad message cannot fail the others.
+
+Deadlines and outcomes (docs/protocol.md says what each answer guarantees). A send is answered
+within ``deadline`` seconds (``CHAT_SEND_DEADLINE``) of the flusher taking it up: a batch's
+deadline counts from the moment its oldest send may have been queued, and opening a connection,
+the batch's call and its commit (one statement in autocommit: the commit happens when its Sync
+is processed) all count against it. A failed batch is reported by what may have happened:
+
+* its call was never sent (no connection, connect refused or too slow, the deadline spent in
+  the queue), or the database answered it with an error (the statement rolled back): nothing
+  was stored, ``Unavailable``;
+* it was sent and no answer came (deadline, connection dropped, a FATAL error): the commit may
+  have happened, ``OutcomeUnknown``. The client resends with the same ``client_msg_id`` and
+  gets the original; every send has one, since ``submit`` assigns one (``~`` + a random
+  per-writer token + a counter, a namespace clients may not invent ids in) to a send without.
+
+After a failure other than a statement error the connection is dropped (``terminate``: nothing
+waits on a dead peer) and the next batch opens a new one.
+
+The queue is bounded: with ``queue_limit`` sends queued and not yet in a batch, ``submit``
+raises ``Overloaded`` at once instead of letting sends wait for seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import asyncpg
 
-from service.db.engine import TIMEOUT, connect, is_unavailable
+from service.db.engine import DEFAULT_KEEPALIVE, Keepalive, connect, is_unavailable
 from service.db.queries import MessageRecord
-from service.errors import Unavailable
+from service.errors import OutcomeUnknown, Overloaded, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +57,16 @@ _POST = (
     "SELECT * FROM chat_post_messages($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],"
     " $6)"
 )
+_NOTHING: tuple[object, ...] = ([], [], [], [], [], False)
+"""An empty batch: run once per new connection, it prepares the statement (so a batch's call
+is one Bind/Execute/Sync) and stores nothing."""
+
+ASSIGNED_ID_PREFIX = "~"
+ASSIGNED_ID_PATTERN = r"~[A-Za-z0-9_-]{12}\.[1-9][0-9]{0,18}"
+"""What ``submit`` assigns: ``~``, 12 random URL-safe characters per writer, ``.``, a counter."""
+
+DEADLINE = 5.0
+QUEUE_LIMIT = 2000
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +83,7 @@ class _Send:
     channel: str
     author: str
     body: str
-    client_msg_id: str | None
+    client_msg_id: str
     result: asyncio.Future[Stored]
 
 
@@ -62,13 +94,21 @@ class MessageWriter:
         *,
         notify: bool,
         max_batch: int = 256,
-        timeout: float = TIMEOUT,
+        deadline: float = DEADLINE,
+        queue_limit: int = QUEUE_LIMIT,
+        keepalive: Keepalive = DEFAULT_KEEPALIVE,
         on_batch: Callable[[int], None] = lambda _size: None,
     ) -> None:
         self._dsn = dsn
+        self._keepalive = keepalive
         self._notify = notify
         self._max_batch = max_batch
-        self._timeout = timeout
+        self._deadline = deadline
+        self._queue_limit = queue_limit
+        self._batch_seconds = 0.0
+        """How long the last batch took: the base of ``Overloaded.retry_after``."""
+        self._id_prefix = f"{ASSIGNED_ID_PREFIX}{secrets.token_urlsafe(9)}."
+        self._ids = itertools.count(1)
         self._queue: list[_Send] = []
         self._wakeup = asyncio.Event()
         self._conn: asyncpg.Connection | None = None
@@ -80,7 +120,8 @@ class MessageWriter:
 
     async def start(self) -> None:
         """Connect now (a wrong DSN fails at start-up, not at the first send) and flush."""
-        self._conn = await connect(self._dsn, APPLICATION_NAME)
+        async with asyncio.timeout(self._deadline):
+            self._conn = await self._open()
         self._flusher = asyncio.create_task(self._flush_forever(), name="message-writer")
 
     async def close(self) -> None:
@@ -89,8 +130,11 @@ class MessageWriter:
         self._wakeup.set()
         if self._flusher is not None:
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(self._flusher, self._timeout)
-        _fail(self._in_flight + self._queue, Unavailable("the service is shutting down"))
+                # Each batch answers within its deadline; what is queued behind one is
+                # answered at once once its deadline is spent: a little more than one deadline.
+                await asyncio.wait_for(self._flusher, self._deadline + 1)
+        _fail(self._in_flight, OutcomeUnknown, "the service stopped while storing it")
+        _fail(self._queue, Unavailable, "the service is shutting down")
         self._queue.clear()
         if self._conn is not None:
             with contextlib.suppress(Exception):
@@ -100,51 +144,73 @@ class MessageWriter:
     def submit(
         self, *, room: str, channel: str, author: str, body: str, client_msg_id: str | None
     ) -> asyncio.Future[Stored]:
-        """Queue a validated message; the future resolves once it is committed."""
+        """Queue a validated message; the future resolves once it is committed, or fails with
+        ``Unavailable`` / ``OutcomeUnknown`` within the deadline. A full queue raises
+        ``Overloaded`` here. A send without ``client_msg_id`` is given one (stored with it)."""
+        if len(self._queue) >= self._queue_limit:
+            raise Overloaded(self._retry_after())
         if self._loop is None:  # once: get_running_loop() costs a getpid() on 3.11
             self._loop = asyncio.get_running_loop()
         result: asyncio.Future[Stored] = self._loop.create_future()
+        if client_msg_id is None:
+            client_msg_id = f"{self._id_prefix}{next(self._ids)}"
         if self._closing:
-            result.set_exception(Unavailable("the service is shutting down"))
+            result.set_exception(Unavailable("the service is shutting down", client_msg_id))
             return result
         self._queue.append(_Send(room, channel, author, body, client_msg_id, result))
         self._wakeup.set()
         return result
 
+    def _retry_after(self) -> float:
+        """Seconds until the queue has likely drained: its batches at the last batch's pace."""
+        batches = 1 + len(self._queue) / self._max_batch
+        return min(self._deadline, max(0.05, self._batch_seconds * batches))
+
     async def _flush_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        since = loop.time()  # no send now queued was queued before this
         while True:
             if not self._queue:
                 if self._closing:
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
+                since = loop.time()
                 continue
             batch = self._queue[: self._max_batch]
             del self._queue[: self._max_batch]
+            rest = bool(self._queue)
             self._in_flight = batch
+            started = loop.time()
             try:
-                await self._store(batch)
+                await self._store(batch, since + self._deadline)
             except Exception as exc:  # never lose the flusher: each send learns what happened
                 log.exception("storing a batch of %d failed", len(batch))
-                _fail(batch, exc)
+                for send in batch:
+                    if not send.result.done():
+                        send.result.set_exception(exc)
+            self._in_flight = []
+            self._batch_seconds = loop.time() - started
+            if not rest:  # what is queued now came while this batch was stored
+                since = started
 
-    async def _store(self, batch: list[_Send]) -> None:
+    async def _store(self, batch: list[_Send], deadline: float) -> None:
         try:
-            rows = await self._execute(batch)
+            rows = await self._execute(batch, deadline)
+        except _Failed as failed:
+            _fail(batch, failed.kind, failed.detail)
+            return
         except Exception as exc:
-            if is_unavailable(exc):
-                self._drop_connection()
-                _fail(batch, Unavailable("the database is unavailable, try again"))
-                return
             if len(batch) == 1:
                 raise
             log.warning("a batch of %d failed (%r); storing one by one", len(batch), exc)
             for send in batch:
                 try:
-                    await self._store([send])
+                    await self._store([send], deadline)
                 except Exception as single:
                     log.exception("storing a message failed")
-                    _fail([send], single)
+                    if not send.result.done():
+                        send.result.set_exception(single)
             return
         self._on_batch(len(batch))
         by_ord = {row[0]: row for row in rows}
@@ -167,7 +233,9 @@ class MessageWriter:
             )
             send.result.set_result(Stored(message, duplicate, row[6]))
 
-    async def _execute(self, batch: list[_Send]) -> list[asyncpg.Record]:
+    async def _execute(self, batch: list[_Send], deadline: float) -> list[asyncpg.Record]:
+        """The batch's rows; ``_Failed`` says whether it may have been stored, any other error
+        is the statement's (it rolled back: nothing was stored)."""
         args = (
             [s.room for s in batch],
             [s.channel for s in batch],
@@ -176,27 +244,75 @@ class MessageWriter:
             [s.client_msg_id for s in batch],
             self._notify,
         )
+        sent = False
         try:
-            return await self._fetch(args)
-        except asyncpg.InternalClientError:
-            # Refused locally: the connection was terminated under us (its FATAL message
-            # arrived, its EOF not yet) and the batch was never sent. Once more, afresh.
+            async with asyncio.timeout_at(deadline):
+                if self._conn is None or self._conn.is_closed():
+                    self._conn = await self._open()
+                if asyncio.get_running_loop().time() >= deadline:  # spent while queued
+                    raise _Failed(Unavailable, "the database did not answer in time, try again")
+                sent = True
+                try:
+                    return await self._conn.fetch(_POST, *args)
+                except asyncpg.InternalClientError:
+                    # Refused locally: the connection was terminated under us (its FATAL
+                    # message arrived, its EOF not yet). Once more, afresh: should the first
+                    # have been stored after all, every send has an id and gets the original.
+                    self._drop_connection()
+                    self._conn = await self._open()
+                    return await self._conn.fetch(_POST, *args)
+        except _Failed:
+            raise
+        except Exception as exc:
+            if isinstance(exc, ValueError) or _rolled_back(exc) and not is_unavailable(exc):
+                raise  # refused by asyncpg before sending, or by the statement: not stored
             self._drop_connection()
-            return await self._fetch(args)
+            if not sent or _rolled_back(exc):
+                log.warning("a batch of %d was not stored: %r", len(batch), exc)
+                raise _Failed(Unavailable, "the database is unavailable, try again") from exc
+            log.warning("a batch of %d was sent, its outcome is unknown: %r", len(batch), exc)
+            raise _Failed(
+                OutcomeUnknown,
+                "the database did not confirm the commit: the message may have been stored; "
+                "resend it with the same client_msg_id",
+            ) from exc
 
-    async def _fetch(self, args: tuple[object, ...]) -> list[asyncpg.Record]:
-        if self._conn is None or self._conn.is_closed():
-            self._conn = await connect(self._dsn, APPLICATION_NAME)
-        return await self._conn.fetch(_POST, *args, timeout=self._timeout)
+    async def _open(self) -> asyncpg.Connection:
+        """A new connection, its statement prepared (by an empty batch): a batch's call is
+        then one Bind/Execute/Sync, so anything that fails before it has stored nothing."""
+        conn = await connect(self._dsn, APPLICATION_NAME, keepalive=self._keepalive)
+        try:
+            await conn.fetch(_POST, *_NOTHING)
+        except BaseException:
+            conn.terminate()
+            raise
+        return conn
 
     def _drop_connection(self) -> None:
-        """The outcome of the batch is unknown: its senders retry with their client_msg_id."""
         if self._conn is not None:
             self._conn.terminate()
             self._conn = None
 
 
-def _fail(batch: list[_Send], exc: BaseException) -> None:
+class _Failed(Exception):
+    """A batch that failed for want of the database; ``kind`` says what its sends are told."""
+
+    def __init__(self, kind: type[Unavailable | OutcomeUnknown], detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+        self.detail = detail
+
+
+def _rolled_back(exc: BaseException) -> bool:
+    """The server answered the statement with an ERROR (not FATAL): its transaction rolled
+    back. A dropped connection (``ConnectionDoesNotExistError``) has no severity."""
+    if not isinstance(exc, asyncpg.PostgresError):
+        return False
+    severity = getattr(exc, "severity_en", None) or getattr(exc, "severity", None)
+    return severity == "ERROR"
+
+
+def _fail(batch: list[_Send], kind: type[Unavailable | OutcomeUnknown], detail: str) -> None:
     for send in batch:
         if not send.result.done():
-            send.result.set_exception(exc)
+            send.result.set_exception(kind(detail, send.client_msg_id))

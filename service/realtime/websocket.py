@@ -34,7 +34,14 @@ from service.chat.history import Replay, read_replay
 from service.chat.limits import RateLimited, TokenBucket, TooManyConnections
 from service.chat.messages import check_client_msg_id, submit_message
 from service.db.writer import Stored
-from service.errors import WS_INTERNAL_ERROR, WS_TRY_AGAIN_LATER, InvalidMessage, Unavailable
+from service.errors import (
+    WS_INTERNAL_ERROR,
+    WS_TRY_AGAIN_LATER,
+    InvalidMessage,
+    OutcomeUnknown,
+    Overloaded,
+    Unavailable,
+)
 from service.observability import request_id, request_id_headers
 from service.realtime.envelope import (
     SharedFrame,
@@ -338,12 +345,14 @@ class RoomConnection:
             replies.popleft()
 
     def _settle(self, stored: asyncio.Future[Stored], echo: str | None) -> OutboxItem:
-        """The answer to a committed (or failed) send."""
-        if stored.cancelled():
-            return DIRECT, self._error("unavailable", "the service is shutting down", echo)
+        """The answer to a committed (or failed) send: ``unavailable`` only when nothing was
+        stored, ``outcome_unknown`` when it may have been; both name the send's id (the one
+        the server assigned when the client gave none)."""
+        if stored.cancelled():  # it may have been committed meanwhile
+            return DIRECT, self._error("outcome_unknown", "the service is shutting down", echo)
         exc = stored.exception()
-        if isinstance(exc, Unavailable):
-            return DIRECT, self._error(exc.code, exc.detail, echo)
+        if isinstance(exc, Unavailable | OutcomeUnknown):
+            return DIRECT, self._error(exc.code, exc.detail, exc.client_msg_id or echo)
         if exc is not None:
             log.error("send failed", exc_info=exc, extra=self._log_context)
             return FAILED, None
@@ -401,7 +410,7 @@ class RoomConnection:
                 max_chars=self.services.settings.max_message_chars,
                 publish=self.services.publish,
             )
-        except RateLimited as exc:
+        except (RateLimited, Overloaded) as exc:
             return self._error(exc.code, exc.detail, echo, retry_after=round(exc.retry_after, 3))
         except InvalidMessage as exc:
             return self._error(exc.code, exc.detail, echo)

@@ -9,7 +9,7 @@ const BACKOFF_MIN_MS = 500;
 const BACKOFF_MAX_MS = 10_000;
 const PING_EVERY_MS = 20_000;             // keep-alive; the server answers {"type":"pong"}
 const STALE_AFTER_MS = 45_000;            // no frame at all for this long: treat as dropped
-const RETRYABLE = new Set(['rate_limited', 'unavailable']);
+const RETRYABLE = new Set(['rate_limited', 'unavailable', 'overloaded', 'outcome_unknown']);
 const CLOSE_REASONS = {
   1000: 'server closed the connection',
   1001: 'server going away',

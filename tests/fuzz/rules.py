@@ -87,12 +87,17 @@ def nesting(text: str) -> int:
     return deepest
 
 
+ASSIGNED_ID = re.compile(r"~[A-Za-z0-9_-]{12}\.[1-9][0-9]{0,18}")
+"""Ids starting with ``~`` are the server's: a client may only send one back (a resend)."""
+
+
 def valid_client_msg_id(value: object) -> bool:
-    """1 to 128 printable characters."""
+    """1 to 128 printable characters, not starting with ``~`` unless it is a server's id."""
     return (
         isinstance(value, str)
         and 1 <= len(value) <= MAX_CLIENT_MSG_ID_CHARS
         and value.isprintable()
+        and (not value.startswith("~") or ASSIGNED_ID.fullmatch(value) is not None)
     )
 
 

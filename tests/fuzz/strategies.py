@@ -82,6 +82,8 @@ client_msg_ids = st.one_of(
     st.text(st.characters(categories=["Cc", "Cf", "Zl", "Zp", "Zs"]), min_size=1, max_size=5),
     st.tuples(st.text(max_size=5), lone_surrogate).map("".join),
     st.sampled_from(["m-1", "m-2", "m-3"]),  # the same id again: a resend
+    # "~" starts the ids the server assigns: only that exact shape may be sent back
+    st.sampled_from(["~", "~mine", "~AAAAAAAAAAAA.1", "~AAAAAAAAAAAA.0", "~AAAAAAAAAAA.1"]),
     json_values,
 )
 types = st.one_of(

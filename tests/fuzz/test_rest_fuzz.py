@@ -19,6 +19,7 @@ from schemathesis.core.result import Err
 from schemathesis.generation.modes import GenerationMode
 
 from tests.fuzz.rules import (
+    ASSIGNED_ID,
     MAX_SEQ,
     NOT_JSON,
     ROOM_NAME,
@@ -408,9 +409,11 @@ def test_any_message_body_is_stored_or_refused_never_a_server_error(server):
                 assert message == stored[client_msg_id]
                 assert r.headers["Idempotent-Replayed"] == "true"
                 return
+            if client_msg_id is None:  # the server gave it one
+                assert ASSIGNED_ID.fullmatch(message["client_msg_id"]), message
+                client_msg_id = message["client_msg_id"]
             assert (message["body"], message["client_msg_id"]) == (sent["body"], client_msg_id)
-            if client_msg_id is not None:
-                stored[client_msg_id] = message
+            stored[client_msg_id] = message
 
         for text in MESSAGE_BODY_EXAMPLES:
             post = example(text=text)(post)
