@@ -29,7 +29,7 @@ from service.auth import TokenCodec
 from service.chat.limits import RateLimited, UserLimits
 from service.config import Settings, to_asyncpg_dsn
 from service.db.engine import Keepalive, create_engine, create_pool
-from service.db.migrate import current_revision, head_revision
+from service.db.migrate import ReleaseSchema
 from service.db.writer import MessageWriter
 from service.errors import ChatError, DatabaseUnreachable, SchemaMismatch, StartupError
 from service.http_guard import (
@@ -54,25 +54,22 @@ log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
 
 
-async def check_database(engine: AsyncEngine, expected_revision: str) -> None:
+async def check_database(engine: AsyncEngine, schema: ReleaseSchema) -> None:
     url = engine.url.render_as_string(hide_password=True)
     try:
         async with engine.connect() as conn:
-            revision = await asyncio.wait_for(current_revision(conn), 10)
+            problem = await asyncio.wait_for(schema.problem(conn), 10)
     except (OSError, TimeoutError, DBAPIError) as exc:
         reason = " ".join(str(exc).split()) or type(exc).__name__
         raise DatabaseUnreachable(f"cannot reach the database at {url}: {reason}") from None
-    if revision != expected_revision:
-        raise SchemaMismatch(
-            f"the database schema is at {revision or 'nothing'}, this version needs "
-            f"{expected_revision}: run `chat-service migrate`"
-        )
+    if problem is not None:
+        raise SchemaMismatch(problem)
 
 
-async def database_check(engine: AsyncEngine, expected_revision: str) -> str | None:
+async def database_check(engine: AsyncEngine, schema: ReleaseSchema) -> str | None:
     """``None`` when the database is ready, else why not (for the log: it names the host)."""
     try:
-        await asyncio.wait_for(check_database(engine, expected_revision), 3)
+        await asyncio.wait_for(check_database(engine, schema), 3)
     except (StartupError, TimeoutError) as exc:
         return str(exc) or "database check timed out"
     return None
@@ -85,7 +82,7 @@ def check_database_once(settings: Settings) -> None:
     async def check() -> None:
         engine = create_engine(settings)
         try:
-            await check_database(engine, head_revision())
+            await check_database(engine, ReleaseSchema.shipped())
         finally:
             await engine.dispose()
 
@@ -123,7 +120,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings.require_database_url()
     tokens = TokenCodec(settings)
     metrics = Metrics()
-    expected_revision = head_revision()
+    schema = ReleaseSchema.shipped()
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[dict[str, object]]:
@@ -132,7 +129,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             stack.push_async_callback(tokens.close)
             engine = create_engine(settings)
             stack.push_async_callback(engine.dispose)
-            await check_database(engine, expected_revision)
+            await check_database(engine, schema)
             pool = await create_pool(settings)
             stack.push_async_callback(pool.close)
             writer = MessageWriter(
@@ -261,11 +258,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         responses={503: {"description": "Not ready: the failing checks are named"}},
     )
     async def readyz(request: Request) -> JSONResponse:
-        """Readiness: database reachable with the schema at head, LISTEN connection up.
+        """Readiness: database reachable with a schema this release runs against (its head, or
+        a later one declared compatible with it), LISTEN connection up.
         Anyone may ask, so the answer names the failing check only: why it fails (a host, a
         user, a driver error) goes to the log."""
         problems = {
-            "database": await database_check(request.state.engine, expected_revision),
+            "database": await database_check(request.state.engine, schema),
             "listen": None if request.state.listen.connected else "LISTEN connection down",
         }
         for name, problem in problems.items():

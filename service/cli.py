@@ -2,8 +2,9 @@
 
 A start-up failure is one log line in the configured format (JSON lines, or plain text with
 ``--dev`` and in embedded mode) and an exit code from ``service.errors``: 2 for invalid
-settings, 3 for an unreachable database, 4 for a schema that is not at this release's head,
-1 for anything else (a bug: its traceback is in the line's ``exc``).
+settings, 3 for an unreachable database, 4 for a schema this release cannot run against (behind
+its head, or migrated past what it accepts: docs/operations.md, "Upgrading"), 1 for anything
+else (a bug: its traceback is in the line's ``exc``).
 """
 
 from __future__ import annotations

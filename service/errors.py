@@ -25,7 +25,8 @@ the CLI logs them as one line in the configured format and exits with ``exit_cod
     StartupError               the service cannot serve                        -> exit 1
     +-- InvalidSettings        a setting is missing, malformed or unsafe       -> exit 2
     +-- DatabaseUnreachable    no connection (refused, timeout, bad password)  -> exit 3
-    +-- SchemaMismatch         schema not at this release's head: migrate      -> exit 4
+    +-- SchemaMismatch         schema behind this release's head (migrate), or -> exit 4
+                               migrated past what this release runs against
 """
 
 from __future__ import annotations

@@ -1,4 +1,15 @@
-"""Test helpers: server processes, tokens and a websocket client with timeouts on every read."""
+"""Test helpers: server processes, tokens and a websocket client with timeouts on every read.
+
+Timing, for whoever writes the next test: wait for the state you need (a frame, a log line, a
+metric, a lock wait in ``pg_stat_activity``), polling with a deadline, never for time to pass.
+The sleeps left in the suite are of three kinds, none a race window: a poll's interval; waiting
+out a timer under test (a rate limit's ``retry_after``, a token bucket's refill, a header
+deadline, a JWKS refetch interval); and proving that something does not happen within a
+moment (a thread's exit that must not stop PostgreSQL). ``test_fanout``'s pacing spreads
+joins among writes; its assertions hold whatever the interleaving. Servers bind port 0 and
+report the port; ``free_port`` remains for what cannot (nginx, a restart on the same address, a
+start-up that is refused before it binds).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -66,7 +78,14 @@ def small_buffer_socket(port: int) -> socket.socket:
     return sock
 
 
+BOUND_PORT = re.compile(rb"Uvicorn running on https?://[^:\s]+:(\d+)")
+"""uvicorn's start-up line names the port it bound, also when asked for port 0."""
+
+
 def free_port() -> int:
+    """A port that was free a moment ago, for what cannot bind port 0 and report it (nginx,
+    a fixed address to restart on, a refused start-up that never binds). Another process may
+    take it before it is used: prefer port 0 where a server can report what it bound."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -117,34 +136,43 @@ class ServerProcess:
             "PYTHONUNBUFFERED": "1",
             **self.extra_env,
         }
-        for attempt in range(3):
-            self.port = free_port()
-            log = self.log_path.open("ab")
+        # Port 0: the server binds a port of its own and logs it, so no other process can take
+        # it between a probe and the bind (as with ``free_port``).
+        with self.log_path.open("ab") as log:
+            offset = log.tell()
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "service", "serve", "--port", str(self.port)],
+                [sys.executable, "-m", "service", "serve", "--port", "0"],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 preexec_fn=self.preexec_fn,  # noqa: PLW1509 - only sets resource limits
             )
-            log.close()
-            if self._wait_ready(timeout):
-                return
+        if not self._wait_ready(timeout, offset):
             self.stop()
-            if attempt == 2:
-                raise RuntimeError(f"server did not start:\n{self.log_path.read_text()[-3000:]}")
+            raise RuntimeError(f"server did not start:\n{self.log_path.read_text()[-3000:]}")
 
-    def _wait_ready(self, timeout: float) -> bool:
+    def _wait_ready(self, timeout: float, offset: int | None = None) -> bool:
+        """Until ``/healthz`` answers; with ``offset``, on the port the server logged (from
+        ``offset`` in the log) when it bound port 0."""
         deadline = time.monotonic() + timeout
+        if offset is not None:
+            self.port = 0
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 return False
-            try:
-                if httpx.get(f"{self.http}/healthz", timeout=1).status_code == 200:
-                    return True
-            except httpx.HTTPError:
-                pass
+            if not self.port:
+                with self.log_path.open("rb") as log:
+                    log.seek(offset)
+                    bound = BOUND_PORT.search(log.read())
+                if bound:
+                    self.port = int(bound[1])
+            if self.port:
+                try:
+                    if httpx.get(f"{self.http}/healthz", timeout=1).status_code == 200:
+                        return True
+                except httpx.HTTPError:
+                    pass
             time.sleep(0.05)
         return False
 

@@ -118,15 +118,15 @@ class EmbeddedServer(ServerProcess):
         self.data_dir = data_dir
 
     def start(self, timeout: float = 90.0) -> None:
-        self.port = free_port()
         with self.log_path.open("ab") as log:
+            offset = log.tell()
             self.proc = subprocess.Popen(
-                [*CLI, "serve", "--port", str(self.port)],
+                [*CLI, "serve", "--port", "0"],
                 env=_env(CHAT_DATA_DIR=str(self.data_dir), PYTHONUNBUFFERED="1"),
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        if not self._wait_ready(timeout):
+        if not self._wait_ready(timeout, offset):
             self.stop()
             raise RuntimeError(self.log_path.read_text()[-3000:])
 

@@ -43,15 +43,15 @@ class OpenServer(ServerProcess):
         self.timeout = timeout
 
     def start(self, timeout: float = 30.0) -> None:
-        self.port = free_port()
         with self.log_path.open("ab") as log:
+            offset = log.tell()
             self.proc = subprocess.Popen(
-                [*CLI, "serve", "--host", ANY, "--port", str(self.port)],
+                [*CLI, "serve", "--host", ANY, "--port", "0"],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        if not self._wait_ready(max(timeout, self.timeout)):
+        if not self._wait_ready(max(timeout, self.timeout), offset):
             self.stop()
             raise RuntimeError(self.log_path.read_text()[-3000:])
 

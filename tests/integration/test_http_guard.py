@@ -408,7 +408,12 @@ async def test_running_out_of_file_descriptors_is_survived(database_url, tmp_pat
                         break
                     sock.sendall(HALF_REQUEST)
                     flood.append(sock)
-                await asyncio.sleep(0.5)
+                # Not a pause: wait until the server says it is at its limit (its log: a new
+                # connection, even to /metrics, would be closed now).
+                deadline = time.monotonic() + 10
+                while "near the file descriptor limit" not in server.log_path.read_text():
+                    assert time.monotonic() < deadline, "the flood never reached the fd limit"
+                    await asyncio.sleep(0.05)
                 # The connection it had keeps working.
                 await client.send("through the flood", "fd-1")
                 assert (await client.recv_type("ack"))["client_msg_id"] == "fd-1"

@@ -433,8 +433,12 @@ def test_a_hanging_jwks_endpoint_costs_at_most_its_deadline(replicas, keys, jwks
                 status=me(server, idp_token(keys["p256"], "slow-kid", "ES256")).status_code
             )
         )
+        before = jwks.fetches("a")
         waiting.start()
-        time.sleep(0.2)
+        end = time.monotonic() + 5
+        while jwks.fetches("a") == before:  # not a pause: until the slow fetch is in flight
+            assert time.monotonic() < end, "the unknown kid was never fetched"
+            time.sleep(0.02)
         # Meanwhile the event loop is free: a token with a cached key is answered.
         assert me(server, idp_token(keys["ed"], "ed", "EdDSA")).status_code == 200
         waiting.join(HTTP_TIMEOUT)

@@ -157,22 +157,68 @@ async def test_killed_replica_clients_resume_on_the_other_with_exactly_the_acked
     await writer.close()
 
 
-async def test_sigterm_closes_websockets_with_1012_and_exits_cleanly(own_database, spawn):
-    server = spawn(own_database, CHAT_DRAIN_SECONDS="5")
+async def _until(check, what: str, timeout: float = 10) -> None:  # type: ignore[no-untyped-def]
+    """Wait for a state the test can observe (not for time to pass), with a deadline."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+async def test_sigterm_closes_with_1012_and_stores_the_sends_in_flight_before_exiting(
+    own_database, spawn
+):
+    """Sends the server has received but not yet committed when SIGTERM lands are committed
+    before the process exits (the commit is held back by a row lock until the drain has
+    begun); their acks cannot follow the 1012, so a resend with the same ``client_msg_id`` on
+    another replica is answered with the original seq, and nothing is stored twice."""
+    server = spawn(own_database, CHAT_DRAIN_SECONDS="10")
+    assert server.proc is not None
     room = f"r-{uuid.uuid4().hex[:8]}"
     client = await Client.connect(server, room, make_token("alice"))
-    await client.send("acked before the stop", "s-1")
-    ack = (await client.collect("ack", "message"))["ack"]
-    assert server.proc is not None
-    server.proc.send_signal(signal.SIGTERM)
-    assert await _close_code(client) == 1012
-    assert server.proc.wait(15) == 0
-    conn = await asyncpg.connect(own_database)
+    await client.send("acked before the stop", "s-0")
+    first = (await client.collect("ack", "message"))["ack"]
+    locker = await asyncpg.connect(own_database)
     try:
-        stored = await conn.fetchval("SELECT body FROM message WHERE id = $1", ack["id"])
+        holding = locker.transaction()
+        await holding.start()
+        await locker.execute("SELECT 1 FROM room WHERE name = $1 FOR UPDATE", room)
+        in_flight = [f"s-{i}" for i in range(1, 4)]
+        for cmid in in_flight:
+            await client.send(f"in flight {cmid}", cmid)
+
+        async def writer_blocked() -> bool:
+            waiting = await locker.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock'"
+            )
+            received = await asyncio.to_thread(server.metric, "chat_messages_received_total")
+            return bool(waiting) and received == 4
+
+        await _until(writer_blocked, "the sends to reach the server and its commit to block")
+        server.proc.send_signal(signal.SIGTERM)
+        assert await _close_code(client) == 1012
+        assert server.proc.poll() is None  # draining: the commit it waits for is still held
+        await holding.commit()
+        assert await asyncio.to_thread(server.proc.wait, 15) == 0
+        stored = await locker.fetch(
+            "SELECT m.seq, m.client_msg_id FROM message m JOIN room r ON r.id = m.room_id "
+            "WHERE r.name = $1 ORDER BY m.seq",
+            room,
+        )
     finally:
-        await conn.close()
-    assert stored == "acked before the stop"
+        await locker.close()
+    assert [r["client_msg_id"] for r in stored] == ["s-0", *in_flight]
+    assert stored[0]["seq"] == first["seq"]
+
+    other = spawn(own_database)
+    async with await Client.connect(other, room, make_token("alice"), history=0) as again:
+        for cmid in in_flight:
+            await again.send(f"in flight {cmid}", cmid)
+            ack = await again.recv_type("ack")
+            assert ack["client_msg_id"] == cmid
+            assert ack["seq"] == next(r["seq"] for r in stored if r["client_msg_id"] == cmid)
+        await again.assert_silent(0.2)  # resends are not fanned out again
 
 
 def _rss_kb(pid: int) -> int:

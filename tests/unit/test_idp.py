@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from typing import Any
 
@@ -183,10 +184,12 @@ class FakeProvider:
         self.jwks: list[dict[str, Any]] = []
         self.calls = 0
         self.down = False
+        self.gate = threading.Event()
+        self.gate.set()
 
     def __call__(self, url: str, timeout: float) -> Any:
         self.calls += 1
-        time.sleep(0.05)  # in a thread: concurrent callers pile up meanwhile
+        assert self.gate.wait(5), "the test never released the fetch"  # in a thread
         if self.down:
             raise ConnectionRefusedError("connection refused")
         return parse_jwks(json.dumps({"keys": self.jwks}).encode())
@@ -211,7 +214,16 @@ async def test_jwks_cache_refetches_once_per_interval_and_survives_a_dead_endpoi
     # Rotation: a new kid is fetched once, for any number of concurrent requests.
     provider.jwks = [jwk(keys["ed"], "k1"), jwk(keys["p256"], "k2")]
     now[0] += 30
-    await asyncio.gather(*(cache.refresh() for _ in range(20)))
+    provider.gate.clear()  # the fetch stays in flight until every caller has come
+    callers = [asyncio.ensure_future(cache.refresh()) for _ in range(20)]
+    for _ in range(500):
+        if provider.calls == 2:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0)  # every caller has taken its first step: joined, or fetched again
+    assert not any(c.done() for c in callers)
+    provider.gate.set()
+    await asyncio.wait_for(asyncio.gather(*callers), 5)
     assert provider.calls == 2 and cache.get("k2") is not None
     # Within the interval, unknown kids cost nothing.
     await asyncio.gather(*(cache.refresh() for _ in range(20)))

@@ -126,14 +126,18 @@ async def test_gate_is_an_event():
     assert not any(w.done() for w in waiters)
     gate.set()
     await asyncio.wait_for(asyncio.gather(*waiters), 1)
-    cancelled = asyncio.ensure_future(gate.wait())
     gate.clear()
     cancelled = asyncio.ensure_future(gate.wait())
+    survivor = asyncio.ensure_future(gate.wait())
     await asyncio.sleep(0)
+    assert gate._waiters is not None and len(gate._waiters) == 2
     cancelled.cancel()
     await asyncio.gather(cancelled, return_exceptions=True)
-    gate.set()  # a cancelled waiter is simply dropped
-    assert gate.is_set()
+    assert cancelled.cancelled()
+    assert len(gate._waiters) == 1  # a cancelled waiter is dropped, not kept until set()
+    gate.set()
+    await asyncio.wait_for(survivor, 1)  # the waiter left is still woken
+    assert gate.is_set() and gate._waiters is None
 
 
 def _handshake(extensions: dict[str, object]) -> tuple[object, list[dict[str, object]]]:
