@@ -242,13 +242,17 @@ class Client:
             RECV_TIMEOUT,
         )
         client = cls(ws)
-        while True:
-            frame = await client.recv()
-            if frame["type"] == "ready":
-                client.ready = frame
-                return client
-            assert frame["type"] == "message", frame
-            client.history.append(frame)
+        try:
+            while True:
+                frame = await client.recv()
+                if frame["type"] == "ready":
+                    client.ready = frame
+                    return client
+                assert frame["type"] == "message", frame
+                client.history.append(frame)
+        except BaseException:
+            await ws.close()  # no socket left behind for a test that expected this to fail
+            raise
 
     async def recv(self, timeout: float = RECV_TIMEOUT) -> dict[str, Any]:
         raw = await asyncio.wait_for(self.ws.recv(), timeout)
