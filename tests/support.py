@@ -300,3 +300,13 @@ class Client:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+async def messages_until(client: Client, last_seq: int, timeout: float = 20) -> list[int]:
+    """The seqs of the message frames ``client`` receives until it has ``last_seq``."""
+    seqs: list[int] = []
+    while not seqs or seqs[-1] < last_seq:
+        frame = await client.recv(timeout)
+        if frame["type"] == "message":
+            seqs.append(frame["seq"])
+    return seqs

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import uuid
-from collections.abc import Iterator
 
 import asyncpg
 import pytest
@@ -20,7 +18,7 @@ from service.chat.messages import submit_message
 from service.db.writer import MessageWriter
 from service.errors import Unavailable
 from service.realtime.hub import CatchUp, CatchUpLimits, RoomHub
-from tests.support import Client, ServerProcess, locked_out, make_token
+from tests.support import Client, locked_out, make_token, messages_until
 
 
 async def _post(writer: MessageWriter, room: str, count: int, prefix: str = "m") -> None:
@@ -176,32 +174,6 @@ async def test_closing_the_hub_answers_waiting_callers(stored_room):  # type: ig
 # --- real processes ----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def spawn(tmp_path) -> Iterator[object]:  # type: ignore[no-untyped-def]
-    started: list[ServerProcess] = []
-
-    def start(database_url: str, **env: str) -> ServerProcess:
-        proc = ServerProcess(
-            database_url, log_path=tmp_path / f"server-{len(started)}.log", env=env
-        )
-        proc.start()
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        proc.stop(signal.SIGKILL)
-
-
-async def _messages_until(client: Client, last_seq: int, timeout: float = 30) -> list[int]:
-    seqs: list[int] = []
-    while not seqs or seqs[-1] < last_seq:
-        frame = await client.recv(timeout)
-        if frame["type"] == "message":
-            seqs.append(frame["seq"])
-    return seqs
-
-
 async def _closed(client: Client, timeout: float = 30) -> tuple[int, str]:
     """The close code and reason, once every frame before them was read."""
     try:
@@ -226,13 +198,13 @@ async def test_a_listen_reconnect_costs_one_read_per_room_not_one_per_connection
         await writer.start()
         await _post(writer, room, 5, "before")
         for client in clients:
-            assert await _messages_until(client, 5) == [1, 2, 3, 4, 5]
+            assert await messages_until(client, 5, timeout=30) == [1, 2, 3, 4, 5]
         assert server.metric("chat_catchup_reads_total") == 0
         async with locked_out(pg_server_url, own_database, "chat-listen"):
             await _post(writer, room, 40, "while deaf")
             await clients[0].assert_silent(0.3)
         meanwhile = asyncio.ensure_future(_post(writer, room, 20, "during the catch-up"))
-        received = await asyncio.gather(*(_messages_until(c, 65) for c in clients))
+        received = await asyncio.gather(*(messages_until(c, 65, timeout=30) for c in clients))
         await meanwhile
         for seqs in received:
             assert seqs == list(range(6, 66))
@@ -264,7 +236,8 @@ async def test_a_connection_too_far_behind_is_closed_and_resumes_with_since(
             await _post(writer, far, 150)
             await _post(writer, near, 100)
         assert await _closed(behind) == (1013, "too far behind; reconnect with since")
-        assert await _messages_until(within, 100) == list(range(1, 101))  # within the limit
+        # within the limit
+        assert await messages_until(within, 100, timeout=30) == list(range(1, 101))
 
         resumed = await Client.connect(server, far, make_token("behind"), since=0)
         assert resumed.ready["recovered"] is True and resumed.ready["last_seq"] == 150

@@ -25,19 +25,11 @@ from tests.support import (
     Client,
     locked_out,
     make_token,
+    messages_until,
     small_buffer_socket,
 )
 
 pytestmark = pytest.mark.slow
-
-
-async def _messages_until(client: Client, last_seq: int, timeout: float = 20) -> list[int]:
-    seqs: list[int] = []
-    while not seqs or seqs[-1] < last_seq:
-        frame = await client.recv(timeout)
-        if frame["type"] == "message":
-            seqs.append(frame["seq"])
-    return seqs
 
 
 async def _close_code(client: Client, timeout: float = 10) -> int:
@@ -69,7 +61,7 @@ async def test_clients_catch_up_on_what_was_committed_while_listen_was_down(
                     max_chars=4000,
                 )
             await client.assert_silent(0.5)  # nothing can arrive: the listener is gone
-        assert await _messages_until(client, 5) == [1, 2, 3, 4, 5]
+        assert await messages_until(client, 5) == [1, 2, 3, 4, 5]
         await client.send("after", "after-1")
         frames = await client.collect("ack", "message")
         assert frames["message"]["seq"] == 6
@@ -92,7 +84,7 @@ async def test_database_down_gives_unavailable_never_a_false_ack(spawn, tmp_path
         writer = await Client.connect(server, room, make_token("writer"))
         await writer.send("before", "b")
         assert (await writer.collect("ack", "message"))["ack"]["seq"] == 1
-        assert await _messages_until(reader, 1) == [1]
+        assert await messages_until(reader, 1) == [1]
 
         pg.stop()
         await writer.send("during", "d")
@@ -112,7 +104,7 @@ async def test_database_down_gives_unavailable_never_a_false_ack(spawn, tmp_path
             assert frame["code"] == "unavailable"
             await asyncio.sleep(0.1)
         assert frame["type"] == "ack" and frame["seq"] == 2
-        assert await _messages_until(reader, 2) == [2]
+        assert await messages_until(reader, 2) == [2]
         await reader.assert_silent(0.3)
         await reader.close()
         await writer.close()
@@ -136,7 +128,7 @@ async def test_killed_replica_clients_resume_on_the_other_with_exactly_the_acked
             acked.append((await writer.recv_type("ack"))["seq"])
 
     await write(10)
-    seen = [await _messages_until(r, 5) for r in readers]
+    seen = [await messages_until(r, 5) for r in readers]
     doomed.stop(signal.SIGKILL)
     for reader in readers:
         assert await _close_code(reader) == 1006
@@ -150,7 +142,7 @@ async def test_killed_replica_clients_resume_on_the_other_with_exactly_the_acked
     await write(5)
     for again, got in zip(resumed, seen, strict=True):
         if got[-1] < acked[-1]:
-            got.extend(await _messages_until(again, acked[-1]))
+            got.extend(await messages_until(again, acked[-1]))
         assert got == acked == list(range(1, 26))
         await again.assert_silent(0.2)
         await again.close()
@@ -252,7 +244,7 @@ async def test_a_client_that_stops_reading_is_closed_with_1013_and_memory_stays_
             await writer.recv_type("ack")
 
     async def read(count: int) -> None:
-        await _messages_until(reader, count)
+        await messages_until(reader, count)
 
     await asyncio.gather(write(300), read(300))
     rss_before = _rss_kb(server.proc.pid)
