@@ -94,10 +94,10 @@ def nginx(tmp_path) -> Iterator[object]:  # type: ignore[no-untyped-def]
         assert "app1" not in conf and "app2" not in conf
         path = tmp_path / "nginx.conf"
         path.write_text(conf)
-        proc = subprocess.Popen(
-            [NGINX, "-c", str(path), "-p", str(tmp_path), "-g", "daemon off;"],
-            stderr=(tmp_path / "nginx.log").open("wb"),
-        )
+        with (tmp_path / "nginx.log").open("wb") as log:  # the child keeps its own copy
+            proc = subprocess.Popen(
+                [NGINX, "-c", str(path), "-p", str(tmp_path), "-g", "daemon off;"], stderr=log
+            )
         started.append(proc)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

@@ -277,20 +277,24 @@ async def test_a_half_open_peer_is_reaped_by_keepalive(own_database, spawn):
     with pytest.raises(InvalidStatus) as refused:  # over the cap while the ghost lives
         await Client.connect(server, room, token)
     assert refused.value.response.status_code == 429
-    for _attempt in range(50):
-        await asyncio.sleep(0.1)
-        try:
-            replacement = await Client.connect(server, room, token)
-        except InvalidStatus:
-            continue
-        try:
-            await replacement.assert_silent(0.5)  # not closed: the ghost's slot was freed
-        except ConnectionClosed:
-            continue
-        await replacement.close()
-        break
-    else:
-        raise AssertionError("the half-open connection was never reaped")
+    try:
+        for _attempt in range(50):
+            await asyncio.sleep(0.1)
+            try:
+                replacement = await Client.connect(server, room, token)
+            except InvalidStatus:
+                continue
+            try:
+                await replacement.assert_silent(0.5)  # not closed: the ghost's slot was freed
+            except ConnectionClosed:
+                continue
+            finally:
+                await replacement.close()
+            break
+        else:
+            raise AssertionError("the half-open connection was never reaped")
+    finally:
+        ghost.ws.transport.abort()  # type: ignore[attr-defined]  # it never reads its close
 
 
 async def test_floods_are_rate_limited_with_a_retry_hint(own_database, spawn):
