@@ -16,8 +16,9 @@ What it guarantees:
   timeout; in a forked child process it does nothing.
 * **Another process's server is found, a dead one's traces are not trusted.** ``running_port``
   reports the port of a live postmaster serving the same cluster (by file identity, so a
-  symlinked path counts). A ``postmaster.pid`` whose pid now belongs to another program, or that
-  is unreadable, is removed, since postgres would refuse to start; any other is left to postgres.
+  symlinked path counts); a stopping one is waited for. A ``postmaster.pid`` whose pid now
+  belongs to another program, or that stays unreadable for a second, is removed, since postgres
+  would refuse to start; any other is left to postgres.
 """
 
 from __future__ import annotations
