@@ -4,8 +4,8 @@ What it guarantees:
 
 * **Private files.** The superuser password (``pg-password``) and the app role's
   (``app-password``) are URL-safe random tokens, written whole (a temporary file, fsync, rename)
-  with mode 0600: a crash never leaves half a password. The server log (``postgres.log``) is 0600
-  too and only ever appended to.
+  with mode 0600: a crash never leaves half a password. The server log (``postgres.log``) is
+  created 0600 and only ever appended to.
 * **One start at a time.** ``start_lock`` serializes processes starting a server on the same
   ``data_dir`` (an ``flock`` on ``.start.lock``), so two first starts never both run ``initdb``
   or both launch a server.
