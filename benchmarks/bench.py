@@ -1,17 +1,16 @@
 """Benchmarks of chat-service, each measured against a trivial server as the generator ceiling.
 
-    python -m benchmarks.bench SCENARIO [options] [--tiny] [--json PATH]
+One command per scenario (docs/benchmarks.md explains every figure; ``--tiny``: any scenario
+at a size that runs in seconds; ``--json PATH``: where the report goes):
 
-Scenarios (docs/benchmarks.md explains every figure):
-
-* ``fanout``   R rooms x C connections over two servers, S senders at a paced total rate:
-               loss, duplicates, order, deliveries/s, send-to-delivery latency, connect time.
-* ``saturate`` the same, with the rate ramped in steps until p99 > --p99-limit or any loss,
-               then bisected between the last sustained and the first failed step: the
-               highest sustained rate.
-* ``idle``     N idle connections to one server: RSS per connection.
-* ``history``  a room of N messages: connect with 50 replayed, resume of 500, REST pages.
-* ``rest``     POST /rooms/{room}/messages with K concurrent clients: throughput, latency.
+    python -m benchmarks.bench fanout --rounds 5     R rooms x C connections over two servers,
+        S senders at a paced total rate: loss, duplicates, order, deliveries/s, latency
+    python -m benchmarks.bench saturate --rounds 3   the same, the rate ramped until p99 >
+        --p99-limit or any loss, then bisected: the highest sustained rate
+    python -m benchmarks.bench idle                  N idle connections to one server: RSS each
+    python -m benchmarks.bench history               a room of N messages: connect with 50
+        replayed, resume of 500, REST pages
+    python -m benchmarks.bench rest                  POST /rooms/{room}/messages, K clients
 
 ``--rounds N`` (fanout, saturate) measures the targets N times, alternating (trivial, chat,
 trivial, chat...), and reports the median round: the box's state drifts within minutes, and
@@ -19,9 +18,9 @@ alternating keeps that drift out of the ratios.
 
 The run starts what it needs (an embedded PostgreSQL in a temporary folder unless
 ``--database-url``, migrations, ``chat-service serve`` processes, ``benchmarks.trivial_server``),
-talks to 127.0.0.1 only, bounds every wait, and stops everything at the end. ``--tiny`` is a
-size that completes in seconds (CI). Exit code: 0 done, 1 a correctness violation (loss,
-duplicate, disorder, failed connects, wrong replay), 2 the harness failed or timed out.
+talks to 127.0.0.1 only, bounds every wait, and stops everything at the end. Exit code: 0 done,
+1 a correctness violation (loss, duplicate, disorder, failed connects, wrong replay), 2 the
+harness failed or timed out.
 """
 
 from __future__ import annotations
@@ -171,7 +170,7 @@ def make_peers(ctx: Context, target: Target, what: str, rooms: int, per_room: in
         for j in range(per_room):
             base = target.ws[j % len(target.ws)]
             user = f"b{ctx.run}-{ctx.round}-{what}-r{k}-c{j}"
-            peers.append(Peer(len(peers), room, k, base, ctx.token(user)))
+            peers.append(Peer(room, k, base, ctx.token(user)))
     return peers
 
 
@@ -495,7 +494,7 @@ async def history(ctx: Context, target: Target) -> dict[str, Any]:
     middle = n // 2
 
     async def connect(**params: Any) -> tuple[float, Peer]:
-        peer = Peer(0, room, 0, base_ws, token)
+        peer = Peer(room, 0, base_ws, token)
         try:
             took = await peer.open(deflate=args.deflate, **params)
         finally:
@@ -663,18 +662,12 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def ratios(chat: dict[str, Any], trivial: dict[str, Any]) -> dict[str, float]:
     """chat-service / trivial for every numeric figure both have (latency ratio > 1: slower)."""
     c, t = flatten(chat), flatten(trivial)
-    out = {}
-    for key, value in c.items():
-        other = t.get(key)
-        if (
-            isinstance(value, int | float)
-            and not isinstance(value, bool)
-            and isinstance(other, int | float)
-            and not isinstance(other, bool)
-            and other
-        ):
-            out[key] = round(value / other, 3)
-    return out
+    both = (k for k in c if _number(c[k]) and _number(t.get(k)) and t[k])
+    return {k: round(c[k] / t[k], 3) for k in both}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 SHOWN = {
@@ -872,7 +865,7 @@ def round_ratios(scenario: str, rounds: list[dict[str, Any]]) -> list[float]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.bench",
-        description=__doc__.split("\n\n")[0],
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Defaults per scenario: " + json.dumps(DEFAULTS) + "\n--tiny: " + json.dumps(TINY),
     )
