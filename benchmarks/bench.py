@@ -123,6 +123,18 @@ class Context:
     def room(self, target: Target, what: str, index: int) -> str:
         return f"bench-{self.run}-{self.round}-{target.name}-{what}-{index}"
 
+    async def open(self, peers: list[Peer]) -> tuple[list[float], Counter[str]]:
+        """Connect ``--concurrency`` at a time, no history: connect-to-ready times, failures."""
+        args = self.args
+        return await open_all(peers, concurrency=args.concurrency, deflate=args.deflate, history=0)
+
+    async def warm_up(self, target: Target, what: str, count: int) -> None:
+        """Connections opened and closed first (database pool, code paths), so that the
+        connect-to-ready times measured next are of the steady state."""
+        warm = make_peers(self, target, f"{what}warm", 1, count)
+        await self.open(warm)
+        await close_all(warm)
+
     def meter(self, target: Target) -> CpuMeter:
         """Cores used by the generator (this process), the target's servers and PostgreSQL."""
         return CpuMeter(
@@ -191,14 +203,9 @@ def still_open(peers: list[Peer]) -> int:
 
 async def open_room_peers(ctx: Context, target: Target, what: str) -> tuple[list[Peer], dict]:
     args = ctx.args
-    # Warm the servers up first (database pool, code paths): connect-to-ready is steady state.
-    warm = make_peers(ctx, target, f"{what}warm", 1, min(args.concurrency, 20))
-    await open_all(warm, concurrency=args.concurrency, deflate=args.deflate, history=0)
-    await close_all(warm)
+    await ctx.warm_up(target, what, min(args.concurrency, 20))
     peers = make_peers(ctx, target, what, args.rooms, args.connections)
-    times, failures = await open_all(
-        peers, concurrency=args.concurrency, deflate=args.deflate, history=0
-    )
+    times, failures = await ctx.open(peers)
     info = {
         "connections": len(peers),
         "connect_failures": dict(failures),
@@ -432,9 +439,7 @@ async def idle(ctx: Context, target: Target) -> dict[str, Any]:
     args = ctx.args
     pid = target.pids[0]
     one = Target(target.name, target.ws[:1], target.http[:1], target.pids[:1])
-    warm = make_peers(ctx, one, "idlewarm", 1, min(20, args.connections))
-    await open_all(warm, concurrency=args.concurrency, deflate=args.deflate, history=0)
-    await close_all(warm)
+    await ctx.warm_up(one, "idle", min(20, args.connections))
     await asyncio.sleep(args.settle)
     before = rss_kb(pid)
     per_room = -(-args.connections // args.rooms)
@@ -442,9 +447,7 @@ async def idle(ctx: Context, target: Target) -> dict[str, Any]:
     log(f"{target.name}: opening {len(peers)} idle connections (RSS before {before} kB)")
     started = perf()
     try:
-        times, failures = await open_all(
-            peers, concurrency=args.concurrency, deflate=args.deflate, history=0
-        )
+        times, failures = await ctx.open(peers)
         opened_in = perf() - started
         await asyncio.sleep(args.settle)
         after = rss_kb(pid)

@@ -1,4 +1,5 @@
-"""What the benchmark runs besides its load generator: PostgreSQL, servers, and their cleanup.
+"""What a benchmark or soak run starts besides its clients: PostgreSQL, servers, their cleanup;
+and what it reads from /proc (CPU per process group, RSS, the machine).
 
 Everything listens on 127.0.0.1. Every child process gets ``PR_SET_PDEATHSIG`` (SIGKILL) so
 that nothing outlives the benchmark, even when the benchmark itself is killed; the embedded
