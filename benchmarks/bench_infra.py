@@ -284,6 +284,7 @@ class Harness:
         self.log_dir = Path(tempfile.mkdtemp(prefix=f"chat-{name}-"))
         self.pg_dir: Path | None = None
         self.embedded: Any = None
+        self.postmaster_pid: int | None = None
         self.database_url = ""
         self.processes: list[Process] = []
         self.failed = False
@@ -298,21 +299,22 @@ class Harness:
         else:
             from service.db.embedded import EmbeddedPostgres  # noqa: PLC0415
 
-            # Its own mkdtemp: as root PostgreSQL runs as ``nobody``, who must reach the folder.
+            # Its own mkdtemp: as root PostgreSQL runs as an unprivileged user, who must reach it.
             self.pg_dir = Path(tempfile.mkdtemp(prefix=f"chat-{self.name}-pg-"))
             self.embedded = EmbeddedPostgres(self.pg_dir, database="chat")
             self.database_url = self.embedded.start(timeout=START_TIMEOUT * 2)
+            # PostgreSQL's own record of its pid: no reliance on EmbeddedPostgres's internals.
+            pidfile = self.embedded.pgdata / "postmaster.pid"
+            self.postmaster_pid = int(pidfile.read_text().split("\n", 1)[0])
         upgrade(self.database_url)
         return self.database_url
 
     def postgres_pids(self) -> list[int]:
         """The embedded postmaster and its backends (none for a given database)."""
-        if self.embedded is None:
+        pid = self.postmaster_pid
+        if pid is None or not Path(f"/proc/{pid}").exists():
             return []
-        proc = self.embedded._proc  # no public accessor; an AttributeError beats a silent 0
-        if proc is None or proc.poll() is not None:
-            return []
-        return [proc.pid, *children(proc.pid)]
+        return [pid, *children(pid)]
 
     @property
     def dsn(self) -> str:
