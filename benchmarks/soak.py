@@ -58,7 +58,14 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from benchmarks.bench_client import close_ws, make_token, percentiles
-from benchmarks.bench_infra import Harness, HarnessError, Server, free_port
+from benchmarks.bench_infra import (
+    START_TIMEOUT,
+    STOP_TIMEOUT,
+    Harness,
+    HarnessError,
+    Server,
+    free_port,
+)
 from service.chat.history import MAX_RESUME_GAP
 from service.config import Settings, to_asyncpg_dsn
 
@@ -86,8 +93,6 @@ SHOWN_ENV = {"CHAT_SEND_RATE", "CHAT_USER_SEND_RATE", "CHAT_OUTBOX_LIMIT", "CHAT
 OPEN_TIMEOUT = 5.0
 IO_TIMEOUT = 5.0  # one send; one quiet read (a ping follows; two in a row = a dead connection)
 DB_TIMEOUT = 10.0
-START_TIMEOUT = 30.0
-STOP_TIMEOUT = 15.0
 BACKOFF_MIN, BACKOFF_MAX = 0.05, 1.0
 
 Content = tuple[int, str, str, str | None]
