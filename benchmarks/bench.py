@@ -1,17 +1,16 @@
 """Benchmarks of chat-service, each measured against a trivial server as the generator ceiling.
 
-    python -m benchmarks.bench SCENARIO [options] [--tiny] [--json PATH]
+One command per scenario (docs/benchmarks.md explains every figure; ``--tiny``: any scenario
+at a size that runs in seconds; ``--json PATH``: where the report goes):
 
-Scenarios (docs/benchmarks.md explains every figure):
-
-* ``fanout``   R rooms x C connections over two servers, S senders at a paced total rate:
-               loss, duplicates, order, deliveries/s, send-to-delivery latency, connect time.
-* ``saturate`` the same, with the rate ramped in steps until p99 > --p99-limit or any loss,
-               then bisected between the last sustained and the first failed step: the
-               highest sustained rate.
-* ``idle``     N idle connections to one server: RSS per connection.
-* ``history``  a room of N messages: connect with 50 replayed, resume of 500, REST pages.
-* ``rest``     POST /rooms/{room}/messages with K concurrent clients: throughput, latency.
+    python -m benchmarks.bench fanout --rounds 5     R rooms x C connections over two servers,
+        S senders at a paced total rate: loss, duplicates, order, deliveries/s, latency
+    python -m benchmarks.bench saturate --rounds 3   the same, the rate ramped until p99 >
+        --p99-limit or any loss, then bisected: the highest sustained rate
+    python -m benchmarks.bench idle                  N idle connections to one server: RSS each
+    python -m benchmarks.bench history               a room of N messages: connect with 50
+        replayed, resume of 500, REST pages
+    python -m benchmarks.bench rest                  POST /rooms/{room}/messages, K clients
 
 ``--rounds N`` (fanout, saturate) measures the targets N times, alternating (trivial, chat,
 trivial, chat...), and reports the median round: the box's state drifts within minutes, and
@@ -19,9 +18,9 @@ alternating keeps that drift out of the ratios.
 
 The run starts what it needs (an embedded PostgreSQL in a temporary folder unless
 ``--database-url``, migrations, ``chat-service serve`` processes, ``benchmarks.trivial_server``),
-talks to 127.0.0.1 only, bounds every wait, and stops everything at the end. ``--tiny`` is a
-size that completes in seconds (CI). Exit code: 0 done, 1 a correctness violation (loss,
-duplicate, disorder, failed connects, wrong replay), 2 the harness failed or timed out.
+talks to 127.0.0.1 only, bounds every wait, and stops everything at the end. Exit code: 0 done,
+1 a correctness violation (loss, duplicate, disorder, failed connects, wrong replay), 2 the
+harness failed or timed out.
 """
 
 from __future__ import annotations
@@ -124,6 +123,18 @@ class Context:
     def room(self, target: Target, what: str, index: int) -> str:
         return f"bench-{self.run}-{self.round}-{target.name}-{what}-{index}"
 
+    async def open(self, peers: list[Peer]) -> tuple[list[float], Counter[str]]:
+        """Connect ``--concurrency`` at a time, no history: connect-to-ready times, failures."""
+        args = self.args
+        return await open_all(peers, concurrency=args.concurrency, deflate=args.deflate, history=0)
+
+    async def warm_up(self, target: Target, what: str, count: int) -> None:
+        """Connections opened and closed first (database pool, code paths), so that the
+        connect-to-ready times measured next are of the steady state."""
+        warm = make_peers(self, target, f"{what}warm", 1, count)
+        await self.open(warm)
+        await close_all(warm)
+
     def meter(self, target: Target) -> CpuMeter:
         """Cores used by the generator (this process), the target's servers and PostgreSQL."""
         return CpuMeter(
@@ -143,31 +154,24 @@ def log(message: str) -> None:
 
 
 async def start_targets(ctx: Context) -> None:
+    """The trivial server first: it is measured first in every round and warms the generator up."""
     args = ctx.args
     extra = {"CHAT_DB_POOL_SIZE": str(args.db_pool_size)} if args.db_pool_size else {}
-    chat = trivial = None
+    starting: dict[str, Awaitable[Any]] = {}
+    if args.only != "chat":
+        starting["trivial"] = ctx.harness.start_trivial(ctx.secret, uvloop=not args.no_uvloop)
     if args.only != "trivial":
-        chat = ctx.harness.start_chat_servers(
+        starting["chat"] = ctx.harness.start_chat_servers(
             args.servers, ctx.secret, log_level=args.log_level, extra_env=extra
         )
-    if args.only != "chat":
-        trivial = ctx.harness.start_trivial(ctx.secret, uvloop=not args.no_uvloop)
-    servers, ceiling = await asyncio.gather(chat or _none(), trivial or _none())
-    if ceiling is not None:
-        ctx.targets.append(Target("trivial", [ceiling.ws], [ceiling.http], [ceiling.pid]))
-    if servers is not None:
+    started = await asyncio.gather(*starting.values())
+    for name, servers in zip(starting, started, strict=True):
+        servers = servers if isinstance(servers, list) else [servers]
         ctx.targets.append(
             Target(
-                "chat",
-                [s.ws for s in servers],
-                [s.http for s in servers],
-                [s.pid for s in servers],
+                name, [s.ws for s in servers], [s.http for s in servers], [s.pid for s in servers]
             )
         )
-
-
-async def _none() -> None:
-    return None
 
 
 def make_peers(ctx: Context, target: Target, what: str, rooms: int, per_room: int) -> list[Peer]:
@@ -178,7 +182,7 @@ def make_peers(ctx: Context, target: Target, what: str, rooms: int, per_room: in
         for j in range(per_room):
             base = target.ws[j % len(target.ws)]
             user = f"b{ctx.run}-{ctx.round}-{what}-r{k}-c{j}"
-            peers.append(Peer(len(peers), room, k, base, ctx.token(user)))
+            peers.append(Peer(room, k, base, ctx.token(user)))
     return peers
 
 
@@ -199,14 +203,9 @@ def still_open(peers: list[Peer]) -> int:
 
 async def open_room_peers(ctx: Context, target: Target, what: str) -> tuple[list[Peer], dict]:
     args = ctx.args
-    # Warm the servers up first (database pool, code paths): connect-to-ready is steady state.
-    warm = make_peers(ctx, target, f"{what}warm", 1, min(args.concurrency, 20))
-    await open_all(warm, concurrency=args.concurrency, deflate=args.deflate, history=0)
-    await close_all(warm)
+    await ctx.warm_up(target, what, min(args.concurrency, 20))
     peers = make_peers(ctx, target, what, args.rooms, args.connections)
-    times, failures = await open_all(
-        peers, concurrency=args.concurrency, deflate=args.deflate, history=0
-    )
+    times, failures = await ctx.open(peers)
     info = {
         "connections": len(peers),
         "connect_failures": dict(failures),
@@ -440,9 +439,7 @@ async def idle(ctx: Context, target: Target) -> dict[str, Any]:
     args = ctx.args
     pid = target.pids[0]
     one = Target(target.name, target.ws[:1], target.http[:1], target.pids[:1])
-    warm = make_peers(ctx, one, "idlewarm", 1, min(20, args.connections))
-    await open_all(warm, concurrency=args.concurrency, deflate=args.deflate, history=0)
-    await close_all(warm)
+    await ctx.warm_up(one, "idle", min(20, args.connections))
     await asyncio.sleep(args.settle)
     before = rss_kb(pid)
     per_room = -(-args.connections // args.rooms)
@@ -450,9 +447,7 @@ async def idle(ctx: Context, target: Target) -> dict[str, Any]:
     log(f"{target.name}: opening {len(peers)} idle connections (RSS before {before} kB)")
     started = perf()
     try:
-        times, failures = await open_all(
-            peers, concurrency=args.concurrency, deflate=args.deflate, history=0
-        )
+        times, failures = await ctx.open(peers)
         opened_in = perf() - started
         await asyncio.sleep(args.settle)
         after = rss_kb(pid)
@@ -502,7 +497,7 @@ async def history(ctx: Context, target: Target) -> dict[str, Any]:
     middle = n // 2
 
     async def connect(**params: Any) -> tuple[float, Peer]:
-        peer = Peer(0, room, 0, base_ws, token)
+        peer = Peer(room, 0, base_ws, token)
         try:
             took = await peer.open(deflate=args.deflate, **params)
         finally:
@@ -670,18 +665,12 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def ratios(chat: dict[str, Any], trivial: dict[str, Any]) -> dict[str, float]:
     """chat-service / trivial for every numeric figure both have (latency ratio > 1: slower)."""
     c, t = flatten(chat), flatten(trivial)
-    out = {}
-    for key, value in c.items():
-        other = t.get(key)
-        if (
-            isinstance(value, int | float)
-            and not isinstance(value, bool)
-            and isinstance(other, int | float)
-            and not isinstance(other, bool)
-            and other
-        ):
-            out[key] = round(value / other, 3)
-    return out
+    both = (k for k in c if _number(c[k]) and _number(t.get(k)) and t[k])
+    return {k: round(c[k] / t[k], 3) for k in both}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 SHOWN = {
@@ -879,7 +868,7 @@ def round_ratios(scenario: str, rounds: list[dict[str, Any]]) -> list[float]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.bench",
-        description=__doc__.split("\n\n")[0],
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Defaults per scenario: " + json.dumps(DEFAULTS) + "\n--tiny: " + json.dumps(TINY),
     )

@@ -97,13 +97,12 @@ class Peer:
     """One websocket client in one room. ``load`` (if any) hears about its live frames."""
 
     __slots__ = (
-        "index", "room", "room_index", "base", "token", "ws", "load", "started", "ready_at",
-        "ready", "ready_frame", "replayed", "last_seq", "seen", "errors", "closed",
+        "room", "room_index", "base", "token", "ws", "load", "started", "ready_at", "ready",
+        "ready_frame", "replayed", "last_seq", "seen",
     )  # fmt: skip
 
-    def __init__(self, index: int, room: str, room_index: int, base: str, token: str) -> None:
-        self.index, self.room, self.room_index, self.base = index, room, room_index, base
-        self.token = token
+    def __init__(self, room: str, room_index: int, base: str, token: str) -> None:
+        self.room, self.room_index, self.base, self.token = room, room_index, base, token
         self.ws: ClientConnection | None = None
         self.load: Load | None = None
         self.started = self.ready_at = 0.0
@@ -112,8 +111,6 @@ class Peer:
         self.replayed = 0
         self.last_seq = 0
         self.seen = bytearray()  # per message index of the load: times received
-        self.errors: Counter[str] = Counter()
-        self.closed: int | None = None
 
     def url(self, **params: Any) -> str:
         query = {"token": self.token, **{k: v for k, v in params.items() if v is not None}}
@@ -132,7 +129,6 @@ class Peer:
         try:
             self._on_text(data)
         except Exception as exc:  # noqa: BLE001 - never break the protocol's data_received
-            self.errors[f"bad_frame:{type(exc).__name__}"] += 1
             if self.load is not None:
                 self.load.errors[f"bad_frame:{type(exc).__name__}"] += 1
 
@@ -159,10 +155,8 @@ class Peer:
         elif kind == "ack":
             if self.load is not None:
                 self.load.on_ack(self, frame)
-        elif kind == "error":
-            self.errors[str(frame.get("code"))] += 1
-            if self.load is not None:
-                self.load.on_error(self, frame)
+        elif kind == "error" and self.load is not None:
+            self.load.errors[f"error_frame:{frame.get('code')}"] += 1
 
     async def close(self) -> None:
         ws, self.ws = self.ws, None
@@ -208,7 +202,6 @@ class Load:
     """
 
     def __init__(self, peers: Sequence[Peer], body_chars: int) -> None:
-        self.peers = peers
         self.rooms: dict[int, list[Peer]] = {}
         for peer in peers:
             self.rooms.setdefault(peer.room_index, []).append(peer)
@@ -262,9 +255,6 @@ class Load:
         self.acked[i] = 1
         self.ack_latency[self.step_of[i]].append(now - self.send_t[i])
         self._settle_one()
-
-    def on_error(self, peer: Peer, frame: dict[str, Any]) -> None:
-        self.errors[f"error_frame:{frame.get('code')}"] += 1
 
     def _settle_one(self) -> None:
         self.remaining -= 1

@@ -1,4 +1,5 @@
-"""What the benchmark runs besides its load generator: PostgreSQL, servers, and their cleanup.
+"""What a benchmark or soak run starts besides its clients: PostgreSQL, servers, their cleanup;
+and what it reads from /proc (CPU per process group, RSS, the machine).
 
 Everything listens on 127.0.0.1. Every child process gets ``PR_SET_PDEATHSIG`` (SIGKILL) so
 that nothing outlives the benchmark, even when the benchmark itself is killed; the embedded
@@ -220,18 +221,20 @@ class Process:
         tail = self.log_path.read_text(errors="replace")[-3000:] if self.log_path.exists() else ""
         raise HarnessError(f"{self.name} did not start (log {self.log_path}):\n{tail}")
 
-    async def stop(self, within: float = STOP_TIMEOUT) -> None:
+    async def stop(self, sig: int = signal.SIGTERM, within: float = STOP_TIMEOUT) -> int | None:
+        """Signal, wait up to ``within``, then SIGKILL. Returns the exit code."""
         proc, self.proc = self.proc, None
         if proc is None:
-            return
+            return None
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(sig)
         deadline = time.monotonic() + within
         while proc.poll() is None:
             if time.monotonic() > deadline:
                 proc.kill()
                 deadline = time.monotonic() + within
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.02)
+        return proc.returncode
 
     def kill_now(self) -> None:
         """Synchronous last resort (``finally``): nothing outlives the benchmark."""
@@ -242,47 +245,31 @@ class Process:
                 proc.wait(10)
 
 
-class ChatServer(Process):
-    """``python -m service serve`` on a free loopback port."""
+class Server(Process):
+    """``command --port P`` on a free loopback port (and ``--http-port Q`` on another with
+    ``http_port``), started once its ``/healthz`` answers. A restart keeps the ports."""
 
-    def __init__(self, name: str, env: dict[str, str], log_path: Path, log_level: str) -> None:
+    def __init__(
+        self, name: str, command: list[str], env: dict[str, str], log_path: Path, *,
+        http_port: bool = False,
+    ) -> None:  # fmt: skip
+        super().__init__(name, command, env, log_path)
+        self.command = command
         self.port = free_port()
-        argv = [sys.executable, "-m", "service", "--log-level", log_level, "serve"]
-        super().__init__(name, [*argv, "--port", str(self.port)], env, log_path)
+        self.http_port = free_port() if http_port else None
 
     @property
     def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://127.0.0.1:{self.http_port or self.port}"
 
     @property
     def ws(self) -> str:
         return f"ws://127.0.0.1:{self.port}"
 
     async def start(self) -> None:
-        self.spawn()
-        await self.wait_http(f"{self.http}/healthz")
-
-
-class TrivialServer(Process):
-    """``python -m benchmarks.trivial_server``: websocket and HTTP ports."""
-
-    def __init__(self, env: dict[str, str], log_path: Path, *, uvloop: bool) -> None:
-        self.port, self.http_port = free_port(), free_port()
-        argv = [sys.executable, "-m", "benchmarks.trivial_server"]
-        argv += ["--port", str(self.port), "--http-port", str(self.http_port)]
-        if not uvloop:
-            argv.append("--no-uvloop")
-        super().__init__("trivial", argv, env, log_path)
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    @property
-    def ws(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
+        self.argv = [*self.command, "--port", str(self.port)]
+        if self.http_port:
+            self.argv += ["--http-port", str(self.http_port)]
         self.spawn()
         await self.wait_http(f"{self.http}/healthz")
 
@@ -290,12 +277,14 @@ class TrivialServer(Process):
 class Harness:
     """Owns the temporary folders, the database and every child process of one run."""
 
-    def __init__(self, *, database_url: str | None, keep_logs: bool) -> None:
+    def __init__(self, *, database_url: str | None, keep_logs: bool, name: str = "bench") -> None:
         self.given_url = database_url
         self.keep_logs = keep_logs
-        self.log_dir = Path(tempfile.mkdtemp(prefix="chat-bench-"))
+        self.name = name
+        self.log_dir = Path(tempfile.mkdtemp(prefix=f"chat-{name}-"))
         self.pg_dir: Path | None = None
         self.embedded: Any = None
+        self.postmaster_pid: int | None = None
         self.database_url = ""
         self.processes: list[Process] = []
         self.failed = False
@@ -310,19 +299,22 @@ class Harness:
         else:
             from service.db.embedded import EmbeddedPostgres  # noqa: PLC0415
 
-            # Its own mkdtemp: as root PostgreSQL runs as ``nobody``, who must reach the folder.
-            self.pg_dir = Path(tempfile.mkdtemp(prefix="chat-bench-pg-"))
+            # Its own mkdtemp: as root PostgreSQL runs as an unprivileged user, who must reach it.
+            self.pg_dir = Path(tempfile.mkdtemp(prefix=f"chat-{self.name}-pg-"))
             self.embedded = EmbeddedPostgres(self.pg_dir, database="chat")
             self.database_url = self.embedded.start(timeout=START_TIMEOUT * 2)
+            # PostgreSQL's own record of its pid: no reliance on EmbeddedPostgres's internals.
+            pidfile = self.embedded.pgdata / "postmaster.pid"
+            self.postmaster_pid = int(pidfile.read_text().split("\n", 1)[0])
         upgrade(self.database_url)
         return self.database_url
 
     def postgres_pids(self) -> list[int]:
         """The embedded postmaster and its backends (none for a given database)."""
-        proc = getattr(self.embedded, "_proc", None)
-        if proc is None or proc.poll() is not None:
+        pid = self.postmaster_pid
+        if pid is None or not Path(f"/proc/{pid}").exists():
             return []
-        return [proc.pid, *children(proc.pid)]
+        return [pid, *children(pid)]
 
     @property
     def dsn(self) -> str:
@@ -365,27 +357,32 @@ class Harness:
         env.update(extra)
         return env
 
+    def log_path(self, name: str) -> Path:
+        return self.log_dir / f"{name}.log"
+
     async def start_chat_servers(
         self, count: int, secret: str, *, log_level: str, extra_env: dict[str, str]
-    ) -> list[ChatServer]:
+    ) -> list[Server]:
         env = self.server_env(secret, extra_env)
+        command = [sys.executable, "-m", "service", "--log-level", log_level, "serve"]
         servers = [
-            ChatServer(f"chat-{i}", env, self.log_dir / f"chat-{i}.log", log_level)
-            for i in range(count)
+            Server(f"chat-{i}", command, env, self.log_path(f"chat-{i}")) for i in range(count)
         ]
         self.processes.extend(servers)
         await asyncio.gather(*(s.start() for s in servers))
         return servers
 
-    async def start_trivial(self, secret: str, *, uvloop: bool) -> TrivialServer:
+    async def start_trivial(self, secret: str, *, uvloop: bool) -> Server:
         env = {**os.environ, "CHAT_JWT_SECRET": secret, "PYTHONUNBUFFERED": "1"}
-        server = TrivialServer(env, self.log_dir / "trivial.log", uvloop=uvloop)
+        command = [sys.executable, "-m", "benchmarks.trivial_server"]
+        command += [] if uvloop else ["--no-uvloop"]
+        server = Server("trivial", command, env, self.log_path("trivial"), http_port=True)
         self.processes.append(server)
         await server.start()
         return server
 
     def spawn(self, name: str, argv: list[str]) -> Process:
-        process = Process(name, argv, dict(os.environ), self.log_dir / f"{name}.log")
+        process = Process(name, argv, dict(os.environ), self.log_path(name))
         self.processes.append(process)
         process.spawn()
         return process

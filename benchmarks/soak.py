@@ -43,12 +43,9 @@ import json
 import os
 import random
 import secrets
-import shutil
 import signal
 import socket
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -57,12 +54,18 @@ from typing import Any
 from urllib.parse import urlencode
 
 import asyncpg
-import httpx
-import jwt
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from benchmarks.bench_infra import _die_with_parent, free_port
+from benchmarks.bench_client import close_ws, make_token, percentiles
+from benchmarks.bench_infra import (
+    START_TIMEOUT,
+    STOP_TIMEOUT,
+    Harness,
+    HarnessError,
+    Server,
+    free_port,
+)
 from service.chat.history import MAX_RESUME_GAP
 from service.config import Settings, to_asyncpg_dsn
 
@@ -90,38 +93,18 @@ SHOWN_ENV = {"CHAT_SEND_RATE", "CHAT_USER_SEND_RATE", "CHAT_OUTBOX_LIMIT", "CHAT
 OPEN_TIMEOUT = 5.0
 IO_TIMEOUT = 5.0  # one send; one quiet read (a ping follows; two in a row = a dead connection)
 DB_TIMEOUT = 10.0
-START_TIMEOUT = 30.0
-STOP_TIMEOUT = 15.0
 BACKOFF_MIN, BACKOFF_MAX = 0.05, 1.0
 
 Content = tuple[int, str, str, str | None]
 """What identifies a stored message: ``(id, author, body, client_msg_id)``."""
 
 
-class SoakError(RuntimeError):
-    """The harness could not do its job (not a finding about the service)."""
-
-
 class Stalled(Exception):
     """A connection went quiet: no frame, not even a pong, for two read timeouts."""
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 1)
-
-
 def close_code(exc: ConnectionClosed) -> int:
     return exc.rcvd.code if exc.rcvd is not None else 1006
-
-
-async def close_quietly(ws: ClientConnection) -> None:
-    try:
-        await asyncio.wait_for(ws.close(), 2.0)
-    except Exception:  # noqa: BLE001 - closing a broken connection may fail in many ways
-        ws.transport.abort()
 
 
 async def recv_frame(ws: ClientConnection, timeout: float) -> dict[str, Any]:  # noqa: ASYNC109
@@ -147,75 +130,25 @@ class Stats:
             self.samples[kind].append(example)
 
 
-class Server:
-    """One ``python -m service serve`` process; restarts keep its port."""
+class Replica(Server):
+    """One ``python -m service serve`` of the soak: ``up`` from a healthy start to a stop."""
 
-    def __init__(self, name: str, env: dict[str, str], log_path: Path) -> None:
-        self.name, self.env, self.log_path = name, env, log_path
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.up = False
-
-    @property
-    def ws(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
-
-    def _spawn(self) -> None:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "service", "serve", "--port", str(self.port)],
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,  # called from the main thread: see PR_SET_PDEATHSIG
-            )
+    up = False
 
     async def start(self) -> None:
         for attempt in range(3):
             if attempt == 2:
                 self.port = free_port()  # the old port may have been taken meanwhile
-            self._spawn()
-            if await self._healthy():
+            with contextlib.suppress(HarnessError):
+                await super().start()
                 self.up = True
                 return
             await self.stop(signal.SIGKILL)
-        raise SoakError(f"server {self.name} does not start; see {self.log_path}")
+        raise HarnessError(f"server {self.name} does not start; see {self.log_path}")
 
-    async def _healthy(self) -> bool:
-        deadline = time.monotonic() + START_TIMEOUT
-        async with httpx.AsyncClient(timeout=1.0, trust_env=False) as http:
-            while time.monotonic() < deadline:
-                if self.proc is None or self.proc.poll() is not None:
-                    return False
-                with contextlib.suppress(httpx.HTTPError):
-                    if (await http.get(f"http://127.0.0.1:{self.port}/healthz")).status_code == 200:
-                        return True
-                await asyncio.sleep(0.05)
-        return False
-
-    async def stop(self, sig: int = signal.SIGTERM) -> int | None:
-        """Signal, wait up to STOP_TIMEOUT, then SIGKILL. Returns the exit code."""
+    async def stop(self, sig: int = signal.SIGTERM, within: float = STOP_TIMEOUT) -> int | None:
         self.up = False
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(sig)
-        deadline = time.monotonic() + STOP_TIMEOUT
-        while proc.poll() is None:
-            if time.monotonic() > deadline:
-                proc.kill()
-                deadline = time.monotonic() + STOP_TIMEOUT
-            await asyncio.sleep(0.02)
-        return proc.returncode
-
-    def kill_now(self) -> None:
-        """Synchronous last resort for ``finally``: no process outlives the soak."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(10)
+        return await super().stop(sig, within)
 
 
 @dataclass
@@ -244,7 +177,7 @@ class SoakClient:
         self.own_seen: set[str] = set()
         self.gen = 0
         self.ws: ClientConnection | None = None
-        self.server: Server | None = None
+        self.server: Replica | None = None
         self.ready = False
         self.stopping = False
         self.wakeup = asyncio.Event()
@@ -252,7 +185,7 @@ class SoakClient:
         self.count = 0
         self.paused_until = 0.0  # rate limited: no send before this
 
-    def url(self, server: Server) -> str:
+    def url(self, server: Replica) -> str:
         query: dict[str, Any] = {"token": self.token, "history": 0}
         if self.start_seq is not None:
             query["since"] = self.last_seq
@@ -271,7 +204,7 @@ class SoakClient:
                 except Exception as exc:  # noqa: BLE001 - refused, timed out, cut off: retry
                     stats.connect_failures[type(exc).__name__] += 1
             if ws is not None and self.stopping:
-                await close_quietly(ws)
+                await close_ws(ws)
             elif ws is not None and await self._session(ws, server):  # type: ignore[arg-type]
                 delay = BACKOFF_MIN
             if self.stopping:
@@ -282,9 +215,9 @@ class SoakClient:
     async def stop(self) -> None:
         self.stopping = True
         if self.ws is not None:
-            await close_quietly(self.ws)
+            await close_ws(self.ws)
 
-    async def _session(self, ws: ClientConnection, server: Server) -> bool:
+    async def _session(self, ws: ClientConnection, server: Replica) -> bool:
         """One connection, until it drops; True if it got as far as ``ready``."""
         self.gen += 1
         self.ws, self.server, reached, sender = ws, server, False, None
@@ -311,7 +244,7 @@ class SoakClient:
             if sender is not None:
                 sender.cancel()
                 await asyncio.gather(sender, return_exceptions=True)
-            await close_quietly(ws)
+            await close_ws(ws)
         return reached
 
     async def _read_loop(self, ws: ClientConnection) -> None:
@@ -356,7 +289,7 @@ class SoakClient:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wakeup.wait(), max(wait, 0.001))
         except (ConnectionClosed, TimeoutError):
-            await close_quietly(ws)  # the reader sees the close and reconnects
+            await close_ws(ws)  # the reader sees the close and reconnects
 
     async def generate(self, until: float) -> None:
         """New messages at this sender's share of ``--rate``, connected or not."""
@@ -472,8 +405,9 @@ class SoakClient:
 
 
 class Soak:
-    def __init__(self, args: argparse.Namespace, database_url: str, log_dir: Path) -> None:
-        self.args, self.dsn, self.log_dir = args, to_asyncpg_dsn(database_url), log_dir
+    def __init__(self, args: argparse.Namespace, harness: Harness) -> None:
+        database_url = harness.database_url
+        self.args, self.dsn, self.log_dir = args, to_asyncpg_dsn(database_url), harness.log_dir
         self.rng = random.Random(args.seed)
         self.run_id = secrets.token_hex(3)
         self.secret = secrets.token_urlsafe(48)
@@ -499,18 +433,20 @@ class Soak:
             "CHAT_DEV_AUTH": "false",
             "PYTHONUNBUFFERED": "1",
         }
-        self.servers = [Server(n, env, log_dir / f"server-{n}.log") for n in ("a", "b")]
+        command = [sys.executable, "-m", "service", "serve"]
+        self.servers = [
+            Replica(n, command, env, harness.log_path(f"server-{n}")) for n in ("a", "b")
+        ]
+        harness.processes.extend(self.servers)
         self.clients = [
             SoakClient(self, i, self.rooms[i % args.rooms], i < args.senders)
             for i in range(args.clients)
         ]
 
     def token(self, user: str) -> str:
-        now = int(time.time())
-        ttl = int(self.args.duration + self.args.drain) + 3600
-        return jwt.encode({"sub": user, "iat": now, "exp": now + ttl}, self.secret, "HS256")
+        return make_token(self.secret, user, int(self.args.duration + self.args.drain) + 3600)
 
-    def pick_server(self) -> Server | None:
+    def pick_server(self) -> Replica | None:
         live = [s for s in self.servers if s.up]
         return self.rng.choice(live) if live else None
 
@@ -605,7 +541,7 @@ class Soak:
             due = max(due + args.fault_interval, loop.time())
         await asyncio.gather(*self.slow_tasks)
 
-    def _target(self) -> Server:
+    def _target(self) -> Replica:
         """A random live server, weighted by its clients: a fault should hit someone."""
         live = [s for s in self.servers if s.up] or self.servers
         weights = [1 + sum(c.server is s and c.ready for c in self.clients) for s in live]
@@ -655,7 +591,7 @@ class Soak:
         self.slow_tasks.append(asyncio.create_task(self._slow_consumer(server, room)))
         return {"server": server.name, "room": room}
 
-    async def _slow_consumer(self, server: Server, room: str) -> None:
+    async def _slow_consumer(self, server: Replica, room: str) -> None:
         """A client with a tiny receive buffer that joins with a full replay, then stops reading
         for ``--slow-seconds``; it is not audited, only its close code is counted."""
         token, loop = self.token(f"soak-{self.run_id}-slow"), asyncio.get_running_loop()
@@ -681,7 +617,7 @@ class Soak:
             code = close_code(exc)
         except TimeoutError:
             pass
-        await close_quietly(ws)
+        await close_ws(ws)
         self.stats.counts[f"slow_closed_{code or 'no'}"] += 1
 
     # -- the audit -----------------------------------------------------------------------------
@@ -755,7 +691,7 @@ class Soak:
             },
             "latency_ms": {
                 name: {"count": len(values)}
-                | {q: percentile(values, v) for q, v in (("p50", 0.5), ("p99", 0.99), ("max", 1))}
+                | {q: v for q, v in percentiles(values).items() if q in ("p50", "p99", "max")}
                 for name, values in latency
             },
             "room_last_seq": final,
@@ -848,52 +784,33 @@ def _interrupted(_signum: int, _frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupted)
-    log_dir = Path(tempfile.mkdtemp(prefix="chat-soak-logs-"))
-    pg_dir: Path | None = None
-    embedded = None
-    soak: Soak | None = None
-    report: dict[str, Any] | None = None
+    harness = Harness(database_url=args.database_url, keep_logs=args.keep_logs, name="soak")
+    harness.failed = True  # until the audit finds nothing: the logs are kept
     try:
-        database_url = args.database_url
-        if database_url is None:
-            from service.db.embedded import EmbeddedPostgres  # noqa: PLC0415 - only when needed
-
-            # Under /tmp: as root PostgreSQL runs as `nobody`, which can enter /tmp but not ~root.
-            pg_dir = Path(tempfile.mkdtemp(prefix="chat-soak-pg-", dir="/tmp"))  # noqa: S108
-            embedded = EmbeddedPostgres(pg_dir, database=f"soak_{secrets.token_hex(4)}")
-            database_url = embedded.start()
-        from service.db.migrate import upgrade  # noqa: PLC0415 - alembic is slow to import
-
-        upgrade(database_url)
-        soak = Soak(args, database_url, log_dir)
+        harness.start_database()
+        soak = Soak(args, harness)
         print(
             f"soak: {args.clients} clients, {args.rooms} rooms, {args.senders} senders, "
             f"{args.rate:g} msg/s for {args.duration:g}s, faults {','.join(args.faults) or '-'} "
             f"every {args.fault_interval:g}s; {soak.env_note or 'server defaults'}; "
-            f"logs in {log_dir}",
+            f"logs in {harness.log_dir}",
             flush=True,
         )
         report = asyncio.run(soak.run())
-    except (SoakError, OSError, asyncpg.PostgresError) as exc:
+        harness.failed = bool(report["violations"])
+    except (HarnessError, OSError, asyncpg.PostgresError) as exc:
         print(f"soak: harness failure: {exc!r}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"soak: interrupted; server logs in {log_dir}", file=sys.stderr)
+        print("soak: interrupted", file=sys.stderr)
         return 130
     finally:
-        for server in soak.servers if soak is not None else []:
-            server.kill_now()
-        if embedded is not None:
-            embedded.stop()
-        if pg_dir is not None:
-            shutil.rmtree(pg_dir, ignore_errors=True)
-        if report is not None and not report["violations"] and not args.keep_logs:
-            shutil.rmtree(log_dir, ignore_errors=True)
+        harness.close()
     print_table(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, ensure_ascii=False))
     if report["violations"]:
-        print(f"soak: FAILED; server logs kept in {log_dir}")
+        print("soak: FAILED")
         return 1
     print("soak: OK")
     return 0

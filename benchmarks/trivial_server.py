@@ -240,7 +240,8 @@ REASONS = {
 
 
 class HttpProtocol(asyncio.Protocol):
-    """Just enough HTTP/1.1 for httpx with keep-alive: Content-Length bodies, no chunking."""
+    """Just enough HTTP/1.1 for the generator's HttpClient and the harness's health check (httpx),
+    with keep-alive: Content-Length bodies, no chunking."""
 
     def __init__(self, server: TrivialServer) -> None:
         self.server = server

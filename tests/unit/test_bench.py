@@ -1,4 +1,4 @@
-"""The saturate ramp's bisection, and how rounds are summed up."""
+"""The saturate ramp's bisection, how rounds are summed up, and the documented commands."""
 
 from __future__ import annotations
 
@@ -55,3 +55,22 @@ def test_one_round_of_any_scenario_is_its_own_median() -> None:
         assert median_round(scenario, [{"rss_per_connection_kb": 22.4}]) == {
             "rss_per_connection_kb": 22.4
         }
+
+
+def test_the_docs_table_has_one_working_command_per_scenario() -> None:
+    """docs/benchmarks.md's "How to run" table is what people (and old-vs-new comparisons)
+    run: every scenario has a row, and every row parses with the real parser."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from benchmarks.bench import SCENARIOS, build_parser, resolve
+
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md").read_text()
+    table = docs.split("## How to run", 1)[1].split("\n## ", 1)[0]
+    commands = re.findall(r"`python -m (benchmarks\.\w+)( [^`]*)?`", table)
+    bench = [shlex.split(args) for module, args in commands if module == "benchmarks.bench"]
+    assert {argv[0] for argv in bench} == set(SCENARIOS)
+    for argv in bench:
+        assert resolve(build_parser().parse_args(argv)).scenario == argv[0]
+    assert ("benchmarks.soak", "") in commands
