@@ -39,8 +39,9 @@ these attributes only; docs/protocol.md's tables are checked against them
     +-- MessageTooBig              message_too_big: a frame over the size limit -> 1009 (uvicorn)
     +-- ServiceRestart             service_restart: the process is stopping -> 1012 (uvicorn)
 
-The last three are closes the server sends before (or after) any of this code runs; they are
-here so the tree names every close a client can see.
+The last three are closes of the websocket protocol itself (uvicorn's, and for 1007 the fast
+path's in ``service.realtime.uvicorn_ws``): nothing raises them; they are here so the tree names
+every close a client can see.
 
 A send's ``Unavailable`` and ``OutcomeUnknown`` carry its ``client_msg_id`` (the server assigns
 one when the client gave none), so the client can retry without storing the message twice.
@@ -212,7 +213,7 @@ class BodyTooLarge(ChatError):
     """Raised from ``receive`` when a streamed body passes the cap (``service.http_guard``)."""
 
     code = "too_large"
-    http_status = 413
+    http_status: ClassVar[int] = 413
 
     def __init__(self, limit: int) -> None:
         super().__init__(f"request body larger than {limit} bytes")

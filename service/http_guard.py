@@ -124,7 +124,7 @@ class GuardMiddleware:
             await send(
                 {
                     "type": "http.response.start",
-                    "status": 413,
+                    "status": BodyTooLarge.http_status,
                     "headers": [
                         (b"content-type", b"application/json"),
                         (b"content-length", str(len(body)).encode()),
