@@ -6,7 +6,6 @@ import asyncio
 import gc
 import hmac
 import logging
-import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -26,15 +25,21 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service.api import auth as auth_routes
 from service.api import rooms as room_routes
 from service.auth import TokenCodec
-from service.chat.limits import RateLimited, UserLimits
+from service.chat.limits import UserLimits
 from service.config import Settings, to_asyncpg_dsn
 from service.db.engine import Keepalive, create_engine, create_pool
 from service.db.migrate import ReleaseSchema
 from service.db.writer import MessageWriter
-from service.errors import ChatError, DatabaseUnreachable, SchemaMismatch, StartupError
+from service.errors import (
+    ChatError,
+    DatabaseUnreachable,
+    InternalError,
+    NotAuthenticated,
+    SchemaMismatch,
+    StartupError,
+)
 from service.http_guard import (
     GUARD_STATE_KEY,
-    BodyTooLarge,
     ConnectionGuard,
     GuardMiddleware,
     security_headers,
@@ -166,7 +171,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 settings=settings,
                 pool=pool,
                 writer=writer,
-                hub=hub,
                 tokens=tokens,
                 publish=None if settings.notify_in_transaction else broadcast.publish,
                 limits=UserLimits.from_settings(settings),
@@ -184,6 +188,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 )
             yield {
                 "services": services,
+                "hub": hub,
                 "listen": backend,
                 "engine": engine,
                 GUARD_STATE_KEY: ConnectionGuard(settings, metrics),
@@ -205,17 +210,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(websocket_routes.router)
 
     @app.exception_handler(ChatError)
-    async def chat_error(_request: Request, exc: ChatError) -> JSONResponse:
-        headers = {}
-        if isinstance(exc, RateLimited):
-            headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
-        return JSONResponse(
-            {"detail": exc.detail, "code": exc.code}, status_code=exc.http_status, headers=headers
-        )
-
-    @app.exception_handler(BodyTooLarge)
-    async def body_too_large(_request: Request, exc: BodyTooLarge) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail, "code": "too_large"}, status_code=413)
+    async def chat_error(request: Request, exc: ChatError) -> JSONResponse:
+        """Status, body and headers as the error tree (``service.errors``) says."""
+        if exc.http_status is None:  # a websocket-only error cannot reach REST but by a bug
+            return await internal_error(request, exc)
+        return JSONResponse(exc.body(), status_code=exc.http_status, headers=exc.headers())
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -232,9 +231,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Details stay in the server log, tied to the request id the client is given."""
         log.error("unhandled error", exc_info=exc)
         rid = request_id.get()
+        internal = InternalError("internal error")
         return JSONResponse(
-            {"detail": "internal error", "code": "internal", "request_id": rid},
-            status_code=500,
+            {**internal.body(), "request_id": rid},
+            status_code=InternalError.http_status,
             # Answered outside the middleware stack: the security headers are added here.
             headers={"X-Request-ID": rid, **security_headers()},
         )
@@ -287,11 +287,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if scheme.lower() != "bearer" or not hmac.compare_digest(
                 given.strip().encode(), metrics_token.encode()
             ):
-                return JSONResponse(
-                    {"detail": "metrics need CHAT_METRICS_TOKEN", "code": "not_authenticated"},
-                    status_code=401,
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
+                raise NotAuthenticated("metrics need CHAT_METRICS_TOKEN")
         elif not metrics_open:
             return JSONResponse({"detail": "Not Found"}, status_code=404)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

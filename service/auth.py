@@ -1,4 +1,4 @@
-"""Tokens -> Principal. One dependency serves REST and websockets.
+"""Tokens -> Principal. One dependency (``CurrentUser``) serves REST and websockets.
 
 A token is a JWT with ``exp`` and a user id, which becomes the author of every message. It is
 read from, in this order, ``Authorization: Bearer``, the ``session`` cookie, or the ``token``
@@ -16,6 +16,10 @@ Every key verifies only the algorithms fixed by the key (``service.idp``): HS256
 secret and nowhere else, so ``alg: none``, algorithm confusion (HS256 signed with a public
 key), a key of the wrong type or curve, and an unknown ``kid`` are all refused. Whatever is
 wrong with a token, the answer is ``NotAuthenticated`` (401, websocket refused), never a crash.
+
+The dependencies both transports declare (``CurrentUser``, ``RoomName``) live here, below
+``service.api`` and ``service.realtime``, so neither transport imports the other; the room a
+caller names is checked here because who may use which room is this module's question.
 """
 
 from __future__ import annotations
@@ -24,10 +28,14 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Annotated
+from urllib.parse import urlsplit
 
 import jwt
+from fastapi import Depends, Path, WebSocketException
+from starlette.requests import HTTPConnection
 
-from service.config import Settings
+from service.config import ROOM_NAME_MAX, ROOM_NAME_PATTERN, Settings
 from service.errors import NotAuthenticated
 from service.idp import (
     ASYMMETRIC_ALGORITHMS,
@@ -263,3 +271,54 @@ def extract_token(
     if query:
         return TokenSource(query, "query")
     return None
+
+
+async def get_principal(conn: HTTPConnection) -> Principal:
+    """The caller, from a header, cookie or ``token`` query parameter; refused before accept.
+
+    Async on purpose: a sync dependency would run in a thread. ``conn.state.services`` is the
+    lifespan's ``service.services.Services`` (read untyped: that module imports this one)."""
+    services = conn.state.services
+    try:
+        source = extract_token(
+            authorization=conn.headers.get("authorization"),
+            cookie=conn.cookies.get("session"),
+            query=conn.query_params.get("token"),
+        )
+        if source is None:
+            raise NotAuthenticated("missing token")
+        if source.origin == "cookie":
+            check_origin(conn, services.settings.origins)
+        tokens: TokenCodec = services.tokens
+        return await tokens.authenticate(source.token)
+    except NotAuthenticated as exc:
+        if conn.scope["type"] == "websocket":
+            raise WebSocketException(NotAuthenticated.close_code, exc.detail) from None
+        raise  # answered by the app's ChatError handler: 401 with WWW-Authenticate
+
+
+def check_origin(conn: HTTPConnection, allowed: frozenset[str]) -> None:
+    """A cookie is sent by the browser whatever page asks: only trusted pages may use it.
+
+    Browsers always send ``Origin`` on websockets and cross-site requests; a request without
+    one does not come from another site's page.
+    """
+    origin = conn.headers.get("origin")
+    if origin is None:
+        return
+    origin = origin.rstrip("/")
+    same_site = urlsplit(origin).netloc == conn.headers.get("host")
+    if not same_site and origin not in allowed:
+        raise NotAuthenticated(f"origin {origin!r} may not use the session cookie")
+
+
+CurrentUser = Annotated[Principal, Depends(get_principal)]
+
+RoomName = Annotated[
+    str,
+    Path(
+        pattern=ROOM_NAME_PATTERN,
+        max_length=ROOM_NAME_MAX,
+        description="1 to 64 of A-Z a-z 0-9 _ . -, not only dots",
+    ),
+]

@@ -1,23 +1,52 @@
-"""The error tree, and the one map from errors to HTTP statuses and websocket close codes.
+"""The error tree: every error a client can see, each with its code, HTTP status and websocket
+close code in one place. The REST exception handlers and the websocket endpoint answer through
+these attributes only; docs/protocol.md's tables are checked against them
+(tests/unit/test_error_tree.py).
 
-    ChatError                  base; ``code`` is the machine-readable name clients see
-    +-- NotAuthenticated       missing, malformed, expired or wrongly signed token
-    |                          -> HTTP 401, websocket refused before accept (1008)
-    +-- InvalidMessage         a message the rules refuse (empty, too long, bad id)
-    |                          -> HTTP 422, websocket error frame (connection stays open)
-    +-- Unavailable            nothing was stored: the database cannot be reached right now
-    |   |                      -> HTTP 503, websocket error frame ``unavailable`` (no ack sent)
-    |   +-- Overloaded         nothing was stored: the writer's queue is full (``retry_after``)
-    |                          -> HTTP 503 with Retry-After, error frame ``overloaded``
-    +-- OutcomeUnknown         the send may have been stored (the database stopped answering
-                               after it was sent): retry with the same ``client_msg_id``
-                               -> HTTP 503, websocket error frame ``outcome_unknown``
+    ChatError                      ``code`` (what clients see), ``http_status``, ``close_code``
+    |                              (None: never closes a websocket), ``frame`` (an ``error`` frame
+    |                              on an open websocket, which stays open)
+    +-- NotAuthenticated           not_authenticated: missing, malformed, expired or wrongly
+    |                              signed token -> HTTP 401, websocket refused before accept (1008)
+    +-- InvalidMessage             a frame or message the rules refuse -> HTTP 422 (FastAPI's
+    |   |                          validation shape, the code as ``type``), error frame
+    |   +-- InvalidJson            invalid_json: the frame is not JSON
+    |   +-- InvalidFrame           invalid_frame: not an object, or ``body`` not a string
+    |   +-- UnknownType            unknown_type: ``type`` is not ``send`` or ``ping``
+    |   +-- BinaryNotSupported     binary_not_supported: a binary frame
+    |   +-- EmptyBody              empty_body
+    |   +-- BodyTooLong            body_too_long
+    |   +-- InvalidBody            invalid_body: NUL, or not valid Unicode
+    |   +-- InvalidClientMsgId     invalid_client_msg_id
+    +-- RateLimited                rate_limited: over a send, connect or replay budget
+    |                              -> HTTP 429 with Retry-After, error frame (``retry_after``);
+    |                              a refused connect the server cannot answer 429 closes 1013
+    +-- TooManyConnections         too_many_connections: over the user's open websockets
+    |                              -> HTTP 429 with Retry-After, or 1013 as above
+    +-- Unavailable                unavailable: nothing was stored, the database cannot be
+    |   |                          reached -> HTTP 503, error frame; 1013 when it ends a socket
+    |   +-- Overloaded             overloaded: nothing was stored, the writer's queue is full
+    |                              -> HTTP 503 with Retry-After, error frame (``retry_after``)
+    +-- OutcomeUnknown             outcome_unknown: the send may have been stored (the database
+    |                              stopped answering after it was sent): retry with the same
+    |                              ``client_msg_id`` -> HTTP 503, error frame
+    +-- SlowConsumer               slow_consumer: the connection fell too far behind its room
+    |                              -> 1013 (resume with ``since``)
+    +-- BodyTooLarge               too_large: a request body over ``CHAT_MAX_BODY_BYTES`` -> 413
+    +-- InternalError              internal: a bug -> HTTP 500 without details, 1011; the
+    |                              server log carries the traceback
+    +-- InvalidUtf8                invalid_utf8: a text frame that is not UTF-8 -> 1007
+    +-- MessageTooBig              message_too_big: a frame over the size limit -> 1009 (uvicorn)
+    +-- ServiceRestart             service_restart: the process is stopping -> 1012 (uvicorn)
+
+The last three are closes of the websocket protocol itself (uvicorn's, and for 1007 the fast
+path's in ``service.realtime.uvicorn_ws``): nothing raises them; they are here so the tree names
+every close a client can see.
 
 A send's ``Unavailable`` and ``OutcomeUnknown`` carry its ``client_msg_id`` (the server assigns
 one when the client gave none), so the client can retry without storing the message twice.
-
-Anything else is a bug: REST answers 500 without details, a websocket closes with 1011, and
-the server log carries the traceback. No error path puts SQL, tracebacks or secrets on the wire.
+Anything not in the tree is a bug, answered as ``InternalError``. No error path puts SQL,
+tracebacks or secrets on the wire.
 
 Start-up failures are a tree of their own, mapped to the CLI's exit codes (docs/operations.md):
 the CLI logs them as one line in the configured format and exits with ``exit_code``.
@@ -31,6 +60,10 @@ the CLI logs them as one line in the configured format and exits with ``exit_cod
 
 from __future__ import annotations
 
+import math
+from typing import Any, ClassVar
+
+WS_INVALID_DATA = 1007
 WS_POLICY_VIOLATION = 1008
 WS_MESSAGE_TOO_BIG = 1009
 WS_INTERNAL_ERROR = 1011
@@ -39,30 +72,108 @@ WS_TRY_AGAIN_LATER = 1013
 
 
 class ChatError(Exception):
-    code = "error"
-    http_status = 400
+    code: ClassVar[str] = "error"
+    http_status: ClassVar[int | None] = 400
+    """How REST (and a refused websocket handshake) answers it; None: websocket only."""
+    close_code: ClassVar[int | None] = None
+    """The close code when it ends or refuses a websocket; None: it never does."""
+    frame: ClassVar[bool] = False
+    """True when an open websocket answers it with an ``error`` frame and stays open."""
+    retry_after: float | None = None
+    """Seconds after which a retry may succeed: ``Retry-After`` and the frame's field."""
+    client_msg_id: str | None = None
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
         self.detail = detail
 
+    def body(self) -> dict[str, Any]:
+        """The JSON body of an HTTP answer."""
+        content: dict[str, Any] = {"detail": self.detail, "code": self.code}
+        if self.client_msg_id is not None:
+            content["client_msg_id"] = self.client_msg_id
+        return content
+
+    def headers(self) -> dict[str, str]:
+        """The headers of an HTTP answer."""
+        if self.retry_after is None:
+            return {}
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+
 
 class NotAuthenticated(ChatError):
     code = "not_authenticated"
     http_status = 401
+    close_code: ClassVar[int] = WS_POLICY_VIOLATION
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
 
 
 class InvalidMessage(ChatError):
-    http_status = 422
+    """The frame-level and message-level refusals; each subclass is one ``code``."""
 
-    def __init__(self, code: str, detail: str) -> None:
-        super().__init__(detail)
-        self.code = code
+    http_status = 422
+    frame = True
+
+
+class InvalidJson(InvalidMessage):
+    code = "invalid_json"
+
+
+class InvalidFrame(InvalidMessage):
+    code = "invalid_frame"
+
+
+class UnknownType(InvalidMessage):
+    code = "unknown_type"
+
+
+class BinaryNotSupported(InvalidMessage):
+    code = "binary_not_supported"
+
+
+class EmptyBody(InvalidMessage):
+    code = "empty_body"
+
+
+class BodyTooLong(InvalidMessage):
+    code = "body_too_long"
+
+
+class InvalidBody(InvalidMessage):
+    code = "invalid_body"
+
+
+class InvalidClientMsgId(InvalidMessage):
+    code = "invalid_client_msg_id"
+
+
+class RateLimited(ChatError):
+    code = "rate_limited"
+    http_status: ClassVar[int] = 429
+    close_code: ClassVar[int] = WS_TRY_AGAIN_LATER
+    frame = True
+    retry_after: float
+
+    def __init__(self, retry_after: float, detail: str | None = None) -> None:
+        super().__init__(detail or f"too many messages; retry in {retry_after:.2f}s")
+        self.retry_after = retry_after
+
+
+class TooManyConnections(ChatError):
+    code = "too_many_connections"
+    http_status: ClassVar[int] = 429
+    close_code: ClassVar[int] = WS_TRY_AGAIN_LATER
+    retry_after = 5.0
+    """A guess: nothing says when one of the user's connections will end."""
 
 
 class Unavailable(ChatError):
     code = "unavailable"
     http_status = 503
+    close_code: ClassVar[int] = WS_TRY_AGAIN_LATER
+    frame = True
 
     def __init__(self, detail: str, client_msg_id: str | None = None) -> None:
         super().__init__(detail)
@@ -71,6 +182,8 @@ class Unavailable(ChatError):
 
 class Overloaded(Unavailable):
     code = "overloaded"
+    close_code = None
+    retry_after: float
 
     def __init__(self, retry_after: float) -> None:
         super().__init__("the service is storing as fast as it can; retry later")
@@ -80,10 +193,54 @@ class Overloaded(Unavailable):
 class OutcomeUnknown(ChatError):
     code = "outcome_unknown"
     http_status = 503
+    frame = True
 
     def __init__(self, detail: str, client_msg_id: str | None = None) -> None:
         super().__init__(detail)
         self.client_msg_id = client_msg_id
+
+
+class SlowConsumer(ChatError):
+    code = "slow_consumer"
+    http_status = None
+    close_code: ClassVar[int] = WS_TRY_AGAIN_LATER
+
+    def __init__(self, detail: str = "too far behind; reconnect with since") -> None:
+        super().__init__(detail)
+
+
+class BodyTooLarge(ChatError):
+    """Raised from ``receive`` when a streamed body passes the cap (``service.http_guard``)."""
+
+    code = "too_large"
+    http_status: ClassVar[int] = 413
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body larger than {limit} bytes")
+
+
+class InternalError(ChatError):
+    code = "internal"
+    http_status: ClassVar[int] = 500
+    close_code: ClassVar[int] = WS_INTERNAL_ERROR
+
+
+class InvalidUtf8(ChatError):
+    code = "invalid_utf8"
+    http_status = None
+    close_code: ClassVar[int] = WS_INVALID_DATA
+
+
+class MessageTooBig(ChatError):
+    code = "message_too_big"
+    http_status = None
+    close_code = WS_MESSAGE_TOO_BIG
+
+
+class ServiceRestart(ChatError):
+    code = "service_restart"
+    http_status = None
+    close_code = WS_SERVICE_RESTART
 
 
 EXIT_ERROR = 1

@@ -37,11 +37,11 @@ import logging
 import resource
 from typing import TYPE_CHECKING, Any
 
-from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from service.realtime.envelope import dumps
+from service.chat.envelope import dumps
+from service.errors import BodyTooLarge
 
 if TYPE_CHECKING:
     from service.config import Settings
@@ -88,16 +88,9 @@ def security_headers() -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in _security_headers(PAGE_POLICY)}
 
 
-class BodyTooLarge(HTTPException):
-    """Raised from ``receive`` when a streamed body passes the cap; answered 413."""
-
-    def __init__(self, limit: int) -> None:
-        super().__init__(413, f"request body larger than {limit} bytes")
-
-
 def too_large_body(limit: int) -> bytes:
-    detail = f"request body larger than {limit} bytes"
-    return dumps({"detail": detail, "code": "too_large"}).encode()
+    """The body of ``BodyTooLarge``'s answer, for a refusal sent before the app runs."""
+    return dumps(BodyTooLarge(limit).body()).encode()
 
 
 class GuardMiddleware:
@@ -131,7 +124,7 @@ class GuardMiddleware:
             await send(
                 {
                     "type": "http.response.start",
-                    "status": 413,
+                    "status": BodyTooLarge.http_status,
                     "headers": [
                         (b"content-type", b"application/json"),
                         (b"content-length", str(len(body)).encode()),

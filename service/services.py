@@ -1,4 +1,8 @@
-"""What the lifespan builds once per process and every handler reads from ``request.state``."""
+"""What the lifespan builds once per process and every handler reads from ``request.state``.
+
+The fan-out's ``RoomHub`` is not here: only the websocket endpoint uses it, and it reads it from
+its own state key (``hub``), so this module, and REST with it, does not depend on
+``service.realtime``."""
 
 from __future__ import annotations
 
@@ -12,7 +16,6 @@ from service.chat.messages import Publish
 from service.config import Settings
 from service.db.writer import MessageWriter
 from service.metrics import Metrics
-from service.realtime.hub import RoomHub
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,7 +24,6 @@ class Services:
     pool: asyncpg.Pool
     """Connections for reads; writes go through ``writer``."""
     writer: MessageWriter
-    hub: RoomHub
     tokens: TokenCodec
     publish: Publish | None
     """None when NOTIFY goes out inside the insert transaction (the default)."""

@@ -14,7 +14,7 @@ Rooms are locked in name order ("C" collation) whatever order the batch arrived 
 never wait on each other in a cycle, so concurrent processes cannot deadlock. Within a room the
 arrival order is kept.
 
-The frame is built byte for byte as ``service.realtime.envelope.message_frame`` builds it
+The frame is built byte for byte as ``service.chat.envelope.message_frame`` builds it
 (``to_json`` escapes strings exactly as Python's ``json.dumps(ensure_ascii=False)``); a test
 holds the two together.
 """

@@ -11,9 +11,9 @@ from datetime import UTC, datetime, timedelta
 
 from fastapi import APIRouter, HTTPException
 
-from service.api.deps import CurrentUser, ServicesDep
+from service.api.deps import ServicesDep
 from service.api.schemas import ERROR_RESPONSES, DevToken, DevTokenRequest, ErrorOut, Me
-from service.auth import DEV_TOKEN_TTL
+from service.auth import DEV_TOKEN_TTL, CurrentUser
 
 router = APIRouter(
     tags=["auth"],

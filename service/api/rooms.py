@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import email.message
 import json
-import math
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from service.api.deps import MAX_SEQ, CurrentUser, RoomName, ServicesDep
+from service.api.deps import ServicesDep
 from service.api.schemas import (
     ERROR_RESPONSES,
     MessageOut,
@@ -21,12 +20,12 @@ from service.api.schemas import (
     RoomList,
     SendFailedOut,
 )
+from service.auth import CurrentUser, RoomName
 from service.chat import history
-from service.chat.limits import RateLimited
+from service.chat.envelope import dumps, dumps_with_items, iso, message_fields
 from service.chat.messages import submit_message
 from service.config import ROOM_NAME_MAX, ROOM_NAME_PATTERN
-from service.errors import InvalidMessage, OutcomeUnknown, Overloaded, Unavailable
-from service.realtime.envelope import dumps, dumps_with_items, iso, message_fields
+from service.errors import ChatError, InvalidMessage
 
 router = APIRouter(tags=["rooms"], responses=ERROR_RESPONSES)
 
@@ -36,7 +35,7 @@ def invalid(loc: tuple[str, ...], msg: str, kind: str) -> RequestValidationError
     return RequestValidationError([{"loc": loc, "msg": msg, "type": kind}])
 
 
-Cursor = Annotated[int | None, Query(ge=0, le=MAX_SEQ)]
+Cursor = Annotated[int | None, Query(ge=0, le=history.MAX_SEQ)]
 
 
 def json_response(
@@ -141,18 +140,6 @@ async def read_new_message(request: Request) -> NewMessage:
         ) from None
 
 
-def send_failed(exc: Unavailable | OutcomeUnknown) -> Response:
-    """503 with the code that says whether the message may have been stored, and the id to
-    resend it with (the server's, when the client gave none)."""
-    content: dict[str, Any] = {"detail": exc.detail, "code": exc.code}
-    if exc.client_msg_id is not None:
-        content["client_msg_id"] = exc.client_msg_id
-    headers = {}
-    if isinstance(exc, Overloaded):
-        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
-    return json_response(content, 503, **headers)
-
-
 @router.post(
     "/rooms/{room}/messages",
     response_model=MessageOut,
@@ -188,14 +175,11 @@ async def create_message(
             publish=services.publish,
         )
         posted = await asyncio.shield(stored)  # a client that hangs up does not stop the publish
-    except (InvalidMessage, RateLimited) as exc:
+    except ChatError as exc:
         services.metrics.errors.labels(exc.code).inc()
-        if isinstance(exc, RateLimited):
-            raise
-        raise invalid(("body", "body"), f"{exc.code}: {exc.detail}", exc.code) from None
-    except (Unavailable, OutcomeUnknown) as exc:
-        services.metrics.errors.labels(exc.code).inc()
-        return send_failed(exc)
+        if isinstance(exc, InvalidMessage):  # in FastAPI's shape, as the OpenAPI schema says
+            raise invalid(("body", "body"), f"{exc.code}: {exc.detail}", exc.code) from None
+        raise  # the app's ChatError handler answers as the error tree says (503s: resend id)
     headers = {}
     if posted.duplicate:
         headers["Idempotent-Replayed"] = "true"

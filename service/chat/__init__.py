@@ -1,1 +1,2 @@
-"""Use cases: what the service does with messages, free of HTTP and websocket concerns."""
+"""Use cases (what the service does with messages) and the frames they and the transports
+share (``envelope``); no FastAPI, Starlette or broadcast bus here (import-linter holds it)."""

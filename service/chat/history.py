@@ -14,6 +14,10 @@ from service.db import queries
 from service.db.engine import reading
 from service.db.queries import StoredMessage
 
+MAX_SEQ = queries.UNBOUNDED
+"""Cursors above this are refused (422) rather than overflowing PostgreSQL's bigint; both
+transports declare it as their parameters' bound."""
+
 MAX_RESUME_GAP = 1000
 """A resume replays every missed message up to this many; past it, only the latest N."""
 

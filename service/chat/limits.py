@@ -6,7 +6,8 @@ still bounds a flood; exact global limits would cost a database round trip per m
 
 Every per-user map is bounded (``max_users`` entries): idle buckets (full again) are forgotten
 first, in sweeps whose cost is amortised over the insertions between them; past the cap a new
-user is refused (``RateLimited``) rather than the map grown.
+user is refused (``RateLimited``) rather than the map grown. The errors are
+``service.errors``'.
 """
 
 from __future__ import annotations
@@ -16,26 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from service.errors import ChatError
+from service.errors import RateLimited, TooManyConnections
 
 if TYPE_CHECKING:
     from service.config import Settings
-
-
-class RateLimited(ChatError):
-    code = "rate_limited"
-    http_status = 429
-
-    def __init__(self, retry_after: float, detail: str | None = None) -> None:
-        super().__init__(detail or f"too many messages; retry in {retry_after:.2f}s")
-        self.retry_after = retry_after
-
-
-class TooManyConnections(ChatError):
-    code = "too_many_connections"
-    http_status = 429
-    retry_after = 5.0
-    """A guess: nothing says when one of the user's connections will end."""
 
 
 @dataclass(slots=True)

@@ -7,9 +7,15 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 
+from service.chat.envelope import channel_for, encode_notification
 from service.db.writer import ASSIGNED_ID_PATTERN, ASSIGNED_ID_PREFIX, MessageWriter, Stored
-from service.errors import InvalidMessage
-from service.realtime.envelope import channel_for, encode_notification
+from service.errors import (
+    BodyTooLong,
+    EmptyBody,
+    InvalidBody,
+    InvalidClientMsgId,
+    InvalidFrame,
+)
 
 log = logging.getLogger(__name__)
 
@@ -22,19 +28,17 @@ Publish = Callable[[str, str], Awaitable[None]]
 
 def check_body(body: object, *, max_chars: int) -> str:
     if not isinstance(body, str):
-        raise InvalidMessage("invalid_frame", "'body' must be a string")
+        raise InvalidFrame("'body' must be a string")
     if not body.strip():
-        raise InvalidMessage("empty_body", "the message body is empty")
+        raise EmptyBody("the message body is empty")
     if len(body) > max_chars:
-        raise InvalidMessage(
-            "body_too_long", f"the message body is {len(body)} characters; the limit is {max_chars}"
-        )
+        raise BodyTooLong(f"the message body is {len(body)} characters; the limit is {max_chars}")
     if "\x00" in body:
-        raise InvalidMessage("invalid_body", "the message body must not contain NUL characters")
+        raise InvalidBody("the message body must not contain NUL characters")
     try:
         body.encode()
     except UnicodeEncodeError:
-        raise InvalidMessage("invalid_body", "the message body is not valid Unicode") from None
+        raise InvalidBody("the message body is not valid Unicode") from None
     return body
 
 
@@ -46,16 +50,14 @@ def check_client_msg_id(client_msg_id: object) -> str | None:
         or not 0 < len(client_msg_id) <= MAX_CLIENT_MSG_ID_CHARS
         or not client_msg_id.isprintable()
     ):
-        raise InvalidMessage(
-            "invalid_client_msg_id",
+        raise InvalidClientMsgId(
             "'client_msg_id' must be a printable string of 1 to "
             f"{MAX_CLIENT_MSG_ID_CHARS} characters",
         )
     if client_msg_id[0] == ASSIGNED_ID_PREFIX and not _ASSIGNED_ID.fullmatch(client_msg_id):
         # Ids the server assigns start with "~": a client sends one only to retry the send it
         # was given for, so its own ids can never collide with one the server made up.
-        raise InvalidMessage(
-            "invalid_client_msg_id",
+        raise InvalidClientMsgId(
             f"a 'client_msg_id' starting with {ASSIGNED_ID_PREFIX!r} is reserved for the ids "
             "the server assigns",
         )

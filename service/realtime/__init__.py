@@ -1,1 +1,3 @@
-"""Real-time delivery: channel names, notification envelopes, the listener and the websocket."""
+"""Real-time delivery: the websocket endpoint, the per-process room hub, the LISTEN / Redis
+backends and uvicorn's fast path. The frames and channel names it delivers are
+``service.chat.envelope``'s."""

@@ -30,15 +30,15 @@ from dataclasses import dataclass, field
 import asyncpg
 from broadcaster import Broadcast
 
-from service.chat.history import read_range, read_tail
-from service.errors import Unavailable
-from service.realtime.backend import RESYNC
-from service.realtime.envelope import (
+from service.chat.envelope import (
     SharedFrame,
     channel_for,
     decode_notification,
     stored_frame,
 )
+from service.chat.history import read_range, read_tail
+from service.errors import SlowConsumer, Unavailable
+from service.realtime.backend import RESYNC
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +52,6 @@ RESYNC_SEQ = 0
 OutboxItem = tuple[int, str | SharedFrame | None]
 """``(seq, frame)``: a live message (a ``SharedFrame``; None: read it from the database), or
 a ``DIRECT`` frame (text), or one of the markers above."""
-
-
-class SlowConsumer(Exception):
-    """The connection fell too far behind its room."""
 
 
 WriteNow = Callable[[deque[OutboxItem]], deque[OutboxItem] | None]

@@ -38,9 +38,10 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
+from service.chat.envelope import SharedFrame
+from service.errors import InvalidUtf8
 from service.http_guard import GUARD_STATE_KEY, HeadDeadline
 from service.observability import LogBudget
-from service.realtime.envelope import SharedFrame
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +229,7 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
                 exc.start,
                 f" ({dropped} more like it not logged)" if dropped else "",
             )
-        self.conn.send_close(1007, "invalid UTF-8")
+        self.conn.send_close(InvalidUtf8.close_code, "invalid UTF-8")
         self.handle_parser_exception()
 
     def send_texts_nowait(self, frames: Sequence[str | SharedFrame]) -> bool:

@@ -21,29 +21,14 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 from collections import deque
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse
 
-from service.api.deps import MAX_SEQ, CurrentUser, RoomName
-from service.auth import Principal
-from service.chat.history import Replay, read_replay
-from service.chat.limits import RateLimited, TokenBucket, TooManyConnections
-from service.chat.messages import check_client_msg_id, submit_message
-from service.db.writer import Stored
-from service.errors import (
-    WS_INTERNAL_ERROR,
-    WS_TRY_AGAIN_LATER,
-    InvalidMessage,
-    OutcomeUnknown,
-    Overloaded,
-    Unavailable,
-)
-from service.observability import request_id, request_id_headers
-from service.realtime.envelope import (
+from service.auth import CurrentUser, Principal, RoomName
+from service.chat.envelope import (
     SharedFrame,
     ack_frame,
     dumps,
@@ -51,7 +36,26 @@ from service.realtime.envelope import (
     ready_frame,
     stored_frame,
 )
-from service.realtime.hub import DIRECT, FAILED, RESYNC_SEQ, Outbox, OutboxItem, SlowConsumer
+from service.chat.history import MAX_SEQ, Replay, read_replay
+from service.chat.limits import TokenBucket
+from service.chat.messages import check_client_msg_id, submit_message
+from service.db.writer import Stored
+from service.errors import (
+    BinaryNotSupported,
+    InternalError,
+    InvalidFrame,
+    InvalidJson,
+    InvalidMessage,
+    OutcomeUnknown,
+    Overloaded,
+    RateLimited,
+    SlowConsumer,
+    TooManyConnections,
+    Unavailable,
+    UnknownType,
+)
+from service.observability import request_id, request_id_headers
+from service.realtime.hub import DIRECT, FAILED, RESYNC_SEQ, Outbox, OutboxItem, RoomHub
 from service.realtime.uvicorn_ws import DETACH, SEND_NOWAIT
 from service.services import Services
 
@@ -114,14 +118,11 @@ async def _refuse(websocket: WebSocket, exc: RateLimited | TooManyConnections) -
     services.metrics.errors.labels(exc.code).inc()
     if "websocket.http.response" not in websocket.scope.get("extensions", {}):
         await websocket.accept(headers=request_id_headers())
-        await websocket.close(WS_TRY_AGAIN_LATER, exc.detail)
+        await websocket.close(exc.close_code, exc.detail)
         return
-    headers = {
-        "Retry-After": str(max(1, math.ceil(exc.retry_after))),
-        "X-Request-ID": request_id.get(),
-    }
-    body = {"detail": exc.detail, "code": exc.code}
-    await websocket.send_denial_response(JSONResponse(body, status_code=429, headers=headers))
+    headers = {**exc.headers(), "X-Request-ID": request_id.get()}
+    response = JSONResponse(exc.body(), status_code=exc.http_status, headers=headers)
+    await websocket.send_denial_response(response)
 
 
 class RoomConnection:
@@ -130,6 +131,7 @@ class RoomConnection:
     ) -> None:
         self.websocket = websocket
         self.services = services
+        self.hub: RoomHub = websocket.state.hub
         self.principal = principal
         self.room = room
         self.last_seq = 0
@@ -153,14 +155,14 @@ class RoomConnection:
         except SlowConsumer:
             self.services.metrics.slow_consumers.inc()
             log.info("closing slow consumer", extra=self._log_context)
-            await self._close(WS_TRY_AGAIN_LATER, "too far behind; reconnect with since")
+            await self._close(SlowConsumer.close_code, "too far behind; reconnect with since")
             return
         except Unavailable:
-            await self._close(WS_TRY_AGAIN_LATER, "database unavailable; reconnect with since")
+            await self._close(Unavailable.close_code, "database unavailable; reconnect with since")
             return
         except Exception:
             log.exception("websocket failed", extra=self._log_context)
-            await self._close(WS_INTERNAL_ERROR, "internal error")
+            await self._close(InternalError.close_code, "internal error")
             return
         await self._close(1000, "")
 
@@ -176,7 +178,7 @@ class RoomConnection:
         LISTEN connection reconnecting, a pool checkout), and the client is owed a 1013."""
         try:
             async with asyncio.timeout(self.services.settings.ws_connect_timeout):
-                outbox = await stack.enter_async_context(self.services.hub.join(self.room))
+                outbox = await stack.enter_async_context(self.hub.join(self.room))
                 replay = await read_replay(
                     pool=self.services.pool, room=self.room, history=history, since=since
                 )
@@ -291,7 +293,7 @@ class RoomConnection:
         """Send what the live stream missed, from the room's shared read
         (``RoomHub.catch_up``); past what that read holds the connection is too far behind
         (``SlowConsumer``: 1013, and its resume with ``since`` has a bounded replay)."""
-        window = await self.services.hub.catch_up(self.room, after=self.last_seq)
+        window = await self.hub.catch_up(self.room, after=self.last_seq)
         start = self.last_seq + 1 - window.first
         if start < 0:
             raise SlowConsumer
@@ -320,7 +322,7 @@ class RoomConnection:
                 return
             text = message.get("text")
             if text is None:
-                self._answer(outbox, self._error("binary_not_supported", "send JSON text frames"))
+                self._answer(outbox, self._error(BinaryNotSupported.code, "send JSON text frames"))
             elif (reply := self._handle(text)) is not None:
                 self._answer(outbox, reply)
 
@@ -349,7 +351,7 @@ class RoomConnection:
         stored, ``outcome_unknown`` when it may have been; both name the send's id (the one
         the server assigned when the client gave none)."""
         if stored.cancelled():  # it may have been committed meanwhile
-            return DIRECT, self._error("outcome_unknown", "the service is shutting down", echo)
+            return DIRECT, self._error(OutcomeUnknown.code, "the service is shutting down", echo)
         exc = stored.exception()
         if isinstance(exc, Unavailable | OutcomeUnknown):
             return DIRECT, self._error(exc.code, exc.detail, exc.client_msg_id or echo)
@@ -371,16 +373,16 @@ class RoomConnection:
         try:
             frame: Any = _JSON.decode(text)
         except (ValueError, RecursionError):
-            return self._error("invalid_json", "the frame is not valid JSON")
+            return self._error(InvalidJson.code, "the frame is not valid JSON")
         if not isinstance(frame, dict):
-            return self._error("invalid_frame", "a frame must be a JSON object")
+            return self._error(InvalidFrame.code, "a frame must be a JSON object")
         kind = frame.get("type")
         if kind == "send":
             self.services.metrics.counts.received += 1
             return self._send(frame)
         if kind == "ping":
             return self._pong()
-        return self._error("unknown_type", "'type' must be 'send' or 'ping'")
+        return self._error(UnknownType.code, "'type' must be 'send' or 'ping'")
 
     def _pong(self) -> str | None:
         """A ``pong``, or nothing for pings over ``ws_ping_rate``: a ping flood costs its

@@ -12,9 +12,7 @@ import asyncpg
 import pytest
 
 from service.chat import history
-from service.db.writer import MessageWriter, Stored
-from service.errors import OutcomeUnknown, Unavailable
-from service.realtime.envelope import (
+from service.chat.envelope import (
     channel_for,
     decode_notification,
     dumps,
@@ -22,6 +20,8 @@ from service.realtime.envelope import (
     message_frame,
     stored_frame,
 )
+from service.db.writer import MessageWriter, Stored
+from service.errors import OutcomeUnknown, Unavailable
 from tests.support import Client, locked_out
 
 

@@ -19,9 +19,9 @@ from collections.abc import Iterator
 import pytest
 from redis.asyncio import Redis
 
+from service.chat.envelope import channel_for
 from service.db.migrate import upgrade
 from service.realtime.backend import RESYNC
-from service.realtime.envelope import channel_for
 from service.realtime.redis_backend import RedisPubSubBackend
 from tests.redis_support import RedisServer, SilentProxy, redis_server_binary
 from tests.support import Client, ServerProcess, make_token

@@ -3,14 +3,14 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 
-from service.db.queries import MessageRecord
-from service.realtime.envelope import (
+from service.chat.envelope import (
     NOTIFY_PAYLOAD_LIMIT,
     channel_for,
     decode_notification,
     encode_notification,
     message_frame,
 )
+from service.db.queries import MessageRecord
 
 
 def _record(body: str) -> MessageRecord:
@@ -49,7 +49,7 @@ def test_frames_keep_unicode_unescaped():
 def test_timestamps_are_utc_with_microseconds_whatever_the_zone():
     from datetime import timedelta, timezone
 
-    from service.realtime.envelope import iso
+    from service.chat.envelope import iso
 
     plus_two = timezone(timedelta(hours=2))
     assert iso(datetime(2026, 1, 1, 2, 0, tzinfo=plus_two)) == "2026-01-01T00:00:00.000000Z"
@@ -59,7 +59,7 @@ def test_timestamps_are_utc_with_microseconds_whatever_the_zone():
 def test_a_list_of_json_texts_joins_an_object_as_valid_json():
     import json
 
-    from service.realtime.envelope import dumps_with_items
+    from service.chat.envelope import dumps_with_items
 
     items = ['{"a":1}', '"é"']
     assert json.loads(dumps_with_items({"x": None}, "items", items)) == {
@@ -72,7 +72,7 @@ def test_a_list_of_json_texts_joins_an_object_as_valid_json():
 def test_acks_are_the_json_of_their_fields_byte_for_byte():
     import json
 
-    from service.realtime.envelope import ack_frame, iso
+    from service.chat.envelope import ack_frame, iso
 
     for cmid in (None, "m-1", 'quote " and \\ back', "é\U0001f600", "tab\there", "\u2028"):
         record = MessageRecord(7, "lobby", 42, "alice", "x", cmid, datetime(2026, 1, 1, tzinfo=UTC))

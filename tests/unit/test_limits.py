@@ -4,15 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from service.chat.limits import (
-    SWEEP_PAUSE,
-    BucketMap,
-    RateLimited,
-    TokenBucket,
-    TooManyConnections,
-    UserLimits,
-)
+from service.chat.limits import SWEEP_PAUSE, BucketMap, TokenBucket, UserLimits
 from service.config import Settings
+from service.errors import RateLimited, TooManyConnections
 
 
 class Clock:

@@ -13,10 +13,10 @@ import pytest
 from fastapi.routing import APIWebSocketRoute
 from starlette.websockets import WebSocket
 
-from service.chat.limits import RateLimited, TooManyConnections
+from service.errors import RateLimited, SlowConsumer, TooManyConnections
 from service.metrics import Metrics
 from service.realtime import websocket
-from service.realtime.hub import DIRECT, FAILED, Outbox, OutboxItem, SlowConsumer
+from service.realtime.hub import DIRECT, FAILED, Outbox, OutboxItem
 from service.realtime.uvicorn_ws import _Gate, _Inbox
 
 

@@ -1,4 +1,7 @@
-"""Channel names and the wire formats of fan-out.
+"""The frames clients receive and the wire formats of fan-out, with the channel names they
+travel on. It sits in ``chat/``, below the transports and the fan-out, because posting a
+message (``chat.messages``) encodes what the fan-out (``service.realtime``) decodes and
+delivers, and both transports (REST and websocket) write these frames.
 
 A notification payload is ``"<seq>:<sent_at>:<frame>"`` where ``<frame>`` is the exact
 ``message`` frame clients receive, so a process forwards it without parsing or re-encoding the
