@@ -16,7 +16,8 @@ from starlette.websockets import WebSocket
 from service.chat.limits import RateLimited, TooManyConnections
 from service.metrics import Metrics
 from service.realtime import websocket
-from service.realtime.hub import DIRECT, FAILED, Outbox, OutboxItem, SlowConsumer
+from service.realtime.envelope import SharedFrame
+from service.realtime.hub import Live, Marker, Outbox, OutboxItem, SlowConsumer, StreamLost
 from service.realtime.uvicorn_ws import _Gate, _Inbox
 
 
@@ -42,12 +43,13 @@ async def test_outbox_hands_out_everything_queued_in_order():
     taker = asyncio.ensure_future(outbox.take())
     await asyncio.sleep(0)
     assert not taker.done()
-    outbox.put(1, "a")
-    outbox.put(DIRECT, "ack")
-    outbox.put(2, "b")
-    assert list(await taker) == [(1, "a"), (DIRECT, "ack"), (2, "b")]
-    outbox.put(3, "c")
-    assert list(await outbox.take()) == [(3, "c")]
+    a, b, c = (Live(seq, SharedFrame(text)) for seq, text in enumerate("abc", 1))
+    outbox.put(a)
+    outbox.put("ack")
+    outbox.put(b)
+    assert list(await taker) == [a, "ack", b]
+    outbox.put(c)
+    assert list(await outbox.take()) == [c]
 
 
 async def test_a_waiting_writer_is_not_woken_for_what_write_now_takes_in_one_go():
@@ -56,25 +58,25 @@ async def test_a_waiting_writer_is_not_woken_for_what_write_now_takes_in_one_go(
 
     def write_now(items: deque[OutboxItem]) -> deque[OutboxItem] | None:
         calls.append(list(items))
-        while items and items[0][1] != "stop":
+        while items and items[0] != "stop":
             items.popleft()
         return items or None
 
     outbox.write_now = write_now
     taker = asyncio.ensure_future(outbox.take())
     await asyncio.sleep(0)
-    outbox.put(1, "a")
-    outbox.put(DIRECT, "ack")  # the same burst: one call for both
+    outbox.put("a")
+    outbox.put("ack")  # the same burst: one call for both
     await asyncio.sleep(0)
-    assert calls == [[(1, "a"), (DIRECT, "ack")]] and not taker.done()
-    outbox.put(2, "b")
-    outbox.put(3, "stop")
-    outbox.put(4, "c")
-    assert list(await asyncio.wait_for(taker, 1)) == [(3, "stop"), (4, "c")]  # the rest, in order
-    assert calls[1] == [(2, "b"), (3, "stop"), (4, "c")]
-    outbox.put(5, "d")  # nobody waits: nothing is written behind the writer's back
+    assert calls == [["a", "ack"]] and not taker.done()
+    outbox.put("b")
+    outbox.put("stop")
+    outbox.put("c")
+    assert list(await asyncio.wait_for(taker, 1)) == ["stop", "c"]  # the rest, in order
+    assert calls[1] == ["b", "stop", "c"]
+    outbox.put("d")  # nobody waits: nothing is written behind the writer's back
     await asyncio.sleep(0)
-    assert len(calls) == 2 and list(await outbox.take()) == [(5, "d")]
+    assert len(calls) == 2 and list(await outbox.take()) == ["d"]
 
 
 async def test_a_failing_write_now_closes_the_connection_instead_of_losing_frames():
@@ -86,21 +88,32 @@ async def test_a_failing_write_now_closes_the_connection_instead_of_losing_frame
     outbox.write_now = write_now
     taker = asyncio.ensure_future(outbox.take())
     await asyncio.sleep(0)
-    outbox.put(1, "a")
-    assert list(await asyncio.wait_for(taker, 1)) == [(FAILED, None)]
+    outbox.put("a")
+    assert list(await asyncio.wait_for(taker, 1)) == [Marker.FAILED]
 
 
 async def test_outbox_overflow_drops_everything_and_tells_its_owner_once():
     outbox = Outbox(limit=2)
     told: list[bool] = []
-    outbox.on_overflow = lambda: told.append(True)
-    outbox.put(1, "a")
-    outbox.put(2, "b")
-    outbox.put(3, "c")  # one too many
-    outbox.put(4, "d")
-    assert outbox.overflowed and told == [True]
+    outbox.on_end = lambda: told.append(True)
+    outbox.put("a")
+    outbox.put("b")
+    outbox.put("c")  # one too many
+    outbox.put("d")
+    outbox.end(StreamLost)  # the first reason counts
+    assert outbox.ended is SlowConsumer and told == [True]
     with pytest.raises(SlowConsumer):
         await outbox.take()
+
+
+async def test_an_ended_outbox_wakes_its_waiting_writer_with_the_reason():
+    outbox = Outbox(limit=2)
+    taker = asyncio.ensure_future(outbox.take())
+    await asyncio.sleep(0)
+    outbox.end(StreamLost)
+    outbox.put("a")  # too late: dropped
+    with pytest.raises(StreamLost):
+        await asyncio.wait_for(taker, 1)
 
 
 async def test_inbox_is_a_queue_for_one_consumer():
