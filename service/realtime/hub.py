@@ -69,7 +69,8 @@ class Marker(enum.Enum):
     """An outbox item that is an instruction to the writer rather than a frame."""
 
     RESYNC = enum.auto()
-    """Catch up from the database: the live stream may have a hole (a LISTEN reconnect)."""
+    """Catch up from the database: the stream may have a hole (the backend reconnected, or a
+    publish to the room was lost on the Redis bus)."""
     FAILED = enum.auto()
     """Close with 1011: answering a frame failed, or writing at once did (a bug, logged)."""
 
@@ -255,6 +256,8 @@ class RoomHub:
 
     @contextlib.asynccontextmanager
     async def join(self, room: str) -> AsyncIterator[Outbox]:
+        """An outbox fed by the room's stream while the context is open (the guarantees are
+        the module's); raises ``StreamLost`` when the stream failed before it was subscribed."""
         outbox = Outbox(self._outbox_limit)
         stream = self._streams.get(room)
         if stream is None:

@@ -4,7 +4,8 @@ A connection's life: refused before accept when the token or a parameter is bad,
 429 when the user is over a limit (``UserLimits.admit``: connects per second, replayed bytes,
 open connections); then join the room's live stream and read the replay from one snapshot,
 within ``ws_connect_timeout`` (else 1013: the database is out), send it and ``ready``; then the
-receiver runs in the connection's own task and the writer in a second one, until either ends.
+receiver runs in the connection's own task and the writer in a second one, together in one
+``asyncio.TaskGroup``, until either ends.
 The writer keeps ``last_seq`` (the last message the client got) and forwards live messages in
 seq order: it drops what the replay already covered and fills any hole from the database, so
 the client sees every message exactly once.
@@ -63,7 +64,8 @@ MAX_PIPELINED = 64
 """Sends of one connection awaiting their commit before it stops reading more frames."""
 
 Reply = str | tuple[asyncio.Future[Stored], str | None]
-"""A ready frame, or a queued send with the client_msg_id its answer echoes."""
+"""An answer frame made at once (an error, a pong), or a queued send with the client_msg_id
+its answer echoes."""
 
 
 @router.websocket("/ws/rooms/{room}")
