@@ -30,8 +30,11 @@ these attributes only; docs/protocol.md's tables are checked against them
     +-- OutcomeUnknown             outcome_unknown: the send may have been stored (the database
     |                              stopped answering after it was sent): retry with the same
     |                              ``client_msg_id`` -> HTTP 503, error frame
-    +-- SlowConsumer               slow_consumer: the connection fell too far behind its room
-    |                              -> 1013 (resume with ``since``)
+    +-- OutboxEnded                the server stopped feeding a socket its room (resume with
+    |   |                          ``since``)
+    |   +-- SlowConsumer           slow_consumer: the connection fell too far behind -> 1013
+    |   +-- StreamLost             stream_lost: the room's live stream in this process failed
+    |                              (a bug, logged) -> 1011
     +-- BodyTooLarge               too_large: a request body over ``CHAT_MAX_BODY_BYTES`` -> 413
     +-- InternalError              internal: a bug -> HTTP 500 without details, 1011; the
     |                              server log carries the traceback
@@ -200,12 +203,28 @@ class OutcomeUnknown(ChatError):
         self.client_msg_id = client_msg_id
 
 
-class SlowConsumer(ChatError):
-    code = "slow_consumer"
+class OutboxEnded(ChatError):
+    """The server stopped feeding a socket its room (the subclass says why): the connection
+    closes and the client resumes with ``since``. Raised by the writer of the socket's outbox."""
+
     http_status = None
+
+
+class SlowConsumer(OutboxEnded):
+    code = "slow_consumer"
     close_code: ClassVar[int] = WS_TRY_AGAIN_LATER
 
     def __init__(self, detail: str = "too far behind; reconnect with since") -> None:
+        super().__init__(detail)
+
+
+class StreamLost(OutboxEnded):
+    """The room's live stream in this process failed (a bug, logged with the stream's error)."""
+
+    code = "stream_lost"
+    close_code: ClassVar[int] = WS_INTERNAL_ERROR
+
+    def __init__(self, detail: str = "room stream lost; reconnect with since") -> None:
         super().__init__(detail)
 
 

@@ -130,6 +130,11 @@ class Metrics:
         self.slow_consumers = Counter(
             "chat_slow_consumer_disconnects", "Connections closed for falling behind", registry=r
         )
+        self.streams_lost = Counter(
+            "chat_room_stream_lost_disconnects",
+            "Connections closed (1011) because their room's live stream in this process failed",
+            registry=r,
+        )
         self.catch_up_reads = Counter(
             "chat_catchup_reads",
             "Shared catch-up reads from the database (after a LISTEN reconnect or a hole in the "

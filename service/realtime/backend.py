@@ -176,8 +176,9 @@ class ListenBackend(BroadcastBackend):
 
     async def _open(self) -> list[str]:
         """Open a LISTEN connection, listen to every channel and make it the current one;
-        returns the channels. Only the LISTENs hold the lock: joins meanwhile only record
-        their channel, and the LISTENs include it."""
+        returns the channels. Only the LISTENs hold the lock: a join while it connects only
+        records its channel, which the LISTENs include; one during the LISTENs waits for them,
+        then LISTENs on the new connection itself."""
         conn = await self._connect("chat-listen")
         try:
             conn.add_termination_listener(self._on_terminated)

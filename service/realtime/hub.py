@@ -2,26 +2,35 @@
 
 Guarantees, for each local connection of a room:
 
-* ``join`` returns only once the process is LISTENing to the room, so anything committed after
-  ``join`` returns reaches the connection's outbox (a snapshot read afterwards overlaps the live
-  stream; the connection drops the overlap by seq).
-* Notifications arrive in commit order, which is seq order; the hub forwards them in that order.
-  A message too big for a NOTIFY payload is read from the database once per process.
-* Every outbox is bounded. A connection that falls ``outbox_limit`` frames behind is marked
-  overflowed and closed by its owner (1013); it never delays the room or the process.
-* After the LISTEN connection was lost and restored, every outbox gets a resync marker and its
-  owner catches up from the database (``service.realtime.websocket``), as it does for a hole
+* ``join`` returns once the backend has taken the room's subscription. While its connection
+  (LISTEN, or the Redis bus) is up, the process is then listening; while it is down, the backend
+  only records the room, and once it is back it listens again and sends a resync marker (below).
+  Either way nothing committed after ``join`` returns is lost to the connection: it reaches the
+  outbox live or through the catch-up, and a snapshot read after ``join`` overlaps both (the
+  connection drops the overlap by seq).
+* Each message is made into one ``Live`` item, put in every outbox of the room, in the order
+  the notifications arrive: with LISTEN/NOTIFY that is commit order, which is seq order; on the
+  Redis bus it may not be, and the connection fills a hole from the database. A message too big
+  for a NOTIFY payload is read from the database once per process.
+* Every outbox is bounded. A connection that falls ``outbox_limit`` frames behind has its outbox
+  ended (``SlowConsumer``) and is closed by its owner (1013); it never delays the room or the
+  process. If the room's stream fails (a bug: the backends never fail a subscription), every
+  outbox of the room ends with ``StreamLost`` and its owner closes with 1011; the next ``join``
+  starts a fresh stream.
+* After the backend's connection was lost and restored, every outbox gets ``Marker.RESYNC`` and
+  its owner catches up from the database (``service.realtime.websocket``), as it does for a hole
   in the live stream. Catch-ups are shared (``RoomHub.catch_up``): the connections of a room
   that ask together get one read of the room's newest messages, bounded in count and bytes,
   each frame made once; a connection further behind than that read reaches is closed (1013)
-  and resumes with ``since``, whose replay is bounded too. A LISTEN reconnect therefore costs
-  about one read per room, not one per connection.
+  and resumes with ``since``, whose replay is bounded too. A reconnect therefore costs about
+  one read per room, not one per connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -37,21 +46,39 @@ from service.chat.envelope import (
     stored_frame,
 )
 from service.chat.history import read_range, read_tail
-from service.errors import SlowConsumer, Unavailable
+from service.errors import OutboxEnded, SlowConsumer, StreamLost, Unavailable
 from service.realtime.backend import RESYNC
 
 log = logging.getLogger(__name__)
 
-DIRECT = -1
-"""Outbox item seq for a frame that is sent as it is (acks, errors)."""
-FAILED = -2
-"""Outbox item seq for "close with 1011": answering a frame failed (a bug, logged)."""
-RESYNC_SEQ = 0
-"""Outbox item seq for "catch up from the database": the live stream may have a hole."""
 
-OutboxItem = tuple[int, str | SharedFrame | None]
-"""``(seq, frame)``: a live message (a ``SharedFrame``; None: read it from the database), or
-a ``DIRECT`` frame (text), or one of the markers above."""
+class Live:
+    """A message of the room's live stream, made once and put in every outbox of the room.
+
+    ``frame`` is None when the process could not read a message too big to notify: the
+    connection fills it in from the database, as it does for a hole in the stream."""
+
+    __slots__ = ("frame", "seq")
+
+    def __init__(self, seq: int, frame: SharedFrame | None) -> None:
+        self.seq = seq
+        self.frame = frame
+
+
+class Marker(enum.Enum):
+    """An outbox item that is an instruction to the writer rather than a frame."""
+
+    RESYNC = enum.auto()
+    """Catch up from the database: the stream may have a hole (the backend reconnected, or a
+    publish to the room was lost on the Redis bus)."""
+    FAILED = enum.auto()
+    """Close with 1011: answering a frame failed, or writing at once did (a bug, logged)."""
+
+
+OutboxItem = Live | str | SharedFrame | Marker
+"""A live message (written in seq order, once); a frame sent as it is, in its place (``str``:
+an ack, an error, a pong; ``SharedFrame``: a live message the socket could not take at once,
+its seq already counted); or a ``Marker``."""
 
 
 WriteNow = Callable[[deque[OutboxItem]], deque[OutboxItem] | None]
@@ -60,7 +87,7 @@ item that needs an await), or None."""
 
 
 class Outbox:
-    """A bounded queue of frames for one websocket; overflow marks it instead of blocking.
+    """A bounded queue of frames for one websocket; overflow ends it instead of blocking.
 
     Lean on purpose (one per connection, thousands idle): no Events, and a deque only while
     something is queued. The loop is looked up once, not per wait.
@@ -72,8 +99,7 @@ class Outbox:
     """
 
     __slots__ = (
-        "_flush_scheduled", "_items", "_limit", "_loop", "_waiter", "on_overflow", "overflowed",
-        "write_now",
+        "_flush_scheduled", "_items", "_limit", "_loop", "_waiter", "ended", "on_end", "write_now",
     )  # fmt: skip
 
     def __init__(self, limit: int) -> None:
@@ -82,21 +108,22 @@ class Outbox:
         self._waiter: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flush_scheduled = False
-        self.overflowed = False
-        self.on_overflow: Callable[[], object] | None = None
-        """Called once, at the overflow: the owner stops its writer even while it is in a send."""
+        self.ended: type[OutboxEnded] | None = None
+        """Why the outbox ended (``end``); ``take`` raises it from then on."""
+        self.on_end: Callable[[], object] | None = None
+        """Called once, at the end: the owner stops its writer even while it is in a send."""
         self.write_now: WriteNow | None = None
 
-    def put(self, seq: int, frame: str | SharedFrame | None) -> None:
-        if self.overflowed:
+    def put(self, item: OutboxItem) -> None:
+        if self.ended is not None:
             return
         items = self._items
         if items is None:
             items = self._items = deque()
         if len(items) >= self._limit:
-            self.set_overflow()
+            self.end(SlowConsumer)
             return
-        items.append((seq, frame))
+        items.append(item)
         waiter = self._waiter
         if waiter is None or waiter.done():
             return  # the writer is busy: it takes the items when it is done
@@ -110,25 +137,26 @@ class Outbox:
         self._flush_scheduled = False
         waiter, items, write_now = self._waiter, self._items, self.write_now
         if waiter is None or waiter.done() or not items or write_now is None:
-            return  # the writer was woken meanwhile (overflow, cancelled): it sees the items
+            return  # the writer was woken meanwhile (ended, cancelled): it sees the items
         self._items = None
         try:
             rest = write_now(items)
         except Exception:
             log.exception("writing frames at once failed")
-            rest = deque([(FAILED, None)])  # what was written is unknown: close with 1011
+            rest = deque([Marker.FAILED])  # what was written is unknown: close with 1011
         if rest:
             self._items = rest
             waiter.set_result(None)
 
-    def set_overflow(self) -> None:
-        if self.overflowed:
+    def end(self, reason: type[OutboxEnded]) -> None:
+        """Drop what is queued and take nothing more; the first reason is the one that counts."""
+        if self.ended is not None:
             return
-        self.overflowed = True
+        self.ended = reason
         self._items = None
         self._wake()
-        if self.on_overflow is not None:
-            self.on_overflow()
+        if self.on_end is not None:
+            self.on_end()
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -136,10 +164,10 @@ class Outbox:
             waiter.set_result(None)
 
     async def take(self) -> deque[OutboxItem]:
-        """Everything queued (at least one item), oldest first."""
+        """Everything queued (at least one item), oldest first; raises ``ended`` once ended."""
         while not self._items:
-            if self.overflowed:
-                raise SlowConsumer
+            if self.ended is not None:
+                raise self.ended
             if self._loop is None:  # once: get_running_loop() costs a getpid() on 3.11
                 self._loop = asyncio.get_running_loop()
             self._waiter = self._loop.create_future()
@@ -215,6 +243,8 @@ class RoomHub:
 
     @contextlib.asynccontextmanager
     async def join(self, room: str) -> AsyncIterator[Outbox]:
+        """An outbox fed by the room's stream while the context is open (the guarantees are
+        the module's); raises ``StreamLost`` when the stream failed before it was subscribed."""
         outbox = Outbox(self._outbox_limit)
         stream = self._streams.get(room)
         if stream is None:
@@ -226,7 +256,7 @@ class RoomHub:
             try:
                 await asyncio.shield(stream.listening)
             except Exception as exc:  # logged by the stream's task
-                raise Unavailable("the room's live stream could not be joined") from exc
+                raise StreamLost("the room's live stream could not be joined") from exc
             yield outbox
         finally:
             stream.outboxes.discard(outbox)
@@ -253,15 +283,16 @@ class RoomHub:
                 while True:
                     event = await subscriber.get()
                     if event.message == RESYNC:
-                        self._dispatch(stream, RESYNC_SEQ, None)
+                        self._dispatch(stream, Marker.RESYNC)
                         continue
                     seq, sent_at, frame = decode_notification(event.message)
                     if frame is None:
                         frame = await self._load(room, seq)
-                    self._dispatch(stream, seq, None if frame is None else SharedFrame(frame))
+                    self._dispatch(stream, Live(seq, None if frame is None else SharedFrame(frame)))
                     self._on_forward(sent_at)
         except Exception as exc:
-            # The stream is dead: new joiners start a fresh one, current ones are told to retry.
+            # The stream is dead (our backends never fail a subscription: a bug, logged by
+            # _log_failure): new joiners start a fresh one, current ones are closed.
             cancelled = asyncio.current_task().cancelling()  # type: ignore[union-attr]
             if self._streams.get(room) is stream:
                 del self._streams[room]
@@ -269,7 +300,7 @@ class RoomHub:
                 stream.listening.set_exception(exc)
                 stream.listening.exception()  # retrieved: joiners see it through shield()
             for outbox in list(stream.outboxes):
-                outbox.set_overflow()
+                outbox.end(StreamLost)
             if cancelled:  # its last joiner left while it subscribed: broadcaster's subscribe,
                 raise asyncio.CancelledError from exc  # cancelled there, fails in its finally
             raise
@@ -330,9 +361,9 @@ class RoomHub:
                 del self._reads[room]
 
     @staticmethod
-    def _dispatch(stream: _RoomStream, seq: int, frame: SharedFrame | None) -> None:
+    def _dispatch(stream: _RoomStream, item: Live | Marker) -> None:
         for outbox in stream.outboxes:
-            outbox.put(seq, frame)
+            outbox.put(item)
 
     async def _load(self, room: str, seq: int) -> str | None:
         """Read one message that was too big to notify; None leaves it to each connection."""

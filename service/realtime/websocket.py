@@ -4,7 +4,8 @@ A connection's life: refused before accept when the token or a parameter is bad,
 429 when the user is over a limit (``UserLimits.admit``: connects per second, replayed bytes,
 open connections); then join the room's live stream and read the replay from one snapshot,
 within ``ws_connect_timeout`` (else 1013: the database is out), send it and ``ready``; then the
-receiver runs in the connection's own task and the writer in a second one, until either ends.
+receiver runs in the connection's own task and the writer in a second one, together in one
+``asyncio.TaskGroup``, until either ends.
 The writer keeps ``last_seq`` (the last message the client got) and forwards live messages in
 seq order: it drops what the replay already covered and fills any hole from the database, so
 the client sees every message exactly once.
@@ -50,12 +51,13 @@ from service.errors import (
     Overloaded,
     RateLimited,
     SlowConsumer,
+    StreamLost,
     TooManyConnections,
     Unavailable,
     UnknownType,
 )
 from service.observability import request_id, request_id_headers
-from service.realtime.hub import DIRECT, FAILED, RESYNC_SEQ, Outbox, OutboxItem, RoomHub
+from service.realtime.hub import Live, Marker, Outbox, OutboxItem, RoomHub
 from service.realtime.uvicorn_ws import DETACH, SEND_NOWAIT
 from service.services import Services
 
@@ -67,7 +69,8 @@ MAX_PIPELINED = 64
 """Sends of one connection awaiting their commit before it stops reading more frames."""
 
 Reply = str | tuple[asyncio.Future[Stored], str | None]
-"""A ready frame, or a queued send with the client_msg_id its answer echoes."""
+"""An answer frame made at once (an error, a pong), or a queued send with the client_msg_id
+its answer echoes."""
 
 
 @router.websocket("/ws/rooms/{room}")
@@ -152,10 +155,15 @@ class RoomConnection:
                 await self._serve(outbox)
         except WebSocketDisconnect:
             return
-        except SlowConsumer:
+        except SlowConsumer as ended:
             self.services.metrics.slow_consumers.inc()
             log.info("closing slow consumer", extra=self._log_context)
-            await self._close(SlowConsumer.close_code, "too far behind; reconnect with since")
+            await self._close(ended.close_code, str(ended))
+            return
+        except StreamLost as ended:
+            self.services.metrics.streams_lost.inc()
+            log.warning("closing: the room's live stream was lost", extra=self._log_context)
+            await self._close(ended.close_code, str(ended))
             return
         except Unavailable:
             await self._close(Unavailable.close_code, "database unavailable; reconnect with since")
@@ -196,90 +204,93 @@ class RoomConnection:
         self.last_seq = replay.last_seq
 
     async def _serve(self, outbox: Outbox) -> None:
-        """Receive in this (the server's) task, write in one task of its own; when either ends,
-        so does the other. An overflow cancels the writer at once, even while it is in a send."""
-        task = asyncio.current_task()
-        if task is None:  # pragma: no cover - always run in a task
-            raise RuntimeError("_serve must run in a task")
-        writer = asyncio.ensure_future(self._write(outbox))
-        receiving = True
-        interrupted = False  # the writer ended first and cancelled the receiver
-
-        def writer_done(_: object) -> None:
-            nonlocal interrupted
-            if receiving:  # then this task is parked in an await inside _receive
-                interrupted = True
-                task.cancel()
-
-        writer.add_done_callback(writer_done)
-        outbox.on_overflow = writer.cancel
+        """Receive in this (the server's) task and write in a task of its own, both in one
+        ``TaskGroup``: when the writer fails, the receiver is cancelled and the writer's error
+        is raised; when the receiver ends (the peer left), the writer is cancelled and its end
+        does not count. An ended outbox stops the writer at once, even while it is in a send."""
         outbox.write_now = self._write_now
+        left = False
+        failure: BaseException | None = None
         try:
-            await self._receive(outbox)
-        except asyncio.CancelledError:
-            if not interrupted or task.cancelling() > 1:
-                raise  # cancelled from outside (too)
-        finally:
-            receiving = False
-            outbox.on_overflow = outbox.write_now = None
-            if interrupted:
-                task.uncancel()
-            if not writer.done():
+            async with asyncio.TaskGroup() as group:
+                writer = group.create_task(self._write(outbox))
+                outbox.on_end = writer.cancel
+                await self._receive(outbox)
+                left = True
                 writer.cancel()
-                await asyncio.gather(writer, return_exceptions=True)
-        if interrupted:
-            if writer.cancelled() and outbox.overflowed:
-                raise SlowConsumer
-            writer.result()  # the writer's error
-        elif not writer.cancelled():
-            writer.exception()  # retrieved: the peer left first, its end is what counts
+        except BaseExceptionGroup as errors:
+            failure = errors.exceptions[0]  # raised below, outside this handler: no chained group
+        finally:
+            outbox.on_end = outbox.write_now = None
+        if failure is None or left:
+            return
+        if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+            raise asyncio.CancelledError  # cancelled from outside too: that wins, as without errors
+        raise failure
 
     async def _write(self, outbox: Outbox) -> None:
         """Everything that needs no await goes through ``_write_now``, here as from the
         outbox's callback; this task does the rest: fill a gap or resync from the database,
-        wait for a socket that refused frames, close on a failed send."""
-        while True:
-            items = await outbox.take()
-            while (rest := self._write_now(items)) is not None:
-                items = rest
-                seq, frame = items.popleft()
-                if seq == DIRECT:  # the socket refused it just now: wait until it takes it
-                    await self._send_all([frame])  # type: ignore[list-item]
-                elif seq == FAILED:
-                    raise RuntimeError("a send failed")  # logged where it failed
-                else:  # a resync, a gap, or a message too big to notify that nobody loaded
-                    await self._catch_up(until=None if seq == RESYNC_SEQ else seq)
-                    if any(item[0] == RESYNC_SEQ for item in items):  # covered by the read
-                        items = deque(item for item in items if item[0] != RESYNC_SEQ)
+        wait for a socket that refused frames, close on a failed send. Raises the outbox's end
+        (``OutboxEnded``) when that is what stopped it."""
+        try:
+            while True:
+                items = await outbox.take()
+                while (rest := self._write_now(items)) is not None:
+                    items = rest
+                    match items.popleft():
+                        case Marker.FAILED:
+                            raise RuntimeError("a send failed")  # logged where it failed
+                        case Marker.RESYNC:
+                            await self._catch_up(until=None)
+                            items = self._without_resync(items)
+                        case Live(seq=seq):  # a gap, or a message too big that nobody loaded
+                            await self._catch_up(until=seq)
+                            items = self._without_resync(items)
+                        case frame:  # the socket refused it just now: wait until it takes it
+                            await self._send_all([frame])
+        except asyncio.CancelledError:
+            ended = outbox.ended
+            if ended is not None and asyncio.current_task().uncancel() == 0:  # type: ignore[union-attr]
+                raise ended from None  # only the outbox's end (on_end) cancelled it
+            raise
+
+    @staticmethod
+    def _without_resync(items: deque[OutboxItem]) -> deque[OutboxItem]:
+        """A catch-up just read the room's end: the resync markers queued meanwhile are covered."""
+        if Marker.RESYNC in items:
+            return deque(item for item in items if item is not Marker.RESYNC)
+        return items
 
     def _write_now(self, items: deque[OutboxItem]) -> deque[OutboxItem] | None:
-        """The items that need no await, written in one go: direct frames and the next live
-        messages in seq order (called from the outbox's callback while ``_write`` waits, and by
-        ``_write``). From the first other item (a marker, a gap, a frame to read) the rest is
-        returned. Frames the socket cannot take now (backpressure, closing) go back too, as
-        direct frames, still in order."""
+        """The items that need no await, written in one go: frames sent as they are and the
+        next live messages in seq order (called from the outbox's callback while ``_write``
+        waits, and by ``_write``). From the first other item (a marker, a gap, a message to
+        read) the rest is returned. Frames the socket cannot take now (backpressure, closing)
+        go back too, in front, to be sent as they are, still in order."""
         ready: list[str | SharedFrame] = []
         last_seq = self.last_seq
         count = 0
         while items:
-            seq, frame = items[0]
-            if seq == DIRECT:
-                ready.append(frame)  # type: ignore[arg-type]
-            elif seq <= RESYNC_SEQ:  # FAILED or RESYNC
-                break
-            elif seq <= last_seq:
-                pass  # the replay already covered it
-            elif seq == last_seq + 1 and frame is not None:
-                ready.append(frame)
-                count += 1
-                last_seq = seq
-            else:
-                break
-            items.popleft()
+            item = items.popleft()
+            if isinstance(item, Live):
+                seq = item.seq
+                if seq == last_seq + 1 and (frame := item.frame) is not None:
+                    ready.append(frame)  # the next message
+                    count += 1
+                    last_seq = seq
+                    continue
+                if seq <= last_seq:
+                    continue  # the replay or a catch-up already covered it
+            elif not isinstance(item, Marker):
+                ready.append(item)  # a frame sent as it is
+                continue
+            items.appendleft(item)  # a marker, a gap, a message to read: ``_write`` does it
+            break
         self.last_seq = last_seq
         self.services.metrics.counts.delivered += count
         if ready and not self._send_nowait(ready):
-            items.extendleft((DIRECT, frame) for frame in reversed(ready))
+            items.extendleft(reversed(ready))
         return items or None
 
     async def _send_all(self, frames: list[str | SharedFrame]) -> None:
@@ -328,7 +339,7 @@ class RoomConnection:
 
     def _answer(self, outbox: Outbox, reply: Reply) -> None:
         if isinstance(reply, str) and not self._replies:
-            outbox.put(DIRECT, reply)
+            outbox.put(reply)
             return
         self._replies.append(reply)
         if not isinstance(reply, str):
@@ -339,31 +350,31 @@ class RoomConnection:
         while replies:
             reply = replies[0]
             if isinstance(reply, str):
-                outbox.put(DIRECT, reply)
+                outbox.put(reply)
             elif reply[0].done():
-                outbox.put(*self._settle(*reply))
+                outbox.put(self._settle(*reply))
             else:
                 return
             replies.popleft()
 
-    def _settle(self, stored: asyncio.Future[Stored], echo: str | None) -> OutboxItem:
+    def _settle(self, stored: asyncio.Future[Stored], echo: str | None) -> str | Marker:
         """The answer to a committed (or failed) send: ``unavailable`` only when nothing was
         stored, ``outcome_unknown`` when it may have been; both name the send's id (the one
         the server assigned when the client gave none)."""
         if stored.cancelled():  # it may have been committed meanwhile
-            return DIRECT, self._error(OutcomeUnknown.code, "the service is shutting down", echo)
+            return self._error(OutcomeUnknown.code, "the service is shutting down", echo)
         exc = stored.exception()
         if isinstance(exc, Unavailable | OutcomeUnknown):
-            return DIRECT, self._error(exc.code, exc.detail, exc.client_msg_id or echo)
+            return self._error(exc.code, exc.detail, exc.client_msg_id or echo)
         if exc is not None:
             log.error("send failed", exc_info=exc, extra=self._log_context)
-            return FAILED, None
+            return Marker.FAILED
         posted = stored.result()
         counts = self.services.metrics.counts
         if not posted.duplicate:
             counts.stored_websocket += 1
         counts.acks += 1
-        return DIRECT, ack_frame(posted.message)
+        return ack_frame(posted.message)
 
     def _error(self, code: str, detail: str, client_msg_id: str | None = None, **extra: Any) -> str:
         self.services.metrics.errors.labels(code).inc()

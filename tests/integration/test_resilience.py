@@ -17,6 +17,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from service.chat.envelope import channel_for
 from service.chat.messages import submit_message
 from service.db.embedded import EmbeddedPostgres
 from service.db.migrate import upgrade
@@ -345,6 +346,40 @@ async def test_session_cookie_is_refused_from_a_foreign_origin(own_database, spa
     bearer = {"Authorization": f"Bearer {token}"}
     async with connect(url, additional_headers=bearer, origin="https://evil.example") as ws:  # type: ignore[arg-type]
         assert '"ready"' in await asyncio.wait_for(ws.recv(), 5)
+
+
+async def test_a_dead_room_stream_closes_its_connections_with_1011_not_as_slow_consumers(
+    own_database, spawn
+):
+    """A payload the hub cannot decode stands in for a bug in the room's stream: its
+    connections are told the stream was lost (not that they fell behind), and the room's next
+    connect starts a stream that works."""
+    server = spawn(own_database)
+    room = f"r-{uuid.uuid4().hex[:8]}"
+    clients = [await Client.connect(server, room, make_token(f"u{i}")) for i in range(2)]
+    conn = await asyncpg.connect(own_database)
+    try:
+        await conn.execute("SELECT pg_notify($1, 'not a notification')", channel_for(room))
+    finally:
+        await conn.close()
+    for client in clients:
+        closed = await _close(client)
+        assert closed == (1011, "room stream lost; reconnect with since")
+    assert server.metric("chat_room_stream_lost_disconnects_total") == 2
+    assert server.metric("chat_slow_consumer_disconnects_total") == 0
+    assert f"room stream room-{room} failed" in server.log_path.read_text()
+    again = await Client.connect(server, room, make_token("u0"), since=0)
+    await again.send("after", "c-after")
+    assert (await again.recv_type("message"))["body"] == "after"
+    await again.close()
+
+
+async def _close(client: Client, timeout: float = 10) -> tuple[int, str]:
+    try:
+        while True:
+            await asyncio.wait_for(client.ws.recv(), timeout)
+    except ConnectionClosed as closed:
+        return (closed.rcvd.code, closed.rcvd.reason) if closed.rcvd else (1006, "")
 
 
 async def test_invalid_utf8_text_frame_closes_with_1007(server, room, alice):

@@ -13,10 +13,11 @@ import pytest
 from fastapi.routing import APIWebSocketRoute
 from starlette.websockets import WebSocket
 
-from service.errors import RateLimited, SlowConsumer, TooManyConnections
+from service.chat.envelope import SharedFrame
+from service.errors import RateLimited, SlowConsumer, StreamLost, TooManyConnections
 from service.metrics import Metrics
 from service.realtime import websocket
-from service.realtime.hub import DIRECT, FAILED, Outbox, OutboxItem
+from service.realtime.hub import Live, Marker, Outbox, OutboxItem
 from service.realtime.uvicorn_ws import _Gate, _Inbox
 
 
@@ -42,12 +43,13 @@ async def test_outbox_hands_out_everything_queued_in_order():
     taker = asyncio.ensure_future(outbox.take())
     await asyncio.sleep(0)
     assert not taker.done()
-    outbox.put(1, "a")
-    outbox.put(DIRECT, "ack")
-    outbox.put(2, "b")
-    assert list(await taker) == [(1, "a"), (DIRECT, "ack"), (2, "b")]
-    outbox.put(3, "c")
-    assert list(await outbox.take()) == [(3, "c")]
+    a, b, c = (Live(seq, SharedFrame(text)) for seq, text in enumerate("abc", 1))
+    outbox.put(a)
+    outbox.put("ack")
+    outbox.put(b)
+    assert list(await taker) == [a, "ack", b]
+    outbox.put(c)
+    assert list(await outbox.take()) == [c]
 
 
 async def test_a_waiting_writer_is_not_woken_for_what_write_now_takes_in_one_go():
@@ -56,25 +58,25 @@ async def test_a_waiting_writer_is_not_woken_for_what_write_now_takes_in_one_go(
 
     def write_now(items: deque[OutboxItem]) -> deque[OutboxItem] | None:
         calls.append(list(items))
-        while items and items[0][1] != "stop":
+        while items and items[0] != "stop":
             items.popleft()
         return items or None
 
     outbox.write_now = write_now
     taker = asyncio.ensure_future(outbox.take())
     await asyncio.sleep(0)
-    outbox.put(1, "a")
-    outbox.put(DIRECT, "ack")  # the same burst: one call for both
+    outbox.put("a")
+    outbox.put("ack")  # the same burst: one call for both
     await asyncio.sleep(0)
-    assert calls == [[(1, "a"), (DIRECT, "ack")]] and not taker.done()
-    outbox.put(2, "b")
-    outbox.put(3, "stop")
-    outbox.put(4, "c")
-    assert list(await asyncio.wait_for(taker, 1)) == [(3, "stop"), (4, "c")]  # the rest, in order
-    assert calls[1] == [(2, "b"), (3, "stop"), (4, "c")]
-    outbox.put(5, "d")  # nobody waits: nothing is written behind the writer's back
+    assert calls == [["a", "ack"]] and not taker.done()
+    outbox.put("b")
+    outbox.put("stop")
+    outbox.put("c")
+    assert list(await asyncio.wait_for(taker, 1)) == ["stop", "c"]  # the rest, in order
+    assert calls[1] == ["b", "stop", "c"]
+    outbox.put("d")  # nobody waits: nothing is written behind the writer's back
     await asyncio.sleep(0)
-    assert len(calls) == 2 and list(await outbox.take()) == [(5, "d")]
+    assert len(calls) == 2 and list(await outbox.take()) == ["d"]
 
 
 async def test_a_failing_write_now_closes_the_connection_instead_of_losing_frames():
@@ -86,21 +88,32 @@ async def test_a_failing_write_now_closes_the_connection_instead_of_losing_frame
     outbox.write_now = write_now
     taker = asyncio.ensure_future(outbox.take())
     await asyncio.sleep(0)
-    outbox.put(1, "a")
-    assert list(await asyncio.wait_for(taker, 1)) == [(FAILED, None)]
+    outbox.put("a")
+    assert list(await asyncio.wait_for(taker, 1)) == [Marker.FAILED]
 
 
 async def test_outbox_overflow_drops_everything_and_tells_its_owner_once():
     outbox = Outbox(limit=2)
     told: list[bool] = []
-    outbox.on_overflow = lambda: told.append(True)
-    outbox.put(1, "a")
-    outbox.put(2, "b")
-    outbox.put(3, "c")  # one too many
-    outbox.put(4, "d")
-    assert outbox.overflowed and told == [True]
+    outbox.on_end = lambda: told.append(True)
+    outbox.put("a")
+    outbox.put("b")
+    outbox.put("c")  # one too many
+    outbox.put("d")
+    outbox.end(StreamLost)  # the first reason counts
+    assert outbox.ended is SlowConsumer and told == [True]
     with pytest.raises(SlowConsumer):
         await outbox.take()
+
+
+async def test_an_ended_outbox_wakes_its_waiting_writer_with_the_reason():
+    outbox = Outbox(limit=2)
+    taker = asyncio.ensure_future(outbox.take())
+    await asyncio.sleep(0)
+    outbox.end(StreamLost)
+    outbox.put("a")  # too late: dropped
+    with pytest.raises(StreamLost):
+        await asyncio.wait_for(taker, 1)
 
 
 async def test_inbox_is_a_queue_for_one_consumer():
@@ -175,3 +188,116 @@ async def test_without_the_denial_extension_a_refused_handshake_is_closed_with_1
     await websocket._refuse(ws, TooManyConnections("at most 2 connections"))  # type: ignore[arg-type]
     assert [m["type"] for m in sent] == ["websocket.accept", "websocket.close"]
     assert sent[1]["code"] == 1013 and sent[1]["reason"] == "at most 2 connections"
+
+
+class _Socket:
+    """The two calls ``RoomConnection._serve`` makes on its websocket: frames the test feeds
+    are received; a send waits until the test lets it through (a peer that does not read)."""
+
+    def __init__(self) -> None:
+        self.scope: dict[str, object] = {"extensions": {}}  # no SEND_NOWAIT: every send awaits
+        self.state = SimpleNamespace(hub=None)  # the hub is not used by ``_serve``
+        self.incoming: asyncio.Queue[dict[str, object]] = asyncio.Queue()
+        self.receiving = asyncio.Event()
+        self.sending = asyncio.Event()
+        self.sent: list[str] = []
+        self.unblock = asyncio.Event()
+        self.receive_cancelled = False
+
+    async def receive(self) -> dict[str, object]:
+        self.receiving.set()
+        try:
+            return await self.incoming.get()
+        except asyncio.CancelledError:
+            self.receive_cancelled = True
+            raise
+
+    async def send_text(self, text: str) -> None:
+        self.sending.set()
+        await self.unblock.wait()
+        self.sent.append(text)
+
+
+def _connection() -> tuple[websocket.RoomConnection, _Socket, Outbox]:
+    socket = _Socket()
+    services = SimpleNamespace(settings=SimpleNamespace(send_rate=10.0), metrics=Metrics())
+    principal = SimpleNamespace(user_id="alice")
+    connection = websocket.RoomConnection(socket, services, principal, "lobby")  # type: ignore[arg-type]
+    return connection, socket, Outbox(limit=4)
+
+
+async def test_a_failing_writer_cancels_the_receiver_and_its_error_comes_out_unwrapped():
+    connection, socket, outbox = _connection()
+    serving = asyncio.ensure_future(connection._serve(outbox))
+    await asyncio.wait_for(socket.receiving.wait(), 1)
+    outbox.put(Marker.FAILED)
+    with pytest.raises(RuntimeError, match="a send failed"):  # not an ExceptionGroup
+        await asyncio.wait_for(serving, 1)
+    assert socket.receive_cancelled
+    assert outbox.on_end is None and outbox.write_now is None
+
+
+async def test_an_ended_outbox_stops_a_writer_stuck_in_a_send_with_its_reason():
+    for reason in (SlowConsumer, StreamLost):
+        connection, socket, outbox = _connection()
+        serving = asyncio.ensure_future(connection._serve(outbox))
+        outbox.put("ack")
+        await asyncio.wait_for(socket.sending.wait(), 1)  # the peer does not read
+        outbox.end(reason)
+        with pytest.raises(reason):
+            await asyncio.wait_for(serving, 1)
+        assert socket.receive_cancelled and socket.sent == []
+
+
+async def test_when_the_peer_leaves_the_writer_is_cancelled_and_its_end_does_not_count():
+    connection, socket, outbox = _connection()
+    serving = asyncio.ensure_future(connection._serve(outbox))
+    outbox.put("ack")
+    await asyncio.wait_for(socket.sending.wait(), 1)
+    outbox.end(SlowConsumer)  # the writer ends with this first...
+    socket.incoming.put_nowait({"type": "websocket.disconnect", "code": 1012})  # ...then this
+    await asyncio.wait_for(serving, 1)  # returns: no SlowConsumer
+
+
+async def test_a_cancellation_from_outside_wins_over_the_writer_failing_at_the_same_time():
+    connection, socket, outbox = _connection()
+    serving = asyncio.ensure_future(connection._serve(outbox))
+    await asyncio.wait_for(socket.receiving.wait(), 1)
+    (writer,) = (t for t in asyncio.all_tasks() if t.get_coro().__name__ == "_write")  # type: ignore[union-attr]
+    writer.add_done_callback(lambda _: serving.cancel())  # before the task sees the error
+    outbox.put(Marker.FAILED)
+    with pytest.raises(asyncio.CancelledError):
+        await serving
+    assert serving.cancelled() and isinstance(writer.exception(), RuntimeError)
+
+
+@pytest.mark.parametrize("writable", [True, False])
+async def test_write_now_sends_frames_and_the_next_messages_and_stops_at_what_needs_an_await(
+    writable: bool,
+):
+    connection, socket, _ = _connection()
+    written: list[list[str | SharedFrame]] = []
+
+    def send_nowait(frames: list[str | SharedFrame]) -> bool:
+        written.append(list(frames))
+        return writable
+
+    connection._send_nowait = send_nowait
+    connection.last_seq = 2
+    f3, f4, f6 = SharedFrame("3"), SharedFrame("4"), SharedFrame("6")
+    gap, unloaded = Live(6, f6), Live(5, None)
+    items: deque[OutboxItem] = deque([Live(1, SharedFrame("1")), "ack", Live(3, f3)])
+    items.extend([Live(4, f4), gap, "error"])
+    rest = connection._write_now(items)
+    assert written == [["ack", f3, f4]]  # the covered one dropped, the gap not crossed
+    assert connection.last_seq == 4 and connection.services.metrics.counts.delivered == 2
+    if writable:
+        assert list(rest or ()) == [gap, "error"]
+    else:  # the socket refused them: back in front, to be sent as they are, seq counted
+        assert list(rest or ()) == ["ack", f3, f4, gap, "error"]
+        return
+    for stop in (unloaded, Marker.RESYNC, Marker.FAILED):
+        rest = connection._write_now(deque(["pong", stop, "ack"]))
+        assert list(rest or ()) == [stop, "ack"] and written[-1] == ["pong"]
+    assert connection._write_now(deque([Live(5, SharedFrame("5")), gap])) is None
+    assert connection.last_seq == 6
