@@ -5,25 +5,27 @@ Revises: 0003
 Create Date: 2026-12-02
 
 Before, a message's JSON was spelled out twice in SQL (``chat_post_messages``, and the history
-reads of ``service.db.queries``) and once in Python, and a test held the copies together. Now
-``chat_message_json(room, message_row, as_frame)`` is the only one: ``chat_post_messages``
-calls it in its INSERT's RETURNING (the frame it NOTIFYs, or returns for another bus), and every
-history read calls it in its SELECT list. It is a STABLE ``LANGUAGE sql`` function, so the
-planner inlines it into both statements (``EXPLAIN VERBOSE`` shows the expression, reading the
-row's columns directly): it costs what the spelled-out expressions cost.
-
-``as_frame`` true gives the ``message`` frame of the websocket (``"type":"message"`` first),
-false the object history pages list; the planner folds the constant away.
+reads of ``service.db.queries``) and once more in Python for tests. Now
+``chat_message_json(room, message_row, as_frame)`` is the only definition:
+``chat_post_messages`` builds the frame it NOTIFYs (or returns, for another bus) with it from
+the row it inserted, and every history read calls it in its SELECT list. It is a STABLE
+``LANGUAGE sql`` function, so the planner inlines it, reading the row's columns directly
+(``EXPLAIN VERBOSE`` of a history read shows the expression): it costs what the spelled-out
+expressions cost. ``as_frame`` true gives the websocket's ``message`` frame
+(``"type":"message"`` first), false the object history pages list; the constant is folded away.
 
 **Adding a field** to the message frame (docs/protocol.md) is one change: a new migration that
-replaces ``chat_message_json`` with the field added (``CREATE OR REPLACE FUNCTION``, same
-arguments), its downgrade restoring this body. It takes the ``message`` row, so a new column
-is in reach without changing a caller. Then the REST models (``service/api/schemas.py``), the
-201 body (``envelope.message_fields``) and the protocol document follow;
-tests/integration/test_message_frame.py fails until every path writes the same bytes.
+replaces ``chat_message_json`` (``CREATE OR REPLACE FUNCTION``, same arguments) with the field
+added, and whose downgrade restores this body. It takes the whole ``message`` row, and
+``chat_post_messages`` hands it the row as inserted (``RETURNING *``), so a new column is in
+reach without changing a caller. A new kind of stream event (issue 15) is built the same way:
+one function that its writer and the history reads share. Then the API models
+(``service/api/schemas.py``), the 201 body of a REST post (``envelope.message_fields``) and
+docs/protocol.md follow: tests/integration/test_message_frame.py fails until every path writes
+the same bytes and exactly the documented fields.
 
 ``chat_post_messages`` keeps 0003's signature and results (only where its frame is built
-changed): the release before calls it unchanged, so this migration is expand-only.
+changed), so the release before calls it unchanged: this migration is expand-only.
 """
 
 import importlib.util
@@ -89,6 +91,7 @@ DECLARE
     v_seq bigint;       -- the last of them given out so far
     v_head text;
     v_payload text;
+    v_message message;  -- the row inserted
 BEGIN
     FOR m IN
         SELECT u.ord::integer AS ord, u.room, u.channel, u.author, u.body, u.cmid,
@@ -114,12 +117,10 @@ BEGIN
 
         o_ord := m.ord;
         o_seq := v_seq + 1;
-        -- The frame is made from the row as stored (chat_message_json, inlined here).
         INSERT INTO message (room_id, seq, author, body, client_msg_id)
         VALUES (v_room_id, o_seq, m.author, m.body, m.cmid)
         ON CONFLICT (room_id, author, client_msg_id) DO NOTHING
-        RETURNING message.id, message.created_at, chat_message_json(m.room, message, true)
-            INTO o_id, o_created_at, o_frame;
+        RETURNING * INTO v_message;
 
         IF NOT FOUND THEN
             -- A resend: its seq is not taken. The room row is locked, so the original is
@@ -139,8 +140,13 @@ BEGIN
         END IF;
 
         v_seq := o_seq;
+        o_id := v_message.id;
+        o_created_at := v_message.created_at;
         o_body := NULL;  -- the caller has it
         o_duplicate := false;
+        -- The frame of the row as stored, whatever columns it has (inlined: a STABLE sql
+        -- function in a simple expression).
+        o_frame := chat_message_json(m.room, v_message, true);
         IF p_notify THEN
             v_head := o_seq || ':' || extract(epoch FROM clock_timestamp()) || ':';
             v_payload := v_head || o_frame;
@@ -158,8 +164,8 @@ BEGIN
 END
 $fn$
 """
-"""0003's function, but for where its frame is built (the INSERT's RETURNING calls
-``chat_message_json``); everything else, as 0003's docstring has it."""
+"""0003's function, but for where its frame comes from (``chat_message_json`` of the row
+the INSERT returns); everything else as 0003's docstring has it."""
 
 
 def _previous() -> str:

@@ -22,6 +22,7 @@ import asyncpg
 import httpx
 from websockets.asyncio.client import ClientConnection, connect
 
+from service.db import queries
 from service.db.queries import messages_between, room_window
 from service.realtime.envelope import channel_for, decode_notification, dumps_with_items
 from tests.support import make_token
@@ -209,5 +210,20 @@ async def test_every_path_writes_the_same_bytes_for_a_message(server, database_u
             assert isinstance(frame["id"], int)
             assert {k: frame[k] for k in ("author", "body", "client_msg_id")} == expected[seq]
             assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", frame["created_at"])
+    finally:
+        await conn.close()
+
+
+async def test_history_reads_inline_the_definition(database_url):
+    """``chat_message_json`` stays as cheap as the expression written out: the planner inlines
+    it into every history read (it would not if it were made IMMUTABLE, STRICT or plpgsql)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        for query in (queries._NEWEST, queries._OLDEST, queries._BETWEEN):
+            plan = "\n".join(
+                r[0] for r in await conn.fetch(f"EXPLAIN VERBOSE {query}", "r", 0, 9, 5)
+            )
+            assert "chat_message_json" not in plan, plan
+            assert "to_json(" in plan and "to_char(" in plan, plan
     finally:
         await conn.close()
