@@ -12,7 +12,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from service.config import Settings, to_sqlalchemy_url
-from service.db.migrate import COMPAT_TABLE, record_compatibility
+from service.db.migrate import include_name, record_compatibility
 from service.db.models import Base
 from service.embedded_mode import resolved_settings
 
@@ -21,11 +21,6 @@ if config.config_file_name is not None:
     logging.config.fileConfig(config.config_file_name, disable_existing_loggers=False)
 
 target_metadata = Base.metadata
-
-
-def include_name(name: str | None, type_: str, _parent: object) -> bool:
-    """Autogenerate leaves the compatibility record alone: env.py writes it, no model does."""
-    return not (type_ == "table" and name == COMPAT_TABLE)
 
 
 def _run(connection: Connection) -> None:

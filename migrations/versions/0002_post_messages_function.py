@@ -14,9 +14,9 @@ Rooms are locked in name order ("C" collation) whatever order the batch arrived 
 never wait on each other in a cycle, so concurrent processes cannot deadlock. Within a room the
 arrival order is kept.
 
-The frame is built byte for byte as ``service.chat.envelope.message_frame`` builds it
-(``to_json`` escapes strings exactly as Python's ``json.dumps(ensure_ascii=False)``); a test
-holds the two together.
+The frame was built byte for byte as Python's ``envelope.message_frame`` built it (``to_json``
+escapes strings exactly as ``json.dumps(ensure_ascii=False)``). Since migration 0004 the one
+definition of the frame is the SQL function ``chat_message_json``.
 """
 
 from collections.abc import Sequence

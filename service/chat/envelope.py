@@ -42,7 +42,7 @@ def channel_for(room: str) -> str:
 
 
 def iso(ts: datetime) -> str:
-    """Always with microseconds, as ``chat_post_messages`` (migration 0003) writes it.
+    """Always with microseconds, as ``chat_message_json`` (migration 0004) writes it.
     ``isoformat`` is twice as fast as ``strftime``; asyncpg's datetimes are in UTC already."""
     if ts.tzinfo is not UTC:
         ts = ts.astimezone(UTC)
@@ -59,6 +59,11 @@ def dumps(obj: dict[str, Any]) -> str:
 
 
 def message_fields(msg: MessageRecord) -> dict[str, Any]:
+    """The 201 body of ``POST /rooms/{room}/messages``: the message's JSON object as
+    ``chat_message_json`` (migration 0004) writes it, which is the one definition; the writer's
+    batch does not bring it back (only a bus other than the database needs the frame), so this
+    copy saves a read per post. tests/integration/test_message_frame.py holds it to the bytes
+    of history."""
     return {
         "room": msg.room,
         "seq": msg.seq,
@@ -70,12 +75,9 @@ def message_fields(msg: MessageRecord) -> dict[str, Any]:
     }
 
 
-def message_frame(msg: MessageRecord) -> str:
-    return dumps({"type": "message", **message_fields(msg)})
-
-
 def stored_frame(msg: StoredMessage) -> str:
-    """``message_frame`` of a message read from history, which comes as its JSON object."""
+    """The ``message`` frame of a message read from history, which comes as its JSON object:
+    ``chat_message_json(..., true)`` of the same row, as the NOTIFY carries it."""
     return '{"type":"message",' + msg.json[1:]
 
 

@@ -31,6 +31,13 @@ import service
 COMPAT_TABLE = "schema_compat"
 """One row per applied migration that declares ``compatible_from`` (the SQL below spells it)."""
 
+
+def include_name(name: str | None, type_: str, _parent: object) -> bool:
+    """Autogenerate, and any comparison of the models with the database, leaves the
+    compatibility record alone: ``record_compatibility`` writes it, no model does."""
+    return not (type_ == "table" and name == COMPAT_TABLE)
+
+
 UNDECLARED = frozenset({"0001", "0002", "0003"})
 """Migrations written before the rule: they declare nothing (their releases demanded an exact
 match anyway). Every later one must declare ``compatible_from``."""

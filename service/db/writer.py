@@ -2,7 +2,7 @@
 
 One ``MessageWriter`` per process owns one asyncpg connection and one flusher task. A send is
 queued and awaits its own result; the flusher takes everything queued (up to ``max_batch``),
-stores it with one call of ``chat_post_messages`` (migration 0003: one statement, one
+stores it with one call of ``chat_post_messages`` (migration 0004: one statement, one
 transaction, one fsync, the NOTIFYs inside) and resolves each send with its row. Under light
 load a batch is one message and costs one round trip; under heavy load the fsync and the round
 trip are shared. Durability is unchanged: a send resolves only after its batch committed.

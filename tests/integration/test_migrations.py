@@ -10,7 +10,7 @@ from sqlalchemy import inspect
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from service.config import to_sqlalchemy_url
-from service.db.migrate import downgrade, upgrade
+from service.db.migrate import downgrade, include_name, upgrade
 from service.db.models import Base
 
 
@@ -21,7 +21,8 @@ async def _inspect(url: str):  # type: ignore[no-untyped-def]
 
             def read(sync_conn):  # type: ignore[no-untyped-def]
                 tables = set(inspect(sync_conn).get_table_names())
-                context = MigrationContext.configure(sync_conn, opts={"compare_type": True})
+                opts = {"compare_type": True, "include_name": include_name}  # as env.py has it
+                context = MigrationContext.configure(sync_conn, opts=opts)
                 return tables, compare_metadata(context, Base.metadata)
 
             return await conn.run_sync(read)

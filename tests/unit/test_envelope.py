@@ -7,14 +7,21 @@ from service.chat.envelope import (
     NOTIFY_PAYLOAD_LIMIT,
     channel_for,
     decode_notification,
+    dumps,
     encode_notification,
-    message_frame,
+    message_fields,
 )
 from service.db.queries import MessageRecord
 
 
 def _record(body: str) -> MessageRecord:
     return MessageRecord(7, "lobby", 42, "alice", body, None, datetime(2026, 1, 1, tzinfo=UTC))
+
+
+def _frame(record: MessageRecord) -> str:
+    """A frame as the database writes it (``chat_message_json``; its bytes are held together
+    with every other path by tests/integration/test_message_frame.py)."""
+    return dumps({"type": "message", **message_fields(record)})
 
 
 def test_channel_names_fit_postgres_identifiers_and_differ_per_room():
@@ -27,7 +34,7 @@ def test_channel_names_fit_postgres_identifiers_and_differ_per_room():
 
 def test_small_messages_travel_inline():
     record = _record("hello")
-    frame = message_frame(record)
+    frame = _frame(record)
     seq, sent_at, decoded = decode_notification(encode_notification(record, frame))
     assert (seq, decoded) == (42, frame)
     assert abs(time.time() - sent_at) < 60
@@ -35,15 +42,15 @@ def test_small_messages_travel_inline():
 
 def test_large_messages_travel_as_a_reference():
     record = _record("\U0001f600" * 2000)  # 8000 bytes of body alone
-    payload = encode_notification(record, message_frame(record))
+    payload = encode_notification(record, _frame(record))
     assert len(payload.encode()) <= NOTIFY_PAYLOAD_LIMIT
     seq, _sent_at, frame = decode_notification(payload)
     assert (seq, frame) == (42, None)
 
 
-def test_frames_keep_unicode_unescaped():
-    assert "\U0001f600" in message_frame(_record("\U0001f600"))
-    assert '"created_at":"2026-01-01T00:00:00.000000Z"' in message_frame(_record("x"))
+def test_the_created_body_keeps_unicode_unescaped():
+    assert "\U0001f600" in dumps(message_fields(_record("\U0001f600")))
+    assert '"created_at":"2026-01-01T00:00:00.000000Z"' in dumps(message_fields(_record("x")))
 
 
 def test_timestamps_are_utc_with_microseconds_whatever_the_zone():
