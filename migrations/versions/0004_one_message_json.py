@@ -20,12 +20,15 @@ added, and whose downgrade restores this body. It takes the whole ``message`` ro
 ``chat_post_messages`` hands it the row as inserted (``RETURNING *``), so a new column is in
 reach without changing a caller. A new kind of stream event (issue 15) is built the same way:
 one function that its writer and the history reads share. Then the API models
-(``service/api/schemas.py``), the 201 body of a REST post (``envelope.message_fields``) and
-docs/protocol.md follow: tests/integration/test_message_frame.py fails until every path writes
-the same bytes and exactly the documented fields.
+(``service/api/schemas.py``) and docs/protocol.md follow:
+tests/integration/test_message_frame.py fails until every path writes the same bytes and
+exactly the documented fields.
 
-``chat_post_messages`` keeps 0003's signature and results (only where its frame is built
-changed), so the release before calls it unchanged: this migration is expand-only.
+``chat_post_messages`` keeps 0003's signature and result columns, so the release before calls
+it unchanged: this migration is expand-only. One result changed: ``o_frame`` of a stored message
+is returned also when it was NOTIFYed (before: NULL), so a REST post answers with the frame's
+object instead of a Python copy of the definition; the release before reads ``o_frame`` only
+when it did not NOTIFY, so it is unaffected. A resend's ``o_frame`` stays NULL.
 """
 
 import importlib.util
@@ -154,8 +157,7 @@ BEGIN
                 v_payload := v_head;  -- a reference: listeners read the row
             END IF;
             PERFORM pg_notify(m.channel, v_payload);
-            o_frame := NULL;  -- already on its way
-        END IF;
+        END IF;  -- and the frame comes back too: the 201 body of a REST post is made from it
         RETURN NEXT;
     END LOOP;
     IF v_seq < v_reserved THEN

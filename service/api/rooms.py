@@ -22,7 +22,7 @@ from service.api.schemas import (
 )
 from service.auth import CurrentUser, RoomName
 from service.chat import history
-from service.chat.envelope import dumps, dumps_with_items, iso, message_fields
+from service.chat.envelope import dumps, dumps_with_items, iso, message_object
 from service.chat.messages import submit_message
 from service.config import ROOM_NAME_MAX, ROOM_NAME_PATTERN
 from service.errors import ChatError, InvalidMessage
@@ -180,9 +180,10 @@ async def create_message(
         if isinstance(exc, InvalidMessage):  # in FastAPI's shape, as the OpenAPI schema says
             raise invalid(("body", "body"), f"{exc.code}: {exc.detail}", exc.code) from None
         raise  # the app's ChatError handler answers as the error tree says (503s: resend id)
-    headers = {}
-    if posted.duplicate:
-        headers["Idempotent-Replayed"] = "true"
-    else:
+    if posted.frame is not None:
         services.metrics.counts.stored_rest += 1
-    return json_response(message_fields(posted.message), 201, **headers)
+        return json_response(message_object(posted.frame), 201)
+    # A resend: the original as history reads it (the writer brings back only new frames).
+    seq = posted.message.seq
+    original = await history.read_range(pool=services.pool, room=room, after=seq - 1, until=seq)
+    return json_response(original[0].json, 201, **{"Idempotent-Replayed": "true"})

@@ -58,27 +58,19 @@ def dumps(obj: dict[str, Any]) -> str:
     return _ENCODER.encode(obj)
 
 
-def message_fields(msg: MessageRecord) -> dict[str, Any]:
-    """The 201 body of ``POST /rooms/{room}/messages``: the message's JSON object as
-    ``chat_message_json`` (migration 0004) writes it, which is the one definition; the writer's
-    batch does not bring it back (only a bus other than the database needs the frame), so this
-    copy saves a read per post. tests/integration/test_message_frame.py holds it to the bytes
-    of history."""
-    return {
-        "room": msg.room,
-        "seq": msg.seq,
-        "id": msg.id,
-        "author": msg.author,
-        "body": msg.body,
-        "client_msg_id": msg.client_msg_id,
-        "created_at": iso(msg.created_at),
-    }
+MESSAGE_FRAME_HEAD = '{"type":"message",'
+
+
+def message_object(frame: str) -> str:
+    """The message's JSON object (the 201 body of a REST post, a history item) from its
+    ``message`` frame as ``chat_post_messages`` returns it: the inverse of ``stored_frame``."""
+    return "{" + frame[len(MESSAGE_FRAME_HEAD) :]
 
 
 def stored_frame(msg: StoredMessage) -> str:
     """The ``message`` frame of a message read from history, which comes as its JSON object:
     ``chat_message_json(..., true)`` of the same row, as the NOTIFY carries it."""
-    return '{"type":"message",' + msg.json[1:]
+    return MESSAGE_FRAME_HEAD + msg.json[1:]
 
 
 def dumps_with_items(obj: dict[str, Any], key: str, items: list[str]) -> str:

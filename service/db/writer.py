@@ -74,7 +74,8 @@ class Stored:
     message: MessageRecord
     duplicate: bool
     frame: str | None
-    """The ``message`` frame when the writer did not NOTIFY it (another bus publishes it)."""
+    """The stored message's ``message`` frame, as ``chat_message_json`` (migration 0004) writes
+    it: another bus publishes it, a REST post answers with it. None for a resend."""
 
 
 @dataclass(slots=True)

@@ -119,6 +119,7 @@ async def test_every_path_writes_the_same_bytes_for_a_message(server, database_u
     await conn.add_listener(channel_for(room), lambda *args: heard.put_nowait(args[3]))
     expected: dict[int, dict[str, Any]] = {}  # seq -> the fields stored
     returned: dict[int, str] = {}  # seq -> o_frame (p_notify false)
+    returned_too: dict[int, str] = {}  # seq -> o_frame (p_notify true: NOTIFYed and returned)
     notified: dict[int, str | None] = {}  # seq -> the NOTIFY's frame (None: a reference)
     created: dict[int, str] = {}  # seq -> the 201 body of a REST post
     try:
@@ -137,7 +138,8 @@ async def test_every_path_writes_the_same_bytes_for_a_message(server, database_u
 
             for body, cmid in cases("notified"):
                 seq, frame = await post_directly(conn, room, body, cmid, notify=True)
-                assert frame is None  # on its way in the NOTIFY
+                assert frame is not None  # on its way in the NOTIFY, and returned for REST
+                returned_too[seq] = frame
                 expected[seq] = {"author": AUTHOR, "body": body, "client_msg_id": cmid}
             async with httpx.AsyncClient(base_url=server.http, timeout=TIMEOUT) as http:
                 for body, cmid in cases("posted"):
@@ -155,6 +157,15 @@ async def test_every_path_writes_the_same_bytes_for_a_message(server, database_u
                     # the server assigns an id to a send without one
                     given = answer.json()["client_msg_id"] if cmid is None else cmid
                     expected[seq] = {"author": poster, "body": body, "client_msg_id": given}
+                    if cmid is not None:  # a resend answers with the original, as stored
+                        again = await http.post(
+                            f"/rooms/{room}/messages",
+                            json=sent,
+                            headers={"Authorization": f"Bearer {make_token(poster)}"},
+                        )
+                        assert again.status_code == 201, again.text
+                        assert again.headers["idempotent-replayed"] == "true"
+                        assert again.text == answer.text
                 last = max(expected)
                 page = await http.get(
                     f"/rooms/{room}/messages",
@@ -191,6 +202,7 @@ async def test_every_path_writes_the_same_bytes_for_a_message(server, database_u
         assert replay == {seq: as_frame(item) for seq, item in items.items()}
         assert replay_at_join == {seq: replay[seq] for seq in returned}
         assert returned == {seq: as_frame(items[seq]) for seq in returned}
+        assert returned_too == {seq: as_frame(items[seq]) for seq in returned_too}
         assert created == {seq: items[seq] for seq in created}
         big = {seq for seq in notified if len(expected[seq]["body"].encode()) > 7000}
         assert big and all(notified[seq] is None for seq in big)
