@@ -41,20 +41,9 @@ from websockets.protocol import State
 from service.http_guard import GUARD_STATE_KEY, HeadDeadline
 from service.observability import LogBudget
 from service.realtime.envelope import SharedFrame
+from service.realtime.extensions import DETACH, SEND_NOWAIT
 
 log = logging.getLogger(__name__)
-
-DETACH = "chat.detach"
-"""Scope extension: ``scope["extensions"][DETACH](serve)`` asks the server to run ``serve()``
-in the same task once the app has returned, so the frames of the middleware and routing stack
-(FastAPI, Starlette: ~10 kB per connection) are freed for the long life of the websocket."""
-
-
-SEND_NOWAIT = "chat.send_texts_nowait"
-"""Scope extension: ``scope["extensions"][SEND_NOWAIT](frames)`` (texts or ``SharedFrame``s)
-writes these text frames at once, in one write (one system call for a burst), and
-returns True, or returns False when the ASGI ``send`` is needed (paused for backpressure,
-closing, closed): the caller then awaits that, which waits or raises as usual."""
 
 
 class _Inbox:
