@@ -25,9 +25,12 @@ Guarantees, per process:
 Every connection closed by these rules is counted (``chat_http_connections_closed_total`` by
 reason) and logged at WARNING at most once per ``BurstLog.INTERVAL`` seconds per reason.
 
-The protocol half is tied to uvicorn's ``HttpToolsProtocol`` (``connection_made``,
-``on_message_begin``, ``on_headers_complete``, ``handle_websocket_upgrade``), checked against
-uvicorn 0.54, to which ``pyproject.toml`` pins it.
+The protocol half runs in one of two places, as ``service.fastpath`` chose at start-up: on the
+fast path, ``service.uvicorn_http`` hooks the rules into uvicorn's ``HttpToolsProtocol``
+callbacks; on the public path, ``GuardedProtocol`` (below) wraps uvicorn's own protocol at
+asyncio's ``Protocol`` interface and finds the end of a head in the bytes. Both hold every rule
+above; ``GuardedProtocol`` says what is weaker on its side and why. A websocket handshake with a
+line over websockets' limit is answered 414 or 431 on both.
 """
 
 from __future__ import annotations

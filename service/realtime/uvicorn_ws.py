@@ -21,8 +21,10 @@ and the middleware wrappers around it, whenever that ``send`` would not have wai
 connection that negotiated no extension.
 
 Tied to uvicorn's ``WebSocketsSansIOProtocol`` internals (``queue``, ``writable``, ``request``,
-``response``, ``conn``, ``run_asgi``), checked against uvicorn 0.54, to which
-``pyproject.toml`` pins it: the integration tests run every websocket through this class.
+``response``, ``conn``, ``run_asgi``) and websockets' ``ServerProtocol``, written against uvicorn
+0.54: imported only when ``service.fastpath`` has found them at start-up (else uvicorn's own
+protocol runs, and the endpoint does without ``DETACH`` and ``SEND_NOWAIT``). CI runs the
+websocket tests through this class and through uvicorn's own.
 """
 
 from __future__ import annotations
