@@ -153,6 +153,11 @@ def check() -> str | None:
         server = import_module("websockets.server")
     except ImportError as exc:
         return f"cannot import {exc.name}"
+    try:  # what they import at the top, from uvicorn and websockets
+        import_module("service.realtime.uvicorn_ws")
+        import_module("service.uvicorn_http")
+    except ImportError as exc:
+        return f"the fast path cannot import {exc.name}: {exc}"
     if not hasattr(protocol, "State") or not hasattr(protocol.State, "OPEN"):
         return "websockets.protocol.State.OPEN is missing"
     if not hasattr(frames, "Frame") or not hasattr(frames, "Opcode"):
