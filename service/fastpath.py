@@ -4,11 +4,12 @@ The fast path (``service.uvicorn_http``, ``service.realtime.uvicorn_ws``) subcla
 httptools and websockets-sansio protocols: frames shared by a room, bursts written without the
 ASGI ``send``, the routing frames detached from idle connections (docs/benchmarks.md). It leans
 on their internals, so it is chosen only when they are what it was written for: a uvicorn in
-``FAST_UVICORN``, and every method it overrides or calls, with the same parameters, and every
-attribute it uses, checked at start-up (``check``). Anything else, or ``CHAT_FAST_PATH=off``,
-chooses the public path: uvicorn's own protocols chosen by name, wrapped at asyncio's
-``Protocol`` interface by ``service.http_guard.GuardedProtocol``, and the websocket endpoint
-awaiting ASGI ``websocket.send`` for every frame. Clients see the same protocol on both; what
+``FAST_UVICORN``, its modules importable, every method it overrides or calls there with the same
+parameters, and the attributes it uses set up by their constructors, checked at start-up
+(``check``). Anything else, or ``CHAT_FAST_PATH=off``, chooses the public path: uvicorn's own
+protocols chosen by name, wrapped at asyncio's ``Protocol`` interface by
+``service.http_guard.GuardedProtocol``, and the websocket endpoint awaiting ASGI
+``websocket.send`` for every frame. Clients see the same protocol on both; what
 differs is speed, memory per idle connection, and what is logged for a few bad inputs
 (docs/operations.md, "The fast path"). One INFO line says which path and why.
 """
@@ -22,6 +23,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import import_module
 from typing import Any, Literal
+
+from service.http_guard import GuardedProtocol
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +98,6 @@ class Protocols:
 def choose(mode: Literal["auto", "off"]) -> Protocols:
     """The fast path if ``mode`` allows it and ``check`` finds nothing wrong, else the public
     path; logged in one INFO line."""
-    from service.http_guard import GuardedProtocol  # noqa: PLC0415 - imports no uvicorn
-
     if mode == "off":
         problem: str | None = "CHAT_FAST_PATH=off"
     else:
