@@ -114,6 +114,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from service.app import check_database_once, create_app  # noqa: PLC0415
     from service.embedded_mode import export, resolved_settings  # noqa: PLC0415
+    from service.fastpath import choose  # noqa: PLC0415
 
     # The listen address decides what is open by default (dev logins, metrics, docs).
     with resolved_settings(_settings(listen_host=args.host)) as settings:
@@ -124,13 +125,14 @@ def serve(args: argparse.Namespace) -> int:
             _migrate(settings.require_database_url())
         check_database_once(settings)
         host = "localhost" if args.host in ("0.0.0.0", "::") else args.host  # noqa: S104
+        protocols = choose(settings.fast_path)
         log.info("demo page at http://%s:%d/", host, args.port)
         options = {
             "host": args.host,
             "port": args.port,
             "log_config": log_config,
-            "http": "service.http_guard:GuardedHttpToolsProtocol",
-            "ws": "service.realtime.uvicorn_ws:LeanWebSocketProtocol",
+            "http": protocols.http,
+            "ws": protocols.ws,
             "ws_max_size": ws_max_size(settings),
             "proxy_headers": True,
             "timeout_graceful_shutdown": settings.drain_seconds,

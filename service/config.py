@@ -15,6 +15,7 @@ import ipaddress
 import math
 from collections import Counter
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -121,6 +122,10 @@ class Settings(BaseSettings):
     ws_ping_timeout: float = Field(default=20.0, gt=0)
     drain_seconds: float = Field(default=10.0, ge=0)
     """On SIGTERM: how long in-flight requests may take before they are cancelled."""
+    fast_path: Literal["auto", "off"] = "auto"
+    """``auto``: uvicorn protocols tuned for this service where the installed uvicorn's
+    internals are the ones they were written for, else uvicorn's own (``service.fastpath``);
+    ``off``: always uvicorn's own."""
     # --- Issue 11, HTTP-level protections (service/http_guard.py) ---
     max_body_bytes: int | None = Field(default=None, ge=1024)
     """Largest request body; default: room for the longest message in the worst JSON escaping

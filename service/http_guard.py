@@ -25,20 +25,25 @@ Guarantees, per process:
 Every connection closed by these rules is counted (``chat_http_connections_closed_total`` by
 reason) and logged at WARNING at most once per ``BurstLog.INTERVAL`` seconds per reason.
 
-The protocol half is tied to uvicorn's ``HttpToolsProtocol`` (``connection_made``,
-``on_message_begin``, ``on_headers_complete``, ``handle_websocket_upgrade``), checked against
-uvicorn 0.54, to which ``pyproject.toml`` pins it.
+The protocol half runs in one of two places, as ``service.fastpath`` chose at start-up: on the
+fast path, ``service.uvicorn_http`` hooks the rules into uvicorn's ``HttpToolsProtocol``
+callbacks; on the public path, ``GuardedProtocol`` (below) wraps uvicorn's own protocol at
+asyncio's ``Protocol`` interface and finds the end of a head in the bytes. Both hold every rule
+above; ``GuardedProtocol`` says what is weaker on its side and why. A websocket handshake with a
+line over websockets' limit is answered 414 or 431 on both.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import resource
+from collections.abc import Collection, Mapping
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.chat.envelope import dumps
 from service.errors import BodyTooLarge
@@ -104,8 +109,13 @@ class GuardMiddleware:
         self.docs_headers = _security_headers(DOCS_POLICY)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        connection = _CONNECTION.get()
         if scope["type"] != "http":
-            await self.app(scope, receive, send)  # websocket frames stay unwrapped
+            if connection is None or connection.head_deadline is None:
+                await self.app(scope, receive, send)  # websocket frames stay unwrapped
+            else:  # the public path: the handshake answer ends the head deadline
+                _CONNECTION.set(None)  # this task's copy: the connection is not kept for life
+                await self.app(scope, receive, _answer_ends_deadline(send, connection))
             return
         security = self.docs_headers if scope["path"] in self.docs_paths else self.page_headers
         length: int | None = None
@@ -159,7 +169,31 @@ class GuardMiddleware:
                 message = {**message, "headers": headers}
             await send(message)
 
-        await self.app(scope, receive_capped, send_with_headers)
+        try:
+            await self.app(scope, receive_capped, send_with_headers)
+        finally:
+            if connection is not None:
+                connection.response_done()
+
+
+def _answer_ends_deadline(send: Send, connection: GuardedProtocol) -> Send:
+    """``send``, which first tells ``connection`` when the websocket handshake is answered."""
+
+    waiting: GuardedProtocol | None = connection
+
+    async def send_answered(message: Message) -> None:
+        nonlocal waiting
+        if waiting is not None and message["type"] in _HANDSHAKE_ANSWERS:
+            waiting.handshake_answered()
+            waiting = None  # nor is it kept by this closure
+        await send(message)
+
+    return send_answered
+
+
+_HANDSHAKE_ANSWERS = frozenset(
+    {"websocket.accept", "websocket.close", "websocket.http.response.start"}
+)
 
 
 # --- The server protocol: head deadline, unfinished-connection cap, fd reserve -------------------
@@ -206,6 +240,9 @@ class HeadDeadline:
     def expire(self) -> None:
         self.timer = None
         self.guard.pending.pop(self, None)
+        if self.transport.is_closing():  # answered by a protocol that took the connection over
+            self.transport.abort()  # not counted: only made sure it goes
+            return
         self.guard.closed(
             "head_timeout",
             self,
@@ -290,69 +327,174 @@ HEAD_TOO_LARGE = (
 )
 
 
-class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a deadline on request heads (see module docstring).
+def guard_of(app_state: Mapping[str, Any]) -> ConnectionGuard | None:
+    """The process's guard, if the app is ours (its lifespan put one in the state)."""
+    return app_state.get(GUARD_STATE_KEY)
 
-    Without a ``ConnectionGuard`` in the lifespan state (an app that is not ours) it is plain
-    uvicorn."""
+
+_CONNECTION: ContextVar[GuardedProtocol | None] = ContextVar("guarded_connection", default=None)
+"""The ``GuardedProtocol`` whose bytes created the running ASGI task: uvicorn starts a request's
+(and a websocket's) task while it parses them, and a task copies the context it starts in. Never
+set on the fast path."""
+
+
+@functools.cache
+def uvicorn_http_protocol(name: str) -> type[asyncio.Protocol]:
+    """uvicorn's own HTTP protocol class of that name (``auto``: httptools if installed)."""
+    from uvicorn.config import HTTP_PROTOCOLS  # noqa: PLC0415 - only on the public path
+    from uvicorn.importer import import_from_string  # noqa: PLC0415
+
+    protocol: type[asyncio.Protocol] = import_from_string(HTTP_PROTOCOLS[name])
+    return protocol
+
+
+class GuardedProtocol(asyncio.Protocol):
+    """The public path's HTTP protocol: uvicorn's own (``INNER``), wrapped at asyncio's
+    ``Protocol`` interface, with the rules of the module docstring. It sees bytes, not parser
+    callbacks, so it finds the end of a head itself (the first blank line) and learns from
+    ``GuardMiddleware`` when a response is over (the next head's deadline starts with the next
+    bytes) and when a websocket handshake is answered.
+
+    What is weaker than on the fast path, and why: it finds the guard and the connection count
+    in the ``app_state`` and ``server_state`` keywords uvicorn passes to its protocols (since
+    0.21); a uvicorn that stopped would leave the rules, or the fd reserve, off (the
+    hostile-client tests CI runs on this path would fail). A pipelined request whose head was
+    read before the previous response ended, and whose body then trickles in, may be cut off
+    by a head deadline it should not have (browsers do not pipeline). A websocket handshake
+    that websockets refuses for a reason other than a long line gets no answer from uvicorn's
+    protocol and is closed at the head deadline."""
+
+    INNER = "auto"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        self.inner = uvicorn_http_protocol(self.INNER)(*args, **kwargs)
+        self.guard = guard_of(kwargs.get("app_state") or {})
+        self.connections: Collection[object] | None = getattr(
+            kwargs.get("server_state"), "connections", None
+        )
+        self.transport: asyncio.Transport | None = None
         self.head_deadline: HeadDeadline | None = None
-        self.head_bytes = 0
-        self.guard: ConnectionGuard | None = self.app_state.get(GUARD_STATE_KEY)
+        self.head = bytearray()
+        """The unfinished head (at most ``MAX_HEAD_BYTES``), while its deadline runs."""
+        self.next_head = False
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.inner.connection_made(transport)
         if self.guard is not None:
-            self.head_deadline = self.guard.admit(transport, len(self.connections))
+            count = None if self.connections is None else len(self.connections)
+            self.head_deadline = self.guard.admit(self.transport, count)  # type: ignore[arg-type]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._head_done()
-        super().connection_lost(exc)
+        self.inner.connection_lost(exc)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
 
     def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        guard = self.guard
-        if self.head_deadline is not None and guard is not None:
-            self.head_bytes += len(data)  # what was read so far is (mostly) the head
-            if self.head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
-                self._head_done()
-                guard.counter.labels("head_too_large").inc()
-                guard.burst.warn(
-                    "head_too_large",
-                    guard.loop.time(),
-                    "request head over %d bytes: answered 431 and closed",
-                    MAX_HEAD_BYTES,
-                )
-                self.transport.write(HEAD_TOO_LARGE)
-                self.transport.close()
-
-    def on_message_begin(self) -> None:
-        # The next request on a kept-alive connection: its head has a deadline too.
-        if self.head_deadline is None and self.guard is not None:
-            self.head_deadline = self.guard.admit(self.transport)
-        super().on_message_begin()
-
-    def on_headers_complete(self) -> None:
-        if not (self.parser.should_upgrade() and self._should_upgrade()):
-            self._head_done()  # a websocket keeps its deadline until the handshake is answered
-        super().on_headers_complete()
-
-    def handle_websocket_upgrade(self) -> None:
-        """The websocket protocol created here takes the deadline over
-        (``ConnectionGuard.take_handoff``) and ends it once it has answered the handshake."""
-        if self.guard is None:
-            super().handle_websocket_upgrade()
-            return
-        self.guard.handoff, self.head_deadline = self.head_deadline, None
+        transport = self.transport
+        assert transport is not None  # noqa: S101 - asyncio calls connection_made first
+        if self.next_head and self.head_deadline is None and self.guard is not None:
+            self.next_head = False  # the next request on a kept-alive connection
+            self.head_deadline = self.guard.admit(transport)
+        head_ends = False
+        if self.head_deadline is not None:
+            head = self.head
+            start = max(0, len(head) - 3)  # a blank line may straddle two reads
+            head += data
+            end = _blank_line(head, start)
+            head_ends = end >= 0
+            if not head_ends and len(head) > MAX_HEAD_BYTES:
+                self._head_too_large(transport)
+                return
+            if head_ends:
+                refusal = _refused_upgrade(bytes(head[:end]))
+                if refusal is not None:  # what websockets would answer (uvicorn's would not)
+                    self._head_done()
+                    transport.write(refusal)
+                    transport.close()
+                    return
+        token = _CONNECTION.set(self)
         try:
-            super().handle_websocket_upgrade()
+            self.inner.data_received(data)
         finally:
-            self.guard.handoff = None
+            _CONNECTION.reset(token)
+        if head_ends and transport.get_protocol() is self:
+            self._head_done()  # a websocket keeps its deadline until the handshake is answered
+
+    def response_done(self) -> None:
+        """From ``GuardMiddleware``: the next bytes start the next request's head."""
+        self.next_head = True
+
+    def handshake_answered(self) -> None:
+        """From ``GuardMiddleware``: the websocket handshake is answered."""
+        self._head_done()
+
+    def _head_too_large(self, transport: asyncio.Transport) -> None:
+        guard = self.guard
+        assert guard is not None  # noqa: S101 - a deadline runs only with a guard
+        self._head_done()
+        if transport.is_closing():
+            return
+        guard.counter.labels("head_too_large").inc()
+        guard.burst.warn(
+            "head_too_large",
+            guard.loop.time(),
+            "request head over %d bytes: answered 431 and closed",
+            MAX_HEAD_BYTES,
+        )
+        transport.write(HEAD_TOO_LARGE)
+        transport.close()
 
     def _head_done(self) -> None:
-        self.head_bytes = 0
+        self.head = bytearray()
         deadline, self.head_deadline = self.head_deadline, None
         if deadline is not None:
             deadline.done()
+
+
+def _blank_line(head: bytearray, start: int) -> int:
+    """Where the head's first blank line starts (at or after ``start``), or -1."""
+    ends = [i for i in (head.find(b"\r\n\r\n", start), head.find(b"\n\n", start)) if i >= 0]
+    return min(ends) if ends else -1
+
+
+def _refused_upgrade(head: bytes) -> bytes | None:
+    """The fast path's answer to a websocket handshake with a line over websockets' limit
+    (414 for the request line, 431 for a header or too many of them), or None. websockets'
+    parser refuses such a head after uvicorn's has passed it on, and uvicorn's own protocol
+    never writes that refusal: the client would wait for the head deadline instead."""
+    lines = head.split(b"\n")
+    if not any(
+        line.lower().startswith(b"upgrade:") and b"websocket" in line.lower() for line in lines
+    ):
+        return None
+    max_line, max_headers = _websockets_limits()
+    if len(lines[0]) + 1 > max_line:
+        status = b"414 URI Too Long"
+    elif len(lines) - 1 > max_headers or any(len(line) + 1 > max_line for line in lines[1:]):
+        status = b"431 Request Header Fields Too Large"
+    else:
+        return None
+    text = b"websocket handshake refused: a line over %d bytes" % max_line
+    return (
+        b"HTTP/1.1 %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
+        b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (status, len(text), text)
+    )
+
+
+def _websockets_limits() -> tuple[int, int]:
+    """websockets' line and header-count limits (set by its environment variables)."""
+    try:
+        from websockets import http11  # noqa: PLC0415 - only on the public path
+
+        return int(http11.MAX_LINE_LENGTH), int(http11.MAX_NUM_HEADERS)
+    except (ImportError, AttributeError):
+        return 8192, 128

@@ -110,9 +110,26 @@ class LogBudget:
 class ClientNoise(logging.Filter):
     """uvicorn's lines about a client's malformed request ("Invalid HTTP request received.")
     come at WARNING, one per request: demoted to INFO and kept within a ``LogBudget``, like
-    every other bad input a client can send at will."""
+    every other bad input a client can send at will.
 
-    MESSAGES = frozenset({"Invalid HTTP request received.", "Unsupported upgrade request."})
+    Two more come only on the public path (``service.fastpath``; the fast path's protocol does
+    not log them): invalid UTF-8 in a text frame (ERROR with a traceback; reworded to the fast
+    path's words), and "returned without completing handshake" (ERROR after each HTTP 429
+    denial response, Kludex/uvicorn#3138: our endpoint answers every other handshake)."""
+
+    MESSAGES = frozenset(
+        {
+            "Invalid HTTP request received.",
+            "Unsupported upgrade request.",
+            "ASGI callable returned without completing handshake.",
+            "Invalid UTF-8 sequence received from client.",
+        }
+    )
+    REWORDED = {
+        "Invalid UTF-8 sequence received from client.": (
+            "invalid UTF-8 in a text message; closing with 1007"
+        )
+    }
 
     def __init__(self) -> None:
         super().__init__()
@@ -124,6 +141,8 @@ class ClientNoise(logging.Filter):
         if not self._budget.allow() or not logging.getLogger().isEnabledFor(logging.INFO):
             return False
         record.levelno, record.levelname = logging.INFO, "INFO"
+        record.exc_info = record.exc_text = None
+        record.msg = self.REWORDED.get(record.msg, record.msg)
         dropped = self._budget.take_dropped()
         if dropped:
             record.msg = f"{record.msg} ({dropped} more like it not logged)"

@@ -36,7 +36,11 @@ from typing import TypeVar
 
 import asyncpg
 from broadcaster import Event
-from broadcaster._backends.base import BroadcastBackend
+
+try:  # broadcaster's public name for it (its __all__, 0.3.0 and 0.3.1)
+    from broadcaster import BroadcastBackend
+except ImportError:  # a release that stops exporting it: Broadcast(backend=...) duck-types
+    BroadcastBackend = object  # type: ignore[misc,assignment]
 
 from service.db.engine import DEFAULT_KEEPALIVE, Keepalive
 

@@ -39,9 +39,8 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from broadcaster import Event
-from broadcaster._backends.base import BroadcastBackend
 
-from service.realtime.backend import RESYNC
+from service.realtime.backend import RESYNC, BroadcastBackend
 
 log = logging.getLogger(__name__)
 

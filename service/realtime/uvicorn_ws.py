@@ -21,8 +21,10 @@ and the middleware wrappers around it, whenever that ``send`` would not have wai
 connection that negotiated no extension.
 
 Tied to uvicorn's ``WebSocketsSansIOProtocol`` internals (``queue``, ``writable``, ``request``,
-``response``, ``conn``, ``run_asgi``), checked against uvicorn 0.54, to which
-``pyproject.toml`` pins it: the integration tests run every websocket through this class.
+``response``, ``conn``, ``run_asgi``) and websockets' ``ServerProtocol``, written against uvicorn
+0.54: imported only when ``service.fastpath`` has found them at start-up (else uvicorn's own
+protocol runs, and the endpoint does without ``DETACH`` and ``SEND_NOWAIT``). CI runs the
+websocket tests through this class and through uvicorn's own.
 """
 
 from __future__ import annotations
@@ -42,20 +44,9 @@ from service.chat.envelope import SharedFrame
 from service.errors import InvalidUtf8
 from service.http_guard import GUARD_STATE_KEY, HeadDeadline
 from service.observability import LogBudget
+from service.realtime.extensions import DETACH, SEND_NOWAIT
 
 log = logging.getLogger(__name__)
-
-DETACH = "chat.detach"
-"""Scope extension: ``scope["extensions"][DETACH](serve)`` asks the server to run ``serve()``
-in the same task once the app has returned, so the frames of the middleware and routing stack
-(FastAPI, Starlette: ~10 kB per connection) are freed for the long life of the websocket."""
-
-
-SEND_NOWAIT = "chat.send_texts_nowait"
-"""Scope extension: ``scope["extensions"][SEND_NOWAIT](frames)`` (texts or ``SharedFrame``s)
-writes these text frames at once, in one write (one system call for a burst), and
-returns True, or returns False when the ASGI ``send`` is needed (paused for backpressure,
-closing, closed): the caller then awaits that, which waits or raises as usual."""
 
 
 class _Inbox:

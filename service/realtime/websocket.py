@@ -10,10 +10,11 @@ The writer keeps ``last_seq`` (the last message the client got) and forwards liv
 seq order: it drops what the replay already covered and fills any hole from the database, so
 the client sees every message exactly once.
 
-Under ``chat-service serve`` the endpoint hands the connection's life to the server once it has
-accepted (``service.realtime.uvicorn_ws.DETACH``), so the routing and middleware frames are not
-kept for hours per idle connection. The route therefore must not have ``yield`` dependencies:
-they would be closed at that point (``tests/unit/test_websocket_route.py`` holds it to that).
+On the fast path (``service.fastpath``) the endpoint hands the connection's life to the server
+once it has accepted (``service.realtime.extensions.DETACH``), so the routing and middleware
+frames are not kept for hours per idle connection. The route therefore must not have
+``yield`` dependencies: they would be closed at that point (``tests/unit/test_websocket_route.py``
+holds it to that).
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ from service.errors import (
     UnknownType,
 )
 from service.observability import request_id, request_id_headers
+from service.realtime.extensions import DETACH, SEND_NOWAIT
 from service.realtime.hub import Live, Marker, Outbox, OutboxItem, RoomHub
-from service.realtime.uvicorn_ws import DETACH, SEND_NOWAIT
 from service.services import Services
 
 log = logging.getLogger(__name__)

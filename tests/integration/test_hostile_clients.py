@@ -178,7 +178,9 @@ async def test_invalid_utf8_floods_are_closed_with_1007_and_logged_quietly(own_d
     lines = server.log_path.read_text().splitlines()
     assert _log_problems(server) == []
     noted = [json.loads(line) for line in lines if "invalid UTF-8" in line]
-    assert noted and {entry["level"] for entry in noted} == {"info"}
+    assert {entry["level"] for entry in noted} <= {"info"}
+    if not any('"public ASGI path' in line for line in lines):
+        assert noted  # uvicorn's legacy websockets protocol (uvicorn < 0.35) logs none at all
     assert len(noted) <= 30  # 60 connections, a budget of 20 lines plus 5 a second
     healthy = await Client.connect(server, room, make_token("fine"), history=0)
     await healthy.send("ok", "ok-1")
