@@ -100,22 +100,23 @@ def make_backend(
     """PostgreSQL LISTEN by default; Redis pub/sub for a ``redis://`` broadcast URL. A LISTEN
     connection to the database that stops answering retires ``pool``'s connections too: they
     crossed the same network path, and the catch-up that follows must not wait on a dead one."""
-    if settings.broadcast_over_redis:
+    if settings.broadcast_url is not None and settings.broadcast_over_redis:
         from service.realtime.redis_backend import RedisPubSubBackend  # noqa: PLC0415
 
         return RedisPubSubBackend(
-            settings.broadcast_url,  # type: ignore[arg-type]
+            settings.broadcast_url,
             timeout=settings.redis_timeout,
             health_interval=settings.redis_health_interval,
         )
-    same_server = pool is not None and settings.notify_in_transaction
     return ListenBackend(
         settings.listen_dsn,
         probe_interval=settings.listen_probe_interval,
         timeout=settings.listen_timeout,
         connect_timeout=settings.db_timeout,
         keepalive=Keepalive.from_settings(settings),
-        on_silence=pool.expire_connections if same_server else None,  # type: ignore[union-attr]
+        on_silence=(  # same server: the pool's connections cross the same network path
+            pool.expire_connections if pool is not None and settings.notify_in_transaction else None
+        ),
     )
 
 
@@ -239,11 +240,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             headers={"X-Request-ID": rid, **security_headers()},
         )
 
-    docs = (app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url)
+    docs_paths = (app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url)
     app.add_middleware(
         GuardMiddleware,
         body_limit=settings.body_limit,
-        docs_paths=frozenset(path for path in docs if path),
+        docs_paths=frozenset(path for path in docs_paths if path),
     )
     app.add_middleware(RequestIdMiddleware)
 

@@ -146,7 +146,7 @@ def serve(args: argparse.Namespace) -> int:
             export(settings)
             uvicorn.run("service.app:create_app", factory=True, workers=args.workers, **options)
         else:
-            uvicorn.run(create_app(settings), **options)  # type: ignore[arg-type]
+            uvicorn.run(create_app(settings), **options)
     return 0
 
 

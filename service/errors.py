@@ -175,7 +175,7 @@ class TooManyConnections(ChatError):
 class Unavailable(ChatError):
     code = "unavailable"
     http_status = 503
-    close_code: ClassVar[int] = WS_TRY_AGAIN_LATER
+    close_code: ClassVar[int | None] = WS_TRY_AGAIN_LATER  # None for Overloaded: only answered
     frame = True
 
     def __init__(self, detail: str, client_msg_id: str | None = None) -> None:

@@ -27,13 +27,14 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from http.client import HTTPMessage
+from typing import IO, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+from jwt.algorithms import Algorithm, ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,12 @@ def key_from_jwk(jwk: object) -> VerificationKey:
     public = {k: v for k, v in jwk.items() if k not in _PRIVATE_MEMBERS}
     kty = jwk.get("kty")
     declared = jwk.get("alg")
-    algorithm = {"RSA": RSAAlgorithm, "EC": ECAlgorithm, "OKP": OKPAlgorithm}.get(str(kty))
+    families: dict[str, type[Algorithm]] = {
+        "RSA": RSAAlgorithm,
+        "EC": ECAlgorithm,
+        "OKP": OKPAlgorithm,
+    }
+    algorithm = families.get(str(kty))
     if algorithm is None:
         raise ValueError(f"unsupported kty {str(kty)[:20]!r}")
     try:
@@ -149,7 +155,15 @@ def parse_jwks(body: bytes) -> tuple[list[VerificationKey], list[str]]:
 
 
 class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: HTTPMessage,
+        newurl: str,
+    ) -> urllib.request.Request | None:
         if urlsplit(newurl).scheme not in ("http", "https"):
             return None
         return super().redirect_request(req, fp, code, msg, headers, newurl)

@@ -150,5 +150,12 @@ class Metrics:
             registry=r,
         )
 
-    def watch(self, **sources: Callable[[], object]) -> None:
-        self.registry.register(_Live(**sources))  # type: ignore[arg-type]
+    def watch(
+        self,
+        *,
+        pool_checked_out: Callable[[], int],
+        pool_size: Callable[[], int],
+        listen_reconnects: Callable[[], int],
+        listen_up: Callable[[], bool],
+    ) -> None:
+        self.registry.register(_Live(pool_checked_out, pool_size, listen_reconnects, listen_up))

@@ -8,6 +8,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 from contextvars import ContextVar
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -64,7 +65,7 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line, for log shippers. Tokens are already redacted upstream."""
 
     FIELDS = ("request_id", "user", "room", "code")
-    converter = time.gmtime  # the "Z" below means it
+    converter: Callable[[float | None], time.struct_time] = time.gmtime  # the "Z" below means it
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {

@@ -13,7 +13,8 @@ from service.services import Services
 
 async def get_services(conn: HTTPConnection) -> Services:
     """Async on purpose, like every dependency here: a sync one would run in a thread."""
-    return conn.state.services  # type: ignore[no-any-return]
+    services: Services = conn.state.services
+    return services
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]

@@ -30,7 +30,7 @@ from service.errors import ChatError, InvalidMessage
 router = APIRouter(tags=["rooms"], responses=ERROR_RESPONSES)
 
 
-def invalid(loc: tuple[str, ...], msg: str, kind: str) -> RequestValidationError:
+def invalid(loc: tuple[str | int, ...], msg: str, kind: str) -> RequestValidationError:
     """A 422 in the same shape as FastAPI's own, so the OpenAPI schema holds for all of them."""
     return RequestValidationError([{"loc": loc, "msg": msg, "type": kind}])
 
@@ -129,7 +129,7 @@ async def read_new_message(request: Request) -> NewMessage:
     try:
         value = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise invalid(("body", exc.pos), "JSON decode error", "json_invalid") from None  # type: ignore[arg-type]
+        raise invalid(("body", exc.pos), "JSON decode error", "json_invalid") from None
     except (ValueError, RecursionError):  # bad UTF-8, too many digits, too deep
         raise HTTPException(400, "There was an error parsing the body") from None
     try:

@@ -175,7 +175,7 @@ async def connect(
 
 
 @asynccontextmanager
-async def reading(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+async def reading(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
     """A pooled connection; "the database is not there" becomes ``Unavailable``, and so does
     any failure to get a connection (refused, timed out, "not currently accepting
     connections"): that is never a bug in the read."""

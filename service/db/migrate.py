@@ -212,7 +212,8 @@ def record_compatibility(ctx: Any, step: Any, heads: Any, run_args: Any) -> None
 async def current_revision(conn: AsyncConnection) -> str | None:
     """The database's migration, or None before the first one."""
     try:
-        return await conn.scalar(text("SELECT version_num FROM alembic_version"))
+        revision: str | None = await conn.scalar(text("SELECT version_num FROM alembic_version"))
+        return revision
     except ProgrammingError:
         await conn.rollback()
         return None

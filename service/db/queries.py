@@ -19,6 +19,9 @@ from typing import NamedTuple
 
 import asyncpg
 
+Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+"""A connection of one's own, or one borrowed from a pool (``engine.reading``)."""
+
 UNBOUNDED = 2**62
 """Stands in for "no upper bound": a plain range keeps the (room_id, seq) index scan exact,
 where ``($x IS NULL OR seq < $x)`` makes PostgreSQL walk the room from one end."""
@@ -69,7 +72,7 @@ class RoomRecord:
 
 
 async def room_window(
-    conn: asyncpg.Connection, *, room: str, after: int, before: int | None, limit: int, newest: bool
+    conn: Conn, *, room: str, after: int, before: int | None, limit: int, newest: bool
 ) -> tuple[int, list[StoredMessage]]:
     """The room's ``last_seq`` and up to ``limit`` messages with ``after < seq < before``: the
     newest of them, or the oldest; ascending either way. A room never written to is ``0, []``."""
@@ -87,15 +90,13 @@ async def room_window(
 
 
 async def messages_between(
-    conn: asyncpg.Connection, *, room: str, after: int, until: int | None, limit: int
+    conn: Conn, *, room: str, after: int, until: int | None, limit: int
 ) -> list[StoredMessage]:
     """Up to ``limit`` messages with ``after < seq <= until`` (no upper bound when None)."""
     rows = await conn.fetch(_BETWEEN, room, after, UNBOUNDED if until is None else until, limit)
     return [StoredMessage(*r) for r in rows]
 
 
-async def list_rooms(
-    conn: asyncpg.Connection, *, after: str | None, limit: int
-) -> list[RoomRecord]:
+async def list_rooms(conn: Conn, *, after: str | None, limit: int) -> list[RoomRecord]:
     rows = await conn.fetch(_ROOMS, after, limit)
     return [RoomRecord(*row) for row in rows]

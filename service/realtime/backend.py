@@ -32,13 +32,13 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TypeGuard, TypeVar
 
 import asyncpg
 from broadcaster import Event
 
 try:  # broadcaster's public name for it (its __all__, 0.3.0 and 0.3.1)
-    from broadcaster import BroadcastBackend
+    from broadcaster import BroadcastBackend as BroadcastBackend  # re-exported: redis_backend
 except ImportError:  # a release that stops exporting it: Broadcast(backend=...) duck-types
     BroadcastBackend = object  # type: ignore[misc,assignment]
 
@@ -123,7 +123,7 @@ class ListenBackend(BroadcastBackend):
             conn = self._conn
             if self._usable(conn):
                 try:
-                    await self._command(conn.add_listener(channel, self._on_notify))  # type: ignore[union-attr]
+                    await self._command(conn.add_listener(channel, self._on_notify))
                 except _NETWORK_ERRORS as exc:
                     await self._drop(conn, f"LISTEN failed ({_describe(exc)})", exc)
 
@@ -133,7 +133,7 @@ class ListenBackend(BroadcastBackend):
             conn = self._conn
             if self._usable(conn):
                 try:
-                    await self._command(conn.remove_listener(channel, self._on_notify))  # type: ignore[union-attr]
+                    await self._command(conn.remove_listener(channel, self._on_notify))
                 except _NETWORK_ERRORS as exc:
                     await self._drop(conn, f"UNLISTEN failed ({_describe(exc)})", exc)
 
@@ -158,7 +158,7 @@ class ListenBackend(BroadcastBackend):
         return await self._events.get()
 
     @staticmethod
-    def _usable(conn: asyncpg.Connection | None) -> bool:
+    def _usable(conn: asyncpg.Connection | None) -> TypeGuard[asyncpg.Connection]:
         return conn is not None and not conn.is_closed()
 
     async def _command(self, operation: Awaitable[_T]) -> _T:
@@ -217,20 +217,21 @@ class ListenBackend(BroadcastBackend):
         if conn is self._conn:  # not one that was dropped on purpose
             self._lost.set()
 
-    def _on_notify(self, _conn: object, _pid: int, channel: str, payload: str) -> None:
-        self._events.put_nowait(Event(channel=channel, message=payload))
+    def _on_notify(self, _conn: object, _pid: int, channel: str, payload: object) -> None:
+        # A str: asyncpg's stubs say object for every listener's payload.
+        self._events.put_nowait(Event(channel=channel, message=payload))  # type: ignore[arg-type]
 
     async def _probe(self) -> None:
         """``SELECT 1`` with the commands' deadline; skipped while a command is in flight (it
         has the same deadline and drops the connection if it misses it)."""
         conn = self._conn
-        if self._lock.locked():
+        if conn is None or self._lock.locked():
             return
         async with self._lock:  # free: taken at once, nothing queues
             if conn is not self._conn:
                 return
             try:
-                await self._command(conn.fetchval("SELECT 1"))  # type: ignore[union-attr]
+                await self._command(conn.fetchval("SELECT 1"))
             except _NETWORK_ERRORS as exc:
                 await self._drop(conn, f"probe failed ({_describe(exc)})", exc)
 

@@ -219,7 +219,8 @@ class _RoomStream:
     listening: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
-    task: asyncio.Task[None] | None = None
+    task: asyncio.Task[None] = field(init=False)
+    """Set as soon as the stream is made (the task needs the stream)."""
 
 
 class RoomHub:
@@ -262,10 +263,10 @@ class RoomHub:
             stream.outboxes.discard(outbox)
             if not stream.outboxes and self._streams.get(room) is stream:
                 del self._streams[room]
-                stream.task.cancel()  # type: ignore[union-attr]  # leaves the broadcaster channel
+                stream.task.cancel()  # leaves the broadcaster channel
 
     async def close(self) -> None:
-        tasks = [s.task for s in self._streams.values() if s.task is not None]
+        tasks = [s.task for s in self._streams.values()]
         for reads in self._reads.values():  # a task cancelled before it began never sees it
             if reads.waiting is not None:
                 _shut(reads.waiting)
@@ -293,7 +294,7 @@ class RoomHub:
         except Exception as exc:
             # The stream is dead (our backends never fail a subscription: a bug, logged by
             # _log_failure): new joiners start a fresh one, current ones are closed.
-            cancelled = asyncio.current_task().cancelling()  # type: ignore[union-attr]
+            cancelled = stream.task.cancelling()  # the task running this
             if self._streams.get(room) is stream:
                 del self._streams[room]
             if not stream.listening.done():

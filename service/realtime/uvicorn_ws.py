@@ -33,7 +33,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -165,12 +165,13 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
     async def run_asgi(self) -> None:
         """uvicorn's ``run_asgi``, plus the continuation an app may leave with ``DETACH``."""
         detached: list[Callable[[], Awaitable[None]]] = []
-        extensions = self.scope["extensions"]
-        extensions[DETACH] = detached.append  # type: ignore[index]
-        extensions[SEND_NOWAIT] = self.send_texts_nowait  # type: ignore[index]
+        # ASGI's types say an extension is a dict; these two are this server's callables.
+        extensions = cast("dict[str, object]", self.scope["extensions"])
+        extensions[DETACH] = detached.append
+        extensions[SEND_NOWAIT] = self.send_texts_nowait
         try:
             result = await self.app(self.scope, self.receive, self.send)
-            self.scope["extensions"].pop(DETACH, None)  # type: ignore[union-attr]
+            self.scope["extensions"].pop(DETACH, None)
             if detached and result is None:
                 await detached[0]()
         except ClientDisconnected:

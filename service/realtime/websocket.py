@@ -24,7 +24,7 @@ import contextlib
 import json
 import logging
 from collections import deque
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 from fastapi import APIRouter, Query, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse
@@ -43,6 +43,7 @@ from service.chat.limits import TokenBucket
 from service.chat.messages import check_client_msg_id, submit_message
 from service.db.writer import Stored
 from service.errors import (
+    WS_TRY_AGAIN_LATER,
     BinaryNotSupported,
     InternalError,
     InvalidFrame,
@@ -69,9 +70,10 @@ router = APIRouter()
 MAX_PIPELINED = 64
 """Sends of one connection awaiting their commit before it stops reading more frames."""
 
-Reply = str | tuple[asyncio.Future[Stored], str | None]
-"""An answer frame made at once (an error, a pong), or a queued send with the client_msg_id
-its answer echoes."""
+Pending = tuple[asyncio.Future[Stored], str | None]
+"""A queued send: its commit, and the client_msg_id its answer echoes."""
+Reply = str | Pending
+"""An answer frame made at once (an error, a pong), or a queued send."""
 
 
 @router.websocket("/ws/rooms/{room}")
@@ -167,7 +169,7 @@ class RoomConnection:
             await self._close(ended.close_code, str(ended))
             return
         except Unavailable:
-            await self._close(Unavailable.close_code, "database unavailable; reconnect with since")
+            await self._close(WS_TRY_AGAIN_LATER, "database unavailable; reconnect with since")
             return
         except Exception:
             log.exception("websocket failed", extra=self._log_context)
@@ -196,8 +198,8 @@ class RoomConnection:
         return outbox, replay
 
     async def _replay(self, replay: Replay) -> None:
-        frames: list[str | SharedFrame] = [stored_frame(m) for m in replay.messages]
-        self._charge(frames)  # type: ignore[arg-type]  # all str here
+        frames = [stored_frame(m) for m in replay.messages]
+        self._charge(frames)
         frames.append(ready_frame(self.room, replay.last_seq, replay.recovered))
         await self._send_all(frames)
         self.services.metrics.replay_size.observe(len(replay.messages))
@@ -225,7 +227,7 @@ class RoomConnection:
             outbox.on_end = outbox.write_now = None
         if failure is None or left:
             return
-        if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+        if cast(asyncio.Task[None], asyncio.current_task()).cancelling():
             raise asyncio.CancelledError  # cancelled from outside too: that wins, as without errors
         raise failure
 
@@ -252,7 +254,8 @@ class RoomConnection:
                             await self._send_all([frame])
         except asyncio.CancelledError:
             ended = outbox.ended
-            if ended is not None and asyncio.current_task().uncancel() == 0:  # type: ignore[union-attr]
+            writer = cast(asyncio.Task[None], asyncio.current_task())
+            if ended is not None and writer.uncancel() == 0:
                 raise ended from None  # only the outbox's end (on_end) cancelled it
             raise
 
@@ -294,7 +297,9 @@ class RoomConnection:
             items.extendleft(reversed(ready))
         return items or None
 
-    async def _send_all(self, frames: list[str | SharedFrame]) -> None:
+    async def _send_all(
+        self, frames: list[str] | list[SharedFrame] | list[str | SharedFrame]
+    ) -> None:
         """Write the frames in one go when nothing is in the way, else one ASGI send each."""
         if frames and not self._send_nowait(frames):
             for frame in frames:
@@ -309,7 +314,7 @@ class RoomConnection:
         start = self.last_seq + 1 - window.first
         if start < 0:
             raise SlowConsumer
-        missed: list[str | SharedFrame] = window.frames[start:]  # type: ignore[assignment]
+        missed = window.frames[start:]
         if missed:
             count = len(missed)
             await self._send_all(missed)  # empties the list: a copy, not the shared one
@@ -328,7 +333,8 @@ class RoomConnection:
         ``MAX_PIPELINED``); answers still go out in the order the frames came."""
         while True:
             if len(self._replies) >= MAX_PIPELINED:
-                await asyncio.wait([self._replies[0][0]])  # type: ignore[index]
+                # The oldest reply is a pending send: answered ones in front are flushed.
+                await asyncio.wait([cast(Pending, self._replies[0])[0]])
             message = await self.websocket.receive()
             if message["type"] == "websocket.disconnect":
                 return
