@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 from urllib.parse import urlsplit
 
@@ -53,7 +53,8 @@ MAX_SUBJECT_CHARS = 128
 MAX_NAME_CHARS = 128
 DEV_TOKEN_TTL = 24 * 3600
 LEEWAY = 30
-"""Seconds of clock skew tolerated on ``exp``."""
+"""Seconds of clock skew tolerated on ``exp`` when a token is presented. A live websocket is
+still closed at ``exp`` itself, and an ``auth`` frame's token must not have reached it."""
 VERIFIED_CACHE_SIZE = 4096
 """Tokens remembered as verified, until they expire: a client sends the same token with every
 request, and checking its signature and claims again cost ~12% of a REST history page."""
@@ -63,6 +64,10 @@ request, and checking its signature and claims again cost ~12% of a REST history
 class Principal:
     user_id: str
     name: str | None = None
+    expires_at: float | None = field(default=None, compare=False)
+    """The token's ``exp`` (Unix seconds), when a websocket on it is closed (4401) unless an
+    ``auth`` frame renews it. Every token ``TokenCodec`` accepts has one (``exp`` is required);
+    None is for a principal made otherwise, and never expires a socket."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,7 +259,7 @@ class TokenCodec:
         exp = claims["exp"]
         if not isinstance(exp, int | float):  # PyJWT has checked it is a number
             raise NotAuthenticated("invalid token")
-        return Principal(user_id=user, name=name), float(exp) + LEEWAY
+        return Principal(user_id=user, name=name, expires_at=exp), float(exp) + LEEWAY
 
 
 def extract_token(

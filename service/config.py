@@ -152,6 +152,10 @@ class Settings(BaseSettings):
     ws_ping_rate: float = Field(default=2.0, gt=0)
     """Application ``ping`` frames per second one connection gets a ``pong`` for (bursts of
     five times this); the rest are dropped unanswered."""
+    ws_auth_rate: float = Field(default=0.1, gt=0)
+    """``auth`` frames (token renewals) per second one connection may send, in bursts of
+    three (``service.realtime.websocket.AUTH_BURST``); over it they are refused with
+    ``rate_limited`` before their token is looked at: signature checks cannot be had in bulk."""
     ws_connect_timeout: float = Field(default=5.0, gt=0)
     """Seconds a new websocket may wait to join its room's live stream and read its replay
     from the database; past it (a database outage) it is closed with 1013."""

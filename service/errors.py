@@ -8,17 +8,20 @@ these attributes only; docs/protocol.md's tables are checked against them
     |                              on an open websocket, which stays open)
     +-- NotAuthenticated           not_authenticated: missing, malformed, expired or wrongly
     |                              signed token -> HTTP 401, websocket refused before accept (1008)
+    +-- AuthRefused                auth_refused: an ``auth`` frame's token is invalid, expired or
+    |                              another user's -> error frame; the socket keeps its deadline
     +-- InvalidMessage             a frame or message the rules refuse -> HTTP 422 (FastAPI's
     |   |                          validation shape, the code as ``type``), error frame
     |   +-- InvalidJson            invalid_json: the frame is not JSON
-    |   +-- InvalidFrame           invalid_frame: not an object, or ``body`` not a string
-    |   +-- UnknownType            unknown_type: ``type`` is not ``send`` or ``ping``
+    |   +-- InvalidFrame           invalid_frame: not an object, or ``body`` (``auth``: ``token``)
+    |   |                          not a string
+    |   +-- UnknownType            unknown_type: ``type`` is not ``send``, ``ping`` or ``auth``
     |   +-- BinaryNotSupported     binary_not_supported: a binary frame
     |   +-- EmptyBody              empty_body
     |   +-- BodyTooLong            body_too_long
     |   +-- InvalidBody            invalid_body: NUL, or not valid Unicode
     |   +-- InvalidClientMsgId     invalid_client_msg_id
-    +-- RateLimited                rate_limited: over a send, connect or replay budget
+    +-- RateLimited                rate_limited: over a send, connect, replay or ``auth`` budget
     |                              -> HTTP 429 with Retry-After, error frame (``retry_after``);
     |                              a refused connect the server cannot answer 429 closes 1013
     +-- TooManyConnections         too_many_connections: over the user's open websockets
@@ -34,7 +37,9 @@ these attributes only; docs/protocol.md's tables are checked against them
     |   |                          ``since``)
     |   +-- SlowConsumer           slow_consumer: the connection fell too far behind -> 1013
     |   +-- StreamLost             stream_lost: the room's live stream in this process failed
-    |                              (a bug, logged) -> 1011
+    |   |                          (a bug, logged) -> 1011
+    |   +-- TokenExpired           token_expired: the socket's token reached its ``exp`` and no
+    |                              ``auth`` frame renewed it -> 4401
     +-- BodyTooLarge               too_large: a request body over ``CHAT_MAX_BODY_BYTES`` -> 413
     +-- InternalError              internal: a bug -> HTTP 500 without details, 1011; the
     |                              server log carries the traceback
@@ -72,6 +77,8 @@ WS_MESSAGE_TOO_BIG = 1009
 WS_INTERNAL_ERROR = 1011
 WS_SERVICE_RESTART = 1012
 WS_TRY_AGAIN_LATER = 1013
+WS_TOKEN_EXPIRED = 4401
+"""In the application range (4000-4999): 401 as in HTTP, so a client tells it from 1008."""
 
 
 class ChatError(Exception):
@@ -111,6 +118,16 @@ class NotAuthenticated(ChatError):
 
     def headers(self) -> dict[str, str]:
         return {"WWW-Authenticate": "Bearer"}
+
+
+class AuthRefused(ChatError):
+    """An ``auth`` frame's token did not renew the socket: nothing changed, the socket still
+    closes at its current token's ``exp``. The detail says why (``NotAuthenticated``'s, or
+    that the token is another user's)."""
+
+    code = "auth_refused"
+    http_status = None
+    frame = True
 
 
 class InvalidMessage(ChatError):
@@ -225,6 +242,16 @@ class StreamLost(OutboxEnded):
     close_code: ClassVar[int] = WS_INTERNAL_ERROR
 
     def __init__(self, detail: str = "room stream lost; reconnect with since") -> None:
+        super().__init__(detail)
+
+
+class TokenExpired(OutboxEnded):
+    """The token the socket runs on passed its ``exp``: the socket's timer ends its outbox."""
+
+    code = "token_expired"
+    close_code: ClassVar[int] = WS_TOKEN_EXPIRED
+
+    def __init__(self, detail: str = "token expired; reconnect with a fresh token") -> None:
         super().__init__(detail)
 
 

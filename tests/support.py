@@ -133,6 +133,7 @@ class ServerProcess:
             "CHAT_WS_CONNECT_BURST": "10000",
             "CHAT_WS_REPLAY_BUDGET": str(2**40),
             "CHAT_WS_PING_RATE": "10000",
+            "CHAT_WS_AUTH_RATE": "10000",
             "PYTHONUNBUFFERED": "1",
             **self.extra_env,
         }

@@ -95,6 +95,11 @@ def error_frame(code: str, detail: str, client_msg_id: str | None = None, **extr
     return dumps(frame)
 
 
+def auth_ok_frame(exp: float | None) -> str:
+    """The answer to an ``auth`` frame that renewed the socket: its new deadline (``exp``)."""
+    return dumps({"type": "auth_ok", "exp": exp})
+
+
 def ready_frame(room: str, last_seq: int, recovered: bool) -> str:
     return dumps({"type": "ready", "room": room, "last_seq": last_seq, "recovered": recovered})
 

@@ -5,7 +5,9 @@ A connection's life: refused before accept when the token or a parameter is bad,
 open connections); then join the room's live stream and read the replay from one snapshot,
 within ``ws_connect_timeout`` (else 1013: the database is out), send it and ``ready``; then the
 receiver runs in the connection's own task and the writer in a second one, together in one
-``asyncio.TaskGroup``, until either ends.
+``asyncio.TaskGroup``, until either ends, or until the token's ``exp``: one timer per
+connection (``loop.call_at``, nothing per frame) ends the outbox with ``TokenExpired`` (4401)
+unless an ``auth`` frame with a fresh token of the same user has moved it.
 The writer keeps ``last_seq`` (the last message the client got) and forwards live messages in
 seq order: it drops what the replay already covered and fills any hole from the database, so
 the client sees every message exactly once.
@@ -23,16 +25,18 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections import deque
 from typing import Annotated, Any, cast
 
 from fastapi import APIRouter, Query, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse
 
-from service.auth import CurrentUser, Principal, RoomName
+from service.auth import MAX_TOKEN_BYTES, CurrentUser, Principal, RoomName
 from service.chat.envelope import (
     SharedFrame,
     ack_frame,
+    auth_ok_frame,
     dumps,
     error_frame,
     ready_frame,
@@ -44,16 +48,19 @@ from service.chat.messages import check_client_msg_id, submit_message
 from service.db.writer import Stored
 from service.errors import (
     WS_TRY_AGAIN_LATER,
+    AuthRefused,
     BinaryNotSupported,
     InternalError,
     InvalidFrame,
     InvalidJson,
     InvalidMessage,
+    NotAuthenticated,
     OutcomeUnknown,
     Overloaded,
     RateLimited,
     SlowConsumer,
     StreamLost,
+    TokenExpired,
     TooManyConnections,
     Unavailable,
     UnknownType,
@@ -69,6 +76,8 @@ router = APIRouter()
 
 MAX_PIPELINED = 64
 """Sends of one connection awaiting their commit before it stops reading more frames."""
+AUTH_BURST = 3
+"""``auth`` frames one connection may send at once; then ``ws_auth_rate`` a second."""
 
 Pending = tuple[asyncio.Future[Stored], str | None]
 """A queued send: its commit, and the client_msg_id its answer echoes."""
@@ -146,6 +155,10 @@ class RoomConnection:
         self.send_bucket = TokenBucket(rate, rate * 2)
         self._pings: TokenBucket | None = None
         """Made at the first ``ping``: most connections never send one."""
+        self._auths: TokenBucket | None = None
+        """Made at the first ``auth``, like ``_pings``."""
+        self._expiry: asyncio.TimerHandle | None = None
+        """Ends the outbox with ``TokenExpired`` at the token's ``exp``; moved by ``auth``."""
         self._send_nowait = websocket.scope.get("extensions", {}).get(SEND_NOWAIT, _never)
         self._replies: deque[Reply] = deque()
         """Answers not yet in the outbox, oldest first: frames are answered in order."""
@@ -166,6 +179,11 @@ class RoomConnection:
         except StreamLost as ended:
             self.services.metrics.streams_lost.inc()
             log.warning("closing: the room's live stream was lost", extra=self._log_context)
+            await self._close(ended.close_code, str(ended))
+            return
+        except TokenExpired as ended:
+            self.services.metrics.errors.labels(ended.code).inc()
+            log.info("closing: token expired", extra=self._log_context)
             await self._close(ended.close_code, str(ended))
             return
         except Unavailable:
@@ -210,7 +228,8 @@ class RoomConnection:
         """Receive in this (the server's) task and write in a task of its own, both in one
         ``TaskGroup``: when the writer fails, the receiver is cancelled and the writer's error
         is raised; when the receiver ends (the peer left), the writer is cancelled and its end
-        does not count. An ended outbox stops the writer at once, even while it is in a send."""
+        does not count. An ended outbox stops the writer at once, even while it is in a send;
+        that is also how the token's expiry ends the connection (``_expire_at``)."""
         outbox.write_now = self._write_now
         left = False
         failure: BaseException | None = None
@@ -218,6 +237,7 @@ class RoomConnection:
             async with asyncio.TaskGroup() as group:
                 writer = group.create_task(self._write(outbox))
                 outbox.on_end = writer.cancel
+                self._expire_at(outbox, self.principal.expires_at)
                 await self._receive(outbox)
                 left = True
                 writer.cancel()
@@ -225,11 +245,25 @@ class RoomConnection:
             failure = errors.exceptions[0]  # raised below, outside this handler: no chained group
         finally:
             outbox.on_end = outbox.write_now = None
+            if self._expiry is not None:
+                self._expiry.cancel()
+                self._expiry = None
         if failure is None or left:
             return
         if cast(asyncio.Task[None], asyncio.current_task()).cancelling():
             raise asyncio.CancelledError  # cancelled from outside too: that wins, as without errors
         raise failure
+
+    def _expire_at(self, outbox: Outbox, exp: float | None) -> None:
+        """End the outbox with ``TokenExpired`` at ``exp`` (Unix seconds; None: never),
+        replacing the deadline set before. One already past ends it on the loop's next turn."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        if exp is None:
+            return
+        loop = asyncio.get_running_loop()
+        self._expiry = loop.call_at(loop.time() + (exp - time.time()), outbox.end, TokenExpired)
 
     async def _write(self, outbox: Outbox) -> None:
         """Everything that needs no await goes through ``_write_now``, here as from the
@@ -330,7 +364,8 @@ class RoomConnection:
 
     async def _receive(self, outbox: Outbox) -> None:
         """Read frames without waiting for their commits (sends are pipelined up to
-        ``MAX_PIPELINED``); answers still go out in the order the frames came."""
+        ``MAX_PIPELINED``); answers still go out in the order the frames came. An ``auth``
+        frame's token check is awaited here (at most a JWKS fetch): the next frame waits."""
         while True:
             if len(self._replies) >= MAX_PIPELINED:
                 # The oldest reply is a pending send: answered ones in front are flushed.
@@ -341,7 +376,12 @@ class RoomConnection:
             text = message.get("text")
             if text is None:
                 self._answer(outbox, self._error(BinaryNotSupported.code, "send JSON text frames"))
-            elif (reply := self._handle(text)) is not None:
+                continue
+            try:
+                reply = self._handle(text)
+            except _Renew as renew:  # raised, not returned: a send pays nothing for ``auth``
+                reply = await self._renew(outbox, renew.token)
+            if reply is not None:
                 self._answer(outbox, reply)
 
     def _answer(self, outbox: Outbox, reply: Reply) -> None:
@@ -400,7 +440,44 @@ class RoomConnection:
             return self._send(frame)
         if kind == "ping":
             return self._pong()
-        return self._error(UnknownType.code, "'type' must be 'send' or 'ping'")
+        if kind == "auth":
+            return self._auth(frame)
+        return self._error(UnknownType.code, "'type' must be 'send', 'ping' or 'auth'")
+
+    def _auth(self, frame: dict[str, Any]) -> str:
+        """Refuse an ``auth`` frame that is malformed or over ``ws_auth_rate``; raise ``_Renew``
+        for the rest, which ``_receive`` awaits (a provider's token may need a JWKS fetch)."""
+        token = frame.get("token")
+        if not isinstance(token, str) or not token:
+            return self._error(InvalidFrame.code, "'token' must be a non-empty string")
+        auths = self._auths
+        if auths is None:
+            rate = self.services.settings.ws_auth_rate
+            auths = self._auths = TokenBucket(rate, AUTH_BURST)
+        try:
+            auths.take()
+        except RateLimited as exc:
+            detail = f"too many auth frames; retry in {exc.retry_after:.2f}s"
+            return self._error(exc.code, detail, retry_after=round(exc.retry_after, 3))
+        if len(token) > MAX_TOKEN_BYTES:  # refused as the codec would, without decoding it
+            return self._error(AuthRefused.code, "token too large")
+        raise _Renew(token)
+
+    async def _renew(self, outbox: Outbox, token: str) -> str:
+        """Move the socket's deadline to the token's ``exp`` if it is valid, the same user's
+        and not expired: ``auth_ok``; else ``auth_refused`` and nothing changes."""
+        try:
+            principal = await self.services.tokens.authenticate(token)
+        except NotAuthenticated as exc:
+            return self._error(AuthRefused.code, exc.detail)
+        if principal.user_id != self.principal.user_id:
+            return self._error(AuthRefused.code, "the token is another user's")
+        exp = principal.expires_at
+        if exp is not None and exp <= time.time():  # accepted within the codec's leeway
+            return self._error(AuthRefused.code, "token expired")
+        self.principal = principal
+        self._expire_at(outbox, exp)
+        return auth_ok_frame(exp)
 
     def _pong(self) -> str | None:
         """A ``pong``, or nothing for pings over ``ws_ping_rate``: a ping flood costs its
@@ -438,6 +515,14 @@ class RoomConnection:
 
 
 _PONG = dumps({"type": "pong"})
+
+
+class _Renew(Exception):
+    """An ``auth`` frame let through to the token check, which may await (``_renew``)."""
+
+    def __init__(self, token: str) -> None:
+        super().__init__()
+        self.token = token
 
 
 def _never(_frames: object) -> bool:

@@ -20,7 +20,10 @@ const CLOSE_REASONS = {
   1013: 'server busy',
   4000: 'connection stalled',
   4001: 'simulated drop',
+  4401: 'token expired',
 };
+const RENEW_MIN_LEAD_MS = 60_000;         // renew the token at least this long before `exp`…
+const RENEW_RETRY_MS = 15_000;            // …and, if that fails, try again this often until then
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -39,10 +42,14 @@ const auth = {
   token: localStorage.getItem('chat.token') || '',
   user: localStorage.getItem('chat.user') || '',   // '' when unknown (pasted opaque token)
   expiresAt: localStorage.getItem('chat.expires_at') || '',
+  // A dev login can be renewed by asking for a new dev token; a pasted token cannot.
+  renewable: localStorage.getItem('chat.renewable') === 'true',
+  renewTimer: 0,
 };
 
 const conn = {
   ws: null,
+  token: '',           // the token this socket runs on (connected with, or sent in `auth`)
   room: null,          // the room we want to be in (null = none)
   gen: 0,              // bumped per socket, so events of an abandoned socket are ignored
   opened: false,       // this socket's handshake succeeded
@@ -158,18 +165,78 @@ function clearView() {
 
 // ---------------------------------------------------------------- auth
 
-function saveAuth(token, user, expiresAt) {
-  Object.assign(auth, { token, user, expiresAt });
+function storeAuth(token, user, expiresAt, renewable) {
+  Object.assign(auth, { token, user, expiresAt, renewable });
   localStorage.setItem('chat.token', token);
   localStorage.setItem('chat.user', user);
   localStorage.setItem('chat.expires_at', expiresAt);
+  localStorage.setItem('chat.renewable', String(renewable));
+}
+
+function saveAuth(token, user, expiresAt, renewable) {
+  storeAuth(token, user, expiresAt, renewable);
   showChat();
+}
+
+/** The token's own `exp` (ms), else the expiry the login answer gave; NaN when unknown. */
+function tokenExpiry() {
+  const exp = peekJwt(auth.token)?.exp;
+  return typeof exp === 'number' ? exp * 1000 : Date.parse(auth.expiresAt);
+}
+
+/**
+ * Renew a dev login before the server closes the socket at the token's `exp` (4401): at 80 % of
+ * its remaining life, at least RENEW_MIN_LEAD_MS before `exp` when the life allows (never
+ * sooner than half-way). A pasted token cannot be renewed: at `exp` the page asks to log in.
+ */
+function scheduleRenewal(delay) {
+  clearTimeout(auth.renewTimer);
+  auth.renewTimer = 0;
+  if (!auth.renewable || !auth.token) return;
+  if (delay === undefined) {
+    const left = tokenExpiry() - Date.now();
+    if (Number.isNaN(left)) return;
+    delay = Math.max(left * 0.5, Math.min(left * 0.8, left - RENEW_MIN_LEAD_MS));
+  }
+  auth.renewTimer = setTimeout(renewToken, Math.min(Math.max(0, delay), 2 ** 31 - 1));
+}
+
+/** A fresh dev token for the same user; the open socket gets it as an `auth` frame. */
+async function renewToken() {
+  let res;
+  try {
+    res = await fetch('/auth/dev-token', {
+      method: 'POST', headers: { 'Content-Type': 'application/json' },
+      body: JSON.stringify({ user: auth.user }),
+    });
+  } catch { res = null; }
+  if (!auth.token) return false;  // logged out meanwhile
+  if (!res || !res.ok) {
+    if (tokenExpiry() - Date.now() > RENEW_RETRY_MS) scheduleRenewal(RENEW_RETRY_MS);
+    addNote(`could not renew the token (${res ? await apiError(res) : 'network error'})`, 'warn');
+    return false;
+  }
+  const data = await res.json();
+  storeAuth(data.token, data.user, data.expires_at, true);
+  scheduleRenewal();
+  // A socket still in its handshake sends it once `ready` (it connected with the old one).
+  if (conn.ws?.readyState === WebSocket.OPEN) sendToken();
+  return true;
+}
+
+/** Move the open socket's deadline to the current token's `exp` (answered by `auth_ok`). */
+function sendToken() {
+  conn.token = auth.token;
+  conn.ws.send(JSON.stringify({ type: 'auth', token: auth.token }));
 }
 
 function logout(reason = '') {
   leaveRoom();
-  Object.assign(auth, { token: '', user: '', expiresAt: '' });
-  for (const k of ['chat.token', 'chat.user', 'chat.expires_at']) localStorage.removeItem(k);
+  clearTimeout(auth.renewTimer);
+  Object.assign(auth, { token: '', user: '', expiresAt: '', renewable: false, renewTimer: 0 });
+  for (const k of ['chat.token', 'chat.user', 'chat.expires_at', 'chat.renewable']) {
+    localStorage.removeItem(k);
+  }
   clearView();
   ui.loginError.textContent = reason;
   ui.chatView.hidden = true;
@@ -198,14 +265,14 @@ async function requestDevToken(user) {
   }
   if (!res.ok) { ui.loginError.textContent = await apiError(res); return; }
   const data = await res.json();
-  saveAuth(data.token, data.user, data.expires_at);
+  saveAuth(data.token, data.user, data.expires_at, true);
 }
 
 function usePastedToken(raw) {
   const token = raw.trim().replace(/^Bearer\s+/i, '');
   const claims = peekJwt(token) || {};
   const expiresAt = claims.exp ? new Date(claims.exp * 1000).toISOString() : '';
-  saveAuth(token, typeof claims.sub === 'string' ? claims.sub : '', expiresAt);
+  saveAuth(token, typeof claims.sub === 'string' ? claims.sub : '', expiresAt, false);
 }
 
 function showChat() {
@@ -214,6 +281,7 @@ function showChat() {
   ui.who.hidden = false;
   ui.whoName.textContent = auth.user ? `signed in as ${auth.user}` : 'signed in (token)';
   ui.room.value = localStorage.getItem('chat.room') || ui.room.value;
+  scheduleRenewal();
   loadRooms();
 }
 
@@ -295,7 +363,9 @@ function connect() {
   if (since !== undefined) params.set('since', since);
   const proto = location.protocol === 'https:' ? 'wss:' : 'ws:';
   const ws = new WebSocket(`${proto}//${location.host}/ws/rooms/${encodeURIComponent(room)}?${params}`);
-  Object.assign(conn, { ws, opened: false, live: false, resuming: since !== undefined });
+  Object.assign(conn, {
+    ws, token: auth.token, opened: false, live: false, resuming: since !== undefined,
+  });
   // Where this socket's replay starts in the log, so a "skipped" note can go before it.
   conn.replayAnchor = ui.messages.lastElementChild;
   setStatus('connecting', conn.attempt ? 'reconnecting…' : 'connecting…');
@@ -349,6 +419,18 @@ function handleClose(code, reason) {
     addNote('The server refused our token; log out and in again.', 'error');
     return;
   }
+  if (code === 4401) {
+    // The token reached its `exp` before a renewal took: renew now (a dev login), then resume.
+    if (!auth.renewable) { logout('Your token expired. Please log in again.'); return; }
+    addNote('token expired: renewing it', 'warn');
+    setStatus('reconnecting', 'token expired — renewing it');
+    const room = conn.room;
+    renewToken().then((ok) => {
+      if (!ok) logout('Your token expired and could not be renewed. Please log in again.');
+      else if (conn.room === room && !conn.ws) scheduleReconnect('token renewed');
+    });
+    return;
+  }
   scheduleReconnect(CLOSE_REASONS[code] || `disconnected (${code})`);
   // A refused re-handshake may mean the token expired meanwhile: ask the REST API, which
   // logs out (and so stops reconnecting) on 401.
@@ -377,6 +459,7 @@ function handleFrame(f) {
     case 'ready': onReady(f); break;
     case 'ack': onAck(f); break;
     case 'error': onErrorFrame(f); break;
+    case 'auth_ok': onAuthOk(f); break;
     default: break; // pong and anything newer
   }
 }
@@ -413,6 +496,7 @@ function onReady(r) {
   else if (conn.resuming) addNote('reconnected', 'ok');
   Object.assign(conn, { live: true, everLive: true, attempt: 0 });
   setStatus('live', `live in #${r.room}`);
+  if (conn.token !== auth.token) sendToken();  // renewed while this socket was connecting
   // Send whatever was typed while disconnected (same client_msg_id: the server dedupes).
   for (const e of outbox.values()) if (!e.acked && !e.failed) transmit(e);
 }
@@ -422,6 +506,14 @@ function onAck(a) {
   if (!e) return; // the message frame came first and already replaced the bubble
   Object.assign(e, { acked: true, seq: a.seq });
   setBubbleState(e, 'sent', 'acked');
+}
+
+/** The socket now closes at the renewed token's `exp`. */
+function onAuthOk(f) {
+  if (typeof f.exp === 'number') {
+    auth.expiresAt = new Date(f.exp * 1000).toISOString();
+    localStorage.setItem('chat.expires_at', auth.expiresAt);
+  }
 }
 
 function onErrorFrame(f) {

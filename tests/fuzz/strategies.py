@@ -89,6 +89,7 @@ client_msg_ids = st.one_of(
 types = st.one_of(
     st.just("send"),
     st.just("ping"),
+    st.just("auth"),
     st.sampled_from(["pong", "ack", "message", "error", "SEND", "Send", " send", "send ", ""]),
     json_values,
 )

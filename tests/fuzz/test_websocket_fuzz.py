@@ -60,6 +60,7 @@ ERROR_CODES = frozenset(
         "invalid_body",
         "invalid_client_msg_id",
         "binary_not_supported",
+        "auth_refused",
     }
 )
 """What a frame can earn (``unavailable``, ``outcome_unknown`` and ``overloaded`` need a
@@ -91,6 +92,9 @@ def frame_outcomes(frame: Any) -> set[str]:
     kind = frame.get("type")
     if kind == "ping":
         return {"pong"}
+    if kind == "auth":  # only a real token of the same user renews; none is generated
+        token = frame.get("token")
+        return {"auth_refused"} if isinstance(token, str) and token else {"invalid_frame"}
     if kind != "send":
         return {"unknown_type"}
     return message_problems(frame.get("body"), frame.get("client_msg_id")) or {"ack"}

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import jwt
 import pytest
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.idp_tokens import b64 as b64url
 from tests.idp_tokens import generate_keys, hostile_tokens, jwk, pem, published
@@ -270,6 +270,45 @@ async def test_hostile_tokens_get_401_and_no_error_in_the_log(replicas, keys, ro
         statuses = await asyncio.gather(*(ws_status(server, room, t) for t in handshakes.values()))
         assert dict(zip(handshakes, statuses, strict=True)) == dict.fromkeys(handshakes, 403)
         assert_clean_log(server)
+
+
+async def test_provider_tokens_renew_a_live_socket_through_the_same_checks(replicas, keys, room):
+    """``auth`` frames go through the codec's async path like a handshake: a provider token of
+    the same user renews the socket; another key type, another user or the wrong audience
+    does not, and the socket still closes with 4401 at its first token's ``exp``."""
+    hostile = hostile_tokens(keys)
+    first = int(time.time()) + 3
+    server = replicas["a"]
+    short_lived = idp_token(keys["p256"], "p256", "ES256", exp=first)
+    renewed = await Client.connect(server, room, short_lived)
+    kept = await Client.connect(server, room, idp_token(keys["rsa"], "rsa", "RS256", exp=first))
+
+    async def answer(client: Client, token: str) -> dict[str, Any]:
+        await client.send_json({"type": "auth", "token": token})
+        return await client.recv_type("auth_ok" if client is renewed else "error")
+
+    refused = {
+        "wrong key type": hostile["wrong_key_type"],
+        "rsa token, ec kid": hostile["rsa_token_ec_kid"],
+        "alg none": hostile["alg_none"],
+        "another user": idp_token(keys["ed"], "ed", "EdDSA", preferred_username="bob.idp"),
+        "wrong audience": idp_token(keys["ed"], "ed", "EdDSA", aud="someone-else"),
+    }
+    for why, token in refused.items():
+        frame = await answer(kept, token)
+        assert frame["code"] == "auth_refused", (why, frame)
+    later = first + 60
+    ok = await answer(renewed, idp_token(keys["ed"], "ed", "EdDSA", exp=later))
+    assert ok == {"type": "auth_ok", "exp": later}
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            await kept.recv(10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
+    assert time.time() >= first - 0.05
+    await renewed.send("still here", client_msg_id=f"idp-renewed-{uuid.uuid4().hex}")
+    assert (await renewed.recv_type("ack"))["type"] == "ack"
+    await renewed.close()
+    assert_clean_log(server)
 
 
 def _random_token(rng: random.Random, keys: dict[str, Any]) -> tuple[str, bool]:

@@ -139,6 +139,18 @@ def test_name_claim_is_optional():
     assert (principal.user_id, principal.name) == ("zoe", "Zoe Z")
 
 
+def test_the_principal_carries_the_tokens_exp_as_given():
+    """What a websocket's deadline is set from (``service.realtime.websocket``)."""
+    codec = TokenCodec(Settings(database_url="postgresql://d/x", jwt_secret=SECRET))
+    exp = int(time.time()) + 60
+    principal = codec.verify(jwt.encode({"sub": "ann", "exp": exp}, SECRET))
+    assert principal.expires_at == exp
+    assert isinstance(principal.expires_at, int)  # auth_ok echoes it: no ".0" added
+    assert codec.verify(jwt.encode({"sub": "ann", "exp": exp + 0.5}, SECRET)).expires_at == (
+        exp + 0.5
+    )
+
+
 def test_a_verified_token_is_remembered_until_it_expires():
     now = [time.time()]
     codec = TokenCodec(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 from collections import deque
 from types import SimpleNamespace
 
@@ -13,8 +14,15 @@ import pytest
 from fastapi.routing import APIWebSocketRoute
 from starlette.websockets import WebSocket
 
+from service.auth import Principal
 from service.chat.envelope import SharedFrame
-from service.errors import RateLimited, SlowConsumer, StreamLost, TooManyConnections
+from service.errors import (
+    RateLimited,
+    SlowConsumer,
+    StreamLost,
+    TokenExpired,
+    TooManyConnections,
+)
 from service.metrics import Metrics
 from service.realtime import websocket
 from service.realtime.hub import Live, Marker, Outbox, OutboxItem
@@ -218,10 +226,12 @@ class _Socket:
         self.sent.append(text)
 
 
-def _connection() -> tuple[websocket.RoomConnection, _Socket, Outbox]:
+def _connection(
+    expires_at: float | None = None,
+) -> tuple[websocket.RoomConnection, _Socket, Outbox]:
     socket = _Socket()
     services = SimpleNamespace(settings=SimpleNamespace(send_rate=10.0), metrics=Metrics())
-    principal = SimpleNamespace(user_id="alice")
+    principal = Principal(user_id="alice", expires_at=expires_at)
     connection = websocket.RoomConnection(socket, services, principal, "lobby")  # type: ignore[arg-type]
     return connection, socket, Outbox(limit=4)
 
@@ -247,6 +257,30 @@ async def test_an_ended_outbox_stops_a_writer_stuck_in_a_send_with_its_reason():
         with pytest.raises(reason):
             await asyncio.wait_for(serving, 1)
         assert socket.receive_cancelled and socket.sent == []
+
+
+async def test_the_tokens_exp_ends_the_connection_even_in_a_send_and_only_then():
+    """One timer per connection: at ``exp`` the outbox ends with ``TokenExpired`` (4401), the
+    writer stuck in a send included; a connection that ends first leaves no timer behind."""
+    exp = time.time() + 0.2
+    connection, socket, outbox = _connection(expires_at=exp)
+    serving = asyncio.ensure_future(connection._serve(outbox))
+    outbox.put("ack")
+    await asyncio.wait_for(socket.sending.wait(), 1)  # the peer does not read
+    with pytest.raises(TokenExpired):
+        await asyncio.wait_for(serving, 2)
+    assert time.time() >= exp - 0.01
+    assert outbox.ended is TokenExpired and socket.receive_cancelled
+    assert connection._expiry is None
+
+    connection, socket, outbox = _connection(expires_at=time.time() + 0.2)
+    serving = asyncio.ensure_future(connection._serve(outbox))
+    await asyncio.wait_for(socket.receiving.wait(), 1)
+    socket.incoming.put_nowait({"type": "websocket.disconnect", "code": 1000})
+    await asyncio.wait_for(serving, 1)
+    assert connection._expiry is None
+    await asyncio.sleep(0.3)  # past the exp: the cancelled timer did not end the outbox
+    assert outbox.ended is None
 
 
 async def test_when_the_peer_leaves_the_writer_is_cancelled_and_its_end_does_not_count():
