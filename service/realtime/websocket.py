@@ -141,6 +141,23 @@ async def _refuse(websocket: WebSocket, exc: RateLimited | TooManyConnections) -
 
 
 class RoomConnection:
+    __slots__ = (
+        "websocket",
+        "services",
+        "hub",
+        "principal",
+        "room",
+        "last_seq",
+        "_log_context",
+        "send_bucket",
+        "_pings",
+        "_auths",
+        "_expiry",
+        "_send_nowait",
+        "_replies",
+    )
+    """Slots: one per open socket, thousands per process (docs/benchmarks.md, idle)."""
+
     def __init__(
         self, websocket: WebSocket, services: Services, principal: Principal, room: str
     ) -> None:
