@@ -312,6 +312,18 @@ class ConnectionGuard:
         deadline, self.handoff = self.handoff, None
         return deadline
 
+    def refuse_huge_head(self, transport: asyncio.Transport) -> None:
+        """A request head passed ``MAX_HEAD_BYTES``: answer 431 and close (both protocols)."""
+        self.counter.labels("head_too_large").inc()
+        self.burst.warn(
+            "head_too_large",
+            self.loop.time(),
+            "request head over %d bytes: answered 431 and closed",
+            MAX_HEAD_BYTES,
+        )
+        transport.write(HEAD_TOO_LARGE)
+        transport.close()
+
     def closed(self, reason: str, deadline: HeadDeadline, message: str, *args: object) -> None:
         self.counter.labels(reason).inc()
         self.burst.warn(reason, self.loop.time(), message, *args)
@@ -441,17 +453,8 @@ class GuardedProtocol(asyncio.Protocol):
         guard = self.guard
         assert guard is not None  # noqa: S101 - a deadline runs only with a guard
         self._head_done()
-        if transport.is_closing():
-            return
-        guard.counter.labels("head_too_large").inc()
-        guard.burst.warn(
-            "head_too_large",
-            guard.loop.time(),
-            "request head over %d bytes: answered 431 and closed",
-            MAX_HEAD_BYTES,
-        )
-        transport.write(HEAD_TOO_LARGE)
-        transport.close()
+        if not transport.is_closing():
+            guard.refuse_huge_head(transport)
 
     def _head_done(self) -> None:
         self.head = bytearray()

@@ -16,7 +16,6 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.http_guard import (
-    HEAD_TOO_LARGE,
     MAX_HEAD_BYTES,
     ConnectionGuard,
     HeadDeadline,
@@ -52,15 +51,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.head_bytes += len(data)  # what was read so far is (mostly) the head
             if self.head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
                 self._head_done()
-                guard.counter.labels("head_too_large").inc()
-                guard.burst.warn(
-                    "head_too_large",
-                    guard.loop.time(),
-                    "request head over %d bytes: answered 431 and closed",
-                    MAX_HEAD_BYTES,
-                )
-                self.transport.write(HEAD_TOO_LARGE)
-                self.transport.close()
+                guard.refuse_huge_head(self.transport)
 
     def on_message_begin(self) -> None:
         # The next request on a kept-alive connection: its head has a deadline too.
