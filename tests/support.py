@@ -32,6 +32,7 @@ import asyncpg
 import httpx
 import jwt
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 JWT_SECRET = "test-secret-that-is-long-enough-for-hs256-0123456789"
 RECV_TIMEOUT = 10.0
@@ -311,3 +312,12 @@ async def messages_until(client: Client, last_seq: int, timeout: float = 20) -> 
         if frame["type"] == "message":
             seqs.append(frame["seq"])
     return seqs
+
+
+async def close_of(client: Client, timeout: float = 10) -> tuple[int, str]:
+    """The close code and reason, once every frame before them was read (1006: none came)."""
+    try:
+        while True:
+            await asyncio.wait_for(client.ws.recv(), timeout)
+    except ConnectionClosed as closed:
+        return (closed.rcvd.code, closed.rcvd.reason) if closed.rcvd else (1006, "")

@@ -11,14 +11,13 @@ import uuid
 import asyncpg
 import pytest
 from broadcaster import Broadcast
-from websockets.exceptions import ConnectionClosed
 
 from service.chat.history import MAX_RESUME_GAP
 from service.chat.messages import submit_message
 from service.db.writer import MessageWriter
 from service.errors import Unavailable
 from service.realtime.hub import CatchUp, CatchUpLimits, RoomHub
-from tests.support import Client, locked_out, make_token, messages_until
+from tests.support import Client, close_of, locked_out, make_token, messages_until
 
 
 async def _post(writer: MessageWriter, room: str, count: int, prefix: str = "m") -> None:
@@ -174,15 +173,6 @@ async def test_closing_the_hub_answers_waiting_callers(stored_room):  # type: ig
 # --- real processes ----------------------------------------------------------------------------
 
 
-async def _closed(client: Client, timeout: float = 30) -> tuple[int, str]:
-    """The close code and reason, once every frame before them was read."""
-    try:
-        while True:
-            await asyncio.wait_for(client.ws.recv(), timeout)
-    except ConnectionClosed as closed:
-        return (closed.rcvd.code, closed.rcvd.reason) if closed.rcvd else (1006, "")
-
-
 @pytest.mark.slow
 async def test_a_listen_reconnect_costs_one_read_per_room_not_one_per_connection(
     own_database, pg_server_url, spawn
@@ -235,7 +225,7 @@ async def test_a_connection_too_far_behind_is_closed_and_resumes_with_since(
         async with locked_out(pg_server_url, own_database, "chat-listen"):
             await _post(writer, far, 150)
             await _post(writer, near, 100)
-        assert await _closed(behind) == (1013, "too far behind; reconnect with since")
+        assert await close_of(behind, 30) == (1013, "too far behind; reconnect with since")
         # within the limit
         assert await messages_until(within, 100, timeout=30) == list(range(1, 101))
 
@@ -245,7 +235,7 @@ async def test_a_connection_too_far_behind_is_closed_and_resumes_with_since(
 
         async with locked_out(pg_server_url, own_database, "chat-listen"):
             await _post(writer, far, MAX_RESUME_GAP + 1)
-        assert (await _closed(resumed))[0] == 1013
+        assert (await close_of(resumed, 30))[0] == 1013
         last = 151 + MAX_RESUME_GAP
         again = await Client.connect(server, far, make_token("behind"), since=150)
         assert again.ready["recovered"] is False and again.ready["last_seq"] == last

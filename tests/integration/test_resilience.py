@@ -24,6 +24,7 @@ from service.db.migrate import upgrade
 from service.db.writer import MessageWriter
 from tests.support import (
     Client,
+    close_of,
     locked_out,
     make_token,
     messages_until,
@@ -34,11 +35,7 @@ pytestmark = pytest.mark.slow
 
 
 async def _close_code(client: Client, timeout: float = 10) -> int:
-    try:
-        while True:
-            await asyncio.wait_for(client.ws.recv(), timeout)
-    except ConnectionClosed as closed:
-        return closed.rcvd.code if closed.rcvd else 1006
+    return (await close_of(client, timeout))[0]
 
 
 async def test_clients_catch_up_on_what_was_committed_while_listen_was_down(
@@ -363,7 +360,7 @@ async def test_a_dead_room_stream_closes_its_connections_with_1011_not_as_slow_c
     finally:
         await conn.close()
     for client in clients:
-        closed = await _close(client)
+        closed = await close_of(client)
         assert closed == (1011, "room stream lost; reconnect with since")
     assert server.metric("chat_room_stream_lost_disconnects_total") == 2
     assert server.metric("chat_slow_consumer_disconnects_total") == 0
@@ -372,14 +369,6 @@ async def test_a_dead_room_stream_closes_its_connections_with_1011_not_as_slow_c
     await again.send("after", "c-after")
     assert (await again.recv_type("message"))["body"] == "after"
     await again.close()
-
-
-async def _close(client: Client, timeout: float = 10) -> tuple[int, str]:
-    try:
-        while True:
-            await asyncio.wait_for(client.ws.recv(), timeout)
-    except ConnectionClosed as closed:
-        return (closed.rcvd.code, closed.rcvd.reason) if closed.rcvd else (1006, "")
 
 
 async def test_invalid_utf8_text_frame_closes_with_1007(server, room, alice):
