@@ -23,6 +23,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.api import auth as auth_routes
+from service.api import manage as manage_routes
 from service.api import rooms as room_routes
 from service.auth import TokenCodec
 from service.chat.limits import UserLimits
@@ -205,6 +206,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url="/redoc" if docs else None,
         openapi_url="/openapi.json" if docs else None,
     )
+    app.include_router(manage_routes.router)
     app.include_router(room_routes.router)
     app.include_router(auth_routes.router)
     app.include_router(auth_routes.me_router)

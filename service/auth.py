@@ -68,6 +68,9 @@ class Principal:
     """The token's ``exp`` (Unix seconds), when a websocket on it is closed (4401) unless an
     ``auth`` frame renews it. Every token ``TokenCodec`` accepts has one (``exp`` is required);
     None is for a principal made otherwise, and never expires a socket."""
+    admin: bool = False
+    """A service admin: the token's ``CHAT_ADMIN_CLAIM`` names ``CHAT_ADMIN_ROLE``. May read
+    and manage every room (``service.chat.rooms``): how an app's backend acts for its users."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +133,8 @@ class TokenCodec:
             audience=audience or None,
             issuer=settings.jwt_issuer or None,
         )
+        self._admin_claim = settings.admin_claim
+        self._admin_role = settings.admin_role
         self._warn = RateLimitedLog(log)
 
     @property
@@ -145,13 +150,16 @@ class TokenCodec:
         if self.jwks is not None:
             await self.jwks.close()
 
-    def issue(self, user_id: str, *, ttl: int, name: str | None = None) -> str:
+    def issue(self, user_id: str, *, ttl: int, name: str | None = None, admin: bool = False) -> str:
+        """A token of the service's own; ``admin``: a service admin's."""
         if self._secret is None:
             raise RuntimeError("issuing tokens needs CHAT_JWT_SECRET")
         now = int(time.time())
         claims: dict[str, object] = {"sub": user_id, "iat": now, "exp": now + ttl}
         if name:
             claims["name"] = name
+        if admin:
+            claims[self._admin_claim] = [self._admin_role]
         return jwt.encode(claims, self._secret, algorithm="HS256")
 
     async def authenticate(self, token: str) -> Principal:
@@ -244,8 +252,17 @@ class TokenCodec:
             raise UnknownKey("invalid token: unknown signing key")
         raise NotAuthenticated("invalid token: no key for this algorithm")
 
-    @staticmethod
-    def _principal(claims: dict[str, object], policy: ClaimPolicy) -> tuple[Principal, float]:
+    def _is_admin(self, claims: dict[str, object]) -> bool:
+        """The admin claim holds the admin role: in a list of strings, or a space-separated
+        string (as OAuth's ``scope``)."""
+        roles = claims.get(self._admin_claim)
+        if isinstance(roles, str):
+            return self._admin_role in roles.split()
+        if isinstance(roles, list):
+            return self._admin_role in roles
+        return False
+
+    def _principal(self, claims: dict[str, object], policy: ClaimPolicy) -> tuple[Principal, float]:
         user = claims.get(policy.user_claim)
         if (
             not isinstance(user, str)
@@ -259,7 +276,8 @@ class TokenCodec:
         exp = claims["exp"]
         if not isinstance(exp, int | float):  # PyJWT has checked it is a number
             raise NotAuthenticated("invalid token")
-        return Principal(user_id=user, name=name, expires_at=exp), float(exp) + LEEWAY
+        principal = Principal(user_id=user, name=name, expires_at=exp, admin=self._is_admin(claims))
+        return principal, float(exp) + LEEWAY
 
 
 def extract_token(

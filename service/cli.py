@@ -191,7 +191,7 @@ def token(args: argparse.Namespace) -> int:
     codec = TokenCodec(settings)
     if not codec.can_issue:
         raise InvalidSettings("issuing tokens needs CHAT_JWT_SECRET (a public key only verifies)")
-    print(codec.issue(args.user, ttl=args.ttl, name=args.name))
+    print(codec.issue(args.user, ttl=args.ttl, name=args.name, admin=args.admin))
     return 0
 
 
@@ -214,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("user")
     p.add_argument("--ttl", type=int, default=3600, help="seconds until it expires")
     p.add_argument("--name", default=None, help="display name claim")
+    p.add_argument(
+        "--admin",
+        action="store_true",
+        help="a service admin's token (CHAT_ADMIN_CLAIM names CHAT_ADMIN_ROLE): manages every room",
+    )
     p.set_defaults(func=token)
     return parser
 

@@ -240,6 +240,10 @@ class Settings(BaseSettings):
     """The claim of a provider token that holds the user id (the author of messages)."""
     jwt_name_claim: str = Field(default="name", max_length=100)
     """The claim holding a display name; empty for none."""
+    admin_claim: str = Field(default="roles", min_length=1, max_length=100)
+    """The claim naming a token's roles (a list, or a space-separated string); a token whose
+    roles include ``admin_role`` is a service admin's (any room, every action)."""
+    admin_role: str = Field(default="chat:admin", min_length=1, max_length=200)
     jwks_min_refetch_seconds: float = Field(default=30.0, ge=0.1, le=86_400)
     """A token with an unknown ``kid`` refetches the JWKS at most this often."""
     jwks_max_age_seconds: float = Field(default=600.0, ge=1, le=86_400)

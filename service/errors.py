@@ -39,7 +39,16 @@ these attributes only; docs/protocol.md's tables are checked against them
     |   +-- StreamLost             stream_lost: the room's live stream in this process failed
     |   |                          (a bug, logged) -> 1011
     |   +-- TokenExpired           token_expired: the socket's token reached its ``exp`` and no
-    |                              ``auth`` frame renewed it -> 4401
+    |   |                          ``auth`` frame renewed it -> 4401
+    |   +-- AccessRevoked          access_revoked: the user lost the room (removed, left, room
+    |                              deleted) -> 4403
+    +-- NotFound                   not_found: no such room, or a room the caller may not see
+    |                              -> HTTP 404
+    +-- Forbidden                  forbidden: visible, but not allowed -> HTTP 403, error frame
+    |                              (a send after removal); a refused handshake (403, or 4403)
+    +-- RoomExists                 room_exists: the name is taken -> HTTP 409
+    +-- OwnerMustHandOver          owner_must_hand_over: the owner leaves after handing over
+    |                              -> HTTP 409
     +-- BodyTooLarge               too_large: a request body over ``CHAT_MAX_BODY_BYTES`` -> 413
     +-- InternalError              internal: a bug -> HTTP 500 without details, 1011; the
     |                              server log carries the traceback
@@ -79,6 +88,8 @@ WS_SERVICE_RESTART = 1012
 WS_TRY_AGAIN_LATER = 1013
 WS_TOKEN_EXPIRED = 4401
 """In the application range (4000-4999): 401 as in HTTP, so a client tells it from 1008."""
+WS_FORBIDDEN = 4403
+"""403 as in HTTP: the user may no longer read the room (removed, left, the room deleted)."""
 
 
 class ChatError(Exception):
@@ -253,6 +264,48 @@ class TokenExpired(OutboxEnded):
 
     def __init__(self, detail: str = "token expired; reconnect with a fresh token") -> None:
         super().__init__(detail)
+
+
+class AccessRevoked(OutboxEnded):
+    """The user lost the room while the socket was open: removed, left, the room deleted, or
+    the never-used name it was open on made a private room. Reconnecting is refused."""
+
+    code = "access_revoked"
+    close_code: ClassVar[int] = WS_FORBIDDEN
+
+    def __init__(self, detail: str = "you no longer have access to this room") -> None:
+        super().__init__(detail)
+
+
+class NotFound(ChatError):
+    """No such room, or one the caller may not see (a private room they are not a member of:
+    the same answer, so REST does not tell the two apart); or no such member."""
+
+    code = "not_found"
+    http_status = 404
+
+
+class Forbidden(ChatError):
+    """The caller sees the room but may not do this (a member managing members, a send after
+    being removed); a websocket handshake to a room the user may not read is refused with it
+    (HTTP 403, or 4403 right after accept where the server has no denial responses)."""
+
+    code = "forbidden"
+    http_status = 403
+    close_code: ClassVar[int] = WS_FORBIDDEN
+    frame = True
+
+
+class RoomExists(ChatError):
+    code = "room_exists"
+    http_status = 409
+
+
+class OwnerMustHandOver(ChatError):
+    """The owner leaves (or is made less) only after handing ownership over."""
+
+    code = "owner_must_hand_over"
+    http_status = 409
 
 
 class BodyTooLarge(ChatError):

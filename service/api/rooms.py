@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import email.message
 import json
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from service.api.deps import ServicesDep
 from service.api.schemas import (
@@ -17,15 +17,13 @@ from service.api.schemas import (
     MessageOut,
     MessagePage,
     NewMessage,
-    RoomList,
     SendFailedOut,
 )
 from service.auth import CurrentUser, RoomName
 from service.chat import history
-from service.chat.envelope import dumps, dumps_with_items, iso, message_object
+from service.chat.envelope import dumps, dumps_with_items, message_object
 from service.chat.messages import submit_message
-from service.config import ROOM_NAME_MAX, ROOM_NAME_PATTERN
-from service.errors import ChatError, InvalidMessage
+from service.errors import ChatError, Forbidden, InvalidMessage, NotFound
 
 router = APIRouter(tags=["rooms"], responses=ERROR_RESPONSES)
 
@@ -36,6 +34,7 @@ def invalid(loc: tuple[str | int, ...], msg: str, kind: str) -> RequestValidatio
 
 
 Cursor = Annotated[int | None, Query(ge=0, le=history.MAX_SEQ)]
+Body = TypeVar("Body", bound=BaseModel)
 
 
 def json_response(
@@ -48,43 +47,32 @@ def json_response(
     return Response(text, status_code, headers, media_type="application/json")
 
 
-@router.get("/rooms", response_model=RoomList)
-async def list_rooms(
-    _: CurrentUser,
-    services: ServicesDep,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    after: Annotated[str | None, Query(pattern=ROOM_NAME_PATTERN, max_length=ROOM_NAME_MAX)] = None,
-) -> Response:
-    """Rooms that have messages, by name."""
-    rooms = await history.list_rooms(pool=services.pool, after=after, limit=limit + 1)
-    more = len(rooms) > limit
-    rooms = rooms[:limit]
-    return json_response(
-        {
-            "rooms": [
-                {"name": r.name, "last_seq": r.last_seq, "created_at": iso(r.created_at)}
-                for r in rooms
-            ],
-            "next_after": rooms[-1].name if more else None,
-        }
-    )
-
-
 @router.get("/rooms/{room}/messages", response_model=MessagePage)
 async def room_messages(
     room: RoomName,
-    _: CurrentUser,
+    user: CurrentUser,
     services: ServicesDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     before: Cursor = None,
     after: Cursor = None,
+    events: Annotated[
+        Literal["all"] | None,
+        Query(description="`all`: every kind of stream item, not only text messages"),
+    ] = None,
 ) -> Response:
     """A page of history in ascending seq order: the newest page by default; ``before`` pages
-    back, ``after`` pages forward. A room nobody has written to is an empty page."""
+    back, ``after`` pages forward. Text messages only, unless ``events=all``. 404 for a name
+    never used and for a private room the caller is not a member of."""
     if before is not None and after is not None and before <= after:
         raise invalid(("query", "before"), "'before' must be greater than 'after'", "cursor_order")
     page = await history.read_page(
-        pool=services.pool, room=room, limit=limit, before=before, after=after
+        pool=services.pool,
+        room=room,
+        limit=limit,
+        before=before,
+        after=after,
+        reader=history.Reader(user.user_id, user.admin),
+        every_kind=events == "all",
     )
     head = {
         "room": room,
@@ -95,13 +83,15 @@ async def room_messages(
     return json_response(dumps_with_items(head, "messages", [m.json for m in page.messages]))
 
 
-NEW_MESSAGE_BODY = {
-    "requestBody": {
-        "content": {"application/json": {"schema": NewMessage.model_json_schema()}},
-        "required": True,
+def body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """``openapi_extra`` for a body a route reads itself (``read_body``), documented as if it
+    were a declared parameter."""
+    return {
+        "requestBody": {
+            "content": {"application/json": {"schema": model.model_json_schema()}},
+            "required": True,
+        }
     }
-}
-"""The body ``create_message`` reads itself, documented as if it were a declared parameter."""
 
 
 def _is_json(content_type: str | None) -> bool:
@@ -117,10 +107,11 @@ def _is_json(content_type: str | None) -> bool:
     )
 
 
-async def read_new_message(request: Request) -> NewMessage:
+async def read_body(request: Request, model: type[Body]) -> Body:
     """The body, read only now (after authentication) through the app's body cap
     (``GuardMiddleware``: 413 past ``CHAT_MAX_BODY_BYTES``), with FastAPI's answers for the
-    rest: 422 for invalid JSON or fields, 400 for a body Python cannot read."""
+    rest: 422 for invalid JSON or fields, 400 for a body Python cannot read. (A declared body
+    parameter would be read and parsed before the token is checked.)"""
     raw = await request.body()
     if not raw:
         raise invalid(("body",), "Field required", "missing")
@@ -133,7 +124,7 @@ async def read_new_message(request: Request) -> NewMessage:
     except (ValueError, RecursionError):  # bad UTF-8, too many digits, too deep
         raise HTTPException(400, "There was an error parsing the body") from None
     try:
-        return NewMessage.model_validate(value)
+        return model.model_validate(value)
     except ValidationError as exc:
         raise RequestValidationError(
             [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
@@ -144,7 +135,7 @@ async def read_new_message(request: Request) -> NewMessage:
     "/rooms/{room}/messages",
     response_model=MessageOut,
     status_code=201,
-    openapi_extra=NEW_MESSAGE_BODY,
+    openapi_extra=body_schema(NewMessage),
     responses={
         503: {
             "model": SendFailedOut,
@@ -160,9 +151,9 @@ async def create_message(
     request: Request,
 ) -> Response:
     """Store a message and fan it out to the room's websockets. A resend with the same
-    ``client_msg_id`` returns the original with ``Idempotent-Replayed: true``."""
-    # No declared body parameter: FastAPI would read and parse it before checking the token.
-    new = await read_new_message(request)
+    ``client_msg_id`` returns the original with ``Idempotent-Replayed: true``. 404 in a
+    private or direct room the caller is not a member of (checked where it is stored)."""
+    new = await read_body(request, NewMessage)
     try:
         services.limits.take_send(user.user_id)
         stored = submit_message(
@@ -175,6 +166,9 @@ async def create_message(
             publish=services.publish,
         )
         posted = await asyncio.shield(stored)  # a client that hangs up does not stop the publish
+    except Forbidden:
+        services.metrics.errors.labels(NotFound.code).inc()
+        raise NotFound("no such room") from None
     except ChatError as exc:
         services.metrics.errors.labels(exc.code).inc()
         if isinstance(exc, InvalidMessage):  # in FastAPI's shape, as the OpenAPI schema says

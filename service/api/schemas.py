@@ -3,45 +3,113 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.config import ROOM_NAME_MAX, ROOM_NAME_PATTERN
 
+Role = Literal["owner", "admin", "member"]
 
-class MessageOut(BaseModel):
-    """A stored message: the fields of the websocket ``message`` frame, without ``type``."""
 
-    model_config = ConfigDict(from_attributes=True)
+class ItemHeader(BaseModel):
+    """What every item of a room's stream has: the websocket ``message`` frame's header."""
 
     id: int
     room: str
     seq: int
-    author: str
+    created_at: datetime
+    author: str = Field(description="Who caused the item: the sender, or who changed a member")
+
+
+class MessageOut(ItemHeader):
+    """A stored message: the fields of the websocket ``message`` frame, without ``type``."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    kind: Literal["text"]
     body: str
     client_msg_id: str | None
-    created_at: datetime
+
+
+class MemberEventOut(ItemHeader):
+    """A membership change, an item of the room's stream (``?events=all``)."""
+
+    kind: Literal["member"]
+    user: str = Field(description="The member affected")
+    action: Literal["joined", "left", "removed", "role"]
+    role: Role | None = Field(description="The member's role after it; null once gone")
+
+
+StreamItem = Annotated[MessageOut | MemberEventOut, Field(discriminator="kind")]
 
 
 class MessagePage(BaseModel):
     room: str
     last_seq: int = Field(description="The room's newest seq when the page was read")
-    messages: list[MessageOut] = Field(description="Ascending by seq")
+    messages: list[StreamItem] = Field(
+        description="Ascending by seq; text messages only unless ?events=all"
+    )
     next_before: int | None = Field(description="Pass as ?before= for the older page, if any")
     next_after: int | None = Field(description="Pass as ?after= for the newer page, if any")
 
 
-class RoomOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
+RoomName = Annotated[str, Field(pattern=ROOM_NAME_PATTERN, max_length=ROOM_NAME_MAX)]
+UserId = Annotated[str, Field(min_length=1, max_length=128)]
 
+
+class RoomOut(BaseModel):
     name: str
+    kind: Literal["public", "private", "direct"]
+    title: str | None
+    role: Role | None = Field(description="The caller's role; null when not a member")
     last_seq: int
     created_at: datetime
 
 
 class RoomList(BaseModel):
-    rooms: list[RoomOut]
+    rooms: list[RoomOut] = Field(description="Public rooms and the caller's rooms, by name")
     next_after: str | None = Field(description="Pass as ?after= for the next page, if any")
+
+
+class NewRoom(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: RoomName
+    kind: Literal["public", "private"]
+    title: Annotated[str, Field(max_length=200)] | None = None
+    members: Annotated[list[UserId], Field(max_length=100)] = Field(
+        default_factory=list, description="Added as members; the caller is the owner"
+    )
+
+
+class NewDirectRoom(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user: UserId = Field(description="The other user")
+
+
+class RoomChange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    title: Annotated[str, Field(max_length=200)] | None
+
+
+class MemberOut(BaseModel):
+    user: str
+    role: Role
+    joined_at: datetime
+
+
+class MemberList(BaseModel):
+    members: list[MemberOut] = Field(description="By user id")
+    next_after: str | None = Field(description="Pass as ?after= for the next page, if any")
+
+
+class MemberRole(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Role = Field(description="`owner` hands ownership over (owners and service admins)")
 
 
 class NewMessage(BaseModel):
@@ -83,6 +151,10 @@ class SendFailedOut(ErrorOut):
 ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     400: {"model": ErrorOut, "description": "The body could not be parsed"},
     401: {"model": ErrorOut, "description": "Missing, invalid or expired token"},
+    404: {
+        "model": ErrorOut,
+        "description": "No such room, or a private room you are not a member of",
+    },
     413: {"model": ErrorOut, "description": "Request body larger than CHAT_MAX_BODY_BYTES"},
     429: {"model": ErrorOut, "description": "Rate limited; see Retry-After"},
     503: {"model": ErrorOut, "description": "The database is unavailable; retry"},

@@ -20,6 +20,9 @@ from typing import Any
 
 from service.db.queries import MessageRecord, StoredMessage
 
+ROOM_CLOSED = "closed"
+"""The payload on a room's channel when its readers lose it all at once (the room deleted, or
+a never-used name made a private or direct room): every socket of it closes (4403)."""
 NOTIFY_PAYLOAD_LIMIT = 7999  # PostgreSQL refuses payloads of 8000 bytes or more
 CHANNEL_PREFIX = "chat_room_"
 

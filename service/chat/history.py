@@ -12,7 +12,9 @@ import asyncpg
 
 from service.db import queries
 from service.db.engine import reading
-from service.db.queries import StoredMessage
+from service.db.queries import SERVICE, StoredMessage
+from service.db.queries import Reader as Reader  # the readers its callers name
+from service.errors import NotFound
 
 MAX_SEQ = queries.UNBOUNDED
 """Cursors above this are refused (422) rather than overflowing PostgreSQL's bigint; both
@@ -43,6 +45,10 @@ class Replay:
     messages: list[StoredMessage]
     last_seq: int
     recovered: bool
+    room_id: int | None
+    """The room read (None: no room has the name yet); with ``readable``, what the socket was
+    let into, from the same snapshot as the replay."""
+    readable: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,25 +59,53 @@ class Page:
     next_after: int | None
 
 
-async def read_replay(*, pool: asyncpg.Pool, room: str, history: int, since: int | None) -> Replay:
-    """What a connecting client is sent before ``ready``."""
+def _readable(window: queries.Window, reader: Reader) -> bool:
+    if window.room_id is None:
+        return True
+    return reader.everything or window.kind == "public" or window.role is not None
+
+
+async def read_replay(
+    *, pool: asyncpg.Pool, room: str, history: int, since: int | None, reader: Reader = SERVICE
+) -> Replay:
+    """What a connecting client is sent before ``ready``: with ``since`` every item it missed
+    (all kinds: it applies them to what it shows), else the newest ``history`` text messages.
+    Empty when ``reader`` may not read the room (``readable`` false)."""
     async with reading(pool) as conn:
         if since is not None:
-            last_seq, missed = await queries.room_window(
-                conn, room=room, after=since, before=None, limit=MAX_RESUME_GAP, newest=False
+            window = await queries.room_window(
+                conn,
+                room=room,
+                after=since,
+                before=None,
+                limit=MAX_RESUME_GAP,
+                newest=False,
+                reader=reader,
             )
-            if 0 <= last_seq - since <= MAX_RESUME_GAP:
-                return Replay(missed, last_seq, recovered=True)
-        last_seq, latest = await queries.room_window(
-            conn, room=room, after=0, before=None, limit=history, newest=True
+            if 0 <= window.last_seq - since <= MAX_RESUME_GAP:
+                return _replay(window, reader, recovered=True)
+        window = await queries.room_window(
+            conn,
+            room=room,
+            after=0,
+            before=None,
+            limit=history,
+            newest=True,
+            reader=reader,
+            every_kind=False,
         )
-        return Replay(latest, last_seq, recovered=False)
+        return _replay(window, reader, recovered=False)
+
+
+def _replay(window: queries.Window, reader: Reader, *, recovered: bool) -> Replay:
+    readable = _readable(window, reader)
+    return Replay(window.messages, window.last_seq, recovered, window.room_id, readable)
 
 
 async def read_range(
     *, pool: asyncpg.Pool, room: str, after: int, until: int | None
 ) -> list[StoredMessage]:
-    """Every message with ``after < seq <= until``: fills a gap in the live stream."""
+    """Every item with ``after < seq <= until``: fills a gap in the live stream."""
     found: list[StoredMessage] = []
     async with reading(pool) as conn:
         while True:
@@ -87,13 +121,14 @@ async def read_range(
 async def read_tail(
     *, pool: asyncpg.Pool, room: str, after: int, limit: int, max_bytes: int
 ) -> Tail:
-    """The newest messages with ``seq > after``: at most ``limit`` of them and ``max_bytes`` of
+    """The newest items with ``seq > after``: at most ``limit`` of them and ``max_bytes`` of
     JSON (but always the newest one), so a catch-up holds a bounded window in memory however
     far behind a connection is; older ones are left out (``Tail.first`` says where it starts)."""
     async with reading(pool) as conn:
-        last_seq, messages = await queries.room_window(
+        window = await queries.room_window(
             conn, room=room, after=after, before=None, limit=limit, newest=True
         )
+    messages, last_seq = window.messages, window.last_seq
     size = 0
     for keep, message in enumerate(reversed(messages)):
         text = message.json
@@ -110,33 +145,50 @@ async def read_tail(
 
 
 async def read_page(
-    *, pool: asyncpg.Pool, room: str, limit: int, before: int | None, after: int | None
+    *,
+    pool: asyncpg.Pool,
+    room: str,
+    limit: int,
+    before: int | None,
+    after: int | None,
+    reader: Reader,
+    every_kind: bool,
 ) -> Page:
     """A REST page, ascending. With ``after`` it pages forward, otherwise backward from the end.
+    ``NotFound`` for a name never used and a room the reader may not read (the same answer).
 
-    Seqs have no gaps, so "is there an older page" is just "does this page start above 1".
-    """
+    One more item than asked is read in the direction of travel: whether it came says whether
+    there is a next page (text pages skip other kinds, so seqs alone cannot tell). Toward the
+    other end a cursor is given while the page does not start (end) at the room's first
+    (last) seq."""
     async with reading(pool) as conn:
-        last_seq, messages = await queries.room_window(
+        window = await queries.room_window(
             conn,
             room=room,
             after=after or 0,
             before=before,
-            limit=limit,
+            limit=limit + 1,
             newest=after is None,
+            reader=reader,
+            every_kind=every_kind,
         )
-    upper = last_seq if before is None else min(last_seq, before - 1)
+    if window.room_id is None or not _readable(window, reader):
+        raise NotFound("no such room")
+    messages = window.messages
+    more = len(messages) > limit
+    if after is None:
+        messages = messages[1:] if more else messages
+    else:
+        messages = messages[:limit]
+    upper = window.last_seq if before is None else min(window.last_seq, before - 1)
     if messages:
         first, last = messages[0].seq, messages[-1].seq
-        next_before = first if first > max(1, (after or 0) + 1) else None
-        next_after = last if last < upper else None
+        if after is None:
+            next_before = first if more else None
+            next_after = last if last < upper else None
+        else:
+            next_before = first if first > max(1, after + 1) else None
+            next_after = last if more else None
     else:
         next_before = next_after = None
-    return Page(messages, last_seq, next_before, next_after)
-
-
-async def list_rooms(
-    *, pool: asyncpg.Pool, after: str | None, limit: int
-) -> list[queries.RoomRecord]:
-    async with reading(pool) as conn:
-        return await queries.list_rooms(conn, after=after, limit=limit)
+    return Page(messages, window.last_seq, next_before, next_after)

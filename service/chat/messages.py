@@ -73,6 +73,7 @@ def submit_message(
     client_msg_id: object,
     max_chars: int,
     publish: Publish | None = None,
+    room_id: int | None = None,
 ) -> asyncio.Future[Stored]:
     """Validate (``InvalidMessage`` at once) and queue a message for the next group commit
     (``Overloaded`` at once when the writer's queue is full).
@@ -82,14 +83,21 @@ def submit_message(
     one by the writer. The future fails with ``Unavailable`` (nothing stored) or
     ``OutcomeUnknown`` (maybe stored), both naming the id, within the send deadline. The
     writer NOTIFYs in the insert transaction, so listeners hear of committed rows only and in
-    seq order. With ``publish`` (a bus other than this database) the frame goes out after
+    seq order. The statement refuses an author who may not post in the room (``Forbidden``:
+    not a member of a private or direct room; ``room_id``, the room the sender was admitted
+    to, is gone). With ``publish`` (a bus other than this database) the frame goes out after
     commit and the listeners' gap filling restores the order.
     """
     text = check_body(body, max_chars=max_chars)
     msg_id = check_client_msg_id(client_msg_id)
     channel = channel_for(room)
     stored = writer.submit(
-        room=room, channel=channel, author=author, body=text, client_msg_id=msg_id
+        room=room,
+        channel=channel,
+        author=author,
+        body=text,
+        client_msg_id=msg_id,
+        room_id=room_id,
     )
     if publish is None:
         return stored

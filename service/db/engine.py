@@ -14,6 +14,7 @@ giving it back to the pool.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 from collections.abc import AsyncIterator
@@ -185,6 +186,11 @@ async def reading(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.pool.PoolConnecti
         raise Unavailable("the database is unavailable, try again") from exc
     try:
         yield conn
+    except asyncio.CancelledError:
+        # Cut off mid-read (a deadline, a client gone): the answer may still be on its way,
+        # or never come (a silent partition). Dropped, so the next read gets a sound one.
+        conn.terminate()
+        raise
     except Exception as exc:
         if is_unavailable(exc):
             if not isinstance(exc, asyncpg.PostgresError):

@@ -32,7 +32,8 @@ class Base(DeclarativeBase):
 
 
 class Room(Base):
-    """A room; ``last_seq`` is the per-room counter, bumped under the row lock by each insert."""
+    """A room; ``last_seq`` is the per-room counter, bumped under the row lock by each item of
+    its stream (a message, a membership change)."""
 
     __tablename__ = "room"
 
@@ -40,12 +41,34 @@ class Room(Base):
     name: Mapped[str] = mapped_column(Text, unique=True)
     last_seq: Mapped[int] = mapped_column(BigInteger, server_default="0")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    kind: Mapped[str] = mapped_column(Text, server_default="public")
+    title: Mapped[str | None] = mapped_column(Text)
 
-    __table_args__ = (CheckConstraint("last_seq >= 0", name="last_seq_non_negative"),)
+    __table_args__ = (
+        CheckConstraint("last_seq >= 0", name="last_seq_non_negative"),
+        CheckConstraint("kind IN ('public', 'private', 'direct')", name="kind_known"),
+    )
+
+
+class RoomMember(Base):
+    """Who belongs to a room, and as what. Changed only together with a ``member`` item in the
+    room's stream (``service.db.rooms``)."""
+
+    __tablename__ = "room_member"
+
+    room_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("room.id", ondelete="CASCADE"), primary_key=True
+    )
+    user_id: Mapped[str] = mapped_column(Text, primary_key=True, index=True)
+    role: Mapped[str] = mapped_column(Text)
+    joined_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+    __table_args__ = (CheckConstraint("role IN ('owner', 'admin', 'member')", name="role_known"),)
 
 
 class Message(Base):
-    """A stored message: ``seq`` is 1, 2, 3... per room with no gaps, in commit order."""
+    """An item of a room's stream: ``seq`` is 1, 2, 3... per room with no gaps, in commit
+    order. ``kind`` ``text`` is a message (``body``); ``member`` a membership change."""
 
     __tablename__ = "message"
 
@@ -53,9 +76,13 @@ class Message(Base):
     room_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("room.id", ondelete="CASCADE"))
     seq: Mapped[int] = mapped_column(BigInteger)
     author: Mapped[str] = mapped_column(Text)
-    body: Mapped[str] = mapped_column(Text)
+    body: Mapped[str | None] = mapped_column(Text)
     client_msg_id: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    kind: Mapped[str] = mapped_column(Text, server_default="text")
+    member_user: Mapped[str | None] = mapped_column(Text)
+    member_action: Mapped[str | None] = mapped_column(Text)
+    member_role: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
         UniqueConstraint("room_id", "seq", name="uq_message_room_id_seq"),
@@ -64,4 +91,11 @@ class Message(Base):
             "room_id", "author", "client_msg_id", name="uq_message_room_id_author_client_msg_id"
         ),
         CheckConstraint("seq > 0", name="seq_positive"),
+        CheckConstraint("kind IN ('text', 'member')", name="kind_known"),
+        CheckConstraint("kind <> 'text' OR body IS NOT NULL", name="kind_fields"),
+        CheckConstraint(
+            "kind <> 'member' OR (member_user IS NOT NULL"
+            " AND member_action IN ('joined', 'left', 'removed', 'role'))",
+            name="member_fields",
+        ),
     )

@@ -27,23 +27,26 @@ UNBOUNDED = 2**62
 where ``($x IS NULL OR seq < $x)`` makes PostgreSQL walk the room from one end."""
 
 _NEWEST = """
-SELECT r.last_seq, m.seq, m.json
-FROM room r LEFT JOIN LATERAL (
+SELECT r.last_seq, m.seq, m.json, r.id, r.kind, rm.role
+FROM room r
+LEFT JOIN room_member rm ON rm.room_id = r.id AND rm.user_id = $5
+LEFT JOIN LATERAL (
     SELECT seq, chat_message_json(r.name, msg, false) AS json FROM message msg
-    WHERE room_id = r.id AND seq > $2 AND seq < $3 ORDER BY seq DESC LIMIT $4
+    WHERE room_id = r.id AND seq > $2 AND seq < $3 AND ($7 OR kind = 'text')
+        AND ($6 OR r.kind = 'public' OR rm.role IS NOT NULL)
+    ORDER BY seq DESC LIMIT $4
 ) m ON true
 WHERE r.name = $1
 """
+"""A room's end and a window of its stream, and what the reader (``$5``; ``$6``: may read
+every room) is in the room, from one snapshot: the window is empty for a reader who may not
+read the room. ``$7`` false: text messages only (history pages and ``?history=N``)."""
 _OLDEST = _NEWEST.replace("ORDER BY seq DESC", "ORDER BY seq ASC")
 _BETWEEN = """
 SELECT seq, chat_message_json($1::text, msg, false) FROM message msg
 WHERE room_id = (SELECT id FROM room WHERE name = $1) AND seq > $2 AND seq <= $3
 ORDER BY seq LIMIT $4
 """
-_ROOMS = (
-    "SELECT name, last_seq, created_at FROM room "
-    "WHERE $1::text IS NULL OR name > $1 ORDER BY name LIMIT $2"
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +60,31 @@ class MessageRecord:
     created_at: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class Reader:
+    """Who reads: ``user``'s role in the room comes back with the window; ``everything``
+    reads every room (a service admin, or the service itself: catch-up, gap filling)."""
+
+    user: str | None = None
+    everything: bool = True
+
+
+SERVICE = Reader()
+"""The service's own reads (catch-up, gap filling): every room, every kind."""
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """``room_window``'s answer. ``room_id`` None: no room has the name (``last_seq`` 0, no
+    messages); ``kind`` and ``role`` (the reader's) let the caller decide what it may see."""
+
+    last_seq: int
+    messages: list[StoredMessage]
+    room_id: int | None = None
+    kind: str | None = None
+    role: str | None = None
+
+
 class StoredMessage(NamedTuple):
     """A message as history sends it: its seq, and its JSON object (``chat_message_json``)."""
 
@@ -64,29 +92,35 @@ class StoredMessage(NamedTuple):
     json: str
 
 
-@dataclass(frozen=True, slots=True)
-class RoomRecord:
-    name: str
-    last_seq: int
-    created_at: datetime
-
-
 async def room_window(
-    conn: Conn, *, room: str, after: int, before: int | None, limit: int, newest: bool
-) -> tuple[int, list[StoredMessage]]:
-    """The room's ``last_seq`` and up to ``limit`` messages with ``after < seq < before``: the
-    newest of them, or the oldest; ascending either way. A room never written to is ``0, []``."""
+    conn: Conn,
+    *,
+    room: str,
+    after: int,
+    before: int | None,
+    limit: int,
+    newest: bool,
+    reader: Reader = SERVICE,
+    every_kind: bool = True,
+) -> Window:
+    """The room's ``last_seq`` and up to ``limit`` items with ``after < seq < before``: the
+    newest of them, or the oldest; ascending either way (text messages only unless
+    ``every_kind``). None of them when ``reader`` may not read the room."""
     rows = await conn.fetch(
         _NEWEST if newest else _OLDEST,
         room,
         after,
         UNBOUNDED if before is None else before,
         limit,
+        reader.user,
+        reader.everything,
+        every_kind,
     )
     if not rows:
-        return 0, []
+        return Window(0, [])
     messages = [StoredMessage(r[1], r[2]) for r in rows if r[1] is not None]
-    return rows[0][0], messages[::-1] if newest else messages
+    first = rows[0]
+    return Window(first[0], messages[::-1] if newest else messages, first[3], first[4], first[5])
 
 
 async def messages_between(
@@ -95,8 +129,3 @@ async def messages_between(
     """Up to ``limit`` messages with ``after < seq <= until`` (no upper bound when None)."""
     rows = await conn.fetch(_BETWEEN, room, after, UNBOUNDED if until is None else until, limit)
     return [StoredMessage(*r) for r in rows]
-
-
-async def list_rooms(conn: Conn, *, after: str | None, limit: int) -> list[RoomRecord]:
-    rows = await conn.fetch(_ROOMS, after, limit)
-    return [RoomRecord(*row) for row in rows]

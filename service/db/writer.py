@@ -48,16 +48,16 @@ import asyncpg
 
 from service.db.engine import DEFAULT_KEEPALIVE, Keepalive, connect, is_unavailable
 from service.db.queries import MessageRecord
-from service.errors import OutcomeUnknown, Overloaded, Unavailable
+from service.errors import Forbidden, OutcomeUnknown, Overloaded, Unavailable
 
 log = logging.getLogger(__name__)
 
 APPLICATION_NAME = "chat-service-writer"
 _POST = (
     "SELECT * FROM chat_post_messages($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],"
-    " $6)"
+    " $6::bigint[], $7)"
 )
-_NOTHING: tuple[object, ...] = ([], [], [], [], [], False)
+_NOTHING: tuple[object, ...] = ([], [], [], [], [], [], False)
 """An empty batch: run once per new connection, it prepares the statement (so a batch's call
 is one Bind/Execute/Sync) and stores nothing."""
 
@@ -85,6 +85,7 @@ class _Send:
     author: str
     body: str
     client_msg_id: str
+    room_id: int | None
     result: asyncio.Future[Stored]
 
 
@@ -143,11 +144,23 @@ class MessageWriter:
             self._conn = None
 
     def submit(
-        self, *, room: str, channel: str, author: str, body: str, client_msg_id: str | None
+        self,
+        *,
+        room: str,
+        channel: str,
+        author: str,
+        body: str,
+        client_msg_id: str | None,
+        room_id: int | None = None,
     ) -> asyncio.Future[Stored]:
         """Queue a validated message; the future resolves once it is committed, or fails with
         ``Unavailable`` / ``OutcomeUnknown`` within the deadline. A full queue raises
-        ``Overloaded`` here. A send without ``client_msg_id`` is given one (stored with it)."""
+        ``Overloaded`` here. A send without ``client_msg_id`` is given one (stored with it).
+
+        The statement checks that the author may post (migration 0005): a private or direct
+        room's member, into the room ``room_id`` names (the one the sender was admitted to;
+        None: whatever room has the name, made public if none does). Otherwise the future
+        fails with ``Forbidden`` and nothing is stored."""
         if len(self._queue) >= self._queue_limit:
             raise Overloaded(self._retry_after())
         if self._loop is None:  # once: get_running_loop() costs a getpid() on 3.11
@@ -158,7 +171,7 @@ class MessageWriter:
         if self._closing:
             result.set_exception(Unavailable("the service is shutting down", client_msg_id))
             return result
-        self._queue.append(_Send(room, channel, author, body, client_msg_id, result))
+        self._queue.append(_Send(room, channel, author, body, client_msg_id, room_id, result))
         self._wakeup.set()
         return result
 
@@ -222,6 +235,9 @@ class MessageWriter:
             if row is None:
                 send.result.set_exception(RuntimeError("the batch returned no row for a send"))
                 continue
+            if row[7]:
+                send.result.set_exception(Forbidden("you may not post in this room"))
+                continue
             duplicate = row[5]
             message = MessageRecord(
                 row[1],
@@ -243,6 +259,7 @@ class MessageWriter:
             [s.author for s in batch],
             [s.body for s in batch],
             [s.client_msg_id for s in batch],
+            [s.room_id for s in batch],
             self._notify,
         )
         sent = False

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import json
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -40,16 +41,21 @@ import asyncpg
 from broadcaster import Broadcast
 
 from service.chat.envelope import (
+    ROOM_CLOSED,
     SharedFrame,
     channel_for,
     decode_notification,
     stored_frame,
 )
 from service.chat.history import read_range, read_tail
-from service.errors import OutboxEnded, SlowConsumer, StreamLost, Unavailable
+from service.errors import AccessRevoked, OutboxEnded, SlowConsumer, StreamLost, Unavailable
 from service.realtime.backend import RESYNC
 
 log = logging.getLogger(__name__)
+
+
+MEMBER_KIND = '"kind":"member"'
+"""In a frame only as a member item's header: inside a string every quote is escaped."""
 
 
 class Live:
@@ -99,11 +105,14 @@ class Outbox:
     """
 
     __slots__ = (
-        "_flush_scheduled", "_items", "_limit", "_loop", "_waiter", "ended", "on_end", "write_now",
+        "_flush_scheduled", "_items", "_limit", "_loop", "_waiter", "ended", "on_end", "user",
+        "write_now",
     )  # fmt: skip
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, user: str | None = None) -> None:
         self._limit = limit
+        self.user = user
+        """Whose socket it feeds: a ``member`` item removing that user ends it."""
         self._items: deque[OutboxItem] | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -243,10 +252,12 @@ class RoomHub:
         self._reads: dict[str, _RoomReads] = {}
 
     @contextlib.asynccontextmanager
-    async def join(self, room: str) -> AsyncIterator[Outbox]:
+    async def join(self, room: str, user: str | None = None) -> AsyncIterator[Outbox]:
         """An outbox fed by the room's stream while the context is open (the guarantees are
-        the module's); raises ``StreamLost`` when the stream failed before it was subscribed."""
-        outbox = Outbox(self._outbox_limit)
+        the module's); raises ``StreamLost`` when the stream failed before it was subscribed.
+        It ends with ``AccessRevoked`` when the stream removes ``user`` from the room or
+        closes the room."""
+        outbox = Outbox(self._outbox_limit, user)
         stream = self._streams.get(room)
         if stream is None:
             stream = self._streams[room] = _RoomStream()
@@ -286,10 +297,15 @@ class RoomHub:
                     if event.message == RESYNC:
                         self._dispatch(stream, Marker.RESYNC)
                         continue
+                    if event.message == ROOM_CLOSED:
+                        self._revoke(stream, None)
+                        continue
                     seq, sent_at, frame = decode_notification(event.message)
                     if frame is None:
                         frame = await self._load(room, seq)
                     self._dispatch(stream, Live(seq, None if frame is None else SharedFrame(frame)))
+                    if frame is not None and MEMBER_KIND in frame:
+                        self._on_member(stream, frame)
                     self._on_forward(sent_at)
         except Exception as exc:
             # The stream is dead (our backends never fail a subscription: a bug, logged by
@@ -360,6 +376,21 @@ class RoomHub:
                 reads.waiting = None
             if self._reads.get(room) is reads:
                 del self._reads[room]
+
+    @staticmethod
+    def _on_member(stream: _RoomStream, frame: str) -> None:
+        """A membership change: the sockets of a user who left or was removed end (4403).
+        Every process hears it within a fan-out, so the user loses the room everywhere."""
+        item = json.loads(frame)
+        if item.get("kind") == "member" and item.get("action") in ("left", "removed"):
+            RoomHub._revoke(stream, item.get("user"))
+
+    @staticmethod
+    def _revoke(stream: _RoomStream, user: str | None) -> None:
+        """End the outboxes of ``user`` (None: every outbox of the room) with ``AccessRevoked``."""
+        for outbox in list(stream.outboxes):
+            if user is None or outbox.user == user:
+                outbox.end(AccessRevoked)
 
     @staticmethod
     def _dispatch(stream: _RoomStream, item: Live | Marker) -> None:

@@ -42,14 +42,17 @@ from service.chat.envelope import (
     ready_frame,
     stored_frame,
 )
-from service.chat.history import MAX_SEQ, Replay, read_replay
+from service.chat.history import MAX_SEQ, Reader, Replay, read_replay
 from service.chat.limits import TokenBucket
 from service.chat.messages import check_client_msg_id, submit_message
+from service.chat.rooms import Caller, check_read
 from service.db.writer import Stored
 from service.errors import (
     WS_TRY_AGAIN_LATER,
+    AccessRevoked,
     AuthRefused,
     BinaryNotSupported,
+    Forbidden,
     InternalError,
     InvalidFrame,
     InvalidJson,
@@ -101,8 +104,20 @@ async def room_socket(
         return
     services.metrics.connections.inc()
     try:
+        try:
+            room_id = await _check_read(services, room, principal)
+        except Forbidden as exc:
+            await _refuse(websocket, exc)
+            _disconnected(services, principal)
+            return
+        except Unavailable:
+            await websocket.accept(headers=request_id_headers())
+            await websocket.close(WS_TRY_AGAIN_LATER, "database unavailable; reconnect with since")
+            _disconnected(services, principal)
+            return
         await websocket.accept(headers=request_id_headers())
         connection = RoomConnection(websocket, services, principal, room)
+        connection.room_id = room_id
         limit = services.settings.history_limit if history is None else history
         detach = websocket.scope.get("extensions", {}).get(DETACH)
     except BaseException:
@@ -126,9 +141,23 @@ def _disconnected(services: Services, principal: Principal) -> None:
     services.limits.disconnect(principal.user_id)
 
 
-async def _refuse(websocket: WebSocket, exc: RateLimited | TooManyConnections) -> None:
-    """Before accept: HTTP 429 with ``Retry-After`` where the server can send a denial response
-    (the ASGI ``websocket.http.response`` extension), else accept and close with 1013."""
+async def _check_read(services: Services, room: str, principal: Principal) -> int | None:
+    """The id of the room the user may read (None: no room has the name yet), or
+    ``Forbidden``. One read before accept, within
+    ``ws_connect_timeout`` (a pooled connection that hangs is dropped, not reused)."""
+    try:
+        async with asyncio.timeout(services.settings.ws_connect_timeout):
+            caller = Caller(principal.user_id, principal.admin)
+            access = await check_read(services.pool, room=room, caller=caller)
+    except TimeoutError:
+        raise Unavailable("the database did not answer in time") from None
+    return None if access is None else access.id
+
+
+async def _refuse(websocket: WebSocket, exc: RateLimited | TooManyConnections | Forbidden) -> None:
+    """Before accept: HTTP 429 with ``Retry-After`` (403 for a room the user may not read)
+    where the server can send a denial response (the ASGI ``websocket.http.response``
+    extension), else accept and close with 1013 (4403)."""
     services: Services = websocket.state.services
     services.metrics.errors.labels(exc.code).inc()
     if "websocket.http.response" not in websocket.scope.get("extensions", {}):
@@ -155,6 +184,7 @@ class RoomConnection:
         "_expiry",
         "_send_nowait",
         "_replies",
+        "room_id",
     )
     """Slots: one per open socket, thousands per process (docs/benchmarks.md, idle)."""
 
@@ -179,6 +209,9 @@ class RoomConnection:
         self._send_nowait = websocket.scope.get("extensions", {}).get(SEND_NOWAIT, _never)
         self._replies: deque[Reply] = deque()
         """Answers not yet in the outbox, oldest first: frames are answered in order."""
+        self.room_id: int | None = None
+        """The room the socket was let into (None: no room had the name yet). Sends go to it
+        only: once it is deleted they are refused, even if a new room takes the name."""
 
     async def run(self, *, history: int, since: int | None) -> None:
         try:
@@ -198,9 +231,9 @@ class RoomConnection:
             log.warning("closing: the room's live stream was lost", extra=self._log_context)
             await self._close(ended.close_code, str(ended))
             return
-        except TokenExpired as ended:
+        except (TokenExpired, AccessRevoked) as ended:
             self.services.metrics.errors.labels(ended.code).inc()
-            log.info("closing: token expired", extra=self._log_context)
+            log.info("closing: %s", ended.code, extra=self._log_context)
             await self._close(ended.close_code, str(ended))
             return
         except Unavailable:
@@ -224,12 +257,24 @@ class RoomConnection:
         LISTEN connection reconnecting, a pool checkout), and the client is owed a 1013."""
         try:
             async with asyncio.timeout(self.services.settings.ws_connect_timeout):
-                outbox = await stack.enter_async_context(self.hub.join(self.room))
+                outbox = await stack.enter_async_context(
+                    self.hub.join(self.room, user=self.principal.user_id)
+                )
                 replay = await read_replay(
-                    pool=self.services.pool, room=self.room, history=history, since=since
+                    pool=self.services.pool,
+                    room=self.room,
+                    history=history,
+                    since=since,
+                    reader=Reader(self.principal.user_id, self.principal.admin),
                 )
         except TimeoutError:
             raise Unavailable("the database did not answer in time") from None
+        if not replay.readable or self.room_id not in (None, replay.room_id):
+            # Lost between the check before accept and the join (removed, deleted): the
+            # item that says so may have come before the join, so the read decides.
+            raise AccessRevoked
+        if self.room_id is None:
+            self.room_id = replay.room_id
         return outbox, replay
 
     async def _replay(self, replay: Replay) -> None:
@@ -430,6 +475,8 @@ class RoomConnection:
         exc = stored.exception()
         if isinstance(exc, Unavailable | OutcomeUnknown):
             return self._error(exc.code, exc.detail, exc.client_msg_id or echo)
+        if isinstance(exc, Forbidden):  # removed meanwhile: the stream closes the socket next
+            return self._error(exc.code, exc.detail, echo)
         if exc is not None:
             log.error("send failed", exc_info=exc, extra=self._log_context)
             return Marker.FAILED
@@ -523,6 +570,7 @@ class RoomConnection:
                 client_msg_id=frame.get("client_msg_id"),
                 max_chars=self.services.settings.max_message_chars,
                 publish=self.services.publish,
+                room_id=self.room_id,
             )
         except (RateLimited, Overloaded) as exc:
             return self._error(exc.code, exc.detail, echo, retry_after=round(exc.retry_after, 3))

@@ -1,0 +1,171 @@
+"""Rooms and their members in SQL: one statement each, run by ``service.chat.rooms`` inside
+the transaction of one use case. A membership change and its ``member`` item in the room's
+stream (``chat_append_member``, migration 0005) are written in one transaction that holds the
+room row's lock, as ``chat_post_messages`` does for a message: both take seqs from the same
+counter, in one order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from service.db.queries import Conn
+
+
+@dataclass(frozen=True, slots=True)
+class RoomAccess:
+    """What a reader needs to know of a room: which room it is and what the user is in it."""
+
+    id: int
+    kind: str
+    role: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RoomRow:
+    id: int
+    name: str
+    kind: str
+    title: str | None
+    role: str | None
+    """The asking user's role; None when not a member."""
+    last_seq: int
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class MemberRow:
+    user: str
+    role: str
+    joined_at: datetime
+
+
+_ACCESS = """
+SELECT r.id, r.kind, m.role FROM room r
+LEFT JOIN room_member m ON m.room_id = r.id AND m.user_id = $2
+WHERE r.name = $1
+"""
+_ROOM = """
+SELECT r.id, r.name, r.kind, r.title, m.role, r.last_seq, r.created_at FROM room r
+LEFT JOIN room_member m ON m.room_id = r.id AND m.user_id = $2
+WHERE r.name = $1
+"""
+_ROOM_FOR_UPDATE = _ROOM + " FOR UPDATE OF r"
+_LIST = """
+SELECT r.id, r.name, r.kind, r.title, m.role, r.last_seq, r.created_at FROM room r
+LEFT JOIN room_member m ON m.room_id = r.id AND m.user_id = $1
+WHERE ($2 OR r.kind = 'public' OR m.role IS NOT NULL) AND ($3::text IS NULL OR r.name > $3)
+ORDER BY r.name LIMIT $4
+"""
+_CREATE = """
+INSERT INTO room (name, kind, title) VALUES ($1, $2, $3)
+ON CONFLICT (name) DO NOTHING
+RETURNING id, name, kind, title, NULL::text, last_seq, created_at
+"""
+_ROLE = "SELECT role FROM room_member WHERE room_id = $1 AND user_id = $2"
+_PUT_MEMBER = """
+INSERT INTO room_member (room_id, user_id, role) VALUES ($1, $2, $3)
+ON CONFLICT (room_id, user_id) DO UPDATE SET role = excluded.role
+RETURNING user_id, role, joined_at
+"""
+_DELETE_MEMBER = "DELETE FROM room_member WHERE room_id = $1 AND user_id = $2"
+_MEMBERS = """
+SELECT user_id, role, joined_at FROM room_member
+WHERE room_id = $1 AND ($2::text IS NULL OR user_id > $2)
+ORDER BY user_id COLLATE "C" LIMIT $3
+"""
+_MEMBER = "SELECT user_id, role, joined_at FROM room_member WHERE room_id = $1 AND user_id = $2"
+_TITLE = "UPDATE room SET title = $2 WHERE id = $1"
+_DELETE_ROOM = "DELETE FROM room WHERE id = $1"
+_APPEND_MEMBER = "SELECT o_seq, o_frame FROM chat_append_member($1, $2, $3, $4, $5, $6, $7)"
+_OWNER = "SELECT user_id FROM room_member WHERE room_id = $1 AND role = 'owner'"
+_NOTIFY = "SELECT pg_notify($1, $2)"
+
+
+async def access(conn: Conn, *, room: str, user: str) -> RoomAccess | None:
+    """None: no room has the name."""
+    row = await conn.fetchrow(_ACCESS, room, user)
+    return None if row is None else RoomAccess(*row)
+
+
+async def room(conn: Conn, *, room: str, user: str, lock: bool = False) -> RoomRow | None:
+    """The room by name with the user's role; ``lock`` holds its row until the transaction
+    ends, so changes of the room and of its members (and its messages) happen in one order."""
+    row = await conn.fetchrow(_ROOM_FOR_UPDATE if lock else _ROOM, room, user)
+    return None if row is None else RoomRow(*row)
+
+
+async def list_rooms(
+    conn: Conn, *, user: str, everything: bool, after: str | None, limit: int
+) -> list[RoomRow]:
+    """Public rooms and the user's rooms (``everything``: all rooms), by name."""
+    rows = await conn.fetch(_LIST, user, everything, after, limit)
+    return [RoomRow(*row) for row in rows]
+
+
+async def create_room(conn: Conn, *, name: str, kind: str, title: str | None) -> RoomRow | None:
+    """The new room; None when the name is taken (by any room, of any kind)."""
+    row = await conn.fetchrow(_CREATE, name, kind, title)
+    return None if row is None else RoomRow(*row)
+
+
+async def role_of(conn: Conn, *, room_id: int, user: str) -> str | None:
+    role: str | None = await conn.fetchval(_ROLE, room_id, user)
+    return role
+
+
+async def member(conn: Conn, *, room_id: int, user: str) -> MemberRow | None:
+    row = await conn.fetchrow(_MEMBER, room_id, user)
+    return None if row is None else MemberRow(*row)
+
+
+async def put_member(conn: Conn, *, room_id: int, user: str, role: str) -> MemberRow:
+    row = await conn.fetchrow(_PUT_MEMBER, room_id, user, role)
+    assert row is not None  # noqa: S101 - an upsert always returns its row
+    return MemberRow(*row)
+
+
+async def delete_member(conn: Conn, *, room_id: int, user: str) -> None:
+    await conn.execute(_DELETE_MEMBER, room_id, user)
+
+
+async def members(conn: Conn, *, room_id: int, after: str | None, limit: int) -> list[MemberRow]:
+    rows = await conn.fetch(_MEMBERS, room_id, after, limit)
+    return [MemberRow(*row) for row in rows]
+
+
+async def set_title(conn: Conn, *, room_id: int, title: str | None) -> None:
+    await conn.execute(_TITLE, room_id, title)
+
+
+async def delete_room(conn: Conn, *, room_id: int) -> None:
+    """The room, its messages and its members (foreign keys cascade)."""
+    await conn.execute(_DELETE_ROOM, room_id)
+
+
+async def append_member(
+    conn: Conn,
+    *,
+    room_id: int,
+    author: str,
+    user: str,
+    action: str,
+    role: str | None,
+    channel: str,
+    notify: bool,
+) -> tuple[int, str]:
+    """Store a ``member`` item with the room's next seq: ``(seq, frame)``, the frame its
+    ``message`` frame (NOTIFYed at commit when ``notify``)."""
+    row = await conn.fetchrow(_APPEND_MEMBER, room_id, author, user, action, role, channel, notify)
+    assert row is not None  # noqa: S101 - the function returns one row
+    return row[0], row[1]
+
+
+async def owner_of(conn: Conn, *, room_id: int) -> str | None:
+    owner: str | None = await conn.fetchval(_OWNER, room_id)
+    return owner
+
+
+async def notify(conn: Conn, *, channel: str, payload: str) -> None:
+    """A NOTIFY sent at commit (nothing if the transaction rolls back)."""
+    await conn.execute(_NOTIFY, channel, payload)
