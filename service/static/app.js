@@ -1,4 +1,5 @@
-// Chat demo page: dev login, room list, and a resumable websocket per room.
+// Chat demo page: dev login, room list with kinds and roles, room membership, and a
+// resumable websocket per room.
 // Plain browser JS, no build step. All user-supplied text is rendered with textContent.
 'use strict';
 
@@ -21,9 +22,16 @@ const CLOSE_REASONS = {
   4000: 'connection stalled',
   4001: 'simulated drop',
   4401: 'token expired',
+  4403: 'no access to this room',
 };
 const RENEW_MIN_LEAD_MS = 60_000;         // renew the token at least this long before `exp`…
 const RENEW_RETRY_MS = 15_000;            // …and, if that fails, try again this often until then
+const PAGE = 100;                         // REST page size for lists with `next_after`
+const MAX_ROOMS = 1000;                   // the room list stops loading pages past this
+const MAX_MEMBERS = 1000;                 // likewise for a room's member list
+const REFRESH_DELAY_MS = 300;             // coalesce refreshes after a burst of member items
+// Direct room names the server builds from two plain ids (else it uses a hash).
+const DM_NAME_RE = /^dm\.([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)$/;
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -34,6 +42,15 @@ const ui = {
   roomError: $('room-error'), drop: $('drop'), rooms: $('rooms'), refreshRooms: $('refresh-rooms'),
   log: $('log'), messages: $('messages'), pending: $('pending'), empty: $('empty'),
   composer: $('composer'), input: $('input'), counter: $('counter'), send: $('send'),
+  newRoomForm: $('new-room-form'), newName: $('new-name'),
+  newKind: $('new-kind'), newTitle: $('new-title'), newMembers: $('new-members'),
+  newRoomError: $('new-room-error'), directForm: $('direct-form'), directUser: $('direct-user'),
+  directError: $('direct-error'), roomPanel: $('room-panel'), roomTitle: $('room-title'),
+  roomKind: $('room-kind'), roomRole: $('room-role'), roomJoin: $('room-join'),
+  roomLeave: $('room-leave'), roomDelete: $('room-delete'), roomHint: $('room-hint'),
+  memberForm: $('member-form'), memberUser: $('member-user'), memberRole: $('member-role'),
+  membersBox: $('members-box'), members: $('members'), panelMsg: $('room-panel-msg'),
+  panelError: $('room-panel-error'),
 };
 
 // ---------------------------------------------------------------- state
@@ -60,7 +77,18 @@ const conn = {
   attempt: 0,          // reconnect attempts since the last `ready`
   retryTimer: 0, countdownTimer: 0, pingTimer: 0,
   lastFrameAt: 0,
+  expectClose: null,   // room we are leaving/deleting ourselves: its 4403 is no surprise
 };
+
+// The room shown in the panel. Outlives the socket (after a 4403 the panel still shows it).
+const view = {
+  room: null,
+  info: null,          // GET /rooms/{room} object, or null when not (yet) known
+  missing: false,      // GET /rooms/{room} said 404: never used, or not visible to us
+};
+let roomList = [];                  // last GET /rooms result, for re-rendering labels
+const dmPeers = new Map();          // direct room name -> the other member (from its members)
+const refresh = { timer: 0, list: false };
 
 const lastSeq = new Map();  // room -> highest seq seen (dedupe + resume cursor)
 const outbox = new Map();   // client_msg_id -> {id, body, el, acked, failed, seq}
@@ -79,14 +107,78 @@ function newId() {
 /** Length in code points, as the server (Python len) counts it. */
 const charCount = (s) => [...s].length;
 
-/** A readable reason from a failed fetch response ({"detail": str | [{msg}]}). */
+/** A readable reason from a failed fetch response ({"detail": str | [{loc, msg}]}). */
 async function apiError(res) {
   try {
     const { detail } = await res.json();
     if (typeof detail === 'string') return detail;
-    if (Array.isArray(detail)) return detail.map((d) => d.msg).join('; ');
+    if (Array.isArray(detail)) {
+      return detail.map((d) => {
+        // FastAPI's loc starts with "body"/"query"/"path"; the field after it is what helps.
+        const field = Array.isArray(d.loc) ? d.loc.slice(1).join('.') : '';
+        return field ? `${field}: ${d.msg}` : d.msg;
+      }).join('; ');
+    }
   } catch { /* not JSON */ }
   return `HTTP ${res.status}`;
+}
+
+/**
+ * A REST call with the page's bearer token. Never throws: resolves to
+ * {ok, status, data, error} (status 0 = network error). A 401 logs out, as loadRooms always did.
+ */
+async function api(method, path, body) {
+  const init = { method, headers: { Authorization: `Bearer ${auth.token}` } };
+  if (body !== undefined) {
+    init.headers['Content-Type'] = 'application/json';
+    init.body = JSON.stringify(body);
+  }
+  let res;
+  try {
+    res = await fetch(path, init);
+  } catch {
+    return { ok: false, status: 0, data: null, error: 'network error' };
+  }
+  if (res.status === 401 && auth.token) {
+    logout('Your token was rejected (expired?). Please log in again.');
+  }
+  if (!res.ok) return { ok: false, status: res.status, data: null, error: await apiError(res) };
+  let data = null;
+  if (res.status !== 204) { try { data = await res.json(); } catch { /* empty body */ } }
+  return { ok: true, status: res.status, data, error: '' };
+}
+
+/** Every page of a `{[key]: [...], next_after}` list, up to `max` items. */
+async function fetchAll(path, key, max) {
+  const items = [];
+  let after = null;
+  for (;;) {
+    const q = new URLSearchParams({ limit: String(PAGE) });
+    if (after !== null) q.set('after', after);
+    const r = await api('GET', `${path}?${q}`);
+    if (!r.ok) return r;
+    const page = Array.isArray(r.data?.[key]) ? r.data[key] : [];
+    items.push(...page);
+    const next = r.data?.next_after ?? null;
+    // Stop on the last page, and on a cursor that does not move (never loop forever).
+    if (next === null || next === after || page.length === 0 || items.length >= max) break;
+    after = next;
+  }
+  return { ok: true, status: 200, items: items.slice(0, max), error: '' };
+}
+
+const roomPath = (room) => `/rooms/${encodeURIComponent(room)}`;
+const memberPath = (room, user) => `${roomPath(room)}/members/${encodeURIComponent(user)}`;
+
+/**
+ * Answers can arrive out of order; only the newest request of each kind may render.
+ * ticket('rooms') returns a function telling whether that request is still the newest.
+ */
+const tickets = new Map();
+function ticket(kind) {
+  const n = (tickets.get(kind) || 0) + 1;
+  tickets.set(kind, n);
+  return () => tickets.get(kind) === n;
 }
 
 /** Unverified peek into a JWT payload, only to show who we are and when it expires. */
@@ -238,6 +330,11 @@ function logout(reason = '') {
     localStorage.removeItem(k);
   }
   clearView();
+  clearTimeout(refresh.timer);
+  Object.assign(view, { room: null, info: null, missing: false });
+  roomList = [];
+  dmPeers.clear();
+  renderRoomPanel();
   ui.loginError.textContent = reason;
   ui.chatView.hidden = true;
   ui.who.hidden = true;
@@ -285,32 +382,244 @@ function showChat() {
   loadRooms();
 }
 
-/** GET /rooms -> clickable chips. Returns false on 401 (token rejected), else true/undefined. */
+/** GET /rooms (every page) -> clickable chips. Returns false on 401 (token rejected), else true/undefined. */
 async function loadRooms() {
-  let res;
-  try {
-    res = await fetch('/rooms', { headers: { Authorization: `Bearer ${auth.token}` } });
-  } catch {
+  const current = ticket('rooms');
+  const r = await fetchAll('/rooms', 'rooms', MAX_ROOMS);
+  if (!current()) return undefined;  // a newer load is under way
+  if (r.status === 401) return false;  // api() logged out
+  if (r.status === 0) {
     ui.rooms.replaceChildren(h('span', { class: 'muted', text: 'offline' }));
     return undefined;
   }
-  if (res.status === 401) {
-    logout('Your token was rejected (expired?). Please log in again.');
-    return false;
-  }
-  if (!res.ok) {
-    ui.rooms.replaceChildren(h('span', { class: 'muted', text: await apiError(res) }));
+  if (!r.ok) {
+    ui.rooms.replaceChildren(h('span', { class: 'muted', text: r.error }));
     return true;
   }
-  const { rooms } = await res.json();
-  const chips = rooms.map((r) => {
-    const chip = h('button', { type: 'button', class: 'chip', title: `${r.last_seq} messages` },
-      `#${r.name}`, h('small', { text: String(r.last_seq) }));
+  roomList = r.items;
+  renderRooms();
+  return true;
+}
+
+function renderRooms() {
+  const chips = roomList.map((r) => {
+    const chip = h('button', {
+      type: 'button', class: `chip${r.name === view.room ? ' active' : ''}`,
+      title: `${r.name} · ${r.last_seq} messages`,
+    }, roomLabel(r), kindBadge(r.kind), roleBadge(r));
     chip.addEventListener('click', () => { ui.room.value = r.name; joinRoom(r.name); });
     return chip;
   });
   ui.rooms.replaceChildren(...(chips.length ? chips : [h('span', { class: 'muted', text: 'none yet' })]));
-  return true;
+}
+
+/** What a room is called on the page: "@peer" for a direct room, else its title or #name. */
+function roomLabel(r) {
+  if (r.kind === 'direct') {
+    const peer = dmPeer(r.name);
+    return peer ? `@${peer}` : (r.title || r.name);
+  }
+  return r.title || `#${r.name}`;
+}
+
+/** The other member of a direct room: from its name when built from plain ids, else as learnt from its members. */
+function dmPeer(name) {
+  const m = DM_NAME_RE.exec(name);
+  if (m && auth.user && (m[1] === auth.user || m[2] === auth.user)) {
+    return m[1] === auth.user ? m[2] : m[1];
+  }
+  return dmPeers.get(name) || '';
+}
+
+function kindBadge(kind) {
+  const badge = h('span', { class: 'badge', text: kind || '' });
+  if (kind) badge.dataset.kind = kind;
+  return badge;
+}
+
+function roleBadge(r) {
+  return h('span', { class: 'badge role', text: r.role || (r.kind ? 'not joined' : '') });
+}
+
+// ---------------------------------------------------------------- the open room
+
+/** Show the open room's kind, our role and the actions that role allows. */
+function renderRoomPanel() {
+  const { room, info } = view;
+  ui.roomPanel.hidden = !room;
+  if (!room) return;
+  const kind = info?.kind || '';
+  const role = info?.role || null;
+  const named = info || { name: room };
+  ui.roomTitle.textContent = roomLabel(named);
+  ui.roomTitle.title = room;
+  ui.roomKind.textContent = kind;
+  if (kind) ui.roomKind.dataset.kind = kind; else delete ui.roomKind.dataset.kind;
+  ui.roomRole.textContent = info ? (role || 'not a member') : '';
+  ui.roomKind.hidden = !kind;
+  ui.roomRole.hidden = !info;
+  // Membership changes need our own user id in the URL; a pasted opaque token has none.
+  const me = Boolean(auth.user);
+  const managed = Boolean(info) && kind !== 'direct';  // direct rooms: no member changes
+  ui.roomJoin.hidden = !(managed && kind === 'public' && !role && me);
+  ui.roomLeave.hidden = !(managed && role && me);
+  ui.roomDelete.hidden = !(managed && role === 'owner');
+  ui.memberForm.hidden = !(managed && (role === 'owner' || role === 'admin'));
+  ui.membersBox.hidden = !info;
+  ui.roomHint.hidden = !view.missing;
+  ui.roomHint.textContent = view.missing
+    ? 'No such room visible to you: if the name is new, the first message creates it (public).'
+    : '';
+  renderRooms();  // moves the "active" mark
+}
+
+function panelMessage(text, isError = false) {
+  ui.panelMsg.textContent = isError ? '' : text;
+  ui.panelError.textContent = isError ? text : '';
+}
+
+/** GET /rooms/{room} for the panel; also reloads the members list when it is open. */
+async function refreshOpenRoom() {
+  const room = view.room;
+  if (!room) return;
+  const current = ticket('room');
+  const r = await api('GET', roomPath(room));
+  if (!current() || view.room !== room) return;
+  if (r.ok) Object.assign(view, { info: r.data, missing: false });
+  else if (r.status === 404) Object.assign(view, { info: null, missing: true });
+  else if (r.status !== 401) panelMessage(r.error, true);
+  renderRoomPanel();
+  if (ui.membersBox.open && !ui.membersBox.hidden) loadMembers();
+}
+
+/** GET /rooms/{room}/members (every page) into the members panel. */
+async function loadMembers() {
+  const room = view.room;
+  if (!room) return;
+  const current = ticket('members');
+  const r = await fetchAll(`${roomPath(room)}/members`, 'members', MAX_MEMBERS);
+  if (!current() || view.room !== room) return;
+  if (!r.ok) {
+    const text = r.status === 403 ? 'Join the room to see its members.' : r.error;
+    ui.members.replaceChildren(h('li', { class: 'muted', text }));
+    return;
+  }
+  ui.members.replaceChildren(...r.items.map((m) => h('li', {},
+    h('span', { text: m.user === auth.user ? `${m.user} (you)` : m.user }),
+    h('span', { class: 'badge role', text: m.role }))));
+  if (!r.items.length) ui.members.append(h('li', { class: 'muted', text: 'no members' }));
+  learnDmPeer(room, r.items);
+}
+
+/** A hashed direct room name says nothing: its member list tells who the other user is. */
+function learnDmPeer(room, members) {
+  if (view.info?.kind !== 'direct' || !auth.user || dmPeers.has(room)) return;
+  // Only a room we are in: a service admin looking at someone else's pair has no "other".
+  if (members.length !== 2 || !members.some((m) => m.user === auth.user)) return;
+  const other = members.find((m) => m.user !== auth.user);
+  if (!other) return;
+  dmPeers.set(room, other.user);
+  renderRoomPanel();
+}
+
+/**
+ * Member items arrive in bursts (a new room adds everyone at once): refresh the panel once
+ * after the burst, and the room list too when our own membership changed.
+ */
+function scheduleRoomRefresh(list) {
+  refresh.list ||= list;
+  clearTimeout(refresh.timer);
+  refresh.timer = setTimeout(() => {
+    if (refresh.list) loadRooms();
+    refresh.list = false;
+    refreshOpenRoom();
+  }, REFRESH_DELAY_MS);
+}
+
+/** PUT ourselves as a member of a public room. */
+async function joinMembership() {
+  const room = view.room;
+  const r = await api('PUT', memberPath(room, auth.user), { role: 'member' });
+  if (!r.ok) { panelMessage(r.error, true); return; }
+  panelMessage(`you joined #${room}`);
+  // After a leave the socket is gone (closed 4403): open the room again.
+  if (conn.room !== room) joinRoom(room); else refreshOpenRoom();
+  loadRooms();
+}
+
+/** DELETE ourselves from the room; the server then closes our socket with 4403. */
+async function leaveMembership() {
+  const room = view.room;
+  conn.expectClose = room;
+  const r = await api('DELETE', memberPath(room, auth.user));
+  if (!r.ok) {
+    conn.expectClose = null;
+    panelMessage(r.error, true);  // e.g. owner_must_hand_over
+    return;
+  }
+  if (conn.room === room) leaveRoom();  // don't wait for the 4403, nor reconnect after it
+  addNote(`you left #${room}`);
+  panelMessage(`you left #${room}`);
+  refreshOpenRoom();
+  loadRooms();
+}
+
+async function deleteRoom() {
+  const room = view.room;
+  if (!window.confirm(`Delete #${room} with all its messages and members?`)) return;
+  conn.expectClose = room;
+  const r = await api('DELETE', roomPath(room));
+  if (!r.ok) {
+    conn.expectClose = null;
+    panelMessage(r.error, true);
+    return;
+  }
+  if (conn.room === room) leaveRoom();
+  clearView();
+  Object.assign(view, { room: null, info: null, missing: false });
+  renderRoomPanel();
+  addNote(`deleted #${room}`);
+  loadRooms();
+}
+
+/** PUT another user into the open room (or change their role). */
+async function addMember(user, role) {
+  const room = view.room;
+  const r = await api('PUT', memberPath(room, user), { role });
+  if (view.room !== room) return;
+  if (!r.ok) { panelMessage(r.error, true); return; }
+  ui.memberUser.value = '';
+  panelMessage(r.status === 201 ? `added ${user} as ${role}` : `${user} is now ${r.data?.role || role}`);
+  if (ui.membersBox.open) loadMembers();
+}
+
+/** POST /rooms from the "new room" form, then open the new room. */
+async function createRoom() {
+  ui.newRoomError.textContent = '';
+  const body = { name: ui.newName.value.trim(), kind: ui.newKind.value };
+  const title = ui.newTitle.value.trim();
+  if (title) body.title = title;
+  const members = ui.newMembers.value.split(',').map((m) => m.trim()).filter(Boolean);
+  if (members.length) body.members = members;
+  const r = await api('POST', '/rooms', body);
+  if (!r.ok) { ui.newRoomError.textContent = r.error; return; }  // 409 name taken, 422 …
+  ui.newRoomForm.reset();
+  openCreated(r.data.name);
+}
+
+/** POST /rooms/direct (created or existing) and open it. */
+async function openDirect(user) {
+  ui.directError.textContent = '';
+  const r = await api('POST', '/rooms/direct', { user });
+  if (!r.ok) { ui.directError.textContent = r.error; return; }  // 422 with yourself
+  ui.directUser.value = '';
+  openCreated(r.data.name);
+}
+
+function openCreated(name) {
+  ui.room.value = name;
+  joinRoom(name);
+  loadRooms();
 }
 
 // ---------------------------------------------------------------- connection
@@ -341,9 +650,21 @@ function joinRoom(room) {
   localStorage.setItem('chat.room', room);
   lastSeq.delete(room);  // the view is cleared, so start from recent history again
   clearView();
-  Object.assign(conn, { room, everLive: false, attempt: 0 });
+  Object.assign(conn, { room, everLive: false, attempt: 0, expectClose: null });
   ui.drop.disabled = false;
+  showRoom(room);
   connect();
+}
+
+/** Point the panel at `room`: prefilled from the list, then GET /rooms/{room} for the truth. */
+function showRoom(room) {
+  const known = roomList.find((r) => r.name === room) || null;
+  Object.assign(view, { room, info: known, missing: false });
+  panelMessage('');
+  ui.membersBox.open = false;  // the old room's members must not show under the new name
+  ui.members.replaceChildren();
+  renderRoomPanel();
+  refreshOpenRoom();
 }
 
 function leaveRoom() {
@@ -407,11 +728,14 @@ function handleClose(code, reason) {
   const { opened } = conn;
   abandonSocket(1000, '');
   for (const e of outbox.values()) if (!e.acked && !e.failed) setBubbleState(e, 'queued');
+  if (code === 4403) { accessLost(); return; }
   if (!opened && !conn.everLive) {
     // The first handshake of this join was refused (or the server is down): don't loop.
-    setStatus('error', 'could not connect (check token / room name)');
-    addNote('Could not connect (check token / room name).', 'error');
+    // A private or direct room we are not in is refused the same way: the panel says so.
+    setStatus('error', 'could not connect (check token / room name / access)');
+    addNote('Could not connect (check token / room name, or you have no access).', 'error');
     ui.drop.disabled = true;
+    refreshOpenRoom();
     return;
   }
   if (code === 1008) {
@@ -433,8 +757,33 @@ function handleClose(code, reason) {
   }
   scheduleReconnect(CLOSE_REASONS[code] || `disconnected (${code})`);
   // A refused re-handshake may mean the token expired meanwhile: ask the REST API, which
-  // logs out (and so stops reconnecting) on 401.
-  if (!opened) loadRooms();
+  // logs out (and so stops reconnecting) on 401. Or that we lost access while disconnected.
+  if (!opened) { loadRooms(); checkAccess(conn.room); }
+}
+
+/**
+ * 4403: we were removed or left, the room was deleted, or it became private. Reconnecting
+ * would be refused, so stop (conn.room = null) and show what is left of the room.
+ */
+function accessLost() {
+  const room = conn.room;
+  const expected = conn.expectClose === room;  // our own leave/delete: already reported
+  conn.expectClose = null;
+  leaveRoom();
+  for (const e of outbox.values()) if (!e.acked && !e.failed) setBubbleState(e, 'not sent', 'failed');
+  if (!expected) {
+    addNote('You no longer have access to this room', 'error');
+    setStatus('error', `no access to #${room}`);
+  }
+  refreshOpenRoom();
+  loadRooms();
+}
+
+/** A refused re-handshake to a room we could see: if it is now 404 to us, stop as on 4403. */
+async function checkAccess(room) {
+  if (!room || view.room !== room || !view.info) return;  // a never-used name is 404 anyway
+  const r = await api('GET', roomPath(room));
+  if (r.status === 404 && conn.room === room && !conn.live) accessLost();
 }
 
 /** Reconnect after 0.5 s, 1 s, 2 s … capped at 10 s, each ±20 % jitter, with a countdown. */
@@ -464,10 +813,18 @@ function handleFrame(f) {
   }
 }
 
+/** Every stream item advances the resume cursor, whatever its kind; only known kinds show. */
 function onMessage(m) {
   if (m.room !== conn.room) return;
   if (m.seq <= (lastSeq.get(m.room) ?? 0)) return; // already shown
   lastSeq.set(m.room, m.seq);
+  const kind = m.kind ?? 'text';  // servers before rooms-with-members send no kind
+  if (kind === 'text') onTextMessage(m);
+  else if (kind === 'member') onMemberItem(m);
+  // any other kind is newer than this page: skipped silently
+}
+
+function onTextMessage(m) {
   const mine = m.client_msg_id ? outbox.get(m.client_msg_id) : undefined;
   if (mine) {
     // Our own message came back: the confirmed copy replaces the pending bubble.
@@ -477,6 +834,34 @@ function onMessage(m) {
   }
   const own = Boolean(mine) || (auth.user !== '' && m.author === auth.user);
   withAutoScroll(() => ui.messages.append(messageItem(m, own)));
+  // A never-used name (404) became a public room with its first message: show it as one.
+  if (view.missing && view.room === m.room) scheduleRoomRefresh(true);
+}
+
+/** A membership change as a system line; then the panel (and maybe our role) is stale. */
+function onMemberItem(m) {
+  const text = memberText(m);
+  if (!text) return;
+  const li = h('li', { class: 'note member', text });
+  if (m.created_at) li.title = new Date(m.created_at).toLocaleString();
+  li.dataset.seq = m.seq;
+  withAutoScroll(() => ui.messages.append(li));
+  scheduleRoomRefresh(m.user === auth.user);
+}
+
+/** "alice added bob", "bob joined", "bob left", "alice removed bob", "alice made bob admin". */
+function memberText({ author, user, action, role }) {
+  if (typeof user !== 'string' || typeof author !== 'string') return '';
+  switch (action) {
+    case 'joined': return author === user ? `${user} joined` : `${author} added ${user}`;
+    case 'left': return `${user} left`;
+    case 'removed': return `${author} removed ${user}`;
+    case 'role':
+      if (!role) return '';
+      // An owner hand-over also makes the previous owner admin, by their own doing.
+      return author === user ? `${user} is now ${role}` : `${author} made ${user} ${role}`;
+    default: return '';
+  }
 }
 
 function onReady(r) {
@@ -492,7 +877,7 @@ function onReady(r) {
   for (const e of outbox.values()) {
     if (e.acked && e.seq <= seen) { e.el.remove(); outbox.delete(e.id); }
   }
-  if (!conn.everLive) { addNote(`joined #${r.room}`); loadRooms(); }
+  if (!conn.everLive) { addNote(`opened #${r.room}`); loadRooms(); }
   else if (conn.resuming) addNote('reconnected', 'ok');
   Object.assign(conn, { live: true, everLive: true, attempt: 0 });
   setStatus('live', `live in #${r.room}`);
@@ -584,7 +969,22 @@ ui.tokenForm.addEventListener('submit', (ev) => {
 });
 ui.logout.addEventListener('click', () => logout());
 ui.roomForm.addEventListener('submit', (ev) => { ev.preventDefault(); joinRoom(ui.room.value.trim()); });
-ui.refreshRooms.addEventListener('click', () => loadRooms());
+ui.refreshRooms.addEventListener('click', () => { loadRooms(); refreshOpenRoom(); });
+ui.newRoomForm.addEventListener('submit', (ev) => { ev.preventDefault(); createRoom(); });
+ui.directForm.addEventListener('submit', (ev) => {
+  ev.preventDefault();
+  const user = ui.directUser.value.trim();
+  if (user) openDirect(user);
+});
+ui.memberForm.addEventListener('submit', (ev) => {
+  ev.preventDefault();
+  const user = ui.memberUser.value.trim();
+  if (user) addMember(user, ui.memberRole.value);
+});
+ui.membersBox.addEventListener('toggle', () => { if (ui.membersBox.open) loadMembers(); });
+ui.roomJoin.addEventListener('click', () => joinMembership());
+ui.roomLeave.addEventListener('click', () => leaveMembership());
+ui.roomDelete.addEventListener('click', () => deleteRoom());
 ui.drop.addEventListener('click', () => {
   if (!conn.ws) return;
   addNote('simulated drop: socket closed by the page', 'warn');
