@@ -304,9 +304,9 @@ def downgrade() -> None:
     # Member items cannot be told in the old shape: they go, and the rooms' seqs keep their
     # holes (a resume reads past them). Non-public rooms become public again.
     op.execute("DELETE FROM message WHERE kind <> 'text'")
-    op.drop_constraint("ck_message_member_fields", "message", type_="check")
-    op.drop_constraint("ck_message_kind_fields", "message", type_="check")
-    op.drop_constraint("ck_message_kind_known", "message", type_="check")
+    op.drop_constraint(op.f("ck_message_member_fields"), "message", type_="check")
+    op.drop_constraint(op.f("ck_message_kind_fields"), "message", type_="check")
+    op.drop_constraint(op.f("ck_message_kind_known"), "message", type_="check")
     op.alter_column("message", "body", nullable=False)
     op.drop_column("message", "member_role")
     op.drop_column("message", "member_action")
@@ -314,8 +314,8 @@ def downgrade() -> None:
     op.drop_column("message", "kind")
     op.execute(previous.MESSAGE_JSON)
     op.execute(previous.POST_MESSAGES)
-    op.drop_index("ix_room_member_user_id", table_name="room_member")
+    op.drop_index(op.f("ix_room_member_user_id"), table_name="room_member")
     op.drop_table("room_member")
-    op.drop_constraint("ck_room_kind_known", "room", type_="check")
+    op.drop_constraint(op.f("ck_room_kind_known"), "room", type_="check")
     op.drop_column("room", "title")
     op.drop_column("room", "kind")

@@ -187,16 +187,18 @@ async def test_pipelined_sends_are_answered_in_order(server, room, alice):
     assert [a["seq"] for a in answers if a["type"] == "ack"] == list(range(1, 13))
 
 
-async def _post_batch(conn: asyncpg.Connection, room: str, cmids: list[str]) -> list[int]:
-    rows = await conn.fetch(
-        "SELECT * FROM chat_post_messages($1::text[], $2::text[], $3::text[], $4::text[],"
-        " $5::text[], false)",
-        [room] * len(cmids),
-        [channel_for(room)] * len(cmids),
-        ["ann"] * len(cmids),
-        ["x"] * len(cmids),
-        cmids,
-    )
+async def _post_batch(
+    conn: asyncpg.Connection, room: str, cmids: list[str], *, before_0005: bool = False
+) -> list[int]:
+    """``before_0005``: the function as it was before it took the senders' room ids."""
+    n = len(cmids)
+    args: list[object] = [[room] * n, [channel_for(room)] * n, ["ann"] * n, ["x"] * n, cmids]
+    if before_0005:
+        query = "$1::text[], $2::text[], $3::text[], $4::text[], $5::text[], false"
+    else:
+        query = "$1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], false"
+        args.append([None] * n)
+    rows = await conn.fetch(f"SELECT * FROM chat_post_messages({query})", *args)
     return [row["o_seq"] for row in sorted(rows, key=lambda row: row["o_ord"])]
 
 
@@ -219,10 +221,12 @@ async def test_a_big_batch_leaves_one_version_of_its_room_row(own_database):
 def test_downgrading_to_0002_keeps_a_working_function(fresh_database):
     from service.db.migrate import downgrade, upgrade
 
-    async def post(url: str, room: str, cmids: list[str]) -> tuple[list[int], int]:
+    async def post(
+        url: str, room: str, cmids: list[str], *, before_0005: bool = False
+    ) -> tuple[list[int], int]:
         conn = await asyncpg.connect(url)
         try:
-            seqs = await _post_batch(conn, room, cmids)
+            seqs = await _post_batch(conn, room, cmids, before_0005=before_0005)
             return seqs, await conn.fetchval("SELECT last_seq FROM room WHERE name = $1", room)
         finally:
             await conn.close()
@@ -231,6 +235,6 @@ def test_downgrading_to_0002_keeps_a_working_function(fresh_database):
     upgrade(url)
     downgrade(url, "0002")
     room = _room()
-    assert asyncio.run(post(url, room, ["a", "b", "a"])) == ([1, 2, 1], 2)
+    assert asyncio.run(post(url, room, ["a", "b", "a"], before_0005=True)) == ([1, 2, 1], 2)
     upgrade(url)
     assert asyncio.run(post(url, room, ["c", "b", "d"])) == ([3, 2, 4], 4)

@@ -31,7 +31,7 @@ TIMEOUT = 10.0
 PROTOCOL = Path(__file__).parents[2] / "docs" / "protocol.md"
 _POST = (
     "SELECT o_seq, o_duplicate, o_frame FROM chat_post_messages("
-    "$1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6)"
+    "$1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7)"
 )
 
 BODIES = [
@@ -73,7 +73,7 @@ async def post_directly(
 ) -> tuple[int, str | None]:
     """One message through ``chat_post_messages`` itself: its seq, and its frame when the
     function returns it (``notify`` false) instead of NOTIFYing it."""
-    rows = await conn.fetch(_POST, [room], [channel_for(room)], [AUTHOR], [body], [cmid], notify)
+    rows = await conn.fetch(_POST, [room], [channel_for(room)], [AUTHOR], [body], [cmid], [None], notify)
     ((seq, duplicate, frame),) = rows
     assert not duplicate
     return seq, frame
