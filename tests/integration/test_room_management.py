@@ -7,6 +7,7 @@ import asyncio
 import uuid
 from datetime import datetime
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -110,6 +111,8 @@ def test_create_room_answers_the_room_object(server):
     created = datetime.fromisoformat(room["created_at"].replace("Z", "+00:00"))
     assert abs((created - before).total_seconds()) < 60
     assert alice.get(f"/rooms/{name}").json() == room
+    page = alice.get(f"/rooms/{name}/messages")  # a room without text yet: an empty page
+    assert (page.status_code, page.json()["messages"], page.json()["last_seq"]) == (200, [], 1)
 
     public = alice.create(uid("r"), "public", members=[uid("m"), uid("m")])
     assert (public["kind"], public["title"], public["role"], public["last_seq"]) == (
@@ -150,6 +153,7 @@ def test_create_room_refuses_a_taken_name(server):
         {"name": ""},
         {"members": [f"m{i}" for i in range(101)]},
         {"members": [""]},
+        {"members": ["a\nb"]},
         {"owner": "someone"},
         {"title": "x" * 201},
     ],
@@ -886,3 +890,15 @@ def test_member_list_pages_whatever_the_database_collation(spawn, icu_database):
         if after is None:
             break
     assert sorted(listed) == sorted(names)
+
+
+def test_members_with_unusual_ids_are_managed_by_their_escaped_id(server):
+    owner = Api(server, uid("own"))
+    odd = f"Bob Smith+{uuid.uuid4().hex[:4]}@example.com"
+    escaped = quote(odd, safe="")
+    name = owner.create(uid("r"), "private")["name"]
+    r = owner.put(f"/rooms/{name}/members/{escaped}", {"role": "admin"})
+    assert (r.status_code, r.json()["user"]) == (201, odd)
+    assert Api(server, odd).get(f"/rooms/{name}").json()["role"] == "admin"
+    assert owner.delete(f"/rooms/{name}/members/{escaped}").status_code == 204
+    assert owner.members(name) == {owner.user: "owner"}
