@@ -247,14 +247,18 @@ async def put_member(
         _check_put(row, caller, user, target, role)
         if target is not None and target.role == role:
             return target, False
+        demoted = None
         if role == "owner":
             owner = await db.owner_of(conn, room_id=row.id)
             if owner is not None and owner != user:
+                demoted = owner
                 await db.put_member(conn, room_id=row.id, user=owner, role="admin")
-                await _item(conn, changes, row, caller.user, owner, "role", "admin")
         result = await db.put_member(conn, room_id=row.id, user=user, role=role)
         action = "joined" if target is None else "role"
+        # The stream tells a hand-over as the spec does: the new owner, then the one before.
         await _item(conn, changes, row, caller.user, user, action, role)
+        if demoted is not None:
+            await _item(conn, changes, row, caller.user, demoted, "role", "admin")
     await changes.flush()
     return result, target is None
 

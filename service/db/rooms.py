@@ -71,7 +71,7 @@ RETURNING user_id, role, joined_at
 _DELETE_MEMBER = "DELETE FROM room_member WHERE room_id = $1 AND user_id = $2"
 _MEMBERS = """
 SELECT user_id, role, joined_at FROM room_member
-WHERE room_id = $1 AND ($2::text IS NULL OR user_id > $2)
+WHERE room_id = $1 AND ($2::text IS NULL OR user_id COLLATE "C" > $2)
 ORDER BY user_id COLLATE "C" LIMIT $3
 """
 _MEMBER = "SELECT user_id, role, joined_at FROM room_member WHERE room_id = $1 AND user_id = $2"
