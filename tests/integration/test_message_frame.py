@@ -189,7 +189,9 @@ async def test_every_path_writes_the_same_bytes_for_a_message(server, database_u
         assert sorted(items) == list(range(1, last + 1)) == sorted(expected)
         newest = await room_window(conn, room=room, after=0, before=None, limit=1000, newest=True)
         oldest = await room_window(conn, room=room, after=0, before=None, limit=1000, newest=False)
-        assert newest == oldest == (last, [(seq, items[seq]) for seq in sorted(items)])
+        for window in (newest, oldest):
+            assert window.last_seq == last
+            assert window.messages == [(seq, items[seq]) for seq in sorted(items)]
 
         replay_socket = await open_socket(server, room, compression="deflate")
         try:
@@ -231,10 +233,13 @@ async def test_history_reads_inline_the_definition(database_url):
     it into every history read (it would not if it were made IMMUTABLE, STRICT or plpgsql)."""
     conn = await asyncpg.connect(database_url)
     try:
-        for query in (queries._NEWEST, queries._OLDEST, queries._BETWEEN):
-            plan = "\n".join(
-                r[0] for r in await conn.fetch(f"EXPLAIN VERBOSE {query}", "r", 0, 9, 5)
-            )
+        windows = ("r", 0, 9, 5, "u", False, False)
+        for query, args in (
+            (queries._NEWEST, windows),
+            (queries._OLDEST, windows),
+            (queries._BETWEEN, ("r", 0, 9, 5)),
+        ):
+            plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN VERBOSE {query}", *args))
             assert "chat_message_json" not in plan, plan
             assert "to_json(" in plan and "to_char(" in plan, plan
     finally:

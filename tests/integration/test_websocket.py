@@ -43,10 +43,11 @@ async def test_send_is_acked_after_storing_and_fanned_out(server, database_url, 
                 "room": room,
                 "seq": 1,
                 "id": ack["id"],
+                "created_at": ack["created_at"],
+                "kind": "text",
                 "author": "alice",
                 "body": "hello",
                 "client_msg_id": "m-1",
-                "created_at": ack["created_at"],
             }
 
 
