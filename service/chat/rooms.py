@@ -32,7 +32,6 @@ from service.db import rooms as db
 from service.db.engine import reading
 from service.db.queries import Conn
 from service.db.rooms import MemberRow as MemberRow  # what its callers are handed
-from service.db.rooms import RoomAccess
 from service.db.rooms import RoomRow as RoomRow
 from service.errors import Forbidden, NotFound, OwnerMustHandOver, RoomExists
 
@@ -89,13 +88,6 @@ def direct_room_name(a: str, b: str) -> str:
     return DIRECT_PREFIX + digest
 
 
-def may_read(access: RoomAccess | None, caller: Caller) -> bool:
-    """A room that does not exist is readable (empty) unless its name is a direct room's."""
-    if access is None:
-        return True
-    return access.kind == "public" or access.role is not None or caller.admin
-
-
 def _visible(row: RoomRow | None, caller: Caller) -> RoomRow:
     """The room, or ``NotFound`` for a name never used and for a room the caller may not see
     (the same answer: REST does not tell whether a private room exists)."""
@@ -108,18 +100,6 @@ def _visible(row: RoomRow | None, caller: Caller) -> RoomRow:
 async def _transaction(pool: asyncpg.Pool) -> AsyncIterator[Conn]:
     async with reading(pool) as conn, conn.transaction():
         yield conn
-
-
-async def check_read(pool: asyncpg.Pool, *, room: str, caller: Caller) -> RoomAccess | None:
-    """Before a websocket is accepted: the room (None: never used, a public room to be), or
-    ``Forbidden`` when the caller may not read it."""
-    async with reading(pool) as conn:
-        found = await db.access(conn, room=room, user=caller.user)
-    if found is None and room.startswith(DIRECT_PREFIX):
-        raise Forbidden("no such direct room")
-    if not may_read(found, caller):
-        raise Forbidden("you are not a member of this room")
-    return found
 
 
 async def get_room(pool: asyncpg.Pool, *, room: str, caller: Caller) -> RoomRow:

@@ -13,15 +13,6 @@ from service.db.queries import Conn
 
 
 @dataclass(frozen=True, slots=True)
-class RoomAccess:
-    """What a reader needs to know of a room: which room it is and what the user is in it."""
-
-    id: int
-    kind: str
-    role: str | None
-
-
-@dataclass(frozen=True, slots=True)
 class RoomRow:
     id: int
     name: str
@@ -40,11 +31,6 @@ class MemberRow:
     joined_at: datetime
 
 
-_ACCESS = """
-SELECT r.id, r.kind, m.role FROM room r
-LEFT JOIN room_member m ON m.room_id = r.id AND m.user_id = $2
-WHERE r.name = $1
-"""
 _ROOM = """
 SELECT r.id, r.name, r.kind, r.title, m.role, r.last_seq, r.created_at FROM room r
 LEFT JOIN room_member m ON m.room_id = r.id AND m.user_id = $2
@@ -80,12 +66,6 @@ _DELETE_ROOM = "DELETE FROM room WHERE id = $1"
 _APPEND_MEMBER = "SELECT o_seq, o_frame FROM chat_append_member($1, $2, $3, $4, $5, $6, $7)"
 _OWNER = "SELECT user_id FROM room_member WHERE room_id = $1 AND role = 'owner'"
 _NOTIFY = "SELECT pg_notify($1, $2)"
-
-
-async def access(conn: Conn, *, room: str, user: str) -> RoomAccess | None:
-    """None: no room has the name."""
-    row = await conn.fetchrow(_ACCESS, room, user)
-    return None if row is None else RoomAccess(*row)
 
 
 async def room(conn: Conn, *, room: str, user: str, lock: bool = False) -> RoomRow | None:

@@ -31,6 +31,7 @@ from typing import Annotated, Any, cast
 
 from fastapi import APIRouter, Query, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse
+from starlette.websockets import WebSocketState
 
 from service.auth import MAX_TOKEN_BYTES, CurrentUser, Principal, RoomName
 from service.chat.envelope import (
@@ -45,7 +46,7 @@ from service.chat.envelope import (
 from service.chat.history import MAX_SEQ, Reader, Replay, read_replay
 from service.chat.limits import TokenBucket
 from service.chat.messages import check_client_msg_id, submit_message
-from service.chat.rooms import Caller, check_read
+from service.chat.rooms import DIRECT_PREFIX
 from service.db.writer import Stored
 from service.errors import (
     WS_TRY_AGAIN_LATER,
@@ -103,30 +104,25 @@ async def room_socket(
         await _refuse(websocket, exc)
         return
     services.metrics.connections.inc()
+    stack = contextlib.AsyncExitStack()
     try:
-        try:
-            room_id = await _check_read(services, room, principal)
-        except Forbidden as exc:
-            await _refuse(websocket, exc)
-            _disconnected(services, principal)
-            return
-        except Unavailable:
-            await websocket.accept(headers=request_id_headers())
-            await websocket.close(WS_TRY_AGAIN_LATER, "database unavailable; reconnect with since")
-            _disconnected(services, principal)
-            return
-        await websocket.accept(headers=request_id_headers())
         connection = RoomConnection(websocket, services, principal, room)
-        connection.room_id = room_id
         limit = services.settings.history_limit if history is None else history
+        joined = await connection.open(stack, history=limit, since=since)
         detach = websocket.scope.get("extensions", {}).get(DETACH)
     except BaseException:
+        await stack.aclose()
         _disconnected(services, principal)
         raise
+    if joined is None:  # refused, or closed: the client was told
+        await stack.aclose()
+        _disconnected(services, principal)
+        return
+    outbox, replay = joined
 
     async def serve() -> None:
         try:
-            await connection.run(history=limit, since=since)
+            await connection.run(stack, outbox, replay)
         finally:
             _disconnected(services, principal)
 
@@ -139,19 +135,6 @@ async def room_socket(
 def _disconnected(services: Services, principal: Principal) -> None:
     services.metrics.connections.dec()
     services.limits.disconnect(principal.user_id)
-
-
-async def _check_read(services: Services, room: str, principal: Principal) -> int | None:
-    """The id of the room the user may read (None: no room has the name yet), or
-    ``Forbidden``. One read before accept, within
-    ``ws_connect_timeout`` (a pooled connection that hangs is dropped, not reused)."""
-    try:
-        async with asyncio.timeout(services.settings.ws_connect_timeout):
-            caller = Caller(principal.user_id, principal.admin)
-            access = await check_read(services.pool, room=room, caller=caller)
-    except TimeoutError:
-        raise Unavailable("the database did not answer in time") from None
-    return None if access is None else access.id
 
 
 async def _refuse(websocket: WebSocket, exc: RateLimited | TooManyConnections | Forbidden) -> None:
@@ -213,10 +196,30 @@ class RoomConnection:
         """The room the socket was let into (None: no room had the name yet). Sends go to it
         only: once it is deleted they are refused, even if a new room takes the name."""
 
-    async def run(self, *, history: int, since: int | None) -> None:
+    async def open(
+        self, stack: contextlib.AsyncExitStack, *, history: int, since: int | None
+    ) -> tuple[Outbox, Replay] | None:
+        """Join the room and read the replay, then accept; or refuse a user who may not read
+        the room (HTTP 403 before accept), or close (1013, 1011) when that failed: None."""
         try:
-            async with contextlib.AsyncExitStack() as stack:
-                outbox, replay = await self._join(stack, history=history, since=since)
+            joined = await self._join(stack, history=history, since=since)
+        except Forbidden as exc:
+            await _refuse(self.websocket, exc)
+            return None
+        except StreamLost as ended:
+            self.services.metrics.streams_lost.inc()
+            await self._close(ended.close_code, str(ended))
+            return None
+        except Unavailable:
+            await self._close(WS_TRY_AGAIN_LATER, "database unavailable; reconnect with since")
+            return None
+        await self.websocket.accept(headers=request_id_headers())
+        return joined
+
+    async def run(self, stack: contextlib.AsyncExitStack, outbox: Outbox, replay: Replay) -> None:
+        """Send the replay and serve the socket until it ends; leave the room (``stack``)."""
+        try:
+            async with stack:
                 await self._replay(replay)
                 await self._serve(outbox)
         except WebSocketDisconnect:
@@ -246,14 +249,21 @@ class RoomConnection:
         await self._close(1000, "")
 
     async def _close(self, code: int, reason: str) -> None:
+        """Close with ``code``, accepting first if need be: a close before accept is an HTTP
+        403, and these codes tell the client what to do."""
         with contextlib.suppress(Exception):
+            if self.websocket.application_state is WebSocketState.CONNECTING:
+                await self.websocket.accept(headers=request_id_headers())
             await self.websocket.close(code, reason)
 
     async def _join(
         self, stack: contextlib.AsyncExitStack, *, history: int, since: int | None
     ) -> tuple[Outbox, Replay]:
         """Join the room's live stream (left when ``stack`` closes) and read the replay, within
-        ``ws_connect_timeout``: while the database is out either can wait far longer (the
+        ``ws_connect_timeout``; ``Forbidden`` when the user may not read the room (the read
+        says so: no round trip of its own, and nothing it missed between a check and the
+        join), or the name is a direct room's that was never made. While the database is
+        out either can wait far longer (the
         LISTEN connection reconnecting, a pool checkout), and the client is owed a 1013."""
         try:
             async with asyncio.timeout(self.services.settings.ws_connect_timeout):
@@ -269,12 +279,11 @@ class RoomConnection:
                 )
         except TimeoutError:
             raise Unavailable("the database did not answer in time") from None
-        if not replay.readable or self.room_id not in (None, replay.room_id):
-            # Lost between the check before accept and the join (removed, deleted): the
-            # item that says so may have come before the join, so the read decides.
-            raise AccessRevoked
-        if self.room_id is None:
-            self.room_id = replay.room_id
+        if not replay.readable:
+            raise Forbidden("you are not a member of this room")
+        if replay.room_id is None and self.room.startswith(DIRECT_PREFIX):
+            raise Forbidden("no such direct room")
+        self.room_id = replay.room_id
         return outbox, replay
 
     async def _replay(self, replay: Replay) -> None:
