@@ -258,10 +258,11 @@ class Fuzzer:
             "room": conn.room,
             "seq": ack["seq"],
             "id": ack["id"],
+            "created_at": ack["created_at"],
+            "kind": "text",
             "author": conn.user,
             "body": frame["body"],
             "client_msg_id": client_msg_id,
-            "created_at": ack["created_at"],
         }, (frame, ack)
 
     async def reconnect(self) -> None:

@@ -198,7 +198,7 @@ async def _post_batch(
     else:
         query = "$1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], false"
         args.append([None] * n)
-    rows = await conn.fetch(f"SELECT * FROM chat_post_messages({query})", *args)
+    rows = await conn.fetch(f"SELECT * FROM chat_post_messages({query})", *args)  # noqa: S608 - constant
     return [row["o_seq"] for row in sorted(rows, key=lambda row: row["o_ord"])]
 
 

@@ -125,7 +125,9 @@ async def test_rest_pages_walk_the_history_both_ways(server, database_url, room,
 def test_rest_history_of_a_name_never_used_is_404(server, room, alice):
     """As for a private room one is not a member of: REST does not tell the two apart. (A
     websocket to such a name is accepted: a public room is made by its first message.)"""
-    r = httpx.get(f"{server.http}/rooms/{room}/messages", headers={"Authorization": f"Bearer {alice}"})
+    r = httpx.get(
+        f"{server.http}/rooms/{room}/messages", headers={"Authorization": f"Bearer {alice}"}
+    )
     assert r.status_code == 404
     assert r.json() == {"detail": "no such room", "code": "not_found"}
 

@@ -73,7 +73,9 @@ async def post_directly(
 ) -> tuple[int, str | None]:
     """One message through ``chat_post_messages`` itself: its seq, and its frame when the
     function returns it (``notify`` false) instead of NOTIFYing it."""
-    rows = await conn.fetch(_POST, [room], [channel_for(room)], [AUTHOR], [body], [cmid], [None], notify)
+    rows = await conn.fetch(
+        _POST, [room], [channel_for(room)], [AUTHOR], [body], [cmid], [None], notify
+    )
     ((seq, duplicate, frame),) = rows
     assert not duplicate
     return seq, frame

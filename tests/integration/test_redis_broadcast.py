@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Iterator
 
+import httpx
 import pytest
 from redis.asyncio import Redis
 
@@ -24,7 +25,7 @@ from service.db.migrate import upgrade
 from service.realtime.backend import RESYNC
 from service.realtime.redis_backend import RedisPubSubBackend
 from tests.redis_support import RedisServer, SilentProxy, redis_server_binary
-from tests.support import Client, ServerProcess, make_token
+from tests.support import Client, ServerProcess, close_of, make_token
 
 REDIS_SERVER = redis_server_binary()
 
@@ -267,3 +268,36 @@ async def test_a_publish_lost_on_a_silent_bus_reaches_listeners_without_further_
             await asyncio.to_thread(a.stop)
             await asyncio.to_thread(b.stop)
     assert "resync notices sent for 1 rooms" in (tmp_path / "a.log").read_text()
+
+
+@pytest.mark.slow
+async def test_membership_changes_travel_the_redis_bus(fresh_database, redis_server, tmp_path):
+    """With Redis as the bus, a member item and a room's closing are published after their
+    commit: a removal closes the user's socket on the other process (4403), a deletion
+    every socket, and the members see the item."""
+    url = await _migrated(fresh_database)
+    env = {"CHAT_BROADCAST_URL": redis_server.url}
+    room = f"r-{uuid.uuid4().hex[:8]}"
+    alice, bob = make_token("alice"), make_token("bob")
+    with (
+        ServerProcess(url, log_path=tmp_path / "a.log", env=env) as a,
+        ServerProcess(url, log_path=tmp_path / "b.log", env=env) as b,
+    ):
+        headers = {"Authorization": f"Bearer {alice}"}
+        async with httpx.AsyncClient(base_url=a.http, headers=headers) as rest:
+            made = await rest.post(
+                "/rooms", json={"name": room, "kind": "private", "members": ["bob"]}
+            )
+            assert made.status_code == 201
+            watcher = await Client.connect(b, room, alice)
+            removed = await Client.connect(b, room, bob)
+            try:
+                assert (await rest.delete(f"/rooms/{room}/members/bob")).status_code == 204
+                assert (await close_of(removed, 5))[0] == 4403
+                item = await watcher.recv_type("message")
+                assert (item["kind"], item["user"], item["action"]) == ("member", "bob", "removed")
+                assert (await rest.delete(f"/rooms/{room}")).status_code == 204
+                assert (await close_of(watcher, 5))[0] == 4403
+            finally:
+                await watcher.close()
+                await removed.close()
