@@ -49,6 +49,14 @@ def caller(principal: Principal) -> rooms.Caller:
     return rooms.Caller(principal.user_id, principal.admin)
 
 
+def charged(services: ServicesDep, principal: Principal) -> rooms.Caller:
+    """The caller of a change, charged against their send budget (``CHAT_USER_SEND_RATE``,
+    shared with messages): a script creating rooms or churning members gets 429s, as a flood
+    of messages does."""
+    services.limits.take_send(principal.user_id)
+    return caller(principal)
+
+
 def room_json(row: rooms.RoomRow) -> dict[str, object]:
     return {
         "name": row.name,
@@ -114,7 +122,7 @@ async def create_room(user: CurrentUser, services: ServicesDep, request: Request
     row = await rooms.create_room(
         services.pool,
         services.publish,
-        caller=caller(user),
+        caller=charged(services, user),
         name=new.name,
         kind=new.kind,
         title=new.title,
@@ -138,7 +146,7 @@ async def open_direct(user: CurrentUser, services: ServicesDep, request: Request
     if other == user.user_id:
         raise invalid(("body", "user"), "a direct room is with someone else", "self")
     row, created = await rooms.open_direct(
-        services.pool, services.publish, caller=caller(user), other=other
+        services.pool, services.publish, caller=charged(services, user), other=other
     )
     return json_response(room_json(row), 201 if created else 200)
 
@@ -162,7 +170,9 @@ async def update_room(
 ) -> Response:
     """Change the title: the room's owner and admins (a direct room: service admins)."""
     change = await read_body(request, RoomChange)
-    row = await rooms.update_room(services.pool, caller=caller(user), room=room, title=change.title)
+    row = await rooms.update_room(
+        services.pool, caller=charged(services, user), room=room, title=change.title
+    )
     return json_response(room_json(row))
 
 
@@ -170,7 +180,9 @@ async def update_room(
 async def delete_room(room: RoomName, user: CurrentUser, services: ServicesDep) -> Response:
     """The room with its messages and members (the owner, or a service admin); every socket
     open to it closes with 4403."""
-    await rooms.delete_room(services.pool, services.publish, caller=caller(user), room=room)
+    await rooms.delete_room(
+        services.pool, services.publish, caller=charged(services, user), room=room
+    )
     return Response(status_code=204)
 
 
@@ -217,7 +229,7 @@ async def put_member(
     member, added = await rooms.put_member(
         services.pool,
         services.publish,
-        caller=caller(principal),
+        caller=charged(services, principal),
         room=room,
         user=check_user_id(user),
         role=change.role,
@@ -241,7 +253,7 @@ async def remove_member(
     await rooms.remove_member(
         services.pool,
         services.publish,
-        caller=caller(principal),
+        caller=charged(services, principal),
         room=room,
         user=check_user_id(user),
     )

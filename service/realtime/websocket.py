@@ -2,8 +2,12 @@
 
 A connection's life: refused before accept when the token or a parameter is bad, or with HTTP
 429 when the user is over a limit (``UserLimits.admit``: connects per second, replayed bytes,
-open connections); then join the room's live stream and read the replay from one snapshot,
-within ``ws_connect_timeout`` (else 1013: the database is out), send it and ``ready``; then the
+open connections); then, still before accept, join the room's live stream and read the replay
+from one snapshot, within ``ws_connect_timeout`` (else 1013: the database is out). That read
+also says whether the user may read the room (a private or direct room's member): if not, the
+handshake is refused with HTTP 403, with no round trip of its own, and no removal committed
+between that read and the join can be missed (it reaches the outbox, which ends with
+``AccessRevoked``: 4403). Then accept, send the replay and ``ready``; then the
 receiver runs in the connection's own task and the writer in a second one, together in one
 ``asyncio.TaskGroup``, until either ends, or until the token's ``exp``: one timer per
 connection (``loop.call_at``, nothing per frame) ends the outbox with ``TokenExpired`` (4401)

@@ -902,3 +902,24 @@ def test_members_with_unusual_ids_are_managed_by_their_escaped_id(server):
     assert Api(server, odd).get(f"/rooms/{name}").json()["role"] == "admin"
     assert owner.delete(f"/rooms/{name}/members/{escaped}").status_code == 204
     assert owner.members(name) == {owner.user: "owner"}
+
+
+def test_room_and_member_changes_are_rate_limited_per_user(spawn, own_database):
+    """Changes come out of the user's send budget: a script churning rooms gets 429s with
+    Retry-After, and nothing of what it was refused is stored."""
+    slow = spawn(own_database, CHAT_USER_SEND_RATE="1")
+    headers = {"Authorization": f"Bearer {make_token('churner')}"}
+    answers = [
+        httpx.post(
+            f"{slow.http}/rooms",
+            json={"name": f"churn-{i}-{uuid.uuid4().hex[:8]}", "kind": "private"},
+            headers=headers,
+        )
+        for i in range(6)
+    ]
+    statuses = [r.status_code for r in answers]
+    assert statuses[0] == 201 and 429 in statuses, statuses
+    refused = next(r for r in answers if r.status_code == 429)
+    assert refused.json()["code"] == "rate_limited" and int(refused.headers["Retry-After"]) >= 1
+    listed = httpx.get(f"{slow.http}/rooms", headers=headers).json()["rooms"]
+    assert len(listed) == statuses.count(201)
