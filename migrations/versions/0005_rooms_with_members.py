@@ -97,6 +97,7 @@ DECLARE
     v_room text;
     v_room_id bigint;   -- NULL: the room does not exist and none of the batch may create it
     v_kind text;
+    v_refused boolean;
     v_reserved bigint;  -- room.last_seq once the batch's seqs of the room are reserved
     v_seq bigint;       -- the last of them given out so far
     v_head text;
@@ -133,11 +134,15 @@ BEGIN
         END IF;
 
         o_ord := m.ord;
-        IF v_room_id IS NULL OR m.room_id IS NOT NULL AND m.room_id <> v_room_id
-            OR (v_kind <> 'public' AND NOT EXISTS (
+        -- Simple expressions first (plpgsql evaluates them without the executor); the
+        -- membership probe, a query, only in a private or direct room.
+        v_refused := v_room_id IS NULL OR (m.room_id IS NOT NULL AND m.room_id <> v_room_id);
+        IF NOT v_refused AND v_kind <> 'public' THEN
+            v_refused := NOT EXISTS (
                 SELECT 1 FROM room_member rm WHERE rm.room_id = v_room_id AND rm.user_id = m.author
-            ))
-        THEN
+            );
+        END IF;
+        IF v_refused THEN
             -- Not (or no longer) allowed here: nothing stored, no seq taken.
             o_id := NULL; o_seq := NULL; o_body := NULL; o_created_at := NULL;
             o_duplicate := false; o_frame := NULL; o_refused := true;
