@@ -42,10 +42,12 @@ these attributes only; docs/protocol.md's tables are checked against them
     |   |                          ``auth`` frame renewed it -> 4401
     |   +-- AccessRevoked          access_revoked: the user lost the room (removed, left, room
     |                              deleted) -> 4403
-    +-- NotFound                   not_found: no such room, or a room the caller may not see
-    |                              -> HTTP 404
+    +-- NotFound                   not_found: no such room, or a room the caller may not see;
+    |                              no such message to edit or delete -> HTTP 404, error frame
     +-- Forbidden                  forbidden: visible, but not allowed -> HTTP 403, error frame
     |                              (a send after removal); a refused handshake (403, or 4403)
+    +-- AlreadyDeleted             already_deleted: an edit or delete of a deleted message
+    |                              -> HTTP 409, error frame
     +-- RoomExists                 room_exists: the name is taken -> HTTP 409
     +-- OwnerMustHandOver          owner_must_hand_over: the owner leaves after handing over
     |                              -> HTTP 409
@@ -279,10 +281,20 @@ class AccessRevoked(OutboxEnded):
 
 class NotFound(ChatError):
     """No such room, or one the caller may not see (a private room they are not a member of:
-    the same answer, so REST does not tell the two apart); or no such member."""
+    the same answer, so REST does not tell the two apart); no such member; no such message to
+    edit or delete (an ``error`` frame on the websocket)."""
 
     code = "not_found"
     http_status = 404
+    frame = True
+
+
+class AlreadyDeleted(ChatError):
+    """An edit or a delete of a message that is deleted."""
+
+    code = "already_deleted"
+    http_status = 409
+    frame = True
 
 
 class Forbidden(ChatError):

@@ -7,23 +7,29 @@ import email.message
 import json
 from typing import Annotated, Any, Literal, TypeVar
 
-from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
 from service.api.deps import ServicesDep
 from service.api.schemas import (
     ERROR_RESPONSES,
+    DeleteEventOut,
+    EditEventOut,
+    ErrorOut,
+    MessageEdit,
     MessageOut,
     MessagePage,
     NewMessage,
     SendFailedOut,
 )
-from service.auth import CurrentUser, RoomName
+from service.auth import CurrentUser, Principal, RoomName
 from service.chat import history
 from service.chat.envelope import dumps, dumps_with_items, message_object
+from service.chat.events import post_event
 from service.chat.messages import submit_message
 from service.errors import ChatError, Forbidden, InvalidMessage, NotFound
+from service.services import Services
 
 router = APIRouter(tags=["rooms"], responses=ERROR_RESPONSES)
 
@@ -181,3 +187,81 @@ async def create_message(
     seq = posted.message.seq
     original = await history.read_range(pool=services.pool, room=room, after=seq - 1, until=seq)
     return json_response(original[0].json, 201, **{"Idempotent-Replayed": "true"})
+
+
+EVENT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    403: {"model": ErrorOut, "description": "Not yours to change (`forbidden`)"},
+    409: {"model": ErrorOut, "description": "The message is deleted (`already_deleted`)"},
+}
+SeqPath = Annotated[int, Path(ge=1, le=history.MAX_SEQ, description="The message's seq")]
+
+
+@router.patch(
+    "/rooms/{room}/messages/{seq}",
+    response_model=EditEventOut,
+    openapi_extra=body_schema(MessageEdit),
+    responses=EVENT_RESPONSES,
+)
+async def edit_message(
+    room: RoomName, seq: SeqPath, user: CurrentUser, services: ServicesDep, request: Request
+) -> Response:
+    """Edit a message (its author only): an ``edit`` item in the room's stream, which this
+    answers with; the message's text in history is the new one, with ``edited_at``. A resend
+    with the same ``client_msg_id`` returns the original."""
+    change = await read_body(request, MessageEdit)
+    return await _change(services, user, room, seq, "edit", change.body, change.client_msg_id)
+
+
+@router.delete(
+    "/rooms/{room}/messages/{seq}", response_model=DeleteEventOut, responses=EVENT_RESPONSES
+)
+async def delete_message(
+    room: RoomName,
+    seq: SeqPath,
+    user: CurrentUser,
+    services: ServicesDep,
+    client_msg_id: Annotated[str | None, Query(max_length=128)] = None,
+) -> Response:
+    """Delete a message (its author, the room's owner and admins, a service admin): a
+    ``delete`` item in the room's stream, which this answers with. The text and every edit of
+    it are erased from storage; history shows a tombstone."""
+    return await _change(services, user, room, seq, "delete", None, client_msg_id)
+
+
+async def _change(
+    services: Services,
+    user: Principal,
+    room: str,
+    seq: int,
+    kind: str,
+    body: str | None,
+    client_msg_id: str | None,
+) -> Response:
+    try:
+        services.limits.take_send(user.user_id)
+        stored = await asyncio.shield(
+            asyncio.ensure_future(
+                post_event(
+                    services.pool,
+                    services.publish,
+                    room=room,
+                    room_id=None,
+                    author=user.user_id,
+                    admin=user.admin,
+                    kind=kind,
+                    target_seq=seq,
+                    body=body,
+                    client_msg_id=client_msg_id,
+                    max_chars=services.settings.max_message_chars,
+                )
+            )
+        )
+    except InvalidMessage as exc:
+        services.metrics.errors.labels(exc.code).inc()
+        field = "body" if kind == "edit" else "client_msg_id"
+        raise invalid(("body", field), f"{exc.code}: {exc.detail}", exc.code) from None
+    if stored.frame is not None:
+        return json_response(message_object(stored.frame))
+    done = stored.message.seq  # a resend: the original, as history reads it
+    original = await history.read_range(pool=services.pool, room=room, after=done - 1, until=done)
+    return json_response(original[0].json, 200, **{"Idempotent-Replayed": "true"})

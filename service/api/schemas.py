@@ -28,7 +28,27 @@ class MessageOut(ItemHeader):
     model_config = ConfigDict(from_attributes=True)
 
     kind: Literal["text"]
-    body: str
+    body: str | None = Field(description="The current text; null once deleted")
+    client_msg_id: str | None
+    edited_at: datetime | None = Field(description="When it was last edited, if it was")
+    deleted: bool = Field(description="Deleted: a tombstone, its text erased")
+
+
+class EditEventOut(ItemHeader):
+    """An edit of message ``target_seq`` (``?events=all``): its new text; null once the
+    message is deleted (erased with it)."""
+
+    kind: Literal["edit"]
+    target_seq: int
+    body: str | None
+    client_msg_id: str | None
+
+
+class DeleteEventOut(ItemHeader):
+    """The delete of message ``target_seq`` (``?events=all``)."""
+
+    kind: Literal["delete"]
+    target_seq: int
     client_msg_id: str | None
 
 
@@ -41,7 +61,9 @@ class MemberEventOut(ItemHeader):
     role: Role | None = Field(description="The member's role after it; null once gone")
 
 
-StreamItem = Annotated[MessageOut | MemberEventOut, Field(discriminator="kind")]
+StreamItem = Annotated[
+    MessageOut | MemberEventOut | EditEventOut | DeleteEventOut, Field(discriminator="kind")
+]
 
 
 class MessagePage(BaseModel):
@@ -116,6 +138,13 @@ class NewMessage(BaseModel):
     body: str = Field(description="The text; the author is always the token's subject")
     client_msg_id: str | None = Field(
         default=None, description="Your id for this message: a resend with it is not stored twice"
+    )
+
+
+class MessageEdit(BaseModel):
+    body: str = Field(description="The new text (only the message's author edits it)")
+    client_msg_id: str | None = Field(
+        default=None, description="Your id for this edit: a resend with it is not stored twice"
     )
 
 

@@ -7,14 +7,17 @@ from datetime import datetime
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     ForeignKey,
     Identity,
+    Index,
     MetaData,
     Text,
     UniqueConstraint,
     func,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -68,7 +71,9 @@ class RoomMember(Base):
 
 class Message(Base):
     """An item of a room's stream: ``seq`` is 1, 2, 3... per room with no gaps, in commit
-    order. ``kind`` ``text`` is a message (``body``); ``member`` a membership change."""
+    order. ``kind`` ``text`` is a message (``body``, its current text: an ``edit`` rewrites it,
+    a ``delete`` erases it); ``member`` a membership change; ``edit`` and ``delete`` name their
+    ``target_seq``."""
 
     __tablename__ = "message"
 
@@ -83,6 +88,9 @@ class Message(Base):
     member_user: Mapped[str | None] = mapped_column(Text)
     member_action: Mapped[str | None] = mapped_column(Text)
     member_role: Mapped[str | None] = mapped_column(Text)
+    target_seq: Mapped[int | None] = mapped_column(BigInteger)
+    edited_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    deleted: Mapped[bool] = mapped_column(Boolean, server_default="false")
 
     __table_args__ = (
         UniqueConstraint("room_id", "seq", name="uq_message_room_id_seq"),
@@ -91,8 +99,17 @@ class Message(Base):
             "room_id", "author", "client_msg_id", name="uq_message_room_id_author_client_msg_id"
         ),
         CheckConstraint("seq > 0", name="seq_positive"),
-        CheckConstraint("kind IN ('text', 'member')", name="kind_known"),
-        CheckConstraint("kind <> 'text' OR body IS NOT NULL", name="kind_fields"),
+        CheckConstraint("kind IN ('text', 'member', 'edit', 'delete')", name="kind_known"),
+        CheckConstraint("kind <> 'text' OR body IS NOT NULL OR deleted", name="kind_fields"),
+        CheckConstraint(
+            "kind NOT IN ('edit', 'delete') OR target_seq IS NOT NULL", name="target_fields"
+        ),
+        Index(
+            "ix_message_room_id_target_seq",
+            "room_id",
+            "target_seq",
+            postgresql_where=text("target_seq IS NOT NULL"),
+        ),
         CheckConstraint(
             "kind <> 'member' OR (member_user IS NOT NULL"
             " AND member_action IN ('joined', 'left', 'removed', 'role'))",

@@ -51,11 +51,13 @@ ORDER BY seq LIMIT $4
 
 @dataclass(frozen=True, slots=True)
 class MessageRecord:
+    """A stored item as its writer knows it (``body`` None: an item without text)."""
+
     id: int
     room: str
     seq: int
     author: str
-    body: str
+    body: str | None
     client_msg_id: str | None
     created_at: datetime
 

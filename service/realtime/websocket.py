@@ -47,9 +47,10 @@ from service.chat.envelope import (
     ready_frame,
     stored_frame,
 )
+from service.chat.events import check_target, post_event
 from service.chat.history import MAX_SEQ, Reader, Replay, read_replay
 from service.chat.limits import TokenBucket
-from service.chat.messages import check_client_msg_id, submit_message
+from service.chat.messages import check_body, check_client_msg_id, submit_message
 from service.chat.rooms import DIRECT_PREFIX
 from service.db.writer import Stored
 from service.errors import (
@@ -57,6 +58,7 @@ from service.errors import (
     AccessRevoked,
     AuthRefused,
     BinaryNotSupported,
+    ChatError,
     Forbidden,
     InternalError,
     InvalidFrame,
@@ -488,7 +490,9 @@ class RoomConnection:
         exc = stored.exception()
         if isinstance(exc, Unavailable | OutcomeUnknown):
             return self._error(exc.code, exc.detail, exc.client_msg_id or echo)
-        if isinstance(exc, Forbidden):  # removed meanwhile: the stream closes the socket next
+        if isinstance(exc, ChatError) and exc.frame:
+            # Refused where it was stored: not allowed (a send after removal: the stream closes
+            # the socket next), no such message, already deleted, invalid.
             return self._error(exc.code, exc.detail, echo)
         if exc is not None:
             log.error("send failed", exc_info=exc, extra=self._log_context)
@@ -519,7 +523,11 @@ class RoomConnection:
             return self._pong()
         if kind == "auth":
             return self._auth(frame)
-        return self._error(UnknownType.code, "'type' must be 'send', 'ping' or 'auth'")
+        if kind in ("edit", "delete"):
+            return self._change(frame, kind)
+        return self._error(
+            UnknownType.code, "'type' must be 'send', 'edit', 'delete', 'ping' or 'auth'"
+        )
 
     def _auth(self, frame: dict[str, Any]) -> str:
         """Refuse an ``auth`` frame that is malformed or over ``ws_auth_rate``; raise ``_Renew``
@@ -590,6 +598,49 @@ class RoomConnection:
         except InvalidMessage as exc:
             return self._error(exc.code, exc.detail, echo)
         return stored, echo
+
+    def _change(self, frame: dict[str, Any], kind: str) -> Reply:
+        """An ``edit`` or ``delete`` of a message: answered like a send (``ack`` with the
+        item's seq, or an ``error`` frame), in its place among the answers; it counts against
+        the same rate limits. Stored on a pooled connection (edits and deletes are rare next to
+        sends: no group commit), checked where it is stored (``service.chat.events``)."""
+        try:
+            echo = check_client_msg_id(frame.get("client_msg_id"))
+            check_target(frame.get("target_seq"))
+            if kind == "edit":
+                check_body(frame.get("body"), max_chars=self.services.settings.max_message_chars)
+        except InvalidMessage as exc:
+            return self._error(exc.code, exc.detail, _valid_id(frame))
+        try:
+            self.send_bucket.take()
+            self.services.limits.take_send(self.principal.user_id)
+        except RateLimited as exc:
+            return self._error(exc.code, exc.detail, echo, retry_after=round(exc.retry_after, 3))
+        stored = asyncio.ensure_future(
+            post_event(
+                self.services.pool,
+                self.services.publish,
+                room=self.room,
+                room_id=self.room_id,
+                author=self.principal.user_id,
+                admin=self.principal.admin,
+                kind=kind,
+                target_seq=frame.get("target_seq"),
+                body=frame.get("body"),
+                client_msg_id=echo,
+                max_chars=self.services.settings.max_message_chars,
+            )
+        )
+        return stored, echo
+
+
+def _valid_id(frame: dict[str, Any]) -> str | None:
+    """The frame's ``client_msg_id`` when it is one to echo (an arbitrary value may not even
+    encode)."""
+    try:
+        return check_client_msg_id(frame.get("client_msg_id"))
+    except InvalidMessage:
+        return None
 
 
 _PONG = dumps({"type": "pong"})

@@ -57,9 +57,9 @@ def test_drift_is_detected(fresh_database):
     async def add_column() -> None:
         engine = create_async_engine(to_sqlalchemy_url(url))
         async with engine.begin() as conn:
-            await conn.exec_driver_sql("ALTER TABLE message ADD COLUMN edited_at timestamptz")
+            await conn.exec_driver_sql("ALTER TABLE message ADD COLUMN pinned_at timestamptz")
         await engine.dispose()
 
     asyncio.run(add_column())
     _, diff = asyncio.run(_inspect(url))
-    assert any("edited_at" in str(d) for d in diff)
+    assert any("pinned_at" in str(d) for d in diff)

@@ -1,0 +1,244 @@
+"""Edits and deletes: items of the room's stream that change a message's current state
+
+Revision ID: 0006
+Revises: 0005
+Create Date: 2026-12-02
+
+* Two more kinds of stream item: ``edit`` (``target_seq``, ``body``: the new text) and
+  ``delete`` (``target_seq``). Each takes the room's next seq, fans out, replays and resumes
+  like a message.
+* The state is kept beside the log, in the same transaction (../shared/DESIGN.md): an edit
+  rewrites its target's ``body`` and sets ``edited_at`` (the edit's ``created_at``); a delete
+  erases the target's body and the bodies of its edits (NULL: the text is gone from every row,
+  not hidden) and sets ``deleted``. So history reads the current state from the message row,
+  with no work at read time, and a resume replays text items in their current state followed
+  by the events, which a client applies idempotently.
+* ``chat_message_json`` gives a text item ``edited_at`` and ``deleted`` too (null/false until
+  changed), an edit ``target_seq`` and ``body`` (null once its target is deleted), a delete
+  ``target_seq``.
+* ``chat_post_event`` stores one edit or delete: under the room row's lock it checks that the
+  room exists and is the one the caller was let into, that the caller may post there, the
+  ``client_msg_id`` (a repeat gets the original; one namespace per author per room across
+  kinds, the message table's unique key), that the target is a text message that is not
+  deleted, and who may: an edit its author only, a delete its author, the room's owner and
+  admins, or a service admin. It answers with an error code instead of raising, so the caller
+  maps each to its documented answer.
+
+Expand-only for the code of 0005 (new columns with defaults, a new function, a replaced
+``chat_message_json`` whose text items gain two fields a client ignores): ``compatible_from``
+is 0005.
+"""
+
+import importlib.util
+from collections.abc import Sequence
+from pathlib import Path
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0006"
+down_revision: str | None = "0005"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+compatible_from: str = "0005"
+
+MESSAGE_JSON = """
+CREATE OR REPLACE FUNCTION chat_message_json(p_room text, p_message message, p_as_frame boolean)
+RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE AS $fn$
+SELECT '{' || CASE WHEN p_as_frame THEN '"type":"message",' ELSE '' END
+    || '"room":' || to_json(p_room)::text
+    || ',"seq":' || p_message.seq
+    || ',"id":' || p_message.id
+    || ',"created_at":"'
+    || to_char(p_message.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
+    || '","kind":"' || p_message.kind
+    || '","author":' || to_json(p_message.author)::text
+    || CASE p_message.kind
+        WHEN 'text' THEN
+            ',"body":' || COALESCE(to_json(p_message.body)::text, 'null')
+            || ',"client_msg_id":' || COALESCE(to_json(p_message.client_msg_id)::text, 'null')
+            || ',"edited_at":' || COALESCE('"' || to_char(p_message.edited_at AT TIME ZONE 'UTC',
+                'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') || '"', 'null')
+            || ',"deleted":' || CASE WHEN p_message.deleted THEN 'true' ELSE 'false' END
+        WHEN 'member' THEN
+            ',"user":' || to_json(p_message.member_user)::text
+            || ',"action":"' || p_message.member_action
+            || '","role":' || COALESCE(to_json(p_message.member_role)::text, 'null')
+        WHEN 'edit' THEN
+            ',"target_seq":' || p_message.target_seq
+            || ',"body":' || COALESCE(to_json(p_message.body)::text, 'null')
+            || ',"client_msg_id":' || COALESCE(to_json(p_message.client_msg_id)::text, 'null')
+        ELSE
+            ',"target_seq":' || p_message.target_seq
+            || ',"client_msg_id":' || COALESCE(to_json(p_message.client_msg_id)::text, 'null')
+        END
+    || '}'
+$fn$
+"""
+
+POST_EVENT = """
+CREATE FUNCTION chat_post_event(
+    p_room text,
+    p_room_id bigint,
+    p_channel text,
+    p_author text,
+    p_admin boolean,
+    p_kind text,
+    p_target bigint,
+    p_body text,
+    p_client_msg_id text,
+    p_notify boolean
+) RETURNS TABLE (
+    o_seq bigint,
+    o_id bigint,
+    o_created_at timestamptz,
+    o_frame text,
+    o_duplicate boolean,
+    o_error text
+)
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    v_room record;
+    v_role text;
+    v_target message;
+    v_seq bigint;
+    v_event message;
+BEGIN
+    o_duplicate := false;
+    SELECT id, kind INTO v_room FROM room WHERE name = p_room FOR UPDATE;
+    IF NOT FOUND OR (p_room_id IS NOT NULL AND v_room.id <> p_room_id) THEN
+        o_error := 'not_found';  -- no such room (any more)
+        RETURN NEXT;
+        RETURN;
+    END IF;
+    SELECT role INTO v_role FROM room_member WHERE room_id = v_room.id AND user_id = p_author;
+    IF v_room.kind <> 'public' AND v_role IS NULL AND NOT p_admin THEN
+        o_error := 'not_found';  -- a room the caller may not see
+        RETURN NEXT;
+        RETURN;
+    END IF;
+    IF p_client_msg_id IS NOT NULL THEN
+        SELECT * INTO v_event FROM message
+        WHERE room_id = v_room.id AND author = p_author AND client_msg_id = p_client_msg_id;
+        IF FOUND THEN  -- a repeat: the original's answer
+            o_seq := v_event.seq;
+            o_id := v_event.id;
+            o_created_at := v_event.created_at;
+            o_duplicate := true;
+            RETURN NEXT;
+            RETURN;
+        END IF;
+    END IF;
+    SELECT * INTO v_target FROM message WHERE room_id = v_room.id AND seq = p_target;
+    IF NOT FOUND OR v_target.kind <> 'text' THEN
+        o_error := 'not_found';
+        RETURN NEXT;
+        RETURN;
+    END IF;
+    IF v_target.deleted THEN
+        o_error := 'already_deleted';
+        RETURN NEXT;
+        RETURN;
+    END IF;
+    IF v_target.author <> p_author AND (
+        p_kind = 'edit' OR NOT (p_admin OR COALESCE(v_role IN ('owner', 'admin'), false))
+    ) THEN
+        o_error := 'forbidden';
+        RETURN NEXT;
+        RETURN;
+    END IF;
+
+    UPDATE room SET last_seq = last_seq + 1 WHERE id = v_room.id RETURNING last_seq INTO v_seq;
+    INSERT INTO message (room_id, seq, author, body, client_msg_id, kind, target_seq)
+    VALUES (v_room.id, v_seq, p_author, CASE WHEN p_kind = 'edit' THEN p_body END,
+        p_client_msg_id, p_kind, p_target)
+    RETURNING * INTO v_event;
+    IF p_kind = 'edit' THEN
+        UPDATE message SET body = p_body, edited_at = v_event.created_at
+        WHERE id = v_target.id;
+    ELSE
+        -- Erased, not hidden: the message's text and every edit of it.
+        UPDATE message SET body = NULL, deleted = true WHERE id = v_target.id;
+        UPDATE message SET body = NULL, deleted = true
+        WHERE room_id = v_room.id AND target_seq = p_target AND kind = 'edit';
+    END IF;
+
+    o_seq := v_seq;
+    o_id := v_event.id;
+    o_created_at := v_event.created_at;
+    o_frame := chat_message_json(p_room, v_event, true);
+    IF p_notify THEN
+        PERFORM pg_notify(
+            p_channel,
+            v_seq || ':' || extract(epoch FROM clock_timestamp()) || ':' || o_frame
+        );  -- an edit's body is capped well below the NOTIFY limit (docs/protocol.md)
+    END IF;
+    RETURN NEXT;
+END
+$fn$
+"""
+
+
+def _module(filename: str):  # type: ignore[no-untyped-def]
+    path = Path(__file__).with_name(filename)
+    spec = importlib.util.spec_from_file_location(f"chat_migration_{filename[:4]}", path)
+    assert spec is not None and spec.loader is not None  # noqa: S101 - the file is beside this
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def upgrade() -> None:
+    op.add_column("message", sa.Column("target_seq", sa.BigInteger(), nullable=True))
+    op.add_column("message", sa.Column("edited_at", sa.DateTime(timezone=True), nullable=True))
+    op.add_column(
+        "message", sa.Column("deleted", sa.Boolean(), server_default="false", nullable=False)
+    )
+    op.drop_constraint(op.f("ck_message_kind_known"), "message", type_="check")
+    op.create_check_constraint(
+        op.f("ck_message_kind_known"), "message", "kind IN ('text', 'member', 'edit', 'delete')"
+    )
+    op.drop_constraint(op.f("ck_message_kind_fields"), "message", type_="check")
+    op.create_check_constraint(
+        op.f("ck_message_kind_fields"), "message", "kind <> 'text' OR body IS NOT NULL OR deleted"
+    )
+    op.create_check_constraint(
+        op.f("ck_message_target_fields"),
+        "message",
+        "kind NOT IN ('edit', 'delete') OR target_seq IS NOT NULL",
+    )
+    op.create_index(
+        op.f("ix_message_room_id_target_seq"),
+        "message",
+        ["room_id", "target_seq"],
+        postgresql_where=sa.text("target_seq IS NOT NULL"),
+    )
+    op.execute(MESSAGE_JSON)
+    op.execute(POST_EVENT)
+
+
+def downgrade() -> None:
+    previous = _module("0005_rooms_with_members.py")
+    op.execute(
+        "DROP FUNCTION chat_post_event(text, bigint, text, text, boolean, text, bigint, text, "
+        "text, boolean)"
+    )
+    # Edits and deletes have no place in 0005's shape: they go (seqs keep their holes), and
+    # deleted messages with them (their text is gone already).
+    op.execute("DELETE FROM message WHERE kind IN ('edit', 'delete') OR deleted")
+    op.drop_index(op.f("ix_message_room_id_target_seq"), table_name="message")
+    op.drop_constraint(op.f("ck_message_target_fields"), "message", type_="check")
+    op.drop_constraint(op.f("ck_message_kind_fields"), "message", type_="check")
+    op.create_check_constraint(
+        op.f("ck_message_kind_fields"), "message", "kind <> 'text' OR body IS NOT NULL"
+    )
+    op.drop_constraint(op.f("ck_message_kind_known"), "message", type_="check")
+    op.create_check_constraint(
+        op.f("ck_message_kind_known"), "message", "kind IN ('text', 'member')"
+    )
+    op.drop_column("message", "deleted")
+    op.drop_column("message", "edited_at")
+    op.drop_column("message", "target_seq")
+    op.execute(previous.MESSAGE_JSON)
