@@ -90,6 +90,8 @@ types = st.one_of(
     st.just("send"),
     st.just("ping"),
     st.just("auth"),
+    st.just("edit"),
+    st.just("delete"),
     st.sampled_from(["pong", "ack", "message", "error", "SEND", "Send", " send", "send ", ""]),
     json_values,
 )

@@ -95,6 +95,13 @@ def frame_outcomes(frame: Any) -> set[str]:
     if kind == "auth":  # only a real token of the same user renews; none is generated
         token = frame.get("token")
         return {"auth_refused"} if isinstance(token, str) and token else {"invalid_frame"}
+    if kind in ("edit", "delete"):
+        # Generated frames carry no target_seq (only a random extra key could name one): a
+        # validation error, or the refusal of a seq that is no message of the fuzzer's.
+        return {
+            "invalid_client_msg_id", "invalid_frame", "empty_body", "body_too_long",
+            "invalid_body", "not_found", "forbidden", "already_deleted",
+        }  # fmt: skip
     if kind != "send":
         return {"unknown_type"}
     return message_problems(frame.get("body"), frame.get("client_msg_id")) or {"ack"}
@@ -263,6 +270,8 @@ class Fuzzer:
             "author": conn.user,
             "body": frame["body"],
             "client_msg_id": client_msg_id,
+            "edited_at": None,
+            "deleted": False,
         }, (frame, ack)
 
     async def reconnect(self) -> None:

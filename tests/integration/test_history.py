@@ -118,7 +118,8 @@ async def test_rest_pages_walk_the_history_both_ways(server, database_url, room,
     assert [m["seq"] for m in window["messages"]] == [11, 12, 13, 14]
     message = window["messages"][0]
     assert set(message) == {
-        "id", "room", "seq", "created_at", "kind", "author", "body", "client_msg_id"
+        "id", "room", "seq", "created_at", "kind", "author", "body", "client_msg_id",
+        "edited_at", "deleted",
     }  # fmt: skip
 
 

@@ -48,6 +48,8 @@ async def test_send_is_acked_after_storing_and_fanned_out(server, database_url, 
                 "author": "alice",
                 "body": "hello",
                 "client_msg_id": "m-1",
+                "edited_at": None,
+                "deleted": False,
             }
 
 
