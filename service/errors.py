@@ -20,6 +20,7 @@ these attributes only; docs/protocol.md's tables are checked against them
     |   +-- EmptyBody              empty_body
     |   +-- BodyTooLong            body_too_long
     |   +-- InvalidBody            invalid_body: NUL, or not valid Unicode
+    |   +-- InvalidEmoji           invalid_emoji: not one emoji (sequence), or too long
     |   +-- InvalidClientMsgId     invalid_client_msg_id
     +-- RateLimited                rate_limited: over a send, connect, replay or ``auth`` budget
     |                              -> HTTP 429 with Retry-After, error frame (``retry_after``);
@@ -48,6 +49,8 @@ these attributes only; docs/protocol.md's tables are checked against them
     |                              (a send after removal); a refused handshake (403, or 4403)
     +-- AlreadyDeleted             already_deleted: an edit or delete of a deleted message
     |                              -> HTTP 409, error frame
+    +-- TooManyReactions           too_many_reactions: a new emoji on a message that has the
+    |                              most allowed -> HTTP 409, error frame
     +-- RoomExists                 room_exists: the name is taken -> HTTP 409
     +-- OwnerMustHandOver          owner_must_hand_over: the owner leaves after handing over
     |                              -> HTTP 409
@@ -178,6 +181,10 @@ class InvalidBody(InvalidMessage):
     code = "invalid_body"
 
 
+class InvalidEmoji(InvalidMessage):
+    code = "invalid_emoji"
+
+
 class InvalidClientMsgId(InvalidMessage):
     code = "invalid_client_msg_id"
 
@@ -305,6 +312,14 @@ class Forbidden(ChatError):
     code = "forbidden"
     http_status = 403
     close_code: ClassVar[int] = WS_FORBIDDEN
+    frame = True
+
+
+class TooManyReactions(ChatError):
+    """A new emoji on a message that has ``MAX_DISTINCT_REACTIONS`` different ones."""
+
+    code = "too_many_reactions"
+    http_status = 409
     frame = True
 
 

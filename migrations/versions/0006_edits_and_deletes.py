@@ -70,6 +70,11 @@ SELECT '{' || CASE WHEN p_as_frame THEN '"type":"message",' ELSE '' END
             ',"target_seq":' || p_message.target_seq
             || ',"body":' || COALESCE(to_json(p_message.body)::text, 'null')
             || ',"client_msg_id":' || COALESCE(to_json(p_message.client_msg_id)::text, 'null')
+        WHEN 'reaction' THEN
+            ',"target_seq":' || p_message.target_seq
+            || ',"emoji":' || to_json(p_message.emoji)::text
+            || ',"on":' || CASE WHEN p_message.reaction_on THEN 'true' ELSE 'false' END
+            || ',"client_msg_id":' || COALESCE(to_json(p_message.client_msg_id)::text, 'null')
         ELSE
             ',"target_seq":' || p_message.target_seq
             || ',"client_msg_id":' || COALESCE(to_json(p_message.client_msg_id)::text, 'null')
@@ -88,6 +93,8 @@ CREATE FUNCTION chat_post_event(
     p_kind text,
     p_target bigint,
     p_body text,
+    p_emoji text,
+    p_on boolean,
     p_client_msg_id text,
     p_notify boolean
 ) RETURNS TABLE (
@@ -105,6 +112,7 @@ DECLARE
     v_target message;
     v_seq bigint;
     v_event message;
+    v_set bigint;  -- a reaction: the seq of the item that set it (NULL: not set)
 BEGIN
     o_duplicate := false;
     SELECT id, kind INTO v_room FROM room WHERE name = p_room FOR UPDATE;
@@ -142,7 +150,40 @@ BEGIN
         RETURN NEXT;
         RETURN;
     END IF;
-    IF v_target.author <> p_author AND (
+    IF p_kind = 'reaction' THEN
+        SELECT seq INTO v_set FROM message_reaction
+        WHERE room_id = v_room.id AND target_seq = p_target AND emoji = p_emoji
+            AND user_id = p_author;
+        IF p_on AND v_set IS NOT NULL OR NOT p_on AND v_set IS NULL THEN
+            -- Already so: nothing stored; the answer is the item that made it so.
+            SELECT * INTO v_event FROM message
+            WHERE room_id = v_room.id AND author = p_author AND kind = 'reaction'
+                AND target_seq = p_target AND emoji = p_emoji
+            ORDER BY seq DESC LIMIT 1;
+            IF NOT FOUND THEN
+                o_error := 'not_found';  -- removing a reaction never made
+                RETURN NEXT;
+                RETURN;
+            END IF;
+            o_seq := v_event.seq;
+            o_id := v_event.id;
+            o_created_at := v_event.created_at;
+            o_duplicate := true;
+            RETURN NEXT;
+            RETURN;
+        END IF;
+        IF p_on AND NOT EXISTS (
+            SELECT 1 FROM message_reaction
+            WHERE room_id = v_room.id AND target_seq = p_target AND emoji = p_emoji
+        ) AND (
+            SELECT count(DISTINCT emoji) FROM message_reaction
+            WHERE room_id = v_room.id AND target_seq = p_target
+        ) >= 20 THEN  -- service.chat.events.MAX_DISTINCT_REACTIONS
+            o_error := 'too_many_reactions';
+            RETURN NEXT;
+            RETURN;
+        END IF;
+    ELSIF v_target.author <> p_author AND (
         p_kind = 'edit' OR NOT (p_admin OR COALESCE(v_role IN ('owner', 'admin'), false))
     ) THEN
         o_error := 'forbidden';
@@ -151,11 +192,24 @@ BEGIN
     END IF;
 
     UPDATE room SET last_seq = last_seq + 1 WHERE id = v_room.id RETURNING last_seq INTO v_seq;
-    INSERT INTO message (room_id, seq, author, body, client_msg_id, kind, target_seq)
+    INSERT INTO message (
+        room_id, seq, author, body, client_msg_id, kind, target_seq, emoji, reaction_on
+    )
     VALUES (v_room.id, v_seq, p_author, CASE WHEN p_kind = 'edit' THEN p_body END,
-        p_client_msg_id, p_kind, p_target)
+        p_client_msg_id, p_kind, p_target,
+        CASE WHEN p_kind = 'reaction' THEN p_emoji END,
+        CASE WHEN p_kind = 'reaction' THEN p_on END)
     RETURNING * INTO v_event;
-    IF p_kind = 'edit' THEN
+    IF p_kind = 'reaction' THEN
+        IF p_on THEN
+            INSERT INTO message_reaction (room_id, target_seq, emoji, user_id, seq)
+            VALUES (v_room.id, p_target, p_emoji, p_author, v_seq);
+        ELSE
+            DELETE FROM message_reaction
+            WHERE room_id = v_room.id AND target_seq = p_target AND emoji = p_emoji
+                AND user_id = p_author;
+        END IF;
+    ELSIF p_kind = 'edit' THEN
         UPDATE message SET body = p_body, edited_at = v_event.created_at
         WHERE id = v_target.id;
     ELSE
@@ -163,6 +217,7 @@ BEGIN
         UPDATE message SET body = NULL, deleted = true WHERE id = v_target.id;
         UPDATE message SET body = NULL, deleted = true
         WHERE room_id = v_room.id AND target_seq = p_target AND kind = 'edit';
+        DELETE FROM message_reaction WHERE room_id = v_room.id AND target_seq = p_target;
     END IF;
 
     o_seq := v_seq;
@@ -196,9 +251,35 @@ def upgrade() -> None:
     op.add_column(
         "message", sa.Column("deleted", sa.Boolean(), server_default="false", nullable=False)
     )
+    op.add_column("message", sa.Column("emoji", sa.Text(), nullable=True))
+    op.add_column("message", sa.Column("reaction_on", sa.Boolean(), nullable=True))
     op.drop_constraint(op.f("ck_message_kind_known"), "message", type_="check")
     op.create_check_constraint(
-        op.f("ck_message_kind_known"), "message", "kind IN ('text', 'member', 'edit', 'delete')"
+        op.f("ck_message_kind_known"),
+        "message",
+        "kind IN ('text', 'member', 'edit', 'delete', 'reaction')",
+    )
+    op.create_check_constraint(
+        op.f("ck_message_reaction_fields"),
+        "message",
+        "kind <> 'reaction' OR (emoji IS NOT NULL AND reaction_on IS NOT NULL)",
+    )
+    op.create_table(
+        "message_reaction",
+        sa.Column("room_id", sa.BigInteger(), nullable=False),
+        sa.Column("target_seq", sa.BigInteger(), nullable=False),
+        sa.Column("emoji", sa.Text(), nullable=False),
+        sa.Column("user_id", sa.Text(), nullable=False),
+        sa.Column("seq", sa.BigInteger(), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["room_id"],
+            ["room.id"],
+            name=op.f("fk_message_reaction_room_id_room"),
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint(
+            "room_id", "target_seq", "emoji", "user_id", name=op.f("pk_message_reaction")
+        ),
     )
     op.drop_constraint(op.f("ck_message_kind_fields"), "message", type_="check")
     op.create_check_constraint(
@@ -223,11 +304,15 @@ def downgrade() -> None:
     previous = _module("0005_rooms_with_members.py")
     op.execute(
         "DROP FUNCTION chat_post_event(text, bigint, text, text, boolean, text, bigint, text, "
-        "text, boolean)"
+        "text, boolean, text, boolean)"
     )
+    op.drop_table("message_reaction")
     # Edits and deletes have no place in 0005's shape: they go (seqs keep their holes), and
     # deleted messages with them (their text is gone already).
-    op.execute("DELETE FROM message WHERE kind IN ('edit', 'delete') OR deleted")
+    op.execute("DELETE FROM message WHERE kind IN ('edit', 'delete', 'reaction') OR deleted")
+    op.drop_constraint(op.f("ck_message_reaction_fields"), "message", type_="check")
+    op.drop_column("message", "reaction_on")
+    op.drop_column("message", "emoji")
     op.drop_index(op.f("ix_message_room_id_target_seq"), table_name="message")
     op.drop_constraint(op.f("ck_message_target_fields"), "message", type_="check")
     op.drop_constraint(op.f("ck_message_kind_fields"), "message", type_="check")

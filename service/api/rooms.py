@@ -21,6 +21,7 @@ from service.api.schemas import (
     MessageOut,
     MessagePage,
     NewMessage,
+    ReactionEventOut,
     SendFailedOut,
 )
 from service.auth import CurrentUser, Principal, RoomName
@@ -191,7 +192,11 @@ async def create_message(
 
 EVENT_RESPONSES: dict[int | str, dict[str, Any]] = {
     403: {"model": ErrorOut, "description": "Not yours to change (`forbidden`)"},
-    409: {"model": ErrorOut, "description": "The message is deleted (`already_deleted`)"},
+    409: {
+        "model": ErrorOut,
+        "description": "The message is deleted (`already_deleted`), or has the most different "
+        "reactions allowed (`too_many_reactions`)",
+    },
 }
 SeqPath = Annotated[int, Path(ge=1, le=history.MAX_SEQ, description="The message's seq")]
 
@@ -209,7 +214,9 @@ async def edit_message(
     answers with; the message's text in history is the new one, with ``edited_at``. A resend
     with the same ``client_msg_id`` returns the original."""
     change = await read_body(request, MessageEdit)
-    return await _change(services, user, room, seq, "edit", change.body, change.client_msg_id)
+    return await _change(
+        services, user, room, seq, "edit", body=change.body, client_msg_id=change.client_msg_id
+    )
 
 
 @router.delete(
@@ -225,7 +232,45 @@ async def delete_message(
     """Delete a message (its author, the room's owner and admins, a service admin): a
     ``delete`` item in the room's stream, which this answers with. The text and every edit of
     it are erased from storage; history shows a tombstone."""
-    return await _change(services, user, room, seq, "delete", None, client_msg_id)
+    return await _change(services, user, room, seq, "delete", client_msg_id=client_msg_id)
+
+
+EmojiPath = Annotated[str, Path(min_length=1, max_length=64, description="One emoji")]
+
+
+@router.put(
+    "/rooms/{room}/messages/{seq}/reactions/{emoji}",
+    response_model=ReactionEventOut,
+    responses=EVENT_RESPONSES,
+)
+async def add_reaction(
+    room: RoomName,
+    seq: SeqPath,
+    emoji: EmojiPath,
+    user: CurrentUser,
+    services: ServicesDep,
+) -> Response:
+    """React to a message with one emoji (anyone who may post in the room): a ``reaction``
+    item, which this answers with. Reacting again with the same emoji stores nothing and
+    answers with the item that set it (``Idempotent-Replayed: true``)."""
+    return await _change(services, user, room, seq, "reaction", emoji=emoji, on=True)
+
+
+@router.delete(
+    "/rooms/{room}/messages/{seq}/reactions/{emoji}",
+    response_model=ReactionEventOut,
+    responses=EVENT_RESPONSES,
+)
+async def remove_reaction(
+    room: RoomName,
+    seq: SeqPath,
+    emoji: EmojiPath,
+    user: CurrentUser,
+    services: ServicesDep,
+) -> Response:
+    """Take one's reaction back: a ``reaction`` item with ``on: false``; 404 when there was
+    none (a repeat answers with the item that removed it)."""
+    return await _change(services, user, room, seq, "reaction", emoji=emoji, on=False)
 
 
 async def _change(
@@ -234,8 +279,11 @@ async def _change(
     room: str,
     seq: int,
     kind: str,
-    body: str | None,
-    client_msg_id: str | None,
+    *,
+    body: str | None = None,
+    emoji: str | None = None,
+    on: bool | None = None,
+    client_msg_id: str | None = None,
 ) -> Response:
     try:
         services.limits.take_send(user.user_id)
@@ -251,6 +299,8 @@ async def _change(
                     kind=kind,
                     target_seq=seq,
                     body=body,
+                    emoji=emoji,
+                    on=on,
                     client_msg_id=client_msg_id,
                     max_chars=services.settings.max_message_chars,
                 )
@@ -258,8 +308,9 @@ async def _change(
         )
     except InvalidMessage as exc:
         services.metrics.errors.labels(exc.code).inc()
-        field = "body" if kind == "edit" else "client_msg_id"
-        raise invalid(("body", field), f"{exc.code}: {exc.detail}", exc.code) from None
+        where = {"edit": ("body", "body"), "reaction": ("path", "emoji")}
+        loc = where.get(kind, ("query", "client_msg_id"))
+        raise invalid(loc, f"{exc.code}: {exc.detail}", exc.code) from None
     if stored.frame is not None:
         return json_response(message_object(stored.frame))
     done = stored.message.seq  # a resend: the original, as history reads it

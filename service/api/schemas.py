@@ -52,6 +52,16 @@ class DeleteEventOut(ItemHeader):
     client_msg_id: str | None
 
 
+class ReactionEventOut(ItemHeader):
+    """A reaction to message ``target_seq`` set (``on``) or taken back (``?events=all``)."""
+
+    kind: Literal["reaction"]
+    target_seq: int
+    emoji: str
+    on: bool
+    client_msg_id: str | None
+
+
 class MemberEventOut(ItemHeader):
     """A membership change, an item of the room's stream (``?events=all``)."""
 
@@ -62,7 +72,8 @@ class MemberEventOut(ItemHeader):
 
 
 StreamItem = Annotated[
-    MessageOut | MemberEventOut | EditEventOut | DeleteEventOut, Field(discriminator="kind")
+    MessageOut | MemberEventOut | EditEventOut | DeleteEventOut | ReactionEventOut,
+    Field(discriminator="kind"),
 ]
 
 

@@ -1,5 +1,5 @@
 """Storing the stream items that change a message (``chat_post_event``, migration 0006): an
-edit or a delete, one statement in one transaction under the room row's lock."""
+edit, a delete or a reaction, one statement in one transaction under the room row's lock."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from service.db.queries import Conn
 
 _POST_EVENT = (
     "SELECT o_seq, o_id, o_created_at, o_frame, o_duplicate, o_error "
-    "FROM chat_post_event($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+    "FROM chat_post_event($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
 )
 
 
@@ -18,7 +18,7 @@ _POST_EVENT = (
 class EventOutcome:
     """What ``chat_post_event`` answered: the stored item (``frame`` None for a repeat of a
     ``client_msg_id``, which gets the original's seq), or ``error``, a code nothing was
-    stored for (``not_found``, ``forbidden``, ``already_deleted``)."""
+    stored for (``not_found``, ``forbidden``, ``already_deleted``, ``too_many_reactions``)."""
 
     seq: int | None
     id: int | None
@@ -39,6 +39,8 @@ async def post_event(
     kind: str,
     target_seq: int,
     body: str | None,
+    emoji: str | None,
+    on: bool | None,
     client_msg_id: str | None,
     notify: bool,
 ) -> EventOutcome:
@@ -52,6 +54,8 @@ async def post_event(
         kind,
         target_seq,
         body,
+        emoji,
+        on,
         client_msg_id,
         notify,
     )

@@ -91,6 +91,8 @@ class Message(Base):
     target_seq: Mapped[int | None] = mapped_column(BigInteger)
     edited_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     deleted: Mapped[bool] = mapped_column(Boolean, server_default="false")
+    emoji: Mapped[str | None] = mapped_column(Text)
+    reaction_on: Mapped[bool | None] = mapped_column(Boolean)
 
     __table_args__ = (
         UniqueConstraint("room_id", "seq", name="uq_message_room_id_seq"),
@@ -99,7 +101,13 @@ class Message(Base):
             "room_id", "author", "client_msg_id", name="uq_message_room_id_author_client_msg_id"
         ),
         CheckConstraint("seq > 0", name="seq_positive"),
-        CheckConstraint("kind IN ('text', 'member', 'edit', 'delete')", name="kind_known"),
+        CheckConstraint(
+            "kind IN ('text', 'member', 'edit', 'delete', 'reaction')", name="kind_known"
+        ),
+        CheckConstraint(
+            "kind <> 'reaction' OR (emoji IS NOT NULL AND reaction_on IS NOT NULL)",
+            name="reaction_fields",
+        ),
         CheckConstraint("kind <> 'text' OR body IS NOT NULL OR deleted", name="kind_fields"),
         CheckConstraint(
             "kind NOT IN ('edit', 'delete') OR target_seq IS NOT NULL", name="target_fields"
@@ -116,3 +124,18 @@ class Message(Base):
             name="member_fields",
         ),
     )
+
+
+class MessageReaction(Base):
+    """Who reacts to a message with what now: the current state beside the log, set and
+    cleared with the ``reaction`` items (``seq``: the item that set it)."""
+
+    __tablename__ = "message_reaction"
+
+    room_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("room.id", ondelete="CASCADE"), primary_key=True
+    )
+    target_seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    emoji: Mapped[str] = mapped_column(Text, primary_key=True)
+    user_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger)

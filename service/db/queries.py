@@ -31,7 +31,21 @@ SELECT r.last_seq, m.seq, m.json, r.id, r.kind, rm.role
 FROM room r
 LEFT JOIN room_member rm ON rm.room_id = r.id AND rm.user_id = $5
 LEFT JOIN LATERAL (
-    SELECT seq, chat_message_json(r.name, msg, false) AS json FROM message msg
+    SELECT seq, CASE WHEN $7 THEN chat_message_json(r.name, msg, false)
+        ELSE left(chat_message_json(r.name, msg, false), -1) || ',"reactions":' || COALESCE((
+            SELECT '[' || string_agg(
+                '{"emoji":' || to_json(x.emoji)::text || ',"count":' || x.n
+                || ',"me":' || CASE WHEN x.me THEN 'true' ELSE 'false' END || '}',
+                ',' ORDER BY x.first) || ']'
+            FROM (
+                SELECT emoji, count(*) AS n, COALESCE(bool_or(user_id = $5), false) AS me,
+                    min(seq) AS first
+                FROM message_reaction WHERE room_id = r.id AND target_seq = msg.seq
+                GROUP BY emoji
+            ) x
+        ), '[]') || '}'
+        END AS json
+    FROM message msg
     WHERE room_id = r.id AND seq > $2 AND seq < $3 AND ($7 OR kind = 'text')
         AND ($6 OR r.kind = 'public' OR rm.role IS NOT NULL)
     ORDER BY seq DESC LIMIT $4
@@ -40,7 +54,9 @@ WHERE r.name = $1
 """
 """A room's end and a window of its stream, and what the reader (``$5``; ``$6``: may read
 every room) is in the room, from one snapshot: the window is empty for a reader who may not
-read the room. ``$7`` false: text messages only (history pages and ``?history=N``)."""
+read the room. ``$7`` false: text messages only, in their current state with their
+``reactions`` (``[{"emoji", "count", "me"}]``, ``me``: the reader's; in the order they were
+first given), for history pages and ``?history=N``; true: every item as the stream has it."""
 _OLDEST = _NEWEST.replace("ORDER BY seq DESC", "ORDER BY seq ASC")
 _BETWEEN = """
 SELECT seq, chat_message_json($1::text, msg, false) FROM message msg

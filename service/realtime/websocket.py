@@ -47,7 +47,7 @@ from service.chat.envelope import (
     ready_frame,
     stored_frame,
 )
-from service.chat.events import check_target, post_event
+from service.chat.events import check_emoji, check_target, post_event
 from service.chat.history import MAX_SEQ, Reader, Replay, read_replay
 from service.chat.limits import TokenBucket
 from service.chat.messages import check_body, check_client_msg_id, submit_message
@@ -525,8 +525,11 @@ class RoomConnection:
             return self._auth(frame)
         if kind in ("edit", "delete"):
             return self._change(frame, kind)
+        if kind == "react":
+            return self._change(frame, "reaction")
         return self._error(
-            UnknownType.code, "'type' must be 'send', 'edit', 'delete', 'ping' or 'auth'"
+            UnknownType.code,
+            "'type' must be 'send', 'edit', 'delete', 'react', 'ping' or 'auth'",
         )
 
     def _auth(self, frame: dict[str, Any]) -> str:
@@ -600,15 +603,20 @@ class RoomConnection:
         return stored, echo
 
     def _change(self, frame: dict[str, Any], kind: str) -> Reply:
-        """An ``edit`` or ``delete`` of a message: answered like a send (``ack`` with the
-        item's seq, or an ``error`` frame), in its place among the answers; it counts against
-        the same rate limits. Stored on a pooled connection (edits and deletes are rare next to
-        sends: no group commit), checked where it is stored (``service.chat.events``)."""
+        """An ``edit``, ``delete`` or ``react`` (``on`` defaults to true) on a message,
+        answered like a send (``ack`` with the item's seq, or an ``error`` frame) in its place
+        among the answers, and out of the same rate limits. Stored on a pooled connection (they
+        are rare next to sends: no group commit) and checked where it is stored
+        (``service.chat.events``)."""
         try:
             echo = check_client_msg_id(frame.get("client_msg_id"))
             check_target(frame.get("target_seq"))
             if kind == "edit":
                 check_body(frame.get("body"), max_chars=self.services.settings.max_message_chars)
+            elif kind == "reaction":
+                check_emoji(frame.get("emoji"))
+                if not isinstance(frame.get("on", True), bool):
+                    raise InvalidFrame("'on' must be true or false")
         except InvalidMessage as exc:
             return self._error(exc.code, exc.detail, _valid_id(frame))
         try:
@@ -627,6 +635,8 @@ class RoomConnection:
                 kind=kind,
                 target_seq=frame.get("target_seq"),
                 body=frame.get("body"),
+                emoji=frame.get("emoji"),
+                on=frame.get("on", True),
                 client_msg_id=echo,
                 max_chars=self.services.settings.max_message_chars,
             )
