@@ -6,7 +6,9 @@ twice and no extra round trip is made."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import weakref
 
 import asyncpg
 
@@ -25,6 +27,13 @@ _ERRORS = {
 }
 
 log = logging.getLogger(__name__)
+
+_in_order: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = (
+    weakref.WeakValueDictionary()
+)
+"""One author's changes in one room, stored one at a time in the order they were posted (an
+asyncio lock queues its waiters first come, first served): two edits pipelined on a socket end
+with the second one's text, not whichever commit wins a race on the pool."""
 
 
 def check_target(target_seq: object) -> int:
@@ -58,6 +67,28 @@ async def post_event(
     text = check_body(body, max_chars=max_chars) if kind == "edit" else None
     cmid = check_client_msg_id(client_msg_id)
     channel = channel_for(room)
+    lock = _in_order.get((room, author))
+    if lock is None:
+        lock = _in_order[(room, author)] = asyncio.Lock()
+    async with lock:
+        return await _post(
+            pool, publish, room, room_id, channel, author, admin, kind, target, text, cmid
+        )
+
+
+async def _post(
+    pool: asyncpg.Pool,
+    publish: Publish | None,
+    room: str,
+    room_id: int | None,
+    channel: str,
+    author: str,
+    admin: bool,
+    kind: str,
+    target: int,
+    text: str | None,
+    cmid: str | None,
+) -> Stored:
     async with reading(pool) as conn:
         outcome = await db.post_event(
             conn,

@@ -686,6 +686,44 @@ async def test_answers_come_in_the_order_of_the_frames(server, second_server, ro
             assert len(set(seqs)) == 4
 
 
+async def test_pipelined_edits_take_effect_in_the_order_sent(server, second_server, room, alice):
+    """A user who fixes a typo twice in a row sees the second fix, on every replica."""
+    msg = say(server, alice, room, "v0")
+    async with await Client.connect(server, room, alice) as ws:
+        for i in range(1, 41):
+            await ws.send_json(edit(msg["seq"], f"v{i}", f"p{i}"))
+        await ws.send_json(delete(msg["seq"], "p-del"))
+        answers = []
+        while len(answers) < 41:
+            got = await ws.recv()
+            if got["type"] in ("ack", "error"):
+                answers.append(got)
+    assert [a["type"] for a in answers] == ["ack"] * 41
+    assert [a["client_msg_id"] for a in answers] == [f"p{i}" for i in range(1, 41)] + ["p-del"]
+    seqs = [a["seq"] for a in answers]
+    assert seqs == sorted(seqs), seqs
+    every = items(second_server, alice, room, every=True)
+    assert [i["seq"] for i in every if i["kind"] != "text"] == seqs
+    async with await Client.connect(second_server, room, alice) as ws:
+        again = await answer(ws, edit(msg["seq"], "v41"))
+        assert again["code"] == "already_deleted"
+
+
+async def test_pipelined_edits_end_with_the_last_text(server, room, alice):
+    msg = say(server, alice, room, "v0")
+    async with await Client.connect(server, room, alice) as ws:
+        for i in range(1, 41):
+            await ws.send_json(edit(msg["seq"], f"v{i}"))
+        acks = []
+        while len(acks) < 40:
+            got = await ws.recv()
+            if got["type"] in ("ack", "error"):
+                acks.append(got)
+    assert [a["type"] for a in acks] == ["ack"] * 40
+    state = by_seq(items(server, alice, room))[msg["seq"]]
+    assert (state["body"], state["edited_at"]) == ("v40", acks[-1]["created_at"])
+
+
 # 8. An edit as large as a message may be
 
 
