@@ -6,6 +6,7 @@ stayed connected renders."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -722,6 +723,82 @@ async def test_pipelined_edits_end_with_the_last_text(server, room, alice):
     assert [a["type"] for a in acks] == ["ack"] * 40
     state = by_seq(items(server, alice, room))[msg["seq"]]
     assert (state["body"], state["edited_at"]) == ("v40", acks[-1]["created_at"])
+
+
+# Concurrency, authorship of items, a removed member
+
+
+async def test_concurrent_edits_and_a_delete_on_two_replicas_never_edit_a_deleted_message(
+    server, second_server
+):
+    alice, bob = uid("alice"), uid("bob")
+    tok = {u: make_token(u) for u in (alice, bob)}
+    room = private_room(server, tok[alice], bob)
+    msg = say(server, tok[bob], room, "v0")
+    path = f"/rooms/{room}/messages/{msg['seq']}"
+
+    async def change(replica: Any, token: str, method: str, **kw: Any) -> httpx.Response:
+        async with httpx.AsyncClient(base_url=replica.http, headers=_auth(token)) as rest:
+            return await rest.request(method, path, timeout=10, **kw)
+
+    calls = [
+        change((server, second_server)[i % 2], tok[bob], "PATCH", json={"body": f"v{i}"})
+        for i in range(1, 21)
+    ]
+    calls.insert(10, change(second_server, tok[alice], "DELETE"))  # the owner
+    answers = await asyncio.gather(*calls)
+    deleted = answers.pop(10)
+    assert deleted.status_code == 200, deleted.text
+    assert {r.status_code for r in answers} <= {200, 409}
+    stored = [r.json()["seq"] for r in answers if r.status_code == 200]
+    assert all(seq < deleted.json()["seq"] for seq in stored)
+    every = items(server, tok[bob], room, every=True)
+    edits = [i for i in every if i["kind"] == "edit"]
+    assert sorted(i["seq"] for i in edits) == sorted(stored)
+    assert all(i["body"] is None and i["author"] == bob for i in edits)
+    assert [(i["kind"], i["author"]) for i in every if i["kind"] == "delete"] == [("delete", alice)]
+    text = by_seq(every)[msg["seq"]]
+    assert (text["body"], text["deleted"]) == (None, True)
+
+
+async def test_items_name_who_caused_them_and_a_replay_shows_the_current_state(
+    server, second_server
+):
+    alice, bob = uid("alice"), uid("bob")
+    tok = {u: make_token(u) for u in (alice, bob)}
+    room = private_room(server, tok[alice], bob)
+    kept = say(server, tok[bob], room, "typo")
+    gone = say(server, tok[bob], room, "regret")
+    async with await Client.connect(server, room, tok[bob]) as ws:
+        edited = await answer(ws, edit(kept["seq"], "fixed"))
+    async with await Client.connect(second_server, room, SERVICE_ADMIN) as ws:
+        removed = await answer(ws, delete(gone["seq"]))
+    every = by_seq(items(second_server, tok[alice], room, every=True))
+    assert (every[edited["seq"]]["kind"], every[edited["seq"]]["author"]) == ("edit", bob)
+    assert (every[removed["seq"]]["kind"], every[removed["seq"]]["author"]) == ("delete", "ops")
+    for replica in (server, second_server):
+        async with await Client.connect(replica, room, tok[alice], history=10) as ws:
+            shown = by_seq(ws.history)
+            assert set(shown) == {kept["seq"], gone["seq"]}  # text items only
+            assert (shown[kept["seq"]]["body"], shown[kept["seq"]]["edited_at"]) == (
+                "fixed",
+                edited["created_at"],
+            )
+            assert (shown[gone["seq"]]["body"], shown[gone["seq"]]["deleted"]) == (None, True)
+
+
+def test_a_removed_member_can_no_longer_change_their_messages(server, second_server):
+    alice, bob = uid("alice"), uid("bob")
+    tok = {u: make_token(u) for u in (alice, bob)}
+    room = private_room(server, tok[alice], bob)
+    msg = say(server, tok[bob], room, "mine")
+    r = call(server, tok[alice], "DELETE", f"/rooms/{room}/members/{bob}")
+    assert r.status_code == 204, r.text
+    path = f"/rooms/{room}/messages/{msg['seq']}"
+    assert_error(call(second_server, tok[bob], "PATCH", path, json={"body": "x"}), 404, "not_found")
+    assert_error(call(second_server, tok[bob], "DELETE", path), 404, "not_found")
+    # The owner still may delete it.
+    assert call(server, tok[alice], "DELETE", path).status_code == 200
 
 
 # 8. An edit as large as a message may be
