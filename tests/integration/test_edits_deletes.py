@@ -7,6 +7,7 @@ stayed connected renders."""
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
 from typing import Any
 
@@ -338,6 +339,10 @@ async def test_a_refused_id_is_evaluated_again(server, room, alice):
         ({"type": "edit", "target_seq": True, "body": "x"}, "invalid_frame"),
         ({"type": "edit", "target_seq": 1.0, "body": "x"}, "invalid_frame"),
         ({"type": "edit", "body": "x"}, "invalid_frame"),
+        ({"type": "edit", "target_seq": 2**63, "body": "x"}, "invalid_frame"),
+        ({"type": "delete", "target_seq": 2**70}, "invalid_frame"),
+        ({"type": "edit", "target_seq": 2**62, "body": "x"}, "not_found"),
+        ({"type": "delete", "target_seq": 2**62}, "not_found"),
         ({"type": "delete"}, "invalid_frame"),
         ({"type": "delete", "target_seq": None}, "invalid_frame"),
         ({"type": "delete", "target_seq": 0}, "invalid_frame"),
@@ -357,6 +362,29 @@ async def test_invalid_change_frames_are_refused(server, room, alice, frame, cod
         ok = await answer(ws, edit(1, "still valid", "v-2"))
         assert ok["type"] == "ack" and ok["seq"] == 2, ok
     assert [i["seq"] for i in items(server, alice, room, every=True)] == [1, 2]
+
+
+@pytest.mark.parametrize("cmid", [5, "", "x" * 129, ["a"]])
+async def test_an_invalid_client_msg_id_is_refused_and_not_echoed(server, room, alice, cmid):
+    say(server, alice, room, "valid")
+    async with await Client.connect(server, room, alice) as ws:
+        for frame in (edit(1, "x"), delete(1)):
+            refused = await answer(ws, {**frame, "client_msg_id": cmid})
+            assert refused["code"] == "invalid_client_msg_id", refused
+            assert "client_msg_id" not in refused
+    if isinstance(cmid, str):  # a query parameter is always one
+        path = f"/rooms/{room}/messages/1"
+        r = call(server, alice, "DELETE", path, params={"client_msg_id": cmid})
+        assert r.status_code == 422, r.text
+    r = call(
+        server,
+        alice,
+        "PATCH",
+        f"/rooms/{room}/messages/1",
+        json={"body": "x", "client_msg_id": cmid},
+    )
+    assert r.status_code == 422, r.text
+    assert [i["seq"] for i in items(server, alice, room, every=True)] == [1]
 
 
 async def test_an_unknown_type_names_edit_and_delete(server, room, alice):
@@ -379,6 +407,7 @@ async def test_an_unknown_type_names_edit_and_delete(server, room, alice):
         ("-1", {"body": "x"}),
         ("one", {"body": "x"}),
         ("1.5", {"body": "x"}),
+        (str(2**63), {"body": "x"}),
     ],
 )
 def test_invalid_rest_edits_get_422(server, room, alice, path, body):
@@ -657,6 +686,71 @@ async def test_a_resume_renders_the_same_state_as_staying_connected(
     assert live[n2["seq"]][0] is None and live[n2["seq"]][2] is True
     assert live[n3["seq"]][0] == "new 3 v3"
     assert live[more["seq"]][2] is True
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_a_resume_after_a_concurrent_random_mix_renders_as_live(
+    server, second_server, room, seed
+):
+    """Several authors on both replicas change messages at once (some changes refused:
+    already deleted, not theirs); the client that resumes still renders what the one that
+    stayed renders, and what REST history says."""
+    rng = random.Random(seed)  # noqa: S311 - a reproducible mix
+    users = ["ann", "ben", "cid"]
+    tokens = {u: make_token(u) for u in users}
+    sent = [say(server, tokens[users[i % 3]], room, f"seed {i}") for i in range(9)]
+    authors = {m["seq"]: m["author"] for m in sent}
+    stayed = await Client.connect(second_server, room, make_token("dan"), since=0)
+    a_stream: list[dict[str, Any]] = list(stayed.history)
+    sockets = {
+        (u, i): await Client.connect((server, second_server)[i], room, tokens[u])
+        for u in users
+        for i in (0, 1)
+    }
+    b_first = await Client.connect(server, room, make_token("eve"), history=100)
+    b_stream = list(b_first.history)
+    await b_first.close()
+    last_seen = b_stream[-1]["seq"]
+    try:
+
+        async def act(user: str, replica: int, steps: int) -> list[int]:
+            ws, stored = sockets[(user, replica)], []
+            for n in range(steps):
+                roll = rng.random()
+                own = [s for s, a in authors.items() if a == user]
+                if roll < 0.3 or not own:
+                    got = await answer(ws, {"type": "send", "body": f"{user} {seed} {n}"})
+                    if got["type"] == "ack":
+                        authors[got["seq"]] = user
+                elif roll < 0.75:
+                    got = await answer(ws, edit(rng.choice(own), f"{user} edit {n}"))
+                else:
+                    got = await answer(ws, delete(rng.choice(list(authors))))
+                assert got["type"] == "ack" or got["code"] in ("already_deleted", "forbidden")
+                if got["type"] == "ack":
+                    stored.append(got["seq"])
+            return stored
+
+        done = await asyncio.gather(*(act(u, i, 12) for u, i in sockets))
+        last = max(seq for seqs in done for seq in seqs)
+        await item_until(stayed, last, a_stream)
+        resumed = await Client.connect(second_server, room, make_token("eve"), since=last_seen)
+        await resumed.close()
+    finally:
+        await stayed.close()
+        for ws in sockets.values():
+            await ws.close()
+    b_stream.extend(resumed.history)
+    assert [i["seq"] for i in resumed.history] == list(range(last_seen + 1, last + 1))
+    live = render(a_stream)
+    assert render(b_stream) == live
+    rest = {
+        i["seq"]: (i["body"], i["edited_at"], i["deleted"])
+        for i in items(server, make_token("fay"), room)
+    }
+    assert rest == live
+    kinds = {i["kind"] for i in a_stream}
+    assert kinds == {"text", "edit", "delete"}
 
 
 # 7. Ordering of answers
