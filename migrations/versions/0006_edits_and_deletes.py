@@ -113,6 +113,8 @@ DECLARE
     v_seq bigint;
     v_event message;
     v_set bigint;  -- a reaction: the seq of the item that set it (NULL: not set)
+    v_head text;
+    v_payload text;
 BEGIN
     o_duplicate := false;
     SELECT id, kind INTO v_room FROM room WHERE name = p_room FOR UPDATE;
@@ -225,10 +227,12 @@ BEGIN
     o_created_at := v_event.created_at;
     o_frame := chat_message_json(p_room, v_event, true);
     IF p_notify THEN
-        PERFORM pg_notify(
-            p_channel,
-            v_seq || ':' || extract(epoch FROM clock_timestamp()) || ':' || o_frame
-        );  -- an edit's body is capped well below the NOTIFY limit (docs/protocol.md)
+        v_head := v_seq || ':' || extract(epoch FROM clock_timestamp()) || ':';
+        v_payload := v_head || o_frame;
+        IF octet_length(v_payload) > 7999 THEN  -- envelope.NOTIFY_PAYLOAD_LIMIT
+            v_payload := v_head;  -- a reference: listeners read the row (as for a send)
+        END IF;
+        PERFORM pg_notify(p_channel, v_payload);
     END IF;
     RETURN NEXT;
 END

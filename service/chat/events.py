@@ -6,11 +6,11 @@ nothing is checked twice and no extra round trip is made."""
 
 from __future__ import annotations
 
-import time
+import logging
 
 import asyncpg
 
-from service.chat.envelope import channel_for
+from service.chat.envelope import channel_for, encode_notification
 from service.chat.messages import Publish, check_body, check_client_msg_id
 from service.db import events as db
 from service.db.engine import reading
@@ -24,6 +24,8 @@ from service.errors import (
     NotFound,
     TooManyReactions,
 )
+
+log = logging.getLogger(__name__)
 
 MAX_DISTINCT_REACTIONS = 20
 """Different emoji on one message (migration 0006 holds the same number)."""
@@ -169,5 +171,8 @@ async def post_event(
     assert outcome.created_at is not None  # noqa: S101
     record = MessageRecord(outcome.id, room, outcome.seq, author, text, cmid, outcome.created_at)
     if publish is not None and outcome.frame is not None:
-        await publish(channel, f"{outcome.seq}:{time.time():.6f}:{outcome.frame}")
+        try:  # as a send's: the size limit's reference, and what is stored is what counts
+            await publish(channel, encode_notification(record, outcome.frame))
+        except Exception:
+            log.warning("publish failed for %s/%d; listeners will catch up", room, outcome.seq)
     return Stored(record, outcome.duplicate, outcome.frame)

@@ -624,8 +624,12 @@ class RoomConnection:
             self.services.limits.take_send(self.principal.user_id)
         except RateLimited as exc:
             return self._error(exc.code, exc.detail, echo, retry_after=round(exc.retry_after, 3))
+        # After every earlier send and change of this socket is settled: an edit pipelined
+        # right behind the send of its message finds it, and two edits end with the second.
+        earlier = [reply[0] for reply in self._replies if not isinstance(reply, str)]
         stored = asyncio.ensure_future(
-            post_event(
+            _after(
+                earlier,
                 self.services.pool,
                 self.services.publish,
                 room=self.room,
@@ -642,6 +646,13 @@ class RoomConnection:
             )
         )
         return stored, echo
+
+
+async def _after(earlier: list[asyncio.Future[Stored]], *args: Any, **kwargs: Any) -> Stored:
+    """``post_event(*args, **kwargs)`` once ``earlier`` are done (whatever their outcome)."""
+    if earlier:
+        await asyncio.wait(earlier)
+    return await post_event(*args, **kwargs)
 
 
 def _valid_id(frame: dict[str, Any]) -> str | None:
