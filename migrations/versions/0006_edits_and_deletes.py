@@ -1,4 +1,4 @@
-"""Edits and deletes: items of the room's stream that change a message's current state
+"""Edits, deletes, reactions and replies: stream items that change a message's current state
 
 Revision ID: 0006
 Revises: 0005
@@ -24,9 +24,13 @@ Create Date: 2026-12-02
   admins, or a service admin. It answers with an error code instead of raising, so the caller
   maps each to its documented answer.
 
-Expand-only for the code of 0005 (new columns with defaults, a new function, a replaced
-``chat_message_json`` whose text items gain two fields a client ignores): ``compatible_from``
-is 0005.
+* Replies: ``chat_post_messages`` takes the seq each message replies to; a text item carries
+  ``reply_to``: ``{"seq", "author", "quote", "deleted"}`` (the start of the replied message's
+  current text, kept in the reply's row: an edit rewrites it, a delete erases it).
+
+Expand-only for the code of 0005 (new columns with defaults, new functions, 0005's
+``chat_post_messages`` kept as a wrapper of the new one, a replaced ``chat_message_json`` whose
+text items gain fields a client ignores): ``compatible_from`` is 0005.
 """
 
 import importlib.util
@@ -62,6 +66,13 @@ SELECT '{' || CASE WHEN p_as_frame THEN '"type":"message",' ELSE '' END
             || ',"edited_at":' || COALESCE('"' || to_char(p_message.edited_at AT TIME ZONE 'UTC',
                 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') || '"', 'null')
             || ',"deleted":' || CASE WHEN p_message.deleted THEN 'true' ELSE 'false' END
+            || ',"reply_to":' || CASE WHEN p_message.reply_to IS NULL THEN 'null' ELSE
+                '{"seq":' || p_message.reply_to
+                || ',"author":' || to_json(p_message.reply_author)::text
+                || ',"quote":' || COALESCE(to_json(p_message.reply_quote)::text, 'null')
+                || ',"deleted":' || CASE WHEN p_message.reply_quote IS NULL
+                    THEN 'true' ELSE 'false' END
+                || '}' END
         WHEN 'member' THEN
             ',"user":' || to_json(p_message.member_user)::text
             || ',"action":"' || p_message.member_action
@@ -214,12 +225,15 @@ BEGIN
     ELSIF p_kind = 'edit' THEN
         UPDATE message SET body = p_body, edited_at = v_event.created_at
         WHERE id = v_target.id;
+        UPDATE message SET reply_quote = left(p_body, 100)
+        WHERE room_id = v_room.id AND reply_to = p_target;
     ELSE
         -- Erased, not hidden: the message's text and every edit of it.
         UPDATE message SET body = NULL, deleted = true WHERE id = v_target.id;
         UPDATE message SET body = NULL, deleted = true
         WHERE room_id = v_room.id AND target_seq = p_target AND kind = 'edit';
         DELETE FROM message_reaction WHERE room_id = v_room.id AND target_seq = p_target;
+        UPDATE message SET reply_quote = NULL WHERE room_id = v_room.id AND reply_to = p_target;
     END IF;
 
     o_seq := v_seq;
@@ -240,6 +254,188 @@ $fn$
 """
 
 
+POST_MESSAGES = """
+CREATE FUNCTION chat_post_messages(
+    p_rooms text[],
+    p_channels text[],
+    p_authors text[],
+    p_bodies text[],
+    p_client_msg_ids text[],
+    p_room_ids bigint[],
+    p_reply_tos bigint[],
+    p_notify boolean
+) RETURNS TABLE (
+    o_ord integer,
+    o_id bigint,
+    o_seq bigint,
+    o_body text,
+    o_created_at timestamptz,
+    o_duplicate boolean,
+    o_frame text,
+    o_error text
+)
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    m record;
+    original record;
+    v_room text;
+    v_room_id bigint;   -- NULL: the room does not exist and none of the batch may create it
+    v_kind text;
+    v_refused boolean;
+    v_reserved bigint;  -- room.last_seq once the batch's seqs of the room are reserved
+    v_seq bigint;       -- the last of them given out so far
+    v_head text;
+    v_payload text;
+    v_message message;  -- the row inserted
+    v_reply_author text;  -- the message replied to: its author, the start of its text
+    v_reply_quote text;
+    v_reply_kind text;
+    v_reply_deleted boolean;
+BEGIN
+    FOR m IN
+        SELECT u.ord::integer AS ord, u.room, u.channel, u.author, u.body, u.cmid, u.room_id,
+            u.reply_to,
+            count(*) OVER (PARTITION BY u.room) AS in_room,
+            bool_or(u.room_id IS NULL) OVER (PARTITION BY u.room) AS may_create
+        FROM unnest(
+            p_rooms, p_channels, p_authors, p_bodies, p_client_msg_ids, p_room_ids, p_reply_tos
+        ) WITH ORDINALITY AS u(room, channel, author, body, cmid, room_id, reply_to, ord)
+        ORDER BY u.room COLLATE "C", u.ord
+    LOOP
+        IF v_room IS DISTINCT FROM m.room THEN
+            IF v_seq < v_reserved THEN  -- refused or resent in the room before: seqs back
+                UPDATE room SET last_seq = v_seq WHERE room.id = v_room_id;
+            END IF;
+            UPDATE room SET last_seq = room.last_seq + m.in_room WHERE room.name = m.room
+                RETURNING room.id, room.last_seq, room.kind INTO v_room_id, v_reserved, v_kind;
+            IF NOT FOUND THEN
+                IF m.may_create AND m.room NOT LIKE 'dm.%' THEN
+                    INSERT INTO room (name, last_seq) VALUES (m.room, m.in_room)
+                    ON CONFLICT (name) DO UPDATE SET last_seq = room.last_seq + m.in_room
+                    RETURNING room.id, room.last_seq, room.kind
+                    INTO v_room_id, v_reserved, v_kind;
+                ELSE
+                    v_room_id := NULL;
+                    v_reserved := 0;
+                END IF;
+            END IF;
+            v_room := m.room;
+            v_seq := v_reserved - m.in_room;
+        END IF;
+
+        o_ord := m.ord;
+        -- Simple expressions first (plpgsql evaluates them without the executor); the
+        -- membership probe, a query, only in a private or direct room.
+        v_refused := v_room_id IS NULL OR (m.room_id IS NOT NULL AND m.room_id <> v_room_id);
+        IF NOT v_refused AND v_kind <> 'public' THEN
+            v_refused := NOT EXISTS (
+                SELECT 1 FROM room_member rm WHERE rm.room_id = v_room_id AND rm.user_id = m.author
+            );
+        END IF;
+        o_error := CASE WHEN v_refused THEN 'forbidden' END;
+        v_reply_author := NULL;
+        v_reply_quote := NULL;
+        IF o_error IS NULL AND m.reply_to IS NOT NULL THEN
+            SELECT msg.author, left(msg.body, 100), msg.kind, msg.deleted
+            INTO v_reply_author, v_reply_quote, v_reply_kind, v_reply_deleted
+            FROM message msg WHERE msg.room_id = v_room_id AND msg.seq = m.reply_to;
+            IF NOT FOUND OR v_reply_kind <> 'text' THEN
+                o_error := 'not_found';
+            ELSIF v_reply_deleted THEN
+                o_error := 'already_deleted';
+            END IF;
+        END IF;
+        IF o_error IS NOT NULL THEN
+            -- Not allowed here, or no message to reply to: nothing stored, no seq taken.
+            o_id := NULL; o_seq := NULL; o_body := NULL; o_created_at := NULL;
+            o_duplicate := false; o_frame := NULL;
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
+        o_seq := v_seq + 1;
+        INSERT INTO message (
+            room_id, seq, author, body, client_msg_id, reply_to, reply_author, reply_quote
+        )
+        VALUES (v_room_id, o_seq, m.author, m.body, m.cmid, m.reply_to, v_reply_author,
+            v_reply_quote)
+        ON CONFLICT (room_id, author, client_msg_id) DO NOTHING
+        RETURNING * INTO v_message;
+
+        IF NOT FOUND THEN
+            -- A resend: its seq is not taken. The room row is locked, so the original is
+            -- committed and visible (or inserted earlier by this very batch).
+            SELECT msg.id, msg.seq, msg.body, msg.created_at INTO original
+            FROM message msg
+            WHERE msg.room_id = v_room_id AND msg.author = m.author
+                AND msg.client_msg_id = m.cmid;
+            o_id := original.id;
+            o_seq := original.seq;
+            o_body := original.body;
+            o_created_at := original.created_at;
+            o_duplicate := true;
+            o_frame := NULL;
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
+
+        v_seq := o_seq;
+        o_id := v_message.id;
+        o_created_at := v_message.created_at;
+        o_body := NULL;  -- the caller has it
+        o_duplicate := false;
+        o_frame := chat_message_json(m.room, v_message, true);
+        IF p_notify THEN
+            v_head := o_seq || ':' || extract(epoch FROM clock_timestamp()) || ':';
+            v_payload := v_head || o_frame;
+            IF octet_length(v_payload) > 7999 THEN  -- envelope.NOTIFY_PAYLOAD_LIMIT
+                v_payload := v_head;  -- a reference: listeners read the row
+            END IF;
+            PERFORM pg_notify(m.channel, v_payload);
+        END IF;
+        RETURN NEXT;
+    END LOOP;
+    IF v_seq < v_reserved THEN
+        UPDATE room SET last_seq = v_seq WHERE room.id = v_room_id;
+    END IF;
+END
+$fn$
+"""
+"""0005's function, and a reply: ``p_reply_tos`` names the message each replies to (NULL: none),
+which must be a text message of the room that is not deleted (else ``o_error`` ``not_found`` or
+``already_deleted``); the reply keeps its author and the start of its text (``reply_quote``,
+100 characters), which an edit of it rewrites and its delete erases. ``o_error`` replaces
+``o_refused`` (``forbidden``: 0005's refusal)."""
+
+POST_MESSAGES_0005 = """
+CREATE OR REPLACE FUNCTION chat_post_messages(
+    p_rooms text[],
+    p_channels text[],
+    p_authors text[],
+    p_bodies text[],
+    p_client_msg_ids text[],
+    p_room_ids bigint[],
+    p_notify boolean
+) RETURNS TABLE (
+    o_ord integer,
+    o_id bigint,
+    o_seq bigint,
+    o_body text,
+    o_created_at timestamptz,
+    o_duplicate boolean,
+    o_frame text,
+    o_refused boolean
+)
+LANGUAGE sql AS $fn$
+SELECT o_ord, o_id, o_seq, o_body, o_created_at, o_duplicate, o_frame, o_error IS NOT NULL
+FROM chat_post_messages(
+    p_rooms, p_channels, p_authors, p_bodies, p_client_msg_ids, p_room_ids, NULL, p_notify
+)
+$fn$
+"""
+"""0005's signature, for the release before while it still runs (this migration is expand-only):
+the same store without replies. Its code reads ``o_refused``."""
+
+
 def _module(filename: str):  # type: ignore[no-untyped-def]
     path = Path(__file__).with_name(filename)
     spec = importlib.util.spec_from_file_location(f"chat_migration_{filename[:4]}", path)
@@ -254,6 +450,15 @@ def upgrade() -> None:
     op.add_column("message", sa.Column("edited_at", sa.DateTime(timezone=True), nullable=True))
     op.add_column(
         "message", sa.Column("deleted", sa.Boolean(), server_default="false", nullable=False)
+    )
+    op.add_column("message", sa.Column("reply_to", sa.BigInteger(), nullable=True))
+    op.add_column("message", sa.Column("reply_author", sa.Text(), nullable=True))
+    op.add_column("message", sa.Column("reply_quote", sa.Text(), nullable=True))
+    op.create_index(
+        op.f("ix_message_room_id_reply_to"),
+        "message",
+        ["room_id", "reply_to"],
+        postgresql_where=sa.text("reply_to IS NOT NULL"),
     )
     op.add_column("message", sa.Column("emoji", sa.Text(), nullable=True))
     op.add_column("message", sa.Column("reaction_on", sa.Boolean(), nullable=True))
@@ -301,6 +506,8 @@ def upgrade() -> None:
         postgresql_where=sa.text("target_seq IS NOT NULL"),
     )
     op.execute(MESSAGE_JSON)
+    op.execute(POST_MESSAGES)
+    op.execute(POST_MESSAGES_0005)
     op.execute(POST_EVENT)
 
 
@@ -311,12 +518,25 @@ def downgrade() -> None:
         "text, boolean, text, boolean)"
     )
     op.drop_table("message_reaction")
+    op.execute(
+        "DROP FUNCTION chat_post_messages(text[], text[], text[], text[], text[], bigint[], "
+        "bigint[], boolean)"
+    )
+    op.execute(
+        "DROP FUNCTION chat_post_messages(text[], text[], text[], text[], text[], bigint[], "
+        "boolean)"
+    )
+    op.execute(previous.POST_MESSAGES)
     # Edits and deletes have no place in 0005's shape: they go (seqs keep their holes), and
     # deleted messages with them (their text is gone already).
     op.execute("DELETE FROM message WHERE kind IN ('edit', 'delete', 'reaction') OR deleted")
     op.drop_constraint(op.f("ck_message_reaction_fields"), "message", type_="check")
     op.drop_column("message", "reaction_on")
     op.drop_column("message", "emoji")
+    op.drop_index(op.f("ix_message_room_id_reply_to"), table_name="message")
+    op.drop_column("message", "reply_quote")
+    op.drop_column("message", "reply_author")
+    op.drop_column("message", "reply_to")
     op.drop_index(op.f("ix_message_room_id_target_seq"), table_name="message")
     op.drop_constraint(op.f("ck_message_target_fields"), "message", type_="check")
     op.drop_constraint(op.f("ck_message_kind_fields"), "message", type_="check")

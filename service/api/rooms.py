@@ -171,11 +171,15 @@ async def create_message(
             client_msg_id=new.client_msg_id,
             max_chars=services.settings.max_message_chars,
             publish=services.publish,
+            reply_to=new.reply_to,
         )
         posted = await asyncio.shield(stored)  # a client that hangs up does not stop the publish
     except Forbidden:
         services.metrics.errors.labels(NotFound.code).inc()
         raise NotFound("no such room") from None
+    except NotFound as exc:  # the message replied to
+        services.metrics.errors.labels(exc.code).inc()
+        raise invalid(("body", "reply_to"), exc.detail, exc.code) from None
     except ChatError as exc:
         services.metrics.errors.labels(exc.code).inc()
         if isinstance(exc, InvalidMessage):  # in FastAPI's shape, as the OpenAPI schema says

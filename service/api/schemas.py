@@ -32,6 +32,7 @@ class MessageOut(ItemHeader):
     client_msg_id: str | None
     edited_at: datetime | None = Field(description="When it was last edited, if it was")
     deleted: bool = Field(description="Deleted: a tombstone, its text erased")
+    reply_to: ReplyOut | None = Field(description="The message it answers, if any")
 
 
 class EditEventOut(ItemHeader):
@@ -150,6 +151,16 @@ class NewMessage(BaseModel):
     client_msg_id: str | None = Field(
         default=None, description="Your id for this message: a resend with it is not stored twice"
     )
+    reply_to: int | None = Field(
+        default=None, ge=1, description="The seq of the message (of this room) it answers"
+    )
+
+
+class ReplyOut(BaseModel):
+    seq: int
+    author: str
+    quote: str | None = Field(description="The start of its current text; null once deleted")
+    deleted: bool
 
 
 class MessageEdit(BaseModel):

@@ -64,6 +64,14 @@ def check_client_msg_id(client_msg_id: object) -> str | None:
     return client_msg_id
 
 
+def check_reply_to(reply_to: object) -> int | None:
+    if reply_to is None:
+        return None
+    if not isinstance(reply_to, int) or isinstance(reply_to, bool) or not 0 < reply_to <= 2**62:
+        raise InvalidFrame("'reply_to' must be the seq of a message (a positive integer)")
+    return reply_to
+
+
 def submit_message(
     *,
     writer: MessageWriter,
@@ -74,6 +82,7 @@ def submit_message(
     max_chars: int,
     publish: Publish | None = None,
     room_id: int | None = None,
+    reply_to: object = None,
 ) -> asyncio.Future[Stored]:
     """Validate (``InvalidMessage`` at once) and queue a message for the next group commit
     (``Overloaded`` at once when the writer's queue is full).
@@ -90,6 +99,7 @@ def submit_message(
     """
     text = check_body(body, max_chars=max_chars)
     msg_id = check_client_msg_id(client_msg_id)
+    replied = check_reply_to(reply_to)
     channel = channel_for(room)
     stored = writer.submit(
         room=room,
@@ -98,6 +108,7 @@ def submit_message(
         body=text,
         client_msg_id=msg_id,
         room_id=room_id,
+        reply_to=replied,
     )
     if publish is None:
         return stored

@@ -91,6 +91,9 @@ class Message(Base):
     target_seq: Mapped[int | None] = mapped_column(BigInteger)
     edited_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     deleted: Mapped[bool] = mapped_column(Boolean, server_default="false")
+    reply_to: Mapped[int | None] = mapped_column(BigInteger)
+    reply_author: Mapped[str | None] = mapped_column(Text)
+    reply_quote: Mapped[str | None] = mapped_column(Text)
     emoji: Mapped[str | None] = mapped_column(Text)
     reaction_on: Mapped[bool | None] = mapped_column(Boolean)
 
@@ -111,6 +114,12 @@ class Message(Base):
         CheckConstraint("kind <> 'text' OR body IS NOT NULL OR deleted", name="kind_fields"),
         CheckConstraint(
             "kind NOT IN ('edit', 'delete') OR target_seq IS NOT NULL", name="target_fields"
+        ),
+        Index(
+            "ix_message_room_id_reply_to",
+            "room_id",
+            "reply_to",
+            postgresql_where=text("reply_to IS NOT NULL"),
         ),
         Index(
             "ix_message_room_id_target_seq",

@@ -48,22 +48,36 @@ import asyncpg
 
 from service.db.engine import DEFAULT_KEEPALIVE, Keepalive, connect, is_unavailable
 from service.db.queries import MessageRecord
-from service.errors import Forbidden, OutcomeUnknown, Overloaded, Unavailable
+from service.errors import (
+    AlreadyDeleted,
+    Forbidden,
+    NotFound,
+    OutcomeUnknown,
+    Overloaded,
+    Unavailable,
+)
 
 log = logging.getLogger(__name__)
 
 APPLICATION_NAME = "chat-service-writer"
 _POST = (
     "SELECT * FROM chat_post_messages($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],"
-    " $6::bigint[], $7)"
+    " $6::bigint[], $7::bigint[], $8)"
 )
-_NOTHING: tuple[object, ...] = ([], [], [], [], [], [], False)
+_NOTHING: tuple[object, ...] = ([], [], [], [], [], [], [], False)
 """An empty batch: run once per new connection, it prepares the statement (so a batch's call
 is one Bind/Execute/Sync) and stores nothing."""
 
 ASSIGNED_ID_PREFIX = "~"
 ASSIGNED_ID_PATTERN = r"~[A-Za-z0-9_-]{12}\.[1-9][0-9]{0,18}"
 """What ``submit`` assigns: ``~``, 12 random URL-safe characters per writer, ``.``, a counter."""
+
+_REFUSALS = {
+    "forbidden": (Forbidden, "you may not post in this room"),
+    "not_found": (NotFound, "no message to reply to with that seq"),
+    "already_deleted": (AlreadyDeleted, "the message replied to is deleted"),
+}
+"""``o_error`` of ``chat_post_messages``: a send refused where it was stored."""
 
 DEADLINE = 5.0
 QUEUE_LIMIT = 2000
@@ -86,6 +100,7 @@ class _Send:
     body: str
     client_msg_id: str
     room_id: int | None
+    reply_to: int | None
     result: asyncio.Future[Stored]
 
 
@@ -152,6 +167,7 @@ class MessageWriter:
         body: str,
         client_msg_id: str | None,
         room_id: int | None = None,
+        reply_to: int | None = None,
     ) -> asyncio.Future[Stored]:
         """Queue a validated message; the future resolves once it is committed, or fails with
         ``Unavailable`` / ``OutcomeUnknown`` within the deadline. A full queue raises
@@ -160,7 +176,8 @@ class MessageWriter:
         The statement checks that the author may post (migration 0005): a private or direct
         room's member, into the room ``room_id`` names (the one the sender was admitted to;
         None: whatever room has the name, made public if none does). Otherwise the future
-        fails with ``Forbidden`` and nothing is stored."""
+        fails with ``Forbidden`` and nothing is stored. ``reply_to``: the seq of a text
+        message of the room it answers (``NotFound`` if there is none, ``AlreadyDeleted``)."""
         if len(self._queue) >= self._queue_limit:
             raise Overloaded(self._retry_after())
         if self._loop is None:  # once: get_running_loop() costs a getpid() on 3.11
@@ -171,7 +188,9 @@ class MessageWriter:
         if self._closing:
             result.set_exception(Unavailable("the service is shutting down", client_msg_id))
             return result
-        self._queue.append(_Send(room, channel, author, body, client_msg_id, room_id, result))
+        self._queue.append(
+            _Send(room, channel, author, body, client_msg_id, room_id, reply_to, result)
+        )
         self._wakeup.set()
         return result
 
@@ -235,8 +254,9 @@ class MessageWriter:
             if row is None:
                 send.result.set_exception(RuntimeError("the batch returned no row for a send"))
                 continue
-            if row[7]:
-                send.result.set_exception(Forbidden("you may not post in this room"))
+            if row[7] is not None:
+                error, detail = _REFUSALS[row[7]]
+                send.result.set_exception(error(detail))
                 continue
             duplicate = row[5]
             message = MessageRecord(
@@ -260,6 +280,7 @@ class MessageWriter:
             [s.body for s in batch],
             [s.client_msg_id for s in batch],
             [s.room_id for s in batch],
+            [s.reply_to for s in batch],
             self._notify,
         )
         sent = False

@@ -595,6 +595,7 @@ class RoomConnection:
                 max_chars=self.services.settings.max_message_chars,
                 publish=self.services.publish,
                 room_id=self.room_id,
+                reply_to=frame.get("reply_to"),
             )
         except (RateLimited, Overloaded) as exc:
             return self._error(exc.code, exc.detail, echo, retry_after=round(exc.retry_after, 3))

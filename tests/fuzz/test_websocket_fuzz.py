@@ -272,6 +272,7 @@ class Fuzzer:
             "client_msg_id": client_msg_id,
             "edited_at": None,
             "deleted": False,
+            "reply_to": None,
         }, (frame, ack)
 
     async def reconnect(self) -> None:

@@ -119,7 +119,7 @@ async def test_rest_pages_walk_the_history_both_ways(server, database_url, room,
     message = window["messages"][0]
     assert set(message) == {
         "id", "room", "seq", "created_at", "kind", "author", "body", "client_msg_id",
-        "edited_at", "deleted", "reactions",
+        "edited_at", "deleted", "reply_to", "reactions",
     }  # fmt: skip
 
 

@@ -37,8 +37,8 @@ HEAD = head_revision()
 NEXT, AFTER = f"{int(HEAD) + 1:04d}", f"{int(HEAD) + 2:04d}"
 
 EXPAND = (
-    "ALTER TABLE message ADD COLUMN edited_at timestamptz",
-    "ALTER TABLE message DROP COLUMN edited_at",
+    "ALTER TABLE message ADD COLUMN pinned_at timestamptz",
+    "ALTER TABLE message DROP COLUMN pinned_at",
 )
 """Expand-only: this release never names the column, so it works on either side of it."""
 

@@ -50,6 +50,7 @@ async def test_send_is_acked_after_storing_and_fanned_out(server, database_url, 
                 "client_msg_id": "m-1",
                 "edited_at": None,
                 "deleted": False,
+                "reply_to": None,
             }
 
 
