@@ -1,5 +1,5 @@
-// Chat demo page: dev login, room list with kinds and roles, room membership, and a
-// resumable websocket per room.
+// Chat demo page: dev login, room list with kinds and roles, room membership, a resumable
+// websocket per room, and message edits, deletes and reactions.
 // Plain browser JS, no build step. All user-supplied text is rendered with textContent.
 'use strict';
 
@@ -32,6 +32,15 @@ const MAX_MEMBERS = 1000;                 // likewise for a room's member list
 const REFRESH_DELAY_MS = 300;             // coalesce refreshes after a burst of member items
 // Direct room names the server builds from two plain ids (else it uses a hash).
 const DM_NAME_RE = /^dm\.([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)$/;
+const EMOJI = ['👍', '❤️', '😂', '🎉', '😮', '👀'];  // the "+" picker
+const ERROR_SHOW_MS = 5000;               // how long a refused edit / delete / react shows
+const CHANGE_ERRORS = {
+  forbidden: 'not allowed',
+  not_found: 'no such message (or reaction)',
+  already_deleted: 'that message was deleted',
+  too_many_reactions: 'that message has too many different reactions',
+  invalid_emoji: 'not an emoji',
+};
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -92,6 +101,11 @@ const refresh = { timer: 0, list: false };
 
 const lastSeq = new Map();  // room -> highest seq seen (dedupe + resume cursor)
 const outbox = new Map();   // client_msg_id -> {id, body, el, acked, failed, seq}
+// room -> seq -> text message as shown: {seq, author, body, created_at, edited_at, deleted,
+// reactions: Map(emoji -> {count, me}), own, el, editing, draft, picker}.
+const models = new Map();
+const changes = new Map();  // client_msg_id -> {type, seq} of our edit / delete / react frames
+let roomErrorTimer = 0;
 
 // ---------------------------------------------------------------- helpers
 
@@ -237,6 +251,175 @@ function messageItem({ author, body, created_at: createdAt, seq }, own) {
   return li;
 }
 
+function roomModel(room) {
+  if (!models.has(room)) models.set(room, new Map());
+  return models.get(room);
+}
+
+/** A text item as the model keeps it (history gives `reactions`; live items and a resume don't). */
+function modelMessage(m, own) {
+  const reactions = new Map();
+  for (const r of Array.isArray(m.reactions) ? m.reactions : []) {
+    if (typeof r?.emoji === 'string' && r.count > 0) reactions.set(r.emoji, { count: r.count, me: Boolean(r.me) });
+  }
+  return {
+    seq: m.seq, author: m.author, body: m.body ?? '', created_at: m.created_at,
+    edited_at: m.edited_at ?? null, deleted: Boolean(m.deleted), reactions, own,
+    el: null, editing: false, draft: '', picker: false,
+  };
+}
+
+/** Owners and admins of the open room may delete anyone's message. */
+function canModerate() {
+  return ['owner', 'admin'].includes(view.info?.role) && view.room === conn.room;
+}
+
+/** (Re)render a model message in place; an open editor is kept (with its focus and caret). */
+function drawMessage(msg) {
+  const parts = [messageMeta(msg), messageBody(msg), messageReactions(msg)];
+  if (!msg.el) msg.el = h('li', {}, ...parts);
+  else if (msg.editing && msg.el.querySelector('.editor')) {
+    msg.el.children[0].replaceWith(parts[0]);
+    msg.el.children[2].replaceWith(parts[2]);
+  } else msg.el.replaceChildren(...parts);
+  msg.el.className = `msg ${msg.own ? 'own' : 'other'}${msg.deleted ? ' deleted' : ''}`;
+  msg.el.dataset.seq = msg.seq;
+  return msg.el;
+}
+
+function redrawMessages() {
+  for (const msg of models.get(conn.room)?.values() ?? []) drawMessage(msg);
+}
+
+function linkButton(text, onClick) {
+  const b = h('button', { type: 'button', class: 'link', text });
+  b.addEventListener('click', onClick);
+  return b;
+}
+
+function messageMeta(msg) {
+  const time = msg.created_at
+    ? h('time', { datetime: msg.created_at, title: new Date(msg.created_at).toLocaleString(), text: formatTime(msg.created_at) })
+    : h('time', { text: '' });
+  const meta = h('div', { class: 'meta' }, h('span', { class: 'author', text: msg.author }), time);
+  if (msg.deleted) return meta;
+  if (msg.edited_at) {
+    meta.append(h('span', {
+      class: 'edited', text: '(edited)', title: `edited ${new Date(msg.edited_at).toLocaleString()}`,
+    }));
+  }
+  if (msg.own && !msg.editing) meta.append(linkButton('edit', () => startEdit(msg)));
+  if (msg.own || canModerate()) meta.append(linkButton('delete', () => confirmDelete(msg)));
+  return meta;
+}
+
+function messageBody(msg) {
+  if (msg.deleted) return h('div', { class: 'body tombstone', text: 'message deleted' });
+  if (msg.editing) return messageEditor(msg);
+  return h('div', { class: 'body', text: msg.body });
+}
+
+function messageEditor(msg) {
+  const area = h('textarea', { rows: '2', 'aria-label': 'Edit message' });
+  area.value = msg.draft;
+  area.addEventListener('input', () => { msg.draft = area.value; });
+  area.addEventListener('keydown', (ev) => {
+    if (ev.key === 'Enter' && !ev.shiftKey && !ev.isComposing) { ev.preventDefault(); saveEdit(msg); }
+    else if (ev.key === 'Escape') stopEdit(msg);
+  });
+  const save = h('button', { type: 'button', text: 'save' });
+  save.addEventListener('click', () => saveEdit(msg));
+  const cancel = h('button', { type: 'button', class: 'secondary', text: 'cancel' });
+  cancel.addEventListener('click', () => stopEdit(msg));
+  return h('div', { class: 'editor' }, area, h('div', { class: 'row' }, save, cancel));
+}
+
+/** Chips "👍 2" (highlighted when one is ours; a click toggles it), then "+" for the picker. */
+function messageReactions(msg) {
+  const row = h('div', { class: 'reactions' });
+  if (msg.deleted) return row;
+  for (const [emoji, r] of msg.reactions) {
+    const chip = h('button', {
+      type: 'button', class: `reaction${r.me ? ' me' : ''}`, 'aria-pressed': String(r.me),
+      title: r.me ? 'take back your reaction' : `react with ${emoji}`,
+    }, `${emoji} ${r.count}`);
+    chip.addEventListener('click', () => react(msg, emoji, !r.me));
+    row.append(chip);
+  }
+  const add = h('button', {
+    type: 'button', class: 'reaction add', text: '+', title: 'add a reaction', 'aria-expanded': String(msg.picker),
+  });
+  add.addEventListener('click', () => { msg.picker = !msg.picker; drawMessage(msg); });
+  row.append(add);
+  if (msg.picker) {
+    const picker = h('div', { class: 'picker' });
+    for (const emoji of EMOJI) {
+      const b = h('button', { type: 'button', class: 'reaction', text: emoji });
+      b.addEventListener('click', () => {
+        msg.picker = false;
+        drawMessage(msg);
+        if (!msg.reactions.get(emoji)?.me) react(msg, emoji, true);
+      });
+      picker.append(b);
+    }
+    row.append(picker);
+  }
+  return row;
+}
+
+function startEdit(msg) {
+  Object.assign(msg, { editing: true, draft: msg.body });
+  drawMessage(msg);
+  const area = msg.el.querySelector('.editor textarea');
+  area.focus();
+  area.setSelectionRange(area.value.length, area.value.length);
+}
+
+function stopEdit(msg) {
+  Object.assign(msg, { editing: false, draft: '' });
+  drawMessage(msg);
+}
+
+/** Send the edit; the text changes when its `edit` item comes back (to every tab alike). */
+function saveEdit(msg) {
+  const body = msg.draft;
+  if (!body.trim()) { showRoomError('An edit cannot be empty: delete the message instead.'); return; }
+  if (charCount(body) > MAX_CHARS) { showRoomError(`At most ${MAX_CHARS} characters.`); return; }
+  if (body === msg.body) { stopEdit(msg); return; }
+  if (sendChange({ type: 'edit', target_seq: msg.seq, body })) stopEdit(msg);
+}
+
+function confirmDelete(msg) {
+  const whose = msg.own ? 'your message' : `${msg.author}'s message`;
+  if (!window.confirm(`Delete ${whose}? This cannot be undone.`)) return;
+  sendChange({ type: 'delete', target_seq: msg.seq });
+}
+
+function react(msg, emoji, on) {
+  sendChange({ type: 'react', target_seq: msg.seq, emoji, on });
+}
+
+/** Send an edit / delete / react frame with an id, so its `error` can be told apart. */
+function sendChange(frame) {
+  if (!conn.live || conn.ws?.readyState !== WebSocket.OPEN) {
+    showRoomError('Not connected: try again once live.');
+    return false;
+  }
+  const id = newId();
+  changes.set(id, { type: frame.type, seq: frame.target_seq });
+  conn.ws.send(JSON.stringify({ ...frame, client_msg_id: id }));
+  return true;
+}
+
+/** The room's error line, for a few seconds. */
+function showRoomError(text) {
+  ui.roomError.textContent = text;
+  clearTimeout(roomErrorTimer);
+  roomErrorTimer = setTimeout(() => {
+    if (ui.roomError.textContent === text) ui.roomError.textContent = '';
+  }, ERROR_SHOW_MS);
+}
+
 function addNote(text, kind = 'info') {
   withAutoScroll(() => ui.messages.append(h('li', { class: `note ${kind}`, text })));
 }
@@ -252,6 +435,8 @@ function clearView() {
   ui.messages.replaceChildren();
   ui.pending.replaceChildren();
   outbox.clear();
+  models.clear();
+  changes.clear();
   ui.empty.hidden = false;
 }
 
@@ -485,10 +670,12 @@ async function refreshOpenRoom() {
   const current = ticket('room');
   const r = await api('GET', roomPath(room));
   if (!current() || view.room !== room) return;
+  const role = view.info?.role ?? null;
   if (r.ok) Object.assign(view, { info: r.data, missing: false });
   else if (r.status === 404) Object.assign(view, { info: null, missing: true });
   else if (r.status !== 401) panelMessage(r.error, true);
   renderRoomPanel();
+  if ((view.info?.role ?? null) !== role) redrawMessages();  // who may delete changed
   if (ui.membersBox.open && !ui.membersBox.hidden) loadMembers();
 }
 
@@ -821,6 +1008,7 @@ function onMessage(m) {
   const kind = m.kind ?? 'text';  // servers before rooms-with-members send no kind
   if (kind === 'text') onTextMessage(m);
   else if (kind === 'member') onMemberItem(m);
+  else if (kind === 'edit' || kind === 'delete' || kind === 'reaction') onChangeItem(m);
   // any other kind is newer than this page: skipped silently
 }
 
@@ -833,9 +1021,34 @@ function onTextMessage(m) {
     if (!auth.user) { auth.user = m.author; localStorage.setItem('chat.user', m.author); }
   }
   const own = Boolean(mine) || (auth.user !== '' && m.author === auth.user);
-  withAutoScroll(() => ui.messages.append(messageItem(m, own)));
+  const msg = modelMessage(m, own);
+  roomModel(m.room).set(m.seq, msg);
+  withAutoScroll(() => ui.messages.append(drawMessage(msg)));
   // A never-used name (404) became a public room with its first message: show it as one.
   if (view.missing && view.room === m.room) scheduleRoomRefresh(true);
+}
+
+/** Apply an edit, delete or reaction (live or resumed) to the message it targets, in place. */
+function onChangeItem(m) {
+  const msg = models.get(m.room)?.get(m.target_seq);
+  if (!msg) return;  // older than what the page shows
+  if (m.kind === 'edit') {
+    if (msg.deleted || typeof m.body !== 'string') return;  // null once the message is deleted
+    Object.assign(msg, { body: m.body, edited_at: m.created_at });
+  } else if (m.kind === 'delete') {
+    Object.assign(msg, { deleted: true, body: '', reactions: new Map(), editing: false, draft: '', picker: false });
+  } else {
+    if (msg.deleted || typeof m.emoji !== 'string') return;
+    applyReaction(msg, m.emoji, m.on !== false, auth.user !== '' && m.author === auth.user);
+  }
+  drawMessage(msg);
+}
+
+function applyReaction(msg, emoji, on, mine) {
+  const r = msg.reactions.get(emoji) || { count: 0, me: false };
+  r.count += on ? 1 : -1;
+  if (mine) r.me = on;
+  if (r.count > 0) msg.reactions.set(emoji, r); else msg.reactions.delete(emoji);
 }
 
 /** A membership change as a system line; then the panel (and maybe our role) is stale. */
@@ -887,6 +1100,7 @@ function onReady(r) {
 }
 
 function onAck(a) {
+  if (changes.delete(a.client_msg_id)) return;  // its item shows the change
   const e = outbox.get(a.client_msg_id);
   if (!e) return; // the message frame came first and already replaced the bubble
   Object.assign(e, { acked: true, seq: a.seq });
@@ -902,6 +1116,12 @@ function onAuthOk(f) {
 }
 
 function onErrorFrame(f) {
+  const change = f.client_msg_id ? changes.get(f.client_msg_id) : undefined;
+  if (change) {
+    changes.delete(f.client_msg_id);
+    showRoomError(`${change.type} refused: ${CHANGE_ERRORS[f.code] || `${f.code}: ${f.detail}`}`);
+    return;
+  }
   const e = f.client_msg_id ? outbox.get(f.client_msg_id) : undefined;
   if (!e) { addNote(`${f.code}: ${f.detail}`, 'error'); return; }
   e.failed = true;
