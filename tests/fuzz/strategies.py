@@ -92,6 +92,7 @@ types = st.one_of(
     st.just("auth"),
     st.just("edit"),
     st.just("delete"),
+    st.just("react"),
     st.sampled_from(["pong", "ack", "message", "error", "SEND", "Send", " send", "send ", ""]),
     json_values,
 )

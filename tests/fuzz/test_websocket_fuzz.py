@@ -95,12 +95,12 @@ def frame_outcomes(frame: Any) -> set[str]:
     if kind == "auth":  # only a real token of the same user renews; none is generated
         token = frame.get("token")
         return {"auth_refused"} if isinstance(token, str) and token else {"invalid_frame"}
-    if kind in ("edit", "delete"):
+    if kind in ("edit", "delete", "react"):
         # Generated frames carry no target_seq (only a random extra key could name one): a
         # validation error, or the refusal of a seq that is no message of the fuzzer's.
         return {
             "invalid_client_msg_id", "invalid_frame", "empty_body", "body_too_long",
-            "invalid_body", "not_found", "forbidden", "already_deleted",
+            "invalid_body", "not_found", "forbidden", "already_deleted", "invalid_emoji",
         }  # fmt: skip
     if kind != "send":
         return {"unknown_type"}
@@ -303,12 +303,17 @@ class Fuzzer:
             self.conn = None
 
 
+ANSWERED_TYPES = ("send", "edit", "delete", "react")
+"""Frames whose answer names their ``client_msg_id`` (docs/protocol.md)."""
+
+
 def check_error(want: Expected, reply: dict[str, Any]) -> None:
     assert reply["code"] in ERROR_CODES, reply
     assert isinstance(reply.get("detail"), str) and reply["detail"], reply
-    sent = want.frame.get("client_msg_id") if want.is_send else None
+    answered = isinstance(want.frame, dict) and want.frame.get("type") in ANSWERED_TYPES
+    sent = want.frame.get("client_msg_id") if answered else None
     if "client_msg_id" in reply:
-        assert want.is_send and reply["client_msg_id"] == sent, reply
+        assert answered and reply["client_msg_id"] == sent, reply
     if reply["code"] != "invalid_json" and valid_client_msg_id(sent):
         assert reply.get("client_msg_id") == sent, f"the error does not name {sent!r}: {reply}"
 
