@@ -222,6 +222,9 @@ BEGIN
             WHERE room_id = v_room.id AND target_seq = p_target AND emoji = p_emoji
                 AND user_id = p_author;
         END IF;
+        -- How many there are, beside the log: history skips the lookup where there are none.
+        UPDATE message SET reaction_count = reaction_count + CASE WHEN p_on THEN 1 ELSE -1 END
+        WHERE id = v_target.id;
     ELSIF p_kind = 'edit' THEN
         UPDATE message SET body = p_body, edited_at = v_event.created_at
         WHERE id = v_target.id;
@@ -229,7 +232,8 @@ BEGIN
         WHERE room_id = v_room.id AND reply_to = p_target;
     ELSE
         -- Erased, not hidden: the message's text and every edit of it.
-        UPDATE message SET body = NULL, deleted = true WHERE id = v_target.id;
+        UPDATE message SET body = NULL, deleted = true, reaction_count = 0
+        WHERE id = v_target.id;
         UPDATE message SET body = NULL, deleted = true
         WHERE room_id = v_room.id AND target_seq = p_target AND kind = 'edit';
         DELETE FROM message_reaction WHERE room_id = v_room.id AND target_seq = p_target;
@@ -460,6 +464,10 @@ def upgrade() -> None:
         ["room_id", "reply_to"],
         postgresql_where=sa.text("reply_to IS NOT NULL"),
     )
+    op.add_column(
+        "message",
+        sa.Column("reaction_count", sa.Integer(), server_default="0", nullable=False),
+    )
     op.add_column("message", sa.Column("emoji", sa.Text(), nullable=True))
     op.add_column("message", sa.Column("reaction_on", sa.Boolean(), nullable=True))
     op.drop_constraint(op.f("ck_message_kind_known"), "message", type_="check")
@@ -533,6 +541,7 @@ def downgrade() -> None:
     op.drop_constraint(op.f("ck_message_reaction_fields"), "message", type_="check")
     op.drop_column("message", "reaction_on")
     op.drop_column("message", "emoji")
+    op.drop_column("message", "reaction_count")
     op.drop_index(op.f("ix_message_room_id_reply_to"), table_name="message")
     op.drop_column("message", "reply_quote")
     op.drop_column("message", "reply_author")

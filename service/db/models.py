@@ -13,6 +13,7 @@ from sqlalchemy import (
     ForeignKey,
     Identity,
     Index,
+    Integer,
     MetaData,
     Text,
     UniqueConstraint,
@@ -94,6 +95,7 @@ class Message(Base):
     reply_to: Mapped[int | None] = mapped_column(BigInteger)
     reply_author: Mapped[str | None] = mapped_column(Text)
     reply_quote: Mapped[str | None] = mapped_column(Text)
+    reaction_count: Mapped[int] = mapped_column(Integer, server_default="0")
     emoji: Mapped[str | None] = mapped_column(Text)
     reaction_on: Mapped[bool | None] = mapped_column(Boolean)
 

@@ -32,7 +32,8 @@ FROM room r
 LEFT JOIN room_member rm ON rm.room_id = r.id AND rm.user_id = $5
 LEFT JOIN LATERAL (
     SELECT seq, CASE WHEN $7 THEN chat_message_json(r.name, msg, false)
-        ELSE left(chat_message_json(r.name, msg, false), -1) || ',"reactions":' || COALESCE((
+        ELSE left(chat_message_json(r.name, msg, false), -1) || ',"reactions":'
+        || CASE WHEN msg.reaction_count = 0 THEN '[]' ELSE COALESCE((
             SELECT '[' || string_agg(
                 '{"emoji":' || to_json(x.emoji)::text || ',"count":' || x.n
                 || ',"me":' || CASE WHEN x.me THEN 'true' ELSE 'false' END || '}',
@@ -43,7 +44,7 @@ LEFT JOIN LATERAL (
                 FROM message_reaction WHERE room_id = r.id AND target_seq = msg.seq
                 GROUP BY emoji
             ) x
-        ), '[]') || '}'
+        ), '[]') END || '}'
         END AS json
     FROM message msg
     WHERE room_id = r.id AND seq > $2 AND seq < $3 AND ($7 OR kind = 'text')
