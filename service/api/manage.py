@@ -21,7 +21,7 @@ from service.api.schemas import (
     RoomList,
     RoomOut,
 )
-from service.auth import CurrentUser, Principal, RoomName
+from service.auth import MAX_SUBJECT_CHARS, CurrentUser, Principal, RoomName
 from service.chat import rooms
 from service.chat.envelope import iso
 from service.config import ROOM_NAME_MAX, ROOM_NAME_PATTERN
@@ -74,8 +74,9 @@ def member_json(row: rooms.MemberRow) -> dict[str, object]:
 
 def check_user_id(user: str) -> str:
     """A user id as tokens carry them (``service.auth``: printable, 1 to 128 characters)."""
-    if not 0 < len(user) <= 128 or not user.isprintable():
-        raise invalid(("path", "user"), "a user id is 1 to 128 printable characters", "user_id")
+    if not 0 < len(user) <= MAX_SUBJECT_CHARS or not user.isprintable():
+        detail = f"a user id is 1 to {MAX_SUBJECT_CHARS} printable characters"
+        raise invalid(("path", "user"), detail, "user_id")
     return user
 
 

@@ -107,8 +107,10 @@ def ready_frame(room: str, last_seq: int, recovered: bool) -> str:
     return dumps({"type": "ready", "room": room, "last_seq": last_seq, "recovered": recovered})
 
 
-def encode_notification(msg: MessageRecord, frame: str) -> str:
-    head = f"{msg.seq}:{time.time():.6f}:"
+def encode_notification(seq: int, frame: str) -> str:
+    """The payload of stream item ``seq`` (any kind): the frame, or a reference when it would
+    pass the NOTIFY limit. What the SQL functions NOTIFY, for a bus other than the database."""
+    head = f"{seq}:{time.time():.6f}:"
     payload = head + frame
     if len(payload.encode()) > NOTIFY_PAYLOAD_LIMIT:
         return head

@@ -11,7 +11,7 @@ import logging
 import asyncpg
 
 from service.chat.envelope import channel_for, encode_notification
-from service.chat.messages import Publish, check_body, check_client_msg_id
+from service.chat.messages import Publish, check_body, check_client_msg_id, check_seq
 from service.db import events as db
 from service.db.engine import reading
 from service.db.queries import MessageRecord
@@ -107,11 +107,7 @@ def _split(points: list[int]) -> list[list[int]]:
 
 
 def check_target(target_seq: object) -> int:
-    if not isinstance(target_seq, int) or isinstance(target_seq, bool) or target_seq < 1:
-        raise InvalidFrame("'target_seq' must be the seq of a message (a positive integer)")
-    if target_seq > 2**62:
-        raise InvalidFrame("'target_seq' is out of range")
-    return target_seq
+    return check_seq(target_seq, "target_seq")
 
 
 async def post_event(
@@ -172,7 +168,7 @@ async def post_event(
     record = MessageRecord(outcome.id, room, outcome.seq, author, text, cmid, outcome.created_at)
     if publish is not None and outcome.frame is not None:
         try:  # as a send's: the size limit's reference, and what is stored is what counts
-            await publish(channel, encode_notification(record, outcome.frame))
+            await publish(channel, encode_notification(outcome.seq, outcome.frame))
         except Exception:
             log.warning("publish failed for %s/%d; listeners will catch up", room, outcome.seq)
     return Stored(record, outcome.duplicate, outcome.frame)

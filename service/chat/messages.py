@@ -8,6 +8,7 @@ import re
 from collections.abc import Awaitable, Callable
 
 from service.chat.envelope import channel_for, encode_notification
+from service.chat.history import MAX_SEQ
 from service.db.writer import ASSIGNED_ID_PATTERN, ASSIGNED_ID_PREFIX, MessageWriter, Stored
 from service.errors import (
     BodyTooLong,
@@ -64,12 +65,15 @@ def check_client_msg_id(client_msg_id: object) -> str | None:
     return client_msg_id
 
 
+def check_seq(value: object, field: str) -> int:
+    """A frame's reference to a message of the room: a positive integer (not a bool)."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_SEQ:
+        raise InvalidFrame(f"'{field}' must be the seq of a message (a positive integer)")
+    return value
+
+
 def check_reply_to(reply_to: object) -> int | None:
-    if reply_to is None:
-        return None
-    if not isinstance(reply_to, int) or isinstance(reply_to, bool) or not 0 < reply_to <= 2**62:
-        raise InvalidFrame("'reply_to' must be the seq of a message (a positive integer)")
-    return reply_to
+    return None if reply_to is None else check_seq(reply_to, "reply_to")
 
 
 def submit_message(
@@ -121,7 +125,7 @@ async def _publish_after_commit(
     result = await stored
     if result.frame is not None:
         try:
-            await publish(channel, encode_notification(result.message, result.frame))
+            await publish(channel, encode_notification(result.message.seq, result.frame))
         except Exception:  # stored is what counts: listeners resync when the bus is back
             log.warning(
                 "publish failed for %s/%d; listeners will catch up",

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import re
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import asyncpg
 
-from service.chat.envelope import ROOM_CLOSED, channel_for
+from service.chat.envelope import ROOM_CLOSED, channel_for, encode_notification
 from service.chat.messages import Publish
 from service.db import rooms as db
 from service.db.engine import reading
@@ -66,7 +65,7 @@ class Changes:
         return self.publish is None
 
     def item(self, room: str, seq: int, frame: str) -> None:
-        self.payloads.append((channel_for(room), f"{seq}:{time.time():.6f}:{frame}"))
+        self.payloads.append((channel_for(room), encode_notification(seq, frame)))
 
     def closed(self, room: str) -> None:
         self.payloads.append((channel_for(room), ROOM_CLOSED))
