@@ -43,10 +43,10 @@ r.text_count - m.read_text_no - (
     SELECT count(*) FROM message d
     WHERE d.room_id = r.id AND d.kind = 'text' AND d.deleted AND d.seq > m.last_read_seq
 ),
-(
+CASE WHEN m.user_id IS NOT NULL THEN (
     SELECT count(*) FROM message_mention mm
     WHERE mm.room_id = r.id AND mm.user_id = m.user_id AND mm.seq > m.last_read_seq
-)"""
+) END"""
 """A member's unread and mention counts (migration 0007) from the counters kept at write time:
 the text messages after the cursor (none of them the member's: posting moves it), minus the
 deleted ones there (a partial index holds only those); mentions are a range of the member's

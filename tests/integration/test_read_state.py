@@ -178,7 +178,8 @@ async def test_rest_moves_the_cursor_forward_only_and_only_for_members(server, s
     assert r.status_code == 403 and r.json()["code"] == "forbidden", r.text
     listed = call(server, c, "GET", "/rooms", params={"limit": 1000}).json()["rooms"]
     mine = [x for x in listed if x["name"] == public]
-    assert mine and mine[0]["unread"] is None and mine[0]["last_read_seq"] is None
+    assert mine and mine[0]["last_read_seq"] is None
+    assert mine[0]["unread"] is None and mine[0]["mentions"] is None
 
     for bad in ({"seq": -1}, {"seq": "3"}, {"seq": 1.5}, {}, {"seq": 1, "x": 2}):
         r = call(server, b, "PUT", f"/rooms/{room}/read", json=bad)
