@@ -11,6 +11,13 @@ at a size that runs in seconds; ``--json PATH``: where the report goes):
     python -m benchmarks.bench history               a room of N messages: connect with 50
         replayed, resume of 500, REST pages
     python -m benchmarks.bench rest                  POST /rooms/{room}/messages, K clients
+    python -m benchmarks.bench roomlist              GET /rooms?mine=true of a user in 200
+        rooms with exact unread counts, 1M messages in the database (chat-service only)
+    python -m benchmarks.bench resume                resume after 1000 missed items of mixed
+        kinds against 1000 missed messages (chat-service only)
+
+fanout and saturate take ``--read-rate R`` (every connection sends ``read`` frames R times a
+second) and ``--reaction-rate N`` (N ``react`` frames a second from the senders) on top.
 
 ``--rounds N`` (fanout, saturate) measures the targets N times, alternating (trivial, chat,
 trivial, chat...), and reports the median round: the box's state drifts within minutes, and
@@ -43,6 +50,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+import asyncpg
+
 from benchmarks.bench_client import (
     HttpClient,
     Load,
@@ -57,13 +66,19 @@ from benchmarks.bench_infra import (
     CpuMeter,
     Harness,
     HarnessError,
+    brute_force_read_state,
     machine,
     raise_nofile,
+    roomlist_invariants,
     rss_kb,
     seed_history,
+    seed_roomlist,
 )
+from service.chat.envelope import channel_for
 
-SCENARIOS = ("fanout", "saturate", "idle", "history", "rest")
+SCENARIOS = ("fanout", "saturate", "idle", "history", "rest", "roomlist", "resume")
+CHAT_ONLY = ("roomlist", "resume")
+"""Scenarios the trivial server has nothing to compare with (no read state, no event kinds)."""
 DEFAULTS: dict[str, dict[str, Any]] = {
     "fanout": {"rooms": 5, "connections": 20, "senders": 10, "rate": 200.0, "duration": 10.0,
                "warmup": 2.0, "drain": 5.0, "servers": 2, "concurrency": 10},
@@ -75,6 +90,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "history": {"messages": 1_000_000, "reps": 300, "servers": 1, "concurrency": 1},
     "rest": {"clients": 10, "rooms": 5, "duration": 10.0, "warmup": 1.0, "servers": 2,
              "concurrency": 1},
+    "roomlist": {"messages": 1_000_000, "rooms": 200, "reps": 500, "servers": 1,
+                 "concurrency": 1},
+    "resume": {"messages": 1000, "reps": 200, "servers": 1, "concurrency": 1},
 }  # fmt: skip
 TINY: dict[str, dict[str, Any]] = {
     "fanout": {"rooms": 2, "connections": 5, "senders": 4, "rate": 50.0, "duration": 2.0,
@@ -85,6 +103,8 @@ TINY: dict[str, dict[str, Any]] = {
     "idle": {"connections": 50, "rooms": 5, "settle": 0.5},
     "history": {"messages": 5000, "reps": 10},
     "rest": {"clients": 4, "rooms": 2, "duration": 2.0, "warmup": 0.5},
+    "roomlist": {"messages": 20_000, "rooms": 20, "reps": 20},
+    "resume": {"messages": 100, "reps": 10},
 }  # fmt: skip
 TARGETS = {
     "fanout_p99_ms": 5.0,
@@ -93,6 +113,7 @@ TARGETS = {
     "idle_connections": 10_000,
     "history_rest_p99_ms": 5.0,
     "history_connect_p99_ms": 50.0,
+    "roomlist_p99_ms": 10.0,
 }
 
 
@@ -186,6 +207,39 @@ def make_peers(ctx: Context, target: Target, what: str, rooms: int, per_room: in
     return peers
 
 
+async def make_members(ctx: Context, target: Target, peers: list[Peer]) -> None:
+    """Each room made with ``POST /rooms`` (public) by its first peer, with the others as
+    members: only members have read cursors, so only then do ``read`` frames move cursors and
+    send receipts (rooms of at most ``CHAT_RECEIPTS_MAX_MEMBERS`` members, 50)."""
+    rooms: dict[str, list[Peer]] = {}
+    for peer in peers:
+        rooms.setdefault(peer.room, []).append(peer)
+    for room, members in rooms.items():
+        users = [user_of(ctx, p) for p in members]
+        http = await HttpClient.open(
+            target.http[0],
+            {"authorization": f"Bearer {members[0].token}", "content-type": "application/json"},
+        )
+        try:
+            body = {"name": room, "kind": "public", "members": users[1:101]}
+            status, reply = await http.request("POST", "/rooms", json.dumps(body).encode())
+            if status != 201:
+                raise HarnessError(f"making {room}: {status} {reply[:200]!r}")
+            for user in users[101:]:  # at most 100 members listed at creation
+                path = f"/rooms/{room}/members/{user}"
+                status, reply = await http.request("PUT", path, b'{"role":"member"}')
+                if status != 201:
+                    raise HarnessError(f"adding {user} to {room}: {status} {reply[:200]!r}")
+        finally:
+            http.close()
+
+
+def user_of(ctx: Context, peer: Peer) -> str:
+    import jwt  # noqa: PLC0415 - the peer's token names its user
+
+    return str(jwt.decode(peer.token, ctx.secret, algorithms=["HS256"])["sub"])
+
+
 def pick_senders(peers: list[Peer], rooms: int, per_room: int, count: int) -> list[Peer]:
     """Spread over rooms first, then over the connections (hence the servers) of each room."""
     count = max(1, min(count, rooms * per_room))
@@ -205,6 +259,8 @@ async def open_room_peers(ctx: Context, target: Target, what: str) -> tuple[list
     args = ctx.args
     await ctx.warm_up(target, what, min(args.concurrency, 20))
     peers = make_peers(ctx, target, what, args.rooms, args.connections)
+    if args.read_rate > 0 and target.name == "chat":
+        await make_members(ctx, target, peers)
     times, failures = await ctx.open(peers)
     info = {
         "connections": len(peers),
@@ -221,7 +277,7 @@ async def fanout(ctx: Context, target: Target) -> dict[str, Any]:
     peers, info = await open_room_peers(ctx, target, "fanout")
     try:
         senders = pick_senders(peers, args.rooms, args.connections, args.senders)
-        load = Load(peers, args.body_chars)
+        load = make_load(args, peers)
         log(f"{target.name}: {len(peers)} connections ready; warm-up {args.warmup}s")
         await load.run_step(0, args.rate, args.warmup, senders, args.drain)
         profiler = None
@@ -239,9 +295,25 @@ async def fanout(ctx: Context, target: Target) -> dict[str, Any]:
     finally:
         await close_all(peers)
     bad = {k: result[k] for k in ("lost", "duplicated", "out_of_order", "disconnected")}
+    bad.update(stream_faults(result))
     if any(bad.values()) or result["acked"] != result["sent"]:
         ctx.violations.append(f"{target.name}: {bad}, acked {result['acked']}/{result['sent']}")
     return result
+
+
+def make_load(args: argparse.Namespace, peers: list[Peer]) -> Load:
+    return Load(peers, args.body_chars, read_rate=args.read_rate, reaction_rate=args.reaction_rate)
+
+
+def stream_faults(step: dict[str, Any]) -> dict[str, int]:
+    """What breaks the stream besides lost messages: a gap in the seqs a connection received
+    (an item of another kind missed), connections short of their room's last acked item,
+    reaction items a connection did not get, reactions never answered."""
+    faults = {"gaps": step["gaps"], "stream_behind": step["stream_behind"]}
+    if "reaction_items_per_receiver" in step:
+        faults["reaction_items_missing"] = step["reaction_items_per_receiver"]["missing"]
+        faults["reactions_unanswered"] = step["reactions_unanswered"]
+    return faults
 
 
 def rate_steps(args: argparse.Namespace) -> list[float]:
@@ -269,7 +341,7 @@ async def saturate(ctx: Context, target: Target) -> dict[str, Any]:
     stop_reason = "max rate reached"
     try:
         senders = pick_senders(peers, args.rooms, args.connections, args.senders)
-        load = Load(peers, args.body_chars)
+        load = make_load(args, peers)
         rates = rate_steps(args)
         await load.run_step(0, rates[0], args.warmup, senders, args.drain)
 
@@ -281,6 +353,9 @@ async def saturate(ctx: Context, target: Target) -> dict[str, Any]:
             reasons = []
             if step["lost"] or step["acked"] != step["sent"]:
                 reasons.append(f"lost {step['lost']}, acked {step['acked']}/{step['sent']}")
+            faults = {k: v for k, v in stream_faults(step).items() if v}
+            if faults:
+                reasons.append(f"stream {faults}")
             if p99 is None or p99 > args.p99_limit:
                 reasons.append(f"p99 {p99} ms > {args.p99_limit:g} ms")
             if step["send_rate"] < 0.9 * rate:
@@ -648,6 +723,257 @@ async def rest(ctx: Context, target: Target) -> dict[str, Any]:
     }
 
 
+# -- roomlist -----------------------------------------------------------------------------------
+
+
+async def roomlist(ctx: Context, target: Target) -> dict[str, Any]:
+    """``GET /rooms?mine=true&limit=R`` of a user in R rooms, and ``GET /rooms/{room}`` of the
+    room where they have the most unread, after seeding ``--messages`` items (``seed_roomlist``);
+    every room's ``unread`` and ``mentions`` checked against a count of the messages
+    themselves."""
+    args = ctx.args
+    user = f"rl{ctx.run}-me"
+    prefix = f"rl{ctx.run}"
+    dsn = ctx.harness.dsn
+    log(f"chat: seeding {args.messages} items, {args.rooms} rooms of one user and as many others")
+    plan = await seed_roomlist(
+        dsn, user=user, prefix=prefix, rooms=args.rooms, messages=args.messages
+    )
+    log(f"chat: seeded in {plan['seconds']:.1f}s (inserts, mentions, members, vacuum, checkpoint)")
+    result: dict[str, Any] = {
+        "messages": plan["items"],
+        "rooms": args.rooms,
+        "other_rooms": plan["other_rooms"],
+        "seed_seconds": round(plan["seconds"], 2),
+    }
+    if args.messages <= 200_000:  # a window over every item: seconds at 1M
+        broken = await roomlist_invariants(dsn, prefix)
+        result["invariants_checked"] = True
+        if broken:
+            ctx.violations.append(f"the seed breaks 0007's invariants: {broken}")
+    expected = await brute_force_read_state(dsn, user, plan["rooms"])
+    big = expected[plan["big_room"]]
+    result["big_room"] = {"unread": big[1], "mentions": big[2], "last_read_seq": big[0]}
+    result["unread_total"] = sum(v[1] for v in expected.values())
+    result["mentions_total"] = sum(v[2] for v in expected.values())
+    log(
+        f"chat: {result['unread_total']} unread in {args.rooms} rooms "
+        f"({big[1]} in {plan['big_room']}), {result['mentions_total']} mentions"
+    )
+    http = await HttpClient.open(target.http[0], {"authorization": f"Bearer {ctx.token(user)}"})
+    mismatches: list[str] = []
+
+    def check(room: dict[str, Any]) -> None:
+        want = expected.get(room["name"])
+        got = (room.get("last_read_seq"), room.get("unread"), room.get("mentions"))
+        if want is None or got != want:
+            mismatches.append(f"{room['name']}: (cursor, unread, mentions) {got}, counted {want}")
+
+    async def room_list() -> float:
+        started = perf()
+        status, body = await http.request("GET", f"/rooms?mine=true&limit={args.rooms}")
+        took = perf() - started
+        if status != 200:
+            raise HarnessError(f"GET /rooms?mine=true: status {status}: {body[:200]!r}")
+        page = json.loads(body)
+        if len(page["rooms"]) != args.rooms or page["next_after"] is not None:
+            raise HarnessError(f"GET /rooms?mine=true: {len(page['rooms'])} rooms")
+        if not mismatches:
+            for room in page["rooms"]:
+                check(room)
+        return took
+
+    async def one_room() -> float:
+        started = perf()
+        status, body = await http.request("GET", f"/rooms/{plan['big_room']}")
+        took = perf() - started
+        if status != 200:
+            raise HarnessError(f"GET /rooms/{plan['big_room']}: status {status}: {body[:200]!r}")
+        if not mismatches:
+            check(json.loads(body))
+        return took
+
+    kinds = {"room_list": room_list, "big_room_get": one_room}
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    try:
+        for measure in kinds.values():  # warm-up: the pool's connections, plans, caches
+            for _ in range(min(20, args.reps)):
+                await measure()
+        for _ in range(args.reps):
+            for kind, measure in kinds.items():
+                times[kind].append(await measure())
+        meter = ctx.meter(target)
+        meter.start()
+        started = perf()
+        for _ in range(args.reps):
+            await room_list()
+        wall = perf() - started
+        cores = meter.stop()
+    except HarnessError as exc:
+        ctx.violations.append(f"{target.name}: {exc}")
+        raise
+    finally:
+        http.close()
+    if mismatches:
+        ctx.violations.append(
+            f"{len(mismatches)} rooms with wrong read state, e.g. " + "; ".join(mismatches[:3])
+        )
+    result["read_state_mismatches"] = len(mismatches)
+    for kind, values in times.items():
+        result[kind] = percentiles(values)
+    result["room_list_cpu_us"] = {
+        group: round(used * wall / args.reps * 1e6) for group, used in cores.items()
+    }
+    return result
+
+
+# -- resume -------------------------------------------------------------------------------------
+
+
+async def resume(ctx: Context, target: Target) -> dict[str, Any]:
+    """Resume (``?since=S`` until ``ready``) after N missed text messages (room A) and after
+    N missed items of mixed kinds (room B: edits, deletes, reactions set and taken back,
+    members joining and leaving), each room holding N texts before S; interleaved reps."""
+    args = ctx.args
+    n = args.messages
+    texts, mixed = ctx.room(target, "resume", 0), ctx.room(target, "resume", 1)
+    started = perf()
+    log(f"chat: {2 * n} texts to {texts}, {n} texts and {n} mixed items to {mixed}")
+    await post_texts(ctx, texts, 1, 2 * n)
+    await post_texts(ctx, mixed, 1, n)
+    kinds_posted = await post_mixed(ctx, target, mixed, n)
+    seeded_in = perf() - started
+    log(f"chat: posted in {seeded_in:.1f}s: {dict(kinds_posted)}")
+    token = ctx.token(f"b{ctx.run}-resumer")
+
+    def measure(room: str) -> Callable[[], Awaitable[tuple[float, int]]]:
+        async def connect() -> tuple[float, int]:
+            peer = Peer(room, 0, target.ws[0], token)
+            try:
+                took = await peer.open(deflate=args.deflate, since=n, history=0)
+            finally:
+                await peer.close()
+            ready = peer.ready_frame
+            if peer.replayed != n or not ready.get("recovered") or ready["last_seq"] != 2 * n:
+                raise HarnessError(f"resume in {room}: {peer.replayed} replayed, {ready}")
+            return took, peer.replayed_bytes
+
+        return connect
+
+    kinds = {"resume_texts": measure(texts), "resume_mixed": measure(mixed)}
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    replayed_bytes: dict[str, int] = {}
+    try:
+        for rep in range(args.reps + 2):  # two warm-up rounds; the rooms interleaved
+            for kind, connect in kinds.items():
+                took, replayed_bytes[kind] = await connect()
+                if rep >= 2:
+                    times[kind].append(took)
+    except HarnessError as exc:
+        ctx.violations.append(f"{target.name}: {exc}")
+        raise
+    result: dict[str, Any] = {
+        "missed": n,
+        "seed_seconds": round(seeded_in, 2),
+        "mixed_kinds": dict(kinds_posted),
+        "replayed_kb": {k: round(v / 1024, 1) for k, v in replayed_bytes.items()},
+    }
+    for kind, values in times.items():
+        result[kind] = percentiles(values)
+    result["mixed_over_texts"] = {
+        q: round(result["resume_mixed"][q] / result["resume_texts"][q], 3)
+        for q in ("p50", "p99")
+        if result["resume_texts"][q]
+    }
+    return result
+
+
+async def post_texts(ctx: Context, room: str, first: int, last: int) -> None:
+    """Text messages ``first..last`` of the room by ``u0``..``u9`` (message k by ``u{k % 10}``)
+    through ``chat_post_messages``, 100 a call, as the writer stores them."""
+    conn = await asyncpg.connect(ctx.harness.dsn, timeout=10)
+    try:
+        for start in range(first, last + 1, 100):
+            ks = range(start, min(start + 100, last + 1))
+            await conn.execute(
+                "SELECT * FROM chat_post_messages($1, $2, $3, $4, $5, $6, $7, false)",
+                [room] * len(ks),
+                [channel_for(room)] * len(ks),
+                [f"u{k % 10}" for k in ks],
+                [f"message {k} of {room}, with some text to make it a message" for k in ks],
+                [f"t{k}" for k in ks],
+                [None] * len(ks),
+                [None] * len(ks),
+            )
+    finally:
+        await conn.close()
+
+
+async def post_mixed(ctx: Context, target: Target, room: str, n: int) -> Counter[str]:
+    """``n`` items of mixed kinds over REST (the service's own paths), on the room's texts
+    ``1..n`` (text k by ``u{k % 10}``): of every ten, three reactions set, two taken back,
+    three edits, one delete and one member joining or leaving. Each must store exactly one
+    item: the room then ends at ``2n``."""
+    clients: dict[str, HttpClient] = {}
+
+    async def call(user: str, method: str, path: str, body: Any = None) -> None:
+        http = clients.get(user)
+        if http is None:
+            headers = {"authorization": f"Bearer {ctx.token(user)}"}
+            headers["content-type"] = "application/json"
+            http = clients[user] = await HttpClient.open(target.http[0], headers)
+        content = b"" if body is None else json.dumps(body).encode()
+        status, reply = await http.request(method, f"/rooms/{room}{path}", content)
+        if status not in (200, 201, 204):
+            raise HarnessError(f"{method} {path} as {user}: {status} {reply[:200]!r}")
+
+    tenth = max(1, n // 10)
+    deletable = list(range(n, n - tenth, -1))  # the newest texts: never edited nor reacted to
+    editable = n - tenth
+    reactions: list[tuple[str, int, str]] = []  # set and not yet taken back
+    joined: list[str] = []
+    emoji = ("%F0%9F%91%8D", "%E2%9D%A4%EF%B8%8F", "%F0%9F%8E%89", "%F0%9F%98%82")
+    posted: Counter[str] = Counter()
+    try:
+        for e in range(n):
+            slot = e % 10
+            if slot in (0, 1, 5) or (slot in (2, 8) and not reactions):
+                who, seq, what = f"r{e % 7}", 1 + (e * 7) % editable, emoji[e % 4]
+                if (who, seq, what) in reactions:
+                    what = emoji[(e + 1) % 4]
+                    if (who, seq, what) in reactions:
+                        who = f"r{e}"
+                await call(who, "PUT", f"/messages/{seq}/reactions/{what}")
+                reactions.append((who, seq, what))
+                posted["reaction on"] += 1
+            elif slot in (2, 8):
+                who, seq, what = reactions.pop(0)
+                await call(who, "DELETE", f"/messages/{seq}/reactions/{what}")
+                posted["reaction off"] += 1
+            elif slot in (3, 4, 9):
+                seq = 1 + (e * 13) % editable
+                body = {"body": f"edited {e}: message {seq}, now with @u{e % 10} in it"}
+                await call(f"u{seq % 10}", "PATCH", f"/messages/{seq}", body)
+                posted["edit"] += 1
+            elif slot == 6 and deletable:
+                seq = deletable.pop(0)
+                await call(f"u{seq % 10}", "DELETE", f"/messages/{seq}")
+                posted["delete"] += 1
+            elif joined and e % 20 == 17:
+                who = joined.pop()
+                await call(who, "DELETE", f"/members/{who}")
+                posted["member left"] += 1
+            else:
+                who = f"j{e}"
+                await call(who, "PUT", f"/members/{who}", {"role": "member"})
+                joined.append(who)
+                posted["member joined"] += 1
+    finally:
+        for http in clients.values():
+            http.close()
+    return posted
+
+
 # -- reporting ----------------------------------------------------------------------------------
 
 
@@ -697,7 +1023,25 @@ SHOWN = {
     "rest": ["requests", "created", "requests_per_s", "latency_ms.p50", "latency_ms.p90",
              "latency_ms.p99", "latency_ms.max", "cpu_cores.generator", "cpu_cores.servers",
              "cpu_cores.postgres", "cpu_cores.others"],
+    "roomlist": ["messages", "rooms", "other_rooms", "seed_seconds", "unread_total",
+                 "mentions_total", "big_room.unread", "big_room.mentions",
+                 "read_state_mismatches"] + [f"{k}.{q}" for k in ("room_list", "big_room_get")
+                 for q in ("p50", "p90", "p99", "max")] + [
+                 "room_list_cpu_us.servers", "room_list_cpu_us.postgres",
+                 "room_list_cpu_us.generator"],
+    "resume": ["missed", "seed_seconds", "replayed_kb.resume_texts", "replayed_kb.resume_mixed"]
+              + [f"{k}.{q}" for k in ("resume_texts", "resume_mixed")
+                 for q in ("p50", "p90", "p99", "max")]
+              + ["mixed_over_texts.p50", "mixed_over_texts.p99"],
 }  # fmt: skip
+STREAM_SHOWN = [
+    "gaps", "stream_behind", "reads_sent", "read_frames_received", "receipts_received",
+    "reactions_sent", "reaction_items", "reaction_noops", "reactions_unanswered",
+    "reaction_items_per_receiver.min", "reaction_items_per_receiver.max",
+    "reaction_items_per_receiver.missing",
+]  # fmt: skip
+"""fanout's rows for the stream checks and the reads and reactions (when there are some)."""
+SHOWN["fanout"][7:7] = STREAM_SHOWN
 
 
 def table(scenario: str, report: dict[str, Any]) -> str:
@@ -783,6 +1127,9 @@ def assess(scenario: str, report: dict[str, Any]) -> dict[str, Any]:
               TARGETS["idle_rss_per_connection_kb"])  # fmt: skip
         check("idle connections on one process", chat.get("still_open"),
               TARGETS["idle_connections"], higher_is_better=True)  # fmt: skip
+    elif scenario == "roomlist":
+        check("GET /rooms?mine=true p99 ms", chat.get("room_list", {}).get("p99"),
+              TARGETS["roomlist_p99_ms"])  # fmt: skip
     elif scenario == "history":
         check("worst REST page p99 ms", chat.get("rest_worst_p99_ms"),
               TARGETS["history_rest_p99_ms"])  # fmt: skip
@@ -800,6 +1147,8 @@ RUNNERS: dict[str, Callable[[Context, Target], Awaitable[dict[str, Any]]]] = {
     "idle": idle,
     "history": history,
     "rest": rest,
+    "roomlist": roomlist,
+    "resume": resume,
 }
 
 
@@ -877,7 +1226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="write the report here ('-': stdout)")
     p.add_argument("--database-url", help="an existing (empty) database; default: embedded")
     p.add_argument("--servers", type=int, help="chat-service processes")
-    p.add_argument("--rooms", type=int)
+    p.add_argument("--rooms", type=int, help="roomlist: the user's rooms (as many others)")
     p.add_argument("--connections", type=int, help="per room (fanout, saturate) or total (idle)")
     p.add_argument("--senders", type=int)
     p.add_argument("--rate", type=float, help="fanout: messages/s in total")
@@ -891,9 +1240,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--p99-limit", type=float, help="saturate: ms; a step above it fails")
     p.add_argument("--refine", type=int, help="saturate: bisections after the first failed step")
     p.add_argument("--settle", type=float, help="idle: seconds before reading RSS")
-    p.add_argument("--messages", type=int, help="history: messages in the room")
-    p.add_argument("--reps", type=int, help="history: measurements of each kind")
+    p.add_argument(
+        "--messages",
+        type=int,
+        help="history: messages in the room; roomlist: items in the database; resume: missed",
+    )
+    p.add_argument("--reps", type=int, help="history, roomlist, resume: measurements of each")
     p.add_argument("--clients", type=int, help="rest: concurrent HTTP clients")
+    p.add_argument(
+        "--read-rate",
+        type=float,
+        default=0.0,
+        help="fanout, saturate: read frames per second per connection (0: none); the rooms are "
+        "then made with every connection's user a member",
+    )
+    p.add_argument(
+        "--reaction-rate",
+        type=float,
+        default=0.0,
+        help="fanout, saturate: react frames per second in total, from the senders (0: none)",
+    )
     p.add_argument("--body-chars", type=int, default=100, help="message body length")
     p.add_argument("--concurrency", type=int, help="websocket handshakes at once")
     p.add_argument("--deflate", action="store_true", help="offer permessage-deflate")
@@ -917,6 +1283,14 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         args.timeout = (120.0 if args.tiny else 1800.0) * args.rounds
     if args.rounds < 1 or (args.rounds > 1 and args.scenario not in ROUND_FIGURE):
         raise SystemExit("--rounds: a positive count, and more than 1 for fanout or saturate only")
+    if args.scenario in CHAT_ONLY:
+        if args.only == "trivial":
+            raise SystemExit(f"{args.scenario} measures chat-service only")
+        args.only = "chat"
+    if (args.read_rate or args.reaction_rate) and args.scenario not in ROUND_FIGURE:
+        raise SystemExit("--read-rate and --reaction-rate are for fanout and saturate")
+    if args.read_rate < 0 or args.reaction_rate < 0:
+        raise SystemExit("--read-rate and --reaction-rate: 0 or more")
     return args
 
 

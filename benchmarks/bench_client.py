@@ -2,10 +2,18 @@
 
 Lean means: a peer never calls ``recv()``. ``FastConnection`` hands each complete text frame
 (bytes) to a callback straight from websockets' protocol parser, so no future, task switch or
-queue is spent per frame. ``message`` frames are not JSON-decoded at all: the ``seq`` and the
-``client_msg_id`` (the generator's message index) are sliced out of the bytes; every other
-frame (``ready``, ``ack``, ``error``) is decoded. Every time is ``time.perf_counter()`` of this
-one process, so a latency from a send to a delivery has no clock skew.
+queue is spent per frame. ``message`` frames are not JSON-decoded at all: the ``seq``, the
+``kind`` and the ``client_msg_id`` (the generator's message index) are sliced out of the bytes;
+every other frame (``ready``, ``ack``, ``error``, ``read``, ``receipt``) is decoded.
+
+Besides its paced ``send`` frames a load may send ``read`` frames (every connection, with the
+highest seq it has received) and ``react`` frames (the senders, on a recent message of their
+room, alternately setting and taking back their reaction). Reactions are items of the room's
+stream with seqs of their own: every connection must receive every item, texts and others, in
+seq order and without a gap; latencies are of text messages only.
+
+Every time is ``time.perf_counter()`` of this one process, so a latency from a send to a
+delivery has no clock skew.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import contextlib
 import functools
 import json
 import math
+import random
 import time
 from array import array
 from collections import Counter
@@ -31,6 +40,10 @@ OPEN_TIMEOUT = 30.0
 CLOSE_TIMEOUT = 2.0
 HTTP_TIMEOUT = 10.0
 MESSAGE_PREFIX = b'{"type":"message"'
+KIND_KEY = b'"kind":"'
+REACTION_EMOJI = "\N{THUMBS UP SIGN}"
+REACTION_PREFIX = "r"
+"""``client_msg_id`` of the load's reactions: ``r1``, ``r2``... (its messages': ``0``, ``1``...)."""
 
 
 def make_token(secret: str, user: str, ttl: int = 7200) -> str:
@@ -98,7 +111,8 @@ class Peer:
 
     __slots__ = (
         "room", "room_index", "base", "token", "ws", "load", "started", "ready_at", "ready",
-        "ready_frame", "replayed", "last_seq", "seen",
+        "ready_frame", "replayed", "replayed_bytes", "last_seq", "seen", "last_text_seq",
+        "reactions_seen", "reacted_on", "read_sent", "reads_heard", "receipts_heard",
     )  # fmt: skip
 
     def __init__(self, room: str, room_index: int, base: str, token: str) -> None:
@@ -109,8 +123,15 @@ class Peer:
         self.ready: asyncio.Future[None] | None = None
         self.ready_frame: dict[str, Any] = {}
         self.replayed = 0
-        self.last_seq = 0
+        self.replayed_bytes = 0
+        self.last_seq = 0  # of the stream (every kind): seq order and gaps are checked on it
         self.seen = bytearray()  # per message index of the load: times received
+        self.last_text_seq = 0  # what a reaction of this peer goes on
+        self.reactions_seen = 0  # live reaction items received
+        self.reacted_on = 0  # the seq this peer's reaction is on (0: none)
+        self.read_sent = 0  # the seq of the last read frame sent
+        self.reads_heard = 0  # read frames (the same user's cursor moved elsewhere)
+        self.receipts_heard = 0  # receipt frames (another member's cursor moved)
 
     def url(self, **params: Any) -> str:
         query = {"token": self.token, **{k: v for k, v in params.items() if v is not None}}
@@ -136,12 +157,23 @@ class Peer:
         if data.startswith(MESSAGE_PREFIX):
             i = data.find(b'"seq":') + 6
             seq = int(data[i : data.index(b",", i)])
+            live = self.load if self.ready_at else None
+            k = data.find(KIND_KEY, i, i + 100)  # the trivial server's texts have no kind
+            if k >= 0 and data[k + 8 : k + 12] != b"text":
+                if live is not None:
+                    live.on_item(self, seq, data[k + 8 : k + 16] == b"reaction")
+                else:
+                    self.replayed += 1
+                    self.replayed_bytes += len(data)
+                    self.last_seq = seq
+                return
             j = data.find(b'"client_msg_id":', i) + 16
             cmid = data[j + 1 : data.index(b'"', j + 1)] if data[j : j + 1] == b'"' else None
-            if self.load is not None and self.ready_at:
-                self.load.on_message(self, seq, cmid)
+            if live is not None:
+                live.on_message(self, seq, cmid)
             else:
                 self.replayed += 1
+                self.replayed_bytes += len(data)
                 self.last_seq = seq
             return
         frame = json.loads(data)
@@ -156,7 +188,11 @@ class Peer:
             if self.load is not None:
                 self.load.on_ack(self, frame)
         elif kind == "error" and self.load is not None:
-            self.load.errors[f"error_frame:{frame.get('code')}"] += 1
+            self.load.on_error(frame)
+        elif kind == "receipt":
+            self.receipts_heard += 1
+        elif kind == "read":
+            self.reads_heard += 1
 
     async def close(self) -> None:
         ws, self.ws = self.ws, None
@@ -199,9 +235,25 @@ class Load:
     Message ``i`` carries ``client_msg_id = str(i)``; every peer of its room must receive it
     exactly once. ``step`` groups messages (0 = warm-up, not reported) so a ramp can be judged
     step by step although deliveries of one step may arrive during the next.
+
+    ``read_rate``: every peer sends a ``read`` frame with the highest seq it has received about
+    that many times a second (jittered), when it has received more since its last one.
+    ``reaction_rate``: ``react`` frames per second in total, round robin over the senders; a
+    sender takes back the reaction it set last before it sets a new one on the newest text it
+    has received, so every reaction stores an item (none is an idempotent no-op). Their acks
+    and errors are counted apart from the messages'. Items other than the load's messages are
+    counted in the step being sent when they arrive (each step waits for its reactions' answers
+    and items before the next starts).
     """
 
-    def __init__(self, peers: Sequence[Peer], body_chars: int) -> None:
+    def __init__(
+        self,
+        peers: Sequence[Peer],
+        body_chars: int,
+        *,
+        read_rate: float = 0.0,
+        reaction_rate: float = 0.0,
+    ) -> None:
         self.rooms: dict[int, list[Peer]] = {}
         for peer in peers:
             self.rooms.setdefault(peer.room_index, []).append(peer)
@@ -220,6 +272,20 @@ class Load:
         self.errors: Counter[str] = Counter()
         self.remaining = 0  # deliveries and acks still expected
         self.settled = asyncio.Event()
+        self.read_rate = read_rate
+        self.reaction_rate = reaction_rate
+        self.random = random.Random(15)  # noqa: S311 - jitter, not secrets
+        self.step = 0  # the step being sent: where items other than the messages are counted
+        self.gaps = Counter[int]()  # a peer received seq n + k (k > 1) right after seq n
+        self.room_last: dict[int, int] = {}  # per room: the highest seq acked
+        self.reaction_seqs: dict[int, set[int]] = {}  # per room: the items reactions stored
+        self.reaction_items: dict[int, Counter[int]] = {}  # step -> room -> items stored
+        self.reactions_sent = Counter[int]()
+        self.reaction_noops = Counter[int]()  # acked with the seq of an item stored before
+        self.reaction_errors: dict[int, Counter[str]] = {}  # step -> error code -> count
+        self.reactions_unanswered = 0
+        self.reaction_count = 0
+        self.reads_sent = Counter[int]()
 
     # -- receiving ---------------------------------------------------------------------------
 
@@ -241,14 +307,51 @@ class Load:
         if seq <= peer.last_seq:
             self.out_of_order[step] += 1
         else:
+            if seq != peer.last_seq + 1:
+                self.gaps[step] += 1
             peer.last_seq = seq
+        if seq > peer.last_text_seq:
+            peer.last_text_seq = seq
         self.latency[step].append(now - self.send_t[i])
         self.last_delivery[step] = now
         self._settle_one()
 
+    def on_item(self, peer: Peer, seq: int, reaction: bool) -> None:
+        """A live item that is not a text message (a reaction, or another kind)."""
+        if seq <= peer.last_seq:
+            self.out_of_order[self.step] += 1
+            return
+        if seq != peer.last_seq + 1:
+            self.gaps[self.step] += 1
+        peer.last_seq = seq
+        if reaction:
+            peer.reactions_seen += 1
+
+    def on_error(self, frame: dict[str, Any]) -> None:
+        cmid = frame.get("client_msg_id")
+        if isinstance(cmid, str) and cmid.startswith(REACTION_PREFIX):
+            self.reaction_errors.setdefault(self.step, Counter())[str(frame.get("code"))] += 1
+            self.reactions_unanswered -= 1
+            return
+        self.errors[f"error_frame:{frame.get('code')}"] += 1
+
     def on_ack(self, peer: Peer, frame: dict[str, Any]) -> None:
         now = perf()
-        i = int(frame["client_msg_id"])
+        seq = frame.get("seq")
+        room = peer.room_index
+        if isinstance(seq, int) and seq > self.room_last.get(room, 0):
+            self.room_last[room] = seq
+        cmid = str(frame["client_msg_id"])
+        if cmid.startswith(REACTION_PREFIX):
+            self.reactions_unanswered -= 1
+            stored = self.reaction_seqs.setdefault(room, set())
+            if seq in stored:
+                self.reaction_noops[self.step] += 1
+            else:
+                stored.add(seq)  # type: ignore[arg-type]
+                self.reaction_items.setdefault(self.step, Counter())[room] += 1
+            return
+        i = int(cmid)
         if self.acked[i]:
             self.errors["duplicate_ack"] += 1
             return
@@ -279,6 +382,14 @@ class Load:
             meter.start()
         for table in (self.latency, self.ack_latency, self.lag):
             table[step] = []
+        self.step = step
+        peers = [peer for room in self.rooms.values() for peer in room]
+        heard_before = [(p.reactions_seen, p.reads_heard, p.receipts_heard) for p in peers]
+        extra = []
+        if self.read_rate > 0:
+            extra += [asyncio.create_task(self._reads(peer)) for peer in peers]
+        if self.reaction_rate > 0:
+            extra.append(asyncio.create_task(self._reactions(senders)))
         lag = self.lag[step]
         count = max(1, round(rate * seconds))
         period = 1.0 / rate
@@ -311,12 +422,113 @@ class Load:
                 await ws.send(f'{{"type":"send","body":"{body}","client_msg_id":"{i}"}}')
             except Exception as exc:  # noqa: BLE001 - counted: a send that failed is lost
                 self.errors[f"send_failed:{type(exc).__name__}"] += 1
+        for task in extra:
+            task.cancel()
+        await asyncio.gather(*extra, return_exceptions=True)
         sent_at_end = perf()
+        deadline = sent_at_end + drain
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.settled.wait(), drain)
+        # Reactions: answered, and every peer has every item up to its room's last acked seq.
+        # Polled (bounded by the drain): an event would cost a check on every frame received.
+        while (self.reactions_unanswered > 0 or self._behind(peers)) and perf() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
         figures = self._figures(step, first, len(self.send_t), t0, sent_at_end, rate)
+        figures.update(self._stream_figures(step, peers, heard_before))
         if meter is not None:
             figures["cpu_cores"] = meter.stop()
+        return figures
+
+    def _behind(self, peers: Sequence[Peer]) -> int:
+        """Peers that have not received their room's newest acked item."""
+        last = self.room_last
+        return sum(1 for p in peers if p.last_seq < last.get(p.room_index, 0))
+
+    async def _reads(self, peer: Peer) -> None:
+        """``read`` frames with the highest seq received, ``read_rate`` a second, jittered."""
+        period = 1.0 / self.read_rate
+        uniform = self.random.uniform
+        await asyncio.sleep(uniform(0, period))
+        while True:
+            seq, ws = peer.last_seq, peer.ws
+            if ws is not None and seq > peer.read_sent:
+                peer.read_sent = seq
+                self.reads_sent[self.step] += 1
+                try:
+                    await ws.send(f'{{"type":"read","seq":{seq}}}')
+                except Exception as exc:  # noqa: BLE001 - counted; the peer's loss shows too
+                    self.errors[f"read_failed:{type(exc).__name__}"] += 1
+                    return
+            await asyncio.sleep(period * uniform(0.5, 1.5))
+
+    async def _reactions(self, senders: Sequence[Peer]) -> None:
+        """``reaction_rate`` react frames a second in total (open loop), round robin."""
+        period = 1.0 / self.reaction_rate
+        t0 = perf()
+        k = 0
+        while True:
+            delay = t0 + k * period - perf()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            sender = senders[k % len(senders)]
+            k += 1
+            ws = sender.ws
+            if ws is None:
+                continue
+            if sender.reacted_on:
+                target, on = sender.reacted_on, "false"
+                sender.reacted_on = 0
+            elif sender.last_text_seq:
+                target, on = sender.last_text_seq, "true"
+                sender.reacted_on = target
+            else:
+                continue  # nothing received yet to react to
+            self.reaction_count += 1
+            self.reactions_sent[self.step] += 1
+            self.reactions_unanswered += 1
+            frame = (
+                f'{{"type":"react","target_seq":{target},"emoji":"{REACTION_EMOJI}",'
+                f'"on":{on},"client_msg_id":"{REACTION_PREFIX}{self.reaction_count}"}}'
+            )
+            try:
+                await ws.send(frame)
+            except Exception as exc:  # noqa: BLE001 - counted: never answered
+                self.reactions_unanswered -= 1
+                self.errors[f"react_failed:{type(exc).__name__}"] += 1
+
+    def _stream_figures(
+        self, step: int, peers: Sequence[Peer], heard_before: list[tuple[int, int, int]]
+    ) -> dict[str, Any]:
+        """Stream order over every kind of item, and what reads and reactions did."""
+        stored = self.reaction_items.get(step, Counter())
+        got = [p.reactions_seen - before[0] for p, before in zip(peers, heard_before, strict=True)]
+        missing = sum(max(0, stored[p.room_index] - n) for p, n in zip(peers, got, strict=True))
+        figures: dict[str, Any] = {
+            "gaps": self.gaps[step],
+            "stream_behind": self._behind(peers),
+        }
+        if self.read_rate > 0 or self.reaction_rate > 0:
+            figures.update(
+                {
+                    "reads_sent": self.reads_sent[step],
+                    "read_frames_received": sum(
+                        p.reads_heard - b[1] for p, b in zip(peers, heard_before, strict=True)
+                    ),
+                    "receipts_received": sum(
+                        p.receipts_heard - b[2] for p, b in zip(peers, heard_before, strict=True)
+                    ),
+                    "reactions_sent": self.reactions_sent[step],
+                    "reaction_items": sum(stored.values()),
+                    "reaction_noops": self.reaction_noops[step],
+                    "reaction_errors": dict(self.reaction_errors.get(step, {})),
+                    "reactions_unanswered": self.reactions_unanswered,
+                    "reaction_items_per_receiver": {
+                        "min": min(got, default=0),
+                        "max": max(got, default=0),
+                        "missing": missing,
+                    },
+                }
+            )
         return figures
 
     def _figures(

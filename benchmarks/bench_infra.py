@@ -391,6 +391,14 @@ class Harness:
         await asyncio.gather(*(p.stop() for p in self.processes), return_exceptions=True)
 
 
+FLUSH_THE_COMMIT = "SET LOCAL synchronous_commit = on"
+"""The last statement of a seeding transaction (the rest runs with ``synchronous_commit =
+off``): VACUUM cannot mark a page all-visible while the commit of its rows is not flushed
+(it may not set their hint bits yet), so right after an asynchronous commit it leaves the
+whole table not all-visible, and every index-only scan then reads the heap (the room list's
+count of deleted texts did: 12 ms instead of 3 at 1M)."""
+
+
 async def seed_history(dsn: str, room: str, count: int) -> float:
     """A room holding messages 1..count, inserted with one INSERT ... SELECT; returns seconds."""
     started = time.perf_counter()
@@ -399,15 +407,18 @@ async def seed_history(dsn: str, room: str, count: int) -> float:
         await conn.execute("SET synchronous_commit = off")
         async with conn.transaction():
             room_id = await conn.fetchval(
-                "INSERT INTO room (name, last_seq) VALUES ($1, $2) RETURNING id", room, count
+                "INSERT INTO room (name, last_seq, text_count) VALUES ($1, $2, $2) RETURNING id",
+                room,
+                count,
             )
-            await conn.execute(
-                "INSERT INTO message (room_id, seq, author, body) "
-                "SELECT $1, g, 'u' || (g % 10), 'message body ' || g "
+            await conn.execute(  # every item a text: text_no is the seq (migration 0007)
+                "INSERT INTO message (room_id, seq, author, body, text_no) "
+                "SELECT $1, g, 'u' || (g % 10), 'message body ' || g, g "
                 "FROM generate_series(1, $2::bigint) AS g",
                 room_id,
                 count,
             )
+            await conn.execute(FLUSH_THE_COMMIT)
         # So that autovacuum does not start in the middle of the measurements.
         await conn.execute("VACUUM (ANALYZE) message")
         await conn.execute("VACUUM (ANALYZE) room")
@@ -418,3 +429,270 @@ async def seed_history(dsn: str, room: str, count: int) -> float:
     finally:
         await conn.close()
     return time.perf_counter() - started
+
+
+# -- the room list: a database of rooms with read state ---------------------------------------
+
+ROOMLIST_NON_TEXT = (17, 71, 89)
+"""Positions (seq % 100) of the items that are not text messages in a seeded room: a member
+joining, the delete of the text 40 before, the edit of the text 30 before."""
+_NON_TEXT_BEFORE = (
+    "(3 * ({g} / 100) + ({g} % 100 >= 17)::int + ({g} % 100 >= 71)::int + ({g} % 100 >= 89)::int)"
+)
+"""How many of seqs 1..g are not text messages: a text's ``text_no`` is ``g`` minus this."""
+
+
+def _author(g: str) -> str:
+    """The author of the text at seq ``g``: the measured user now and then, before their
+    cursor only (posting moves the author's cursor), else one of 50 authors who are not
+    members (public rooms)."""
+    return (
+        f"CASE WHEN p.mine AND {g} <= p.cursor AND {g} % 13 = 0 THEN $1 ELSE 'a' || ({g} % 50) END"
+    )
+
+
+async def seed_roomlist(
+    dsn: str, *, user: str, prefix: str, rooms: int, messages: int
+) -> dict[str, Any]:
+    """A database where ``user`` is a member of ``rooms`` rooms among as many others, holding
+    ``messages`` items in all, with exact read state (migration 0007's invariants).
+
+    One room of the user's holds 15% of the items with the user's cursor at a tenth of it
+    (~130,000 unread at 1M); the user's cursors elsewhere go from nothing read to everything
+    read. Every room has ten other members with cursors of their own. In every hundred seqs
+    three items are not texts (a ``member`` item, a ``delete`` of the text 40 before, an
+    ``edit`` of the text 30 before: the deleted texts have no body, the edited ones the new
+    text); one text in 257 mentions the user, one in 41 another user. ``text_no``,
+    ``room.text_count``, ``room.last_seq``, ``read_text_no`` and ``message_mention`` are
+    written as ``chat_post_messages``, ``chat_post_event`` and ``chat_mark_read`` would have.
+    Set-based: one INSERT ... SELECT generate_series per table. Returns the plan and seconds.
+    """
+    started = time.perf_counter()
+    big = rooms // 2
+    big_items = messages * 15 // 100
+    mine_items = (messages - big_items) * 55 // 100
+    other_items = messages - big_items - mine_items
+    names, sizes, cursors, mine = [], [], [], []
+    fractions = (0.0, 0.25, 0.5, 0.8, 0.95, 1.0, 1.0, 0.99)
+
+    def spread(total: int, count: int) -> list[int]:
+        weights = [1 + (i * 7919) % 13 for i in range(count)]
+        out = [total * w // sum(weights) for w in weights]
+        out[-1] += total - sum(out)
+        return out
+
+    mine_sizes = spread(mine_items, rooms - 1)
+    for i in range(rooms):
+        names.append(f"{prefix}-mine-{i:04d}")
+        n = big_items if i == big else mine_sizes[i - (i > big)]
+        sizes.append(n)
+        cursors.append(n // 10 if i == big else int(n * fractions[i % len(fractions)]))
+        mine.append(True)
+    for i, n in enumerate(spread(other_items, rooms)):
+        names.append(f"{prefix}-other-{i:04d}")
+        sizes.append(n)
+        cursors.append(0)
+        mine.append(False)
+    non_text = _NON_TEXT_BEFORE
+    text_no = "g - " + non_text.format(g="g")
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        await conn.execute("SET synchronous_commit = off")
+        await conn.execute("SET work_mem = '256MB'")
+        async with conn.transaction():
+            await conn.execute(
+                """
+                CREATE TEMP TABLE bench_plan ON COMMIT DROP AS
+                SELECT r.name, r.n::bigint AS n, r.cursor::bigint AS cursor, r.mine, r.ord
+                FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::boolean[])
+                    WITH ORDINALITY AS r(name, n, cursor, mine, ord)
+                """,
+                names, sizes, cursors, mine,
+            )  # fmt: skip
+            await conn.execute(
+                f"""
+                INSERT INTO room (name, kind, last_seq, text_count)
+                SELECT name, 'public', n, n - {non_text.format(g="n")} FROM bench_plan
+                """  # noqa: S608 - constant text
+            )
+            await conn.execute("ALTER TABLE bench_plan ADD COLUMN room_id bigint")
+            await conn.execute(
+                "UPDATE bench_plan p SET room_id = r.id FROM room r WHERE r.name = p.name"
+            )
+            # Every item: its kind from its place in its hundred, a text's body (a mention, an
+            # edit's text, or none once deleted), text_no by arithmetic (no window, no sort).
+            await conn.execute(
+                f"""
+                INSERT INTO message (
+                    room_id, seq, author, body, client_msg_id, kind, member_user,
+                    member_action, member_role, target_seq, edited_at, deleted, text_no
+                )
+                SELECT p.room_id, g,
+                    CASE g % 100
+                        WHEN 17 THEN 'm' || ((p.ord * 10 + g / 100 % 10) % 1000)
+                        WHEN 71 THEN {_author("(g - 40)")}
+                        WHEN 89 THEN {_author("(g - 30)")}
+                        ELSE {_author("g")}
+                    END,
+                    CASE
+                        WHEN g % 100 = 89 THEN 'edited text of ' || (g - 30)
+                        WHEN g % 100 IN (17, 71) THEN NULL
+                        WHEN g % 100 = 31 AND g + 40 <= p.n THEN NULL
+                        WHEN g % 100 = 59 AND g + 30 <= p.n THEN 'edited text of ' || g
+                        WHEN g % 257 = 3 THEN 'hey @' || $1 || ', look at ' || g
+                        WHEN g % 41 = 7 THEN 'ping @a' || (g % 50) || ' about ' || g
+                        ELSE 'message body ' || g
+                    END,
+                    'seed-' || g,
+                    CASE g % 100 WHEN 17 THEN 'member' WHEN 71 THEN 'delete'
+                        WHEN 89 THEN 'edit' ELSE 'text' END,
+                    CASE WHEN g % 100 = 17 THEN 'm' || ((p.ord * 10 + g / 100 % 10) % 1000) END,
+                    CASE WHEN g % 100 = 17 THEN 'joined' END,
+                    CASE WHEN g % 100 = 17 THEN 'member' END,
+                    CASE g % 100 WHEN 71 THEN g - 40 WHEN 89 THEN g - 30 END,
+                    CASE WHEN g % 100 = 59 AND g + 30 <= p.n THEN now() END,
+                    g % 100 = 31 AND g + 40 <= p.n,
+                    CASE WHEN g % 100 NOT IN {ROOMLIST_NON_TEXT} THEN {text_no} END
+                FROM bench_plan p, generate_series(1::bigint, p.n) AS g
+                """,  # noqa: S608 - constant text
+                user,
+            )
+            await conn.execute(
+                """
+                INSERT INTO message_mention (room_id, user_id, seq)
+                SELECT m.room_id, u, m.seq
+                FROM bench_plan p
+                JOIN message m ON m.room_id = p.room_id
+                CROSS JOIN LATERAL chat_mentions(m.body) AS u
+                WHERE m.kind = 'text' AND NOT m.deleted AND strpos(m.body, '@') > 0
+                """
+            )
+            # The user's cursors, and ten other members of every room with theirs.
+            await conn.execute(
+                f"""
+                INSERT INTO room_member (room_id, user_id, role, last_read_seq, read_text_no)
+                SELECT p.room_id, $1, CASE WHEN p.ord % 10 = 1 THEN 'owner' ELSE 'member' END,
+                    p.cursor, p.cursor - {non_text.format(g="p.cursor")}
+                FROM bench_plan p WHERE p.mine
+                UNION ALL
+                SELECT p.room_id, 'm' || ((p.ord * 10 + k) % 1000), 'member', c.seq,
+                    c.seq - {non_text.format(g="c.seq")}
+                FROM bench_plan p, generate_series(0, 9) AS k,
+                    LATERAL (SELECT p.n * ((p.ord + k) % 11) / 10 AS seq) AS c
+                """,  # noqa: S608 - constant text
+                user,
+            )
+            await conn.execute(FLUSH_THE_COMMIT)
+        for table in ("message", "room", "room_member", "message_mention"):
+            await conn.execute(f"VACUUM (ANALYZE) {table}")
+        with contextlib.suppress(asyncpg.InsufficientPrivilegeError):
+            await conn.execute("CHECKPOINT")
+    finally:
+        await conn.close()
+    return {
+        "rooms": names[:rooms],
+        "big_room": names[big],
+        "items": sum(sizes),
+        "other_rooms": len(names) - rooms,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+async def roomlist_invariants(dsn: str, prefix: str) -> list[str]:
+    """What breaks migration 0007's invariants in the seeded rooms (a window over every item:
+    seconds at 1M): ``text_no``, ``text_count``, ``last_seq``, ``read_text_no``, mentions,
+    deleted texts."""
+    like = prefix.replace("_", r"\_") + "-%"
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        checks = {
+            "text_no is not 1.. among texts in seq order": """
+                SELECT count(*) FROM (
+                    SELECT m.text_no, row_number() OVER (PARTITION BY m.room_id ORDER BY m.seq) AS n
+                    FROM message m JOIN room r ON r.id = m.room_id
+                    WHERE r.name LIKE $1 AND m.kind = 'text'
+                ) t WHERE t.text_no IS DISTINCT FROM t.n""",
+            "text_no on an item that is not a text": """
+                SELECT count(*) FROM message m JOIN room r ON r.id = m.room_id
+                WHERE r.name LIKE $1 AND m.kind <> 'text' AND m.text_no IS NOT NULL""",
+            "room.text_count or room.last_seq": """
+                SELECT count(*) FROM room r
+                LEFT JOIN LATERAL (
+                    SELECT count(*) FILTER (WHERE kind = 'text') AS texts, max(seq) AS last
+                    FROM message WHERE room_id = r.id
+                ) s ON true
+                WHERE r.name LIKE $1 AND (r.text_count <> s.texts OR r.last_seq <> s.last)""",
+            "read_text_no": """
+                SELECT count(*) FROM room_member rm JOIN room r ON r.id = rm.room_id
+                WHERE r.name LIKE $1 AND rm.read_text_no <> COALESCE((
+                    SELECT text_no FROM message
+                    WHERE room_id = rm.room_id AND seq <= rm.last_read_seq AND text_no IS NOT NULL
+                    ORDER BY seq DESC LIMIT 1), 0)""",
+            "a member's own text after their cursor": """
+                SELECT count(*) FROM room_member rm JOIN room r ON r.id = rm.room_id
+                JOIN message m ON m.room_id = rm.room_id AND m.author = rm.user_id
+                WHERE r.name LIKE $1 AND m.kind = 'text' AND m.seq > rm.last_read_seq""",
+            "message_mention rows": """
+                SELECT count(*) FROM (
+                    (SELECT m.room_id, u, m.seq FROM message m JOIN room r ON r.id = m.room_id,
+                        chat_mentions(m.body) AS u
+                     WHERE r.name LIKE $1 AND m.kind = 'text' AND NOT m.deleted
+                     EXCEPT ALL
+                     SELECT mm.room_id, mm.user_id, mm.seq FROM message_mention mm
+                     JOIN room r ON r.id = mm.room_id WHERE r.name LIKE $1)
+                    UNION ALL
+                    (SELECT mm.room_id, mm.user_id, mm.seq FROM message_mention mm
+                     JOIN room r ON r.id = mm.room_id WHERE r.name LIKE $1
+                     EXCEPT ALL
+                     SELECT m.room_id, u, m.seq FROM message m JOIN room r ON r.id = m.room_id,
+                        chat_mentions(m.body) AS u
+                     WHERE r.name LIKE $1 AND m.kind = 'text' AND NOT m.deleted)
+                ) d""",
+            "a deleted text with a body, or a delete without its target deleted": """
+                SELECT count(*) FROM message m JOIN room r ON r.id = m.room_id
+                WHERE r.name LIKE $1 AND (
+                    m.kind = 'text' AND m.deleted AND m.body IS NOT NULL
+                    OR m.kind = 'delete' AND NOT EXISTS (
+                        SELECT 1 FROM message t WHERE t.room_id = m.room_id
+                        AND t.seq = m.target_seq AND t.deleted))""",
+        }
+        broken = []
+        for what, sql in checks.items():
+            count = await conn.fetchval(sql, like)
+            if count:
+                broken.append(f"{what}: {count} rows")
+        return broken
+    finally:
+        await conn.close()
+
+
+async def brute_force_read_state(
+    dsn: str, user: str, rooms: list[str]
+) -> dict[str, tuple[int, int, int]]:
+    """Per room of ``user``: ``(last_read_seq, unread, mentions)`` counted from the messages
+    themselves: texts of others after the cursor that are not deleted, and those of them whose
+    body mentions the user (``chat_mentions``, not ``message_mention``)."""
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        await conn.execute("SET work_mem = '256MB'")
+        rows = await conn.fetch(
+            """
+            SELECT r.name, rm.last_read_seq,
+                count(m.seq) AS unread,
+                count(m.seq) FILTER (
+                    WHERE strpos(m.body, '@') > 0
+                    AND $1 IN (SELECT chat_mentions(m.body))
+                ) AS mentions
+            FROM room r
+            JOIN room_member rm ON rm.room_id = r.id AND rm.user_id = $1
+            LEFT JOIN message m ON m.room_id = r.id AND m.seq > rm.last_read_seq
+                AND m.kind = 'text' AND NOT m.deleted AND m.author <> $1
+            WHERE r.name = ANY($2::text[])
+            GROUP BY r.name, rm.last_read_seq
+            """,
+            user,
+            rooms,
+        )
+    finally:
+        await conn.close()
+    return {row["name"]: (row["last_read_seq"], row["unread"], row["mentions"]) for row in rows}

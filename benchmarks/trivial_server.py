@@ -8,7 +8,9 @@ the generator (on the same machine) can do at all.
 * websocket ``/ws/rooms/{room}?token=&history=&since=`` (plain ``websockets`` server): checks
   the HS256 token, replays from memory, sends ``ready``; a ``send`` frame gets the next seq of
   the room, a ``message`` frame is broadcast to the room's connections (sender included) and
-  the sender gets an ``ack``; ``ping`` gets ``pong``.
+  the sender gets an ``ack``; ``ping`` gets ``pong``; ``react`` is a ``reaction`` item with
+  the next seq, broadcast and acked like a send (no checks); ``read`` is ignored (no cursors,
+  no receipts); any other type gets an ``unknown_type`` error frame.
 * HTTP/1.1 with keep-alive on ``--http-port`` (a bare asyncio protocol):
   ``GET /rooms/{room}/messages?limit=&before=&after=`` (a page, same JSON shape as the
   service), ``POST /rooms/{room}/messages`` (store in memory, broadcast, 201), ``GET /healthz``
@@ -79,16 +81,21 @@ class Room:
             return dumps({"type": "message", **self.message(seq)})
         return self.frames[seq - self.seeded - 1]
 
-    def post(self, author: str, body: str, client_msg_id: str | None) -> dict[str, Any]:
+    def post(
+        self, author: str, body: str | None, client_msg_id: str | None, **item: Any
+    ) -> dict[str, Any]:
+        """A text message, or with ``item`` (``kind`` and its fields) another kind of item."""
         seq = self.last_seq + 1
         message = {
             "room": self.name,
             "seq": seq,
             "id": seq,
+            **({"kind": item.pop("kind")} if item else {}),
             "author": author,
             "body": body,
             "client_msg_id": client_msg_id,
             "created_at": now_iso(),
+            **item,
         }
         frame = dumps({"type": "message", **message})
         self.messages.append(message)
@@ -160,8 +167,21 @@ class TrivialServer:
                     await ws.send(dumps({"type": "error", "code": "invalid_json"}))
                     continue
                 kind = frame.get("type") if isinstance(frame, dict) else None
-                if kind == "send":
-                    message = room.post(user, frame.get("body"), frame.get("client_msg_id"))
+                if kind == "read":
+                    continue  # not answered by the service either
+                if kind in ("send", "react"):
+                    if kind == "send":
+                        message = room.post(user, frame.get("body"), frame.get("client_msg_id"))
+                    else:
+                        message = room.post(
+                            user,
+                            None,
+                            frame.get("client_msg_id"),
+                            kind="reaction",
+                            target_seq=frame.get("target_seq"),
+                            emoji=frame.get("emoji"),
+                            on=frame.get("on", True),
+                        )
                     ack = {
                         "type": "ack",
                         "client_msg_id": message["client_msg_id"],

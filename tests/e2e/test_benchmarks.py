@@ -138,3 +138,66 @@ def test_rest(fresh_database, tmp_path: Path) -> None:  # type: ignore[no-untype
         assert result["created"] > 0
         assert result["errors"] == {}
         assert result["latency_ms"]["p99"] is not None
+
+
+@pytest.mark.timeout(SCENARIO_TIMEOUT + 30)
+def test_fanout_with_reads_and_reactions(  # type: ignore[no-untyped-def]
+    fresh_database, tmp_path: Path
+) -> None:
+    extra = ("--read-rate", "2", "--reaction-rate", "20")
+    data = run_bench("fanout", fresh_database(), tmp_path, *extra)
+    for name in ("chat", "trivial"):
+        result = data[name]
+        assert result["lost"] == result["duplicated"] == result["out_of_order"] == 0
+        assert result["gaps"] == result["stream_behind"] == 0
+        assert result["delivered"] == result["expected_deliveries"] > 0
+        assert result["reads_sent"] > 0
+        assert result["reactions_sent"] == result["reaction_items"] > 0
+        assert result["reaction_noops"] == result["reactions_unanswered"] == 0
+        per_receiver = result["reaction_items_per_receiver"]
+        assert per_receiver["missing"] == 0
+        assert per_receiver["min"] > 0
+    # Every connection's user is a member: cursors move, small rooms get receipts.
+    assert data["chat"]["receipts_received"] > 0
+    assert data["trivial"]["receipts_received"] == 0
+
+
+@pytest.mark.timeout(SCENARIO_TIMEOUT + 30)
+def test_saturate_with_reactions(fresh_database, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    data = run_bench("saturate", fresh_database(), tmp_path, "--reaction-rate", "20")
+    for name in ("chat", "trivial"):
+        result = data[name]
+        assert result["sustained_rate"] > 0, result["stop_reason"]
+        for step in result["steps"]:
+            assert step["reaction_items_per_receiver"]["missing"] == 0
+            assert step["gaps"] == 0
+
+
+@pytest.mark.timeout(SCENARIO_TIMEOUT + 30)
+def test_roomlist(fresh_database, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    data = run_bench("roomlist", fresh_database(), tmp_path, "--only", "chat")
+    result = data["chat"]
+    assert "trivial" not in data
+    assert result["messages"] == 20_000
+    assert result["invariants_checked"] is True  # the seed keeps migration 0007's invariants
+    assert result["read_state_mismatches"] == 0
+    assert result["unread_total"] > result["big_room"]["unread"] > 0
+    assert result["mentions_total"] >= result["big_room"]["mentions"] > 0
+    for kind in ("room_list", "big_room_get"):
+        assert result[kind]["n"] == 20
+        assert result[kind]["p99"] is not None
+    assert data["targets"]["GET /rooms?mine=true p99 ms"]["value"] is not None
+
+
+@pytest.mark.timeout(SCENARIO_TIMEOUT + 30)
+def test_resume(fresh_database, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    data = run_bench("resume", fresh_database(), tmp_path, "--only", "chat")
+    result = data["chat"]
+    assert result["missed"] == 100
+    assert sum(result["mixed_kinds"].values()) == 100
+    assert set(result["mixed_kinds"]) == {
+        "reaction on", "reaction off", "edit", "delete", "member joined", "member left"
+    }  # fmt: skip
+    for kind in ("resume_texts", "resume_mixed"):
+        assert result[kind]["n"] == 10
+    assert result["mixed_over_texts"]["p50"] > 0

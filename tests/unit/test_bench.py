@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from benchmarks.bench import refined_rate
@@ -74,3 +76,86 @@ def test_the_docs_table_has_one_working_command_per_scenario() -> None:
     for argv in bench:
         assert resolve(build_parser().parse_args(argv)).scenario == argv[0]
     assert ("benchmarks.soak", "") in commands
+
+
+def test_scenarios_without_a_trivial_counterpart_measure_chat_only() -> None:
+    from benchmarks.bench import CHAT_ONLY, build_parser, resolve
+
+    for scenario in CHAT_ONLY:
+        assert resolve(build_parser().parse_args([scenario, "--tiny"])).only == "chat"
+        with pytest.raises(SystemExit):
+            resolve(build_parser().parse_args([scenario, "--only", "trivial"]))
+
+
+def test_reads_and_reactions_are_options_of_fanout_and_saturate_only() -> None:
+    from benchmarks.bench import build_parser, resolve
+
+    for scenario in ("fanout", "saturate"):
+        argv = [scenario, "--read-rate", "1", "--reaction-rate", "50"]
+        args = resolve(build_parser().parse_args(argv))
+        assert (args.read_rate, args.reaction_rate) == (1.0, 50.0)
+        assert resolve(build_parser().parse_args([scenario])).read_rate == 0.0
+    for argv in (["history", "--read-rate", "1"], ["fanout", "--reaction-rate", "-1"]):
+        with pytest.raises(SystemExit):
+            resolve(build_parser().parse_args(argv))
+
+
+def _room_of_two() -> tuple[Any, Any, Any]:
+    from benchmarks.bench_client import Load, Peer
+
+    sender, receiver = (Peer("r", 0, "ws://x", "t") for _ in range(2))
+    load = Load([sender, receiver], 10, reaction_rate=1.0)
+    for peer in (sender, receiver):
+        peer.ready_at = 1.0
+        peer.last_seq = 4  # the ready frame's
+    return load, sender, receiver
+
+
+def _text(seq: int, index: int) -> bytes:
+    return (
+        f'{{"type":"message","room":"r","seq":{seq},"id":9,"created_at":"2026-01-01T00:00:00'
+        f'.000000Z","kind":"text","author":"a","body":"b","client_msg_id":"{index}"}}'
+    ).encode()
+
+
+def _reaction(seq: int) -> bytes:
+    return (
+        f'{{"type":"message","room":"r","seq":{seq},"id":9,"created_at":"2026-01-01T00:00:00'
+        f'.000000Z","kind":"reaction","author":"a","target_seq":5,"emoji":"x","on":true,'
+        f'"client_msg_id":"r1"}}'
+    ).encode()
+
+
+def test_reaction_items_take_seqs_in_the_stream_without_counting_as_messages() -> None:
+    load, sender, receiver = _room_of_two()
+    load.send_t.append(0.0)
+    load.room_of.append(0)
+    load.step_of.append(1)
+    load.acked.append(0)
+    load.latency[1] = []
+    load.ack_latency[1] = []
+    load.step = 1
+    receiver.on_text(_text(5, 0))
+    receiver.on_text(_reaction(6))
+    sender.on_text(b'{"type":"ack","client_msg_id":"r1","seq":6}')
+    assert (receiver.last_seq, receiver.last_text_seq, receiver.reactions_seen) == (6, 5, 1)
+    assert len(load.latency[1]) == 1  # the text's only
+    assert load.reaction_items[1][0] == 1 and load.room_last[0] == 6
+    assert load.gaps[1] == load.out_of_order[1] == 0
+    assert load._behind([sender, receiver]) == 1  # the sender has not received seq 6 yet
+    receiver.on_text(_reaction(8))  # seq 7 never came
+    receiver.on_text(_reaction(8))  # and 8 twice
+    assert (load.gaps[1], load.out_of_order[1]) == (1, 1)
+    assert not load.errors
+
+
+def test_a_reactions_error_is_not_a_messages() -> None:
+    load, sender, _ = _room_of_two()
+    load.reactions_unanswered = 1
+    sender.on_text(b'{"type":"error","code":"not_found","client_msg_id":"r3"}')
+    sender.on_text(b'{"type":"error","code":"overloaded","client_msg_id":"3"}')
+    sender.on_text(b'{"type":"receipt","room":"r","user":"u","seq":5}')
+    assert load.reaction_errors == {0: {"not_found": 1}}
+    assert load.reactions_unanswered == 0
+    assert load.errors == {"error_frame:overloaded": 1}
+    assert sender.receipts_heard == 1
