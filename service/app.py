@@ -27,6 +27,7 @@ from service.api import manage as manage_routes
 from service.api import rooms as room_routes
 from service.auth import TokenCodec
 from service.chat.limits import UserLimits
+from service.chat.reads import ReadCursors
 from service.config import Settings, to_asyncpg_dsn
 from service.db.engine import Keepalive, create_engine, create_pool
 from service.db.migrate import ReleaseSchema
@@ -169,14 +170,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 listen_up=lambda: backend.connected,
             )
             stack.push_async_callback(hub.close)
+            publish = None if settings.notify_in_transaction else broadcast.publish
+            reads = ReadCursors(
+                pool,
+                publish,
+                interval=settings.read_flush_interval,
+                receipts_max=settings.receipts_max_members,
+            )
+            reads.start()
+            stack.push_async_callback(reads.close)
             services = Services(
                 settings=settings,
                 pool=pool,
                 writer=writer,
                 tokens=tokens,
-                publish=None if settings.notify_in_transaction else broadcast.publish,
+                publish=publish,
                 limits=UserLimits.from_settings(settings),
                 metrics=metrics,
+                reads=reads,
             )
             # What start-up made (modules, routes, schemas: ~half a million objects) lives as
             # long as the process: out of the collector's sight, a full collection takes a few

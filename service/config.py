@@ -208,6 +208,14 @@ class Settings(BaseSettings):
     """Sends queued for the writer and not yet in a batch; past it new sends get
     ``overloaded`` (with ``retry_after``; REST: 503 with Retry-After) instead of queueing."""
     # -- end of issue 12, unknown outcomes --
+    # -- issue 15, read state (service/chat/reads.py) --
+    read_flush_interval: float = Field(default=0.25, gt=0, le=10)
+    """Seconds a process gathers ``read`` frames before it moves the cursors in one statement
+    (and sends their signals): a client's other devices see the move about this much later."""
+    receipts_max_members: int = Field(default=50, ge=0, le=10_000)
+    """Rooms of at most this many members get ``receipt`` frames (one per user per second at
+    most); 0 turns receipts off."""
+    # -- end of issue 15, read state --
     embedded: bool = False
     """Set by the CLI once it has started the embedded PostgreSQL; not meant to be set by hand."""
 

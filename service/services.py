@@ -13,6 +13,7 @@ import asyncpg
 from service.auth import TokenCodec
 from service.chat.limits import UserLimits
 from service.chat.messages import Publish
+from service.chat.reads import ReadCursors
 from service.config import Settings
 from service.db.writer import MessageWriter
 from service.metrics import Metrics
@@ -29,3 +30,4 @@ class Services:
     """None when NOTIFY goes out inside the insert transaction (the default)."""
     limits: UserLimits
     metrics: Metrics
+    reads: ReadCursors

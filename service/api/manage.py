@@ -17,12 +17,13 @@ from service.api.schemas import (
     MemberRole,
     NewDirectRoom,
     NewRoom,
+    ReadCursor,
     RoomChange,
     RoomList,
     RoomOut,
 )
 from service.auth import MAX_SUBJECT_CHARS, CurrentUser, Principal, RoomName
-from service.chat import rooms
+from service.chat import reads, rooms
 from service.chat.envelope import iso
 from service.config import ROOM_NAME_MAX, ROOM_NAME_PATTERN
 
@@ -65,11 +66,19 @@ def room_json(row: rooms.RoomRow) -> dict[str, object]:
         "role": row.role,
         "last_seq": row.last_seq,
         "created_at": iso(row.created_at),
+        "last_read_seq": row.last_read_seq,
+        "unread": row.unread,
+        "mentions": row.mentions,
     }
 
 
 def member_json(row: rooms.MemberRow) -> dict[str, object]:
-    return {"user": row.user, "role": row.role, "joined_at": iso(row.joined_at)}
+    return {
+        "user": row.user,
+        "role": row.role,
+        "joined_at": iso(row.joined_at),
+        "last_read_seq": row.last_read_seq,
+    }
 
 
 def check_user_id(user: str) -> str:
@@ -86,10 +95,15 @@ async def list_rooms(
     services: ServicesDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     after: Annotated[str | None, Query(pattern=ROOM_NAME_PATTERN, max_length=ROOM_NAME_MAX)] = None,
+    mine: Annotated[bool, Query(description="Only the rooms the caller is a member of")] = False,
 ) -> Response:
     """Public rooms and the rooms the caller is a member of (a service admin: every room), by
-    name, with the caller's ``role`` (null: not a member)."""
-    found = await rooms.list_rooms(services.pool, caller=caller(user), after=after, limit=limit + 1)
+    name, with the caller's ``role`` (null: not a member) and, in their own rooms, their read
+    state: ``last_read_seq``, ``unread`` (text messages of others after it that are not
+    deleted, exact) and ``mentions`` (how many of those mention the caller)."""
+    found = await rooms.list_rooms(
+        services.pool, caller=caller(user), mine=mine, after=after, limit=limit + 1
+    )
     more = len(found) > limit
     found = found[:limit]
     return json_response(
@@ -183,6 +197,25 @@ async def delete_room(room: RoomName, user: CurrentUser, services: ServicesDep) 
     open to it closes with 4403."""
     await rooms.delete_room(
         services.pool, services.publish, caller=charged(services, user), room=room
+    )
+    return Response(status_code=204)
+
+
+@router.put(
+    "/rooms/{room}/read",
+    status_code=204,
+    openapi_extra=body_schema(ReadCursor),
+    responses={**FORBIDDEN, **INVALID},
+)
+async def mark_read(
+    room: RoomName, user: CurrentUser, services: ServicesDep, request: Request
+) -> Response:
+    """Move the caller's read cursor (members only) forward to ``seq`` (at most the room's
+    end; never back): their unread count drops, their other devices get a ``read`` frame, and
+    in small rooms the others a ``receipt``."""
+    cursor = await read_body(request, ReadCursor)
+    await reads.move_cursor(
+        services.pool, services.reads, caller=caller(user), room=room, seq=cursor.seq
     )
     return Response(status_code=204)
 

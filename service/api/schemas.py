@@ -99,6 +99,16 @@ class RoomOut(BaseModel):
     role: Role | None = Field(description="The caller's role; null when not a member")
     last_seq: int
     created_at: datetime
+    last_read_seq: int | None = Field(
+        default=None, description="The caller's read cursor; null when not a member"
+    )
+    unread: int | None = Field(
+        default=None,
+        description="Text messages of others after the cursor that are not deleted (exact)",
+    )
+    mentions: int | None = Field(
+        default=None, description="How many of the unread messages mention the caller (@user)"
+    )
 
 
 class RoomList(BaseModel):
@@ -133,6 +143,7 @@ class MemberOut(BaseModel):
     user: str
     role: Role
     joined_at: datetime
+    last_read_seq: int = Field(description="How far the member has read")
 
 
 class MemberList(BaseModel):
@@ -167,6 +178,17 @@ class MessageEdit(BaseModel):
     body: str = Field(description="The new text (only the message's author edits it)")
     client_msg_id: str | None = Field(
         default=None, description="Your id for this edit: a resend with it is not stored twice"
+    )
+
+
+class ReadCursor(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    seq: int = Field(
+        ge=0,
+        le=2**62,
+        strict=True,
+        description="Read up to here: the cursor moves forward, never back",
     )
 
 

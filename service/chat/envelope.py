@@ -3,11 +3,16 @@ travel on. It sits in ``chat/``, below the transports and the fan-out, because p
 message (``chat.messages``) encodes what the fan-out (``service.realtime``) decodes and
 delivers, and both transports (REST and websocket) write these frames.
 
-A notification payload is ``"<seq>:<sent_at>:<frame>"`` where ``<frame>`` is the exact
+A stream item's notification payload is ``"<seq>:<sent_at>:<frame>"`` where ``<frame>`` is the exact
 ``message`` frame clients receive, so a process forwards it without parsing or re-encoding the
 JSON, and ``<sent_at>`` (epoch seconds, taken just before commit) measures fan-out latency. When
 the frame would pass PostgreSQL's 8000-byte NOTIFY limit the payload is ``"<seq>:<sent_at>:"``
 (a reference) and each listening process reads the message from the database once.
+
+A signal (../shared/DESIGN.md: never stored, no seq) shares the room's channel:
+``"!<to>\n<frame>"``, delivered as it is to the sockets of the room that ``<to>`` names: ``=user``
+that user's, ``-user`` every one but that user's, empty every one. User ids are printable
+(``service.auth``): none holds a newline.
 """
 
 from __future__ import annotations
@@ -115,6 +120,27 @@ def encode_notification(seq: int, frame: str) -> str:
     if len(payload.encode()) > NOTIFY_PAYLOAD_LIMIT:
         return head
     return payload
+
+
+SIGNAL_PREFIX = "!"
+"""Starts a signal's payload; a stream item's starts with a digit, ``ROOM_CLOSED`` with "c"."""
+
+
+def encode_signal(frame: str, *, to: str | None = None, but: str | None = None) -> str:
+    """The payload of a signal for the sockets of user ``to`` in the room, or of every user
+    ``but`` one, or (neither) of everyone."""
+    head = f"={to}" if to is not None else f"-{but}" if but is not None else ""
+    return f"{SIGNAL_PREFIX}{head}\n{frame}"
+
+
+def decode_signal(payload: str) -> tuple[str | None, bool, str]:
+    """``(user, only, frame)`` of a payload that starts with ``SIGNAL_PREFIX``: the frame goes
+    to ``user``'s sockets only (``only``), or to every socket but theirs; ``user`` None: to
+    every socket."""
+    head, _, frame = payload.partition("\n")
+    if len(head) < 2:
+        return None, False, frame
+    return head[2:], head[1] == "=", frame
 
 
 def decode_notification(payload: str) -> tuple[int, float, str | None]:

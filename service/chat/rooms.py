@@ -107,11 +107,11 @@ async def get_room(pool: asyncpg.Pool, *, room: str, caller: Caller) -> RoomRow:
 
 
 async def list_rooms(
-    pool: asyncpg.Pool, *, caller: Caller, after: str | None, limit: int
+    pool: asyncpg.Pool, *, caller: Caller, mine: bool, after: str | None, limit: int
 ) -> list[RoomRow]:
     async with reading(pool) as conn:
         return await db.list_rooms(
-            conn, user=caller.user, everything=caller.admin, after=after, limit=limit
+            conn, user=caller.user, everything=caller.admin, mine=mine, after=after, limit=limit
         )
 
 

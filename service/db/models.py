@@ -47,6 +47,8 @@ class Room(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     kind: Mapped[str] = mapped_column(Text, server_default="public")
     title: Mapped[str | None] = mapped_column(Text)
+    text_count: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    """Text messages the room has had: the last one's ``text_no``."""
 
     __table_args__ = (
         CheckConstraint("last_seq >= 0", name="last_seq_non_negative"),
@@ -66,6 +68,10 @@ class RoomMember(Base):
     user_id: Mapped[str] = mapped_column(Text, primary_key=True, index=True)
     role: Mapped[str] = mapped_column(Text)
     joined_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    last_read_seq: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    """The read cursor: forward only (``chat_mark_read``, and past each message they post)."""
+    read_text_no: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    """The ``text_no`` of the last text message at or before ``last_read_seq``."""
 
     __table_args__ = (CheckConstraint("role IN ('owner', 'admin', 'member')", name="role_known"),)
 
@@ -98,6 +104,8 @@ class Message(Base):
     reaction_count: Mapped[int] = mapped_column(Integer, server_default="0")
     emoji: Mapped[str | None] = mapped_column(Text)
     reaction_on: Mapped[bool | None] = mapped_column(Boolean)
+    text_no: Mapped[int | None] = mapped_column(BigInteger)
+    """A text message's place among the room's text messages (1, 2, 3...): unread counts."""
 
     __table_args__ = (
         UniqueConstraint("room_id", "seq", name="uq_message_room_id_seq"),
@@ -129,6 +137,12 @@ class Message(Base):
             "target_seq",
             postgresql_where=text("target_seq IS NOT NULL"),
         ),
+        Index(
+            "ix_message_deleted_text",
+            "room_id",
+            "seq",
+            postgresql_where=text("kind = 'text' AND deleted"),
+        ),
         CheckConstraint(
             "kind <> 'member' OR (member_user IS NOT NULL"
             " AND member_action IN ('joined', 'left', 'removed', 'role'))",
@@ -150,3 +164,15 @@ class MessageReaction(Base):
     emoji: Mapped[str] = mapped_column(Text, primary_key=True)
     user_id: Mapped[str] = mapped_column(Text, primary_key=True)
     seq: Mapped[int] = mapped_column(BigInteger)
+
+
+class MessageMention(Base):
+    """Who a text message mentions (``@user``) while it has that text: unread mention counts."""
+
+    __tablename__ = "message_mention"
+
+    room_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("room.id", ondelete="CASCADE"), primary_key=True
+    )
+    user_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)

@@ -22,6 +22,11 @@ class RoomRow:
     """The asking user's role; None when not a member."""
     last_seq: int
     created_at: datetime
+    last_read_seq: int | None = None
+    """The asking member's read cursor, ``unread`` text messages of others after it (not
+    deleted) and how many of those ``mentions`` them; all None when not a member."""
+    unread: int | None = None
+    mentions: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,20 +34,44 @@ class MemberRow:
     user: str
     role: str
     joined_at: datetime
+    last_read_seq: int
 
 
-_ROOM = """
-SELECT r.id, r.name, r.kind, r.title, m.role, r.last_seq, r.created_at FROM room r
+_READ_STATE = """
+m.last_read_seq,
+r.text_count - m.read_text_no - (
+    SELECT count(*) FROM message d
+    WHERE d.room_id = r.id AND d.kind = 'text' AND d.deleted AND d.seq > m.last_read_seq
+),
+(
+    SELECT count(*) FROM message_mention mm
+    WHERE mm.room_id = r.id AND mm.user_id = m.user_id AND mm.seq > m.last_read_seq
+)"""
+"""A member's unread and mention counts (migration 0007) from the counters kept at write time:
+the text messages after the cursor (none of them the member's: posting moves it), minus the
+deleted ones there (a partial index holds only those); mentions are a range of the member's
+own rows. NULL for a row without a member."""
+_ROOM = f"""
+SELECT r.id, r.name, r.kind, r.title, m.role, r.last_seq, r.created_at, {_READ_STATE}
+FROM room r
 LEFT JOIN room_member m ON m.room_id = r.id AND m.user_id = $2
 WHERE r.name = $1
-"""
+"""  # noqa: S608 - constant text, no input
 _ROOM_FOR_UPDATE = _ROOM + " FOR UPDATE OF r"
-_LIST = """
-SELECT r.id, r.name, r.kind, r.title, m.role, r.last_seq, r.created_at FROM room r
+_LIST = f"""
+SELECT r.id, r.name, r.kind, r.title, m.role, r.last_seq, r.created_at, {_READ_STATE}
+FROM room r
 LEFT JOIN room_member m ON m.room_id = r.id AND m.user_id = $1
 WHERE ($2 OR r.kind = 'public' OR m.role IS NOT NULL) AND ($3::text IS NULL OR r.name > $3)
 ORDER BY r.name LIMIT $4
-"""
+"""  # noqa: S608 - constant text, no input
+_LIST_MINE = f"""
+SELECT r.id, r.name, r.kind, r.title, m.role, r.last_seq, r.created_at, {_READ_STATE}
+FROM room_member m
+JOIN room r ON r.id = m.room_id
+WHERE m.user_id = $1 AND ($2::text IS NULL OR r.name > $2)
+ORDER BY r.name LIMIT $3
+"""  # noqa: S608 - constant text, no input
 _CREATE = """
 INSERT INTO room (name, kind, title) VALUES ($1, $2, $3)
 ON CONFLICT (name) DO NOTHING
@@ -50,17 +79,27 @@ RETURNING id, name, kind, title, NULL::text, last_seq, created_at
 """
 _ROLE = "SELECT role FROM room_member WHERE room_id = $1 AND user_id = $2"
 _PUT_MEMBER = """
-INSERT INTO room_member (room_id, user_id, role) VALUES ($1, $2, $3)
+INSERT INTO room_member (room_id, user_id, role, last_read_seq, read_text_no)
+SELECT $1, $2, $3, last_seq, text_count FROM room WHERE id = $1
 ON CONFLICT (room_id, user_id) DO UPDATE SET role = excluded.role
-RETURNING user_id, role, joined_at
+RETURNING user_id, role, joined_at, last_read_seq
 """
+"""A new member has read what the room holds (the caller holds the room's lock); a role
+change keeps the cursor."""
 _DELETE_MEMBER = "DELETE FROM room_member WHERE room_id = $1 AND user_id = $2"
 _MEMBERS = """
-SELECT user_id, role, joined_at FROM room_member
+SELECT user_id, role, joined_at, last_read_seq FROM room_member
 WHERE room_id = $1 AND ($2::text IS NULL OR user_id COLLATE "C" > $2)
 ORDER BY user_id COLLATE "C" LIMIT $3
 """
-_MEMBER = "SELECT user_id, role, joined_at FROM room_member WHERE room_id = $1 AND user_id = $2"
+_MEMBER = """
+SELECT user_id, role, joined_at, last_read_seq FROM room_member
+WHERE room_id = $1 AND user_id = $2
+"""
+_MARK_READ = (
+    "SELECT o_room, o_room_id, o_user, o_seq, o_receipts "
+    "FROM chat_mark_read($1::text[], $2::text[], $3::bigint[], $4)"
+)
 _TITLE = "UPDATE room SET title = $2 WHERE id = $1"
 _DELETE_ROOM = "DELETE FROM room WHERE id = $1"
 _APPEND_MEMBER = "SELECT o_seq, o_frame FROM chat_append_member($1, $2, $3, $4, $5, $6, $7)"
@@ -76,10 +115,14 @@ async def room(conn: Conn, *, room: str, user: str, lock: bool = False) -> RoomR
 
 
 async def list_rooms(
-    conn: Conn, *, user: str, everything: bool, after: str | None, limit: int
+    conn: Conn, *, user: str, everything: bool, mine: bool, after: str | None, limit: int
 ) -> list[RoomRow]:
-    """Public rooms and the user's rooms (``everything``: all rooms), by name."""
-    rows = await conn.fetch(_LIST, user, everything, after, limit)
+    """Public rooms and the user's rooms (``everything``: all rooms; ``mine``: the user's
+    only, from the member index), by name."""
+    if mine:
+        rows = await conn.fetch(_LIST_MINE, user, after, limit)
+    else:
+        rows = await conn.fetch(_LIST, user, everything, after, limit)
     return [RoomRow(*row) for row in rows]
 
 
@@ -149,3 +192,30 @@ async def owner_of(conn: Conn, *, room_id: int) -> str | None:
 async def notify(conn: Conn, *, channel: str, payload: str) -> None:
     """A NOTIFY sent at commit (nothing if the transaction rolls back)."""
     await conn.execute(_NOTIFY, channel, payload)
+
+
+@dataclass(frozen=True, slots=True)
+class CursorMoved:
+    """A read cursor ``chat_mark_read`` moved; ``receipts``: the room is small enough for
+    read receipts."""
+
+    room: str
+    room_id: int
+    user: str
+    seq: int
+    receipts: bool
+
+
+async def mark_read(
+    conn: Conn, *, marks: list[tuple[str, str, int]], receipts_max: int
+) -> list[CursorMoved]:
+    """Move the cursors ``(room, user, seq)`` forward (members only, at most to the room's
+    end): the ones that moved."""
+    rows = await conn.fetch(
+        _MARK_READ,
+        [m[0] for m in marks],
+        [m[1] for m in marks],
+        [m[2] for m in marks],
+        receipts_max,
+    )
+    return [CursorMoved(*row) for row in rows]

@@ -42,9 +42,11 @@ from broadcaster import Broadcast
 
 from service.chat.envelope import (
     ROOM_CLOSED,
+    SIGNAL_PREFIX,
     SharedFrame,
     channel_for,
     decode_notification,
+    decode_signal,
     stored_frame,
 )
 from service.chat.history import read_range, read_tail
@@ -300,6 +302,9 @@ class RoomHub:
                     if event.message == ROOM_CLOSED:
                         self._revoke(stream, None)
                         continue
+                    if event.message.startswith(SIGNAL_PREFIX):
+                        self._signal(stream, event.message)
+                        continue
                     seq, sent_at, frame = decode_notification(event.message)
                     if frame is None:
                         frame = await self._load(room, seq)
@@ -391,6 +396,15 @@ class RoomHub:
         for outbox in list(stream.outboxes):
             if user is None or outbox.user == user:
                 outbox.end(AccessRevoked)
+
+    @staticmethod
+    def _signal(stream: _RoomStream, payload: str) -> None:
+        """A signal (``envelope.encode_signal``): its frame, as it is, to the sockets it is
+        for (one user's, every user's but one's, everyone's)."""
+        user, only, frame = decode_signal(payload)
+        for outbox in stream.outboxes:
+            if user is None or (outbox.user == user) is only:
+                outbox.put(frame)
 
     @staticmethod
     def _dispatch(stream: _RoomStream, item: Live | Marker) -> None:

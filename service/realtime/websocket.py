@@ -527,10 +527,21 @@ class RoomConnection:
             return self._change(frame, kind)
         if kind == "react":
             return self._change(frame, "reaction")
+        if kind == "read":
+            return self._read(frame)
         return self._error(
             UnknownType.code,
-            "'type' must be 'send', 'edit', 'delete', 'react', 'ping' or 'auth'",
+            "'type' must be 'send', 'edit', 'delete', 'react', 'read', 'ping' or 'auth'",
         )
+
+    def _read(self, frame: dict[str, Any]) -> str | None:
+        """Not answered (unless invalid): the cursor moves with the process's next flush
+        (``service.chat.reads``), and the user's other sockets get a ``read`` frame."""
+        seq = frame.get("seq")
+        if type(seq) is not int or not 0 <= seq <= MAX_SEQ:
+            return self._error(InvalidFrame.code, "'seq' must be a seq of the room")
+        self.services.reads.mark(self.room, self.principal.user_id, seq)
+        return None
 
     def _auth(self, frame: dict[str, Any]) -> str:
         """Refuse an ``auth`` frame that is malformed or over ``ws_auth_rate``; raise ``_Renew``

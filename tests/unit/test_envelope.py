@@ -6,10 +6,13 @@ from datetime import UTC, datetime
 
 from service.chat.envelope import (
     NOTIFY_PAYLOAD_LIMIT,
+    SIGNAL_PREFIX,
     channel_for,
     decode_notification,
+    decode_signal,
     dumps,
     encode_notification,
+    encode_signal,
     message_object,
     stored_frame,
 )
@@ -101,3 +104,12 @@ def test_acks_are_the_json_of_their_fields_byte_for_byte():
         fields = {"type": "ack", "client_msg_id": cmid, "seq": 42, "id": 7}
         fields["created_at"] = iso(record.created_at)
         assert ack_frame(record) == json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
+
+
+def test_a_signal_names_whose_sockets_it_is_for():
+    frame = '{"type":"read","room":"r","seq":3}'
+    assert decode_signal(encode_signal(frame)) == (None, False, frame)
+    assert decode_signal(encode_signal(frame, to="bob")) == ("bob", True, frame)
+    assert decode_signal(encode_signal(frame, but="b:o b")) == ("b:o b", False, frame)
+    assert encode_signal(frame).startswith(SIGNAL_PREFIX)
+    assert not encode_notification(3, frame).startswith(SIGNAL_PREFIX)
