@@ -38,6 +38,7 @@ const QUOTE_CHARS = 100;                  // a reply's quote: the start of the r
 const FLASH_MS = 1600;                    // how long a message jumped to from a quote is highlighted
 const READ_EVERY_MS = 1000;               // at most one `read` frame a second
 const ROOMS_EVERY_MS = 10_000;            // room list (unread counts) refresh while the page is visible
+const RECEIPT_ROOM_MAX = 50;              // server default CHAT_RECEIPTS_MAX_MEMBERS: "seen by" up to this
 const CHANGE_ERRORS = {
   forbidden: 'not allowed',
   not_found: 'no such message (or reaction)',
@@ -114,10 +115,13 @@ const changes = new Map();  // client_msg_id -> {type, seq} of our edit / delete
 let roomErrorTimer = 0;
 let replying = null;        // the message the composer answers: {room, seq, author, quote}, or null
 // Read cursors. `sent`: room -> highest seq the server has from us or another of our devices
-// (a `read` goes out only when the shown seq passes it). `marker`: the open room's cursor when
-// it was opened, moved by other devices' reads: the "new messages" line goes after it.
-// `unsupported`: the server answered a `read` with unknown_type (an older server): stop sending.
-const reads = { sent: new Map(), lastAt: 0, timer: 0, marker: null, unsupported: false };
+// (a `read` goes out only when the shown seq passes it); `own`: room -> highest seq this page
+// sent (the server's `read` frame comes back to this socket too). `marker`: the open room's
+// cursor when it was opened, moved by other devices' reads: the "new messages" line goes after
+// it. `unsupported`: the server answered a `read` with unknown_type (an older one): stop sending.
+const reads = {
+  sent: new Map(), own: new Map(), lastAt: 0, timer: 0, marker: null, unsupported: false,
+};
 const receipts = new Map();  // open room: user -> highest seq they read (small rooms' `receipt`)
 
 // ---------------------------------------------------------------- helpers
@@ -382,35 +386,29 @@ function goToMessage(seq) {
   msg.flashTimer = setTimeout(() => msg.el?.classList.remove('flash'), FLASH_MS);
 }
 
-/** `@user` for the signed-in user, as a whole id (not a prefix of a longer one). */
-let mentionCache = { user: null, re: null };
-function mentionRe() {
-  if (mentionCache.user !== auth.user) {
-    const esc = auth.user.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
-    mentionCache = {
-      user: auth.user,
-      re: auth.user ? new RegExp(`(?<![\\w.@-])@${esc}(?![\\w-]|\\.[\\w-])`, 'g') : null,
-    };
-  }
-  return mentionCache.re;
+/**
+ * `@id` mentions, by the server's rule (chat_mentions, migration 0007): an id of letters,
+ * digits, `_ . -` not ending in `.` or `-` ("@bob." is bob), not inside a word or an address.
+ */
+const MENTION_RE = /(?<![A-Za-z0-9_.@-])@([A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,126}[A-Za-z0-9_])?)/g;
+
+/** Where `body` mentions the signed-in user: [{at, end}] of each `@user`. */
+function myMentions(body) {
+  if (!auth.user || !body || !body.includes('@')) return [];
+  return [...body.matchAll(MENTION_RE)]
+    .filter((m) => m[1] === auth.user)
+    .map((m) => ({ at: m.index, end: m.index + m[0].length }));
 }
 
-function mentionsMe(body) {
-  const re = mentionRe();
-  if (!re || !body) return false;
-  re.lastIndex = 0;
-  return re.test(body);
-}
+const mentionsMe = (body) => myMentions(body).length > 0;
 
 /** The body as text nodes, with our own `@user` mentions in <mark>. */
 function withMentions(body) {
-  const re = mentionRe();
-  if (!re || !body) return [body];
   const out = [];
   let at = 0;
-  for (const m of body.matchAll(re)) {
-    out.push(body.slice(at, m.index), h('mark', { class: 'mention', text: m[0] }));
-    at = m.index + m[0].length;
+  for (const m of myMentions(body)) {
+    out.push(body.slice(at, m.at), h('mark', { class: 'mention', text: body.slice(m.at, m.end) }));
+    at = m.end;
   }
   out.push(body.slice(at));
   return out;
@@ -642,6 +640,7 @@ function logout(reason = '') {
   clearTimeout(reads.timer);
   Object.assign(reads, { lastAt: 0, timer: 0, marker: null, unsupported: false });
   reads.sent.clear();
+  reads.own.clear();
   renderRoomPanel();
   ui.loginError.textContent = reason;
   ui.chatView.hidden = true;
@@ -688,6 +687,7 @@ function showChat() {
   ui.room.value = localStorage.getItem('chat.room') || ui.room.value;
   scheduleRenewal();
   loadRooms();
+  updateComposer();  // its height is measured only once the view shows
 }
 
 /** GET /rooms (every page) -> clickable chips. Returns false on 401 (token rejected), else true/undefined. */
@@ -710,6 +710,8 @@ async function loadRooms() {
 }
 
 function renderRooms() {
+  // The list is rebuilt every few seconds: a chip that had the keyboard focus gets it back.
+  const focused = ui.rooms.contains(document.activeElement) ? document.activeElement.dataset.room : undefined;
   const chips = roomList.map((r) => {
     const { unread, mentions } = unreadOf(r);
     const counts = unread ? ` · ${unread} unread${mentions ? `, ${mentions} mentioning you` : ''}` : '';
@@ -723,6 +725,7 @@ function renderRooms() {
     return chip;
   });
   ui.rooms.replaceChildren(...(chips.length ? chips : [h('span', { class: 'muted', text: 'none yet' })]));
+  if (focused !== undefined) chips.find((c) => c.dataset.room === focused)?.focus();
 }
 
 /** What a room is called on the page: "@peer" for a direct room, else its title or #name. */
@@ -1279,10 +1282,13 @@ function onReady(r) {
   if (!conn.everLive) {
     addNote(`opened #${r.room}`);
     // Where we had read up to when we came in: the "new messages" line goes after it.
-    const cursor = knownCursor(r.room);
+    // (The list may be a few seconds old: what this page read or heard of since counts too.)
+    const known = knownCursor(r.room);
+    const cursor = known === null ? null : Math.max(known, reads.sent.get(r.room) ?? 0);
     reads.marker = cursor;
-    if (cursor !== null) reads.sent.set(r.room, Math.max(reads.sent.get(r.room) ?? 0, cursor));
+    if (cursor !== null) reads.sent.set(r.room, cursor);
     loadRooms();
+    loadReceipts(r.room);
   } else if (conn.resuming) addNote('reconnected', 'ok');
   Object.assign(conn, { live: true, everLive: true, attempt: 0 });
   placeReadMarker();
@@ -1337,7 +1343,10 @@ function onErrorFrame(f) {
   e.el.append(h('div', { class: 'problem' }, `${f.code}: ${f.detail} `, action));
 }
 
-/** Another of our devices moved the read cursor: the open room's marker follows it. */
+/**
+ * Our read cursor moved: the server tells every socket of ours in the room, this one too. A
+ * move past what this page sent is another device's: the open room's marker follows it.
+ */
 function onReadFrame(f) {
   if (typeof f.room !== 'string' || typeof f.seq !== 'number') return;
   reads.sent.set(f.room, Math.max(reads.sent.get(f.room) ?? 0, f.seq));
@@ -1346,7 +1355,7 @@ function onReadFrame(f) {
     r.last_read_seq = f.seq;
     renderRooms();
   }
-  if (f.room !== conn.room) return;
+  if (f.room !== conn.room || f.seq <= (reads.own.get(f.room) ?? 0)) return;
   reads.marker = Math.max(reads.marker ?? 0, f.seq);
   placeReadMarker();
 }
@@ -1356,6 +1365,21 @@ function onReceipt(f) {
   if (f.room !== conn.room || typeof f.user !== 'string' || typeof f.seq !== 'number') return;
   if (f.user === auth.user) return;
   if (f.seq > (receipts.get(f.user) ?? 0)) receipts.set(f.user, f.seq);
+  renderSeen();
+}
+
+/**
+ * Where the others are when we come in: a small room's members and their cursors (receipts
+ * only say who moved since). Rooms over RECEIPT_ROOM_MAX members get no receipts: skipped.
+ */
+async function loadReceipts(room) {
+  if (!view.info?.role) return;  // only members see the members list (and get receipts)
+  const r = await api('GET', `${roomPath(room)}/members?limit=${RECEIPT_ROOM_MAX}`);
+  if (!r.ok || conn.room !== room || r.data?.next_after) return;
+  for (const m of r.data?.members ?? []) {
+    if (m.user === auth.user || typeof m.last_read_seq !== 'number') continue;
+    if (m.last_read_seq > (receipts.get(m.user) ?? 0)) receipts.set(m.user, m.last_read_seq);
+  }
   renderSeen();
 }
 
@@ -1417,6 +1441,7 @@ function markRead() {
   }
   reads.lastAt = Date.now();
   reads.sent.set(room, seq);
+  reads.own.set(room, seq);
   conn.ws.send(JSON.stringify({ type: 'read', seq }));
 }
 
@@ -1430,6 +1455,7 @@ async function flushRead() {
   const seq = shownSeq();
   if (seq <= (reads.sent.get(room) ?? 0)) return;
   reads.sent.set(room, seq);
+  reads.own.set(room, seq);
   const r = await api('PUT', `${roomPath(room)}/read`, { seq });
   if (r.ok) loadRooms();
 }
