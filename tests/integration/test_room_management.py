@@ -90,6 +90,10 @@ def assert_error(r: httpx.Response, status: int, code: str) -> None:
     assert r.json()["code"] == code, r.text
 
 
+def _without(obj: dict[str, Any], keys: set[str]) -> dict[str, Any]:
+    return {k: v for k, v in obj.items() if k not in keys}
+
+
 # 1. POST /rooms
 
 
@@ -100,7 +104,11 @@ def test_create_room_answers_the_room_object(server):
     r = alice.post("/rooms", {"name": name, "kind": "private", "title": "Plans"})
     assert r.status_code == 201, r.text
     room = r.json()
-    assert set(room) == {"name", "kind", "title", "role", "last_seq", "created_at"}
+    assert set(room) == {
+        "name", "kind", "title", "role", "last_seq", "created_at", "last_read_seq", "unread",
+        "mentions",
+    }  # fmt: skip
+    assert (room["unread"], room["mentions"]) == (0, 0)
     assert (room["name"], room["kind"], room["title"], room["role"]) == (
         name,
         "private",
@@ -288,7 +296,8 @@ def test_direct_rooms_one_per_pair(server, second_server):
     )
     again = bob.post("/rooms/direct", {"user": alice.user})
     assert again.status_code == 200, again.text
-    assert again.json() == {**room, "role": "member"}
+    mine = {"last_read_seq"}  # each member's own
+    assert _without(again.json(), mine) == _without({**room, "role": "member"}, mine)
     assert alice.post("/rooms/direct", {"user": bob.user}).status_code == 200
     assert alice.members(room["name"]) == {alice.user: "member", bob.user: "member"}
     assert bob.listed()[room["name"]]["role"] == "member"
@@ -406,7 +415,7 @@ def test_an_admin_manages_members_and_admins_but_not_the_owner(server):
 
     r = admin.put(f"/rooms/{name}/members/{carol}", {"role": "member"})
     assert r.status_code == 201, r.text
-    assert set(r.json()) == {"user", "role", "joined_at"}
+    assert set(r.json()) == {"user", "role", "joined_at", "last_read_seq"}
     assert (r.json()["user"], r.json()["role"]) == (carol, "member")
     r = admin.put(f"/rooms/{name}/members/{dave}", {"role": "admin"})
     assert (r.status_code, r.json()["role"]) == (201, "admin")
@@ -723,7 +732,8 @@ def test_member_list_pages(server):
         assert r.status_code == 200, r.text
         body = r.json()
         assert len(body["members"]) <= 3
-        assert all(set(m) == {"user", "role", "joined_at"} for m in body["members"])
+        fields = {"user", "role", "joined_at", "last_read_seq"}
+        assert all(set(m) == fields for m in body["members"])
         seen += [(m["user"], m["role"]) for m in body["members"]]
         pages += 1
         after = body["next_after"]
