@@ -1,5 +1,5 @@
-// Chat demo page: dev login, room list with kinds and roles, room membership, a resumable
-// websocket per room, and message edits, deletes and reactions.
+// Chat demo page: dev login, room list with kinds, roles and unread counts, room membership, a
+// resumable websocket per room, message edits, deletes, reactions and replies, read cursors.
 // Plain browser JS, no build step. All user-supplied text is rendered with textContent.
 'use strict';
 
@@ -34,6 +34,11 @@ const REFRESH_DELAY_MS = 300;             // coalesce refreshes after a burst of
 const DM_NAME_RE = /^dm\.([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)$/;
 const EMOJI = ['👍', '❤️', '😂', '🎉', '😮', '👀'];  // the "+" picker
 const ERROR_SHOW_MS = 5000;               // how long a refused edit / delete / react shows
+const QUOTE_CHARS = 100;                  // a reply's quote: the start of the replied text (server rule)
+const FLASH_MS = 1600;                    // how long a message jumped to from a quote is highlighted
+const READ_EVERY_MS = 1000;               // at most one `read` frame a second
+const ROOMS_EVERY_MS = 10_000;            // room list (unread counts) refresh while the page is visible
+const RECEIPT_ROOM_MAX = 50;              // server default CHAT_RECEIPTS_MAX_MEMBERS: "seen by" up to this
 const CHANGE_ERRORS = {
   forbidden: 'not allowed',
   not_found: 'no such message (or reaction)',
@@ -59,7 +64,8 @@ const ui = {
   roomLeave: $('room-leave'), roomDelete: $('room-delete'), roomHint: $('room-hint'),
   memberForm: $('member-form'), memberUser: $('member-user'), memberRole: $('member-role'),
   membersBox: $('members-box'), members: $('members'), panelMsg: $('room-panel-msg'),
-  panelError: $('room-panel-error'),
+  panelError: $('room-panel-error'), replyBar: $('reply-bar'), replyAuthor: $('reply-author'),
+  replyQuote: $('reply-quote'), replyCancel: $('reply-cancel'), seen: $('seen'),
 };
 
 // ---------------------------------------------------------------- state
@@ -100,12 +106,23 @@ const dmPeers = new Map();          // direct room name -> the other member (fro
 const refresh = { timer: 0, list: false };
 
 const lastSeq = new Map();  // room -> highest seq seen (dedupe + resume cursor)
-const outbox = new Map();   // client_msg_id -> {id, body, el, acked, failed, seq}
+const outbox = new Map();   // client_msg_id -> {id, body, reply, el, acked, failed, seq}
 // room -> seq -> text message as shown: {seq, author, body, created_at, edited_at, deleted,
-// reactions: Map(emoji -> {count, me}), own, el, editing, draft, picker}.
+// reply_to: {seq, author, quote, deleted} | null, reactions: Map(emoji -> {count, me}), own, el,
+// editing, draft, picker}.
 const models = new Map();
 const changes = new Map();  // client_msg_id -> {type, seq} of our edit / delete / react frames
 let roomErrorTimer = 0;
+let replying = null;        // the message the composer answers: {room, seq, author, quote}, or null
+// Read cursors. `sent`: room -> highest seq the server has from us or another of our devices
+// (a `read` goes out only when the shown seq passes it); `own`: room -> highest seq this page
+// sent (the server's `read` frame comes back to this socket too). `marker`: the open room's
+// cursor when it was opened, moved by other devices' reads: the "new messages" line goes after
+// it. `unsupported`: the server answered a `read` with unknown_type (an older one): stop sending.
+const reads = {
+  sent: new Map(), own: new Map(), lastAt: 0, timer: 0, marker: null, unsupported: false,
+};
+const receipts = new Map();  // open room: user -> highest seq they read (small rooms' `receipt`)
 
 // ---------------------------------------------------------------- helpers
 
@@ -239,13 +256,14 @@ function withAutoScroll(fn) {
   if (atBottom) ui.log.scrollTop = ui.log.scrollHeight;
 }
 
-function messageItem({ author, body, created_at: createdAt, seq }, own) {
+function messageItem({ author, body, created_at: createdAt, seq, reply }, own) {
   const time = createdAt
     ? h('time', { datetime: createdAt, title: new Date(createdAt).toLocaleString(), text: formatTime(createdAt) })
     : h('time', { text: '' });
   const li = h('li', { class: `msg ${own ? 'own' : 'other'}` },
     h('div', { class: 'meta' }, h('span', { class: 'author', text: author }), time,
       h('span', { class: 'state' })),
+    ...(reply ? [quoteBlock(reply)] : []),
     h('div', { class: 'body', text: body }));
   if (seq) li.dataset.seq = seq;
   return li;
@@ -264,10 +282,20 @@ function modelMessage(m, own) {
   }
   return {
     seq: m.seq, author: m.author, body: m.body ?? '', created_at: m.created_at,
-    edited_at: m.edited_at ?? null, deleted: Boolean(m.deleted), reactions, own,
-    el: null, editing: false, draft: '', picker: false,
+    edited_at: m.edited_at ?? null, deleted: Boolean(m.deleted), reply_to: replyOf(m.reply_to),
+    reactions, own, el: null, editing: false, draft: '', picker: false,
   };
 }
+
+/** A text item's `reply_to` as the page keeps it (a copy: live updates change it in place). */
+function replyOf(r) {
+  if (!r || typeof r !== 'object' || typeof r.seq !== 'number') return null;
+  const deleted = Boolean(r.deleted) || typeof r.quote !== 'string';
+  return { seq: r.seq, author: String(r.author ?? ''), quote: deleted ? null : r.quote, deleted };
+}
+
+/** What the server stores as a reply's quote: the first QUOTE_CHARS code points of the text. */
+const quoteOf = (body) => [...body].slice(0, QUOTE_CHARS).join('');
 
 /** Owners and admins of the open room may delete anyone's message. */
 function canModerate() {
@@ -276,13 +304,18 @@ function canModerate() {
 
 /** (Re)render a model message in place; an open editor is kept (with its focus and caret). */
 function drawMessage(msg) {
-  const parts = [messageMeta(msg), messageBody(msg), messageReactions(msg)];
+  const quote = msg.deleted ? null : messageQuote(msg);
+  const parts = [messageMeta(msg), ...(quote ? [quote] : []), messageBody(msg), messageReactions(msg)];
   if (!msg.el) msg.el = h('li', {}, ...parts);
   else if (msg.editing && msg.el.querySelector('.editor')) {
-    msg.el.children[0].replaceWith(parts[0]);
-    msg.el.children[2].replaceWith(parts[2]);
+    // Everything around the editor (a quote cannot come or go while editing: only a delete does that).
+    for (const part of parts) {
+      const old = [...msg.el.children].find((c) => c.className === part.className);
+      if (old && !old.classList.contains('editor')) old.replaceWith(part);
+    }
   } else msg.el.replaceChildren(...parts);
-  msg.el.className = `msg ${msg.own ? 'own' : 'other'}${msg.deleted ? ' deleted' : ''}`;
+  const mention = !msg.deleted && !msg.own && mentionsMe(msg.body);
+  msg.el.className = `msg ${msg.own ? 'own' : 'other'}${msg.deleted ? ' deleted' : ''}${mention ? ' mention' : ''}`;
   msg.el.dataset.seq = msg.seq;
   return msg.el;
 }
@@ -291,8 +324,9 @@ function redrawMessages() {
   for (const msg of models.get(conn.room)?.values() ?? []) drawMessage(msg);
 }
 
-function linkButton(text, onClick) {
+function linkButton(text, onClick, label = '') {
   const b = h('button', { type: 'button', class: 'link', text });
+  if (label) b.setAttribute('aria-label', label);
   b.addEventListener('click', onClick);
   return b;
 }
@@ -308,6 +342,7 @@ function messageMeta(msg) {
       class: 'edited', text: '(edited)', title: `edited ${new Date(msg.edited_at).toLocaleString()}`,
     }));
   }
+  if (!msg.editing) meta.append(linkButton('reply', () => startReply(msg), `Reply to ${msg.author}`));
   if (msg.own && !msg.editing) meta.append(linkButton('edit', () => startEdit(msg)));
   if (msg.own || canModerate()) meta.append(linkButton('delete', () => confirmDelete(msg)));
   return meta;
@@ -316,7 +351,67 @@ function messageMeta(msg) {
 function messageBody(msg) {
   if (msg.deleted) return h('div', { class: 'body tombstone', text: 'message deleted' });
   if (msg.editing) return messageEditor(msg);
-  return h('div', { class: 'body', text: msg.body });
+  return h('div', { class: 'body' }, ...withMentions(msg.body));
+}
+
+/** The quote above a reply's body; a click goes to the replied message. */
+function messageQuote(msg) {
+  return msg.reply_to ? quoteBlock(msg.reply_to) : null;
+}
+
+function quoteBlock(reply) {
+  const text = reply.deleted
+    ? h('span', { class: 'quote-text tombstone', text: 'deleted message' })
+    : h('span', { class: 'quote-text', text: reply.quote });
+  const b = h('button', {
+    type: 'button', class: 'quote', title: 'Show the replied message',
+    'aria-label': `In reply to ${reply.author}${reply.deleted ? ' (deleted message)' : `: ${reply.quote}`}. Show it`,
+  }, h('span', { class: 'author', text: reply.author }), text);
+  b.addEventListener('click', () => goToMessage(reply.seq));
+  return b;
+}
+
+/** Scroll to a message of the open room and highlight it briefly, if the page has it. */
+function goToMessage(seq) {
+  const msg = models.get(conn.room)?.get(seq);
+  if (!msg?.el?.isConnected) {
+    showRoomError('That message is older than what this page shows.');
+    return;
+  }
+  msg.el.scrollIntoView({ block: 'center', behavior: 'smooth' });
+  msg.el.classList.remove('flash');
+  void msg.el.offsetWidth;  // restart the animation when clicked again
+  msg.el.classList.add('flash');
+  clearTimeout(msg.flashTimer);
+  msg.flashTimer = setTimeout(() => msg.el?.classList.remove('flash'), FLASH_MS);
+}
+
+/**
+ * `@id` mentions, by the server's rule (chat_mentions, migration 0007): an id of letters,
+ * digits, `_ . -` not ending in `.` or `-` ("@bob." is bob), not inside a word or an address.
+ */
+const MENTION_RE = /(?<![A-Za-z0-9_.@-])@([A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,126}[A-Za-z0-9_])?)/g;
+
+/** Where `body` mentions the signed-in user: [{at, end}] of each `@user`. */
+function myMentions(body) {
+  if (!auth.user || !body || !body.includes('@')) return [];
+  return [...body.matchAll(MENTION_RE)]
+    .filter((m) => m[1] === auth.user)
+    .map((m) => ({ at: m.index, end: m.index + m[0].length }));
+}
+
+const mentionsMe = (body) => myMentions(body).length > 0;
+
+/** The body as text nodes, with our own `@user` mentions in <mark>. */
+function withMentions(body) {
+  const out = [];
+  let at = 0;
+  for (const m of myMentions(body)) {
+    out.push(body.slice(at, m.at), h('mark', { class: 'mention', text: body.slice(m.at, m.end) }));
+    at = m.end;
+  }
+  out.push(body.slice(at));
+  return out;
 }
 
 function messageEditor(msg) {
@@ -373,6 +468,25 @@ function startEdit(msg) {
   const area = msg.el.querySelector('.editor textarea');
   area.focus();
   area.setSelectionRange(area.value.length, area.value.length);
+}
+
+/** Answer `msg`: the composer shows its quote until sent or cancelled. */
+function startReply(msg) {
+  replying = { room: conn.room, seq: msg.seq, author: msg.author, quote: quoteOf(msg.body) };
+  renderReplyBar();
+  ui.input.focus();
+}
+
+function cancelReply() {
+  replying = null;
+  renderReplyBar();
+}
+
+function renderReplyBar() {
+  ui.replyBar.hidden = !replying;
+  ui.replyAuthor.textContent = replying?.author ?? '';
+  ui.replyQuote.textContent = replying?.quote ?? '';
+  ui.input.setAttribute('aria-label', replying ? `Reply to ${replying.author}` : 'Message');
 }
 
 function stopEdit(msg) {
@@ -437,6 +551,10 @@ function clearView() {
   outbox.clear();
   models.clear();
   changes.clear();
+  receipts.clear();
+  reads.marker = null;
+  cancelReply();
+  renderSeen();
   ui.empty.hidden = false;
 }
 
@@ -519,6 +637,10 @@ function logout(reason = '') {
   Object.assign(view, { room: null, info: null, missing: false });
   roomList = [];
   dmPeers.clear();
+  clearTimeout(reads.timer);
+  Object.assign(reads, { lastAt: 0, timer: 0, marker: null, unsupported: false });
+  reads.sent.clear();
+  reads.own.clear();
   renderRoomPanel();
   ui.loginError.textContent = reason;
   ui.chatView.hidden = true;
@@ -565,6 +687,7 @@ function showChat() {
   ui.room.value = localStorage.getItem('chat.room') || ui.room.value;
   scheduleRenewal();
   loadRooms();
+  updateComposer();  // its height is measured only once the view shows
 }
 
 /** GET /rooms (every page) -> clickable chips. Returns false on 401 (token rejected), else true/undefined. */
@@ -587,15 +710,22 @@ async function loadRooms() {
 }
 
 function renderRooms() {
+  // The list is rebuilt every few seconds: a chip that had the keyboard focus gets it back.
+  const focused = ui.rooms.contains(document.activeElement) ? document.activeElement.dataset.room : undefined;
   const chips = roomList.map((r) => {
+    const { unread, mentions } = unreadOf(r);
+    const counts = unread ? ` · ${unread} unread${mentions ? `, ${mentions} mentioning you` : ''}` : '';
     const chip = h('button', {
       type: 'button', class: `chip${r.name === view.room ? ' active' : ''}`,
-      title: `${r.name} · ${r.last_seq} messages`,
-    }, roomLabel(r), kindBadge(r.kind), roleBadge(r));
+      title: `${r.name} · ${r.last_seq} messages${counts}`,
+    }, roomLabel(r), kindBadge(r.kind), roleBadge(r), unreadBadge(unread, mentions));
+    chip.dataset.room = r.name;
+    chip.dataset.unread = unread;
     chip.addEventListener('click', () => { ui.room.value = r.name; joinRoom(r.name); });
     return chip;
   });
   ui.rooms.replaceChildren(...(chips.length ? chips : [h('span', { class: 'muted', text: 'none yet' })]));
+  if (focused !== undefined) chips.find((c) => c.dataset.room === focused)?.focus();
 }
 
 /** What a room is called on the page: "@peer" for a direct room, else its title or #name. */
@@ -620,6 +750,24 @@ function kindBadge(kind) {
   const badge = h('span', { class: 'badge', text: kind || '' });
   if (kind) badge.dataset.kind = kind;
   return badge;
+}
+
+/**
+ * A room's unread counts as the list gave them; 0 for the open room (it is being read) and for
+ * a room read to its end since the list was loaded (our `read` may not have been stored yet).
+ */
+function unreadOf(r) {
+  if (typeof r.unread !== 'number' || r.name === conn.room) return { unread: 0, mentions: 0 };
+  if ((reads.sent.get(r.name) ?? 0) >= r.last_seq) return { unread: 0, mentions: 0 };
+  return { unread: r.unread, mentions: typeof r.mentions === 'number' ? r.mentions : 0 };
+}
+
+/** "3" or "3 · @1" (mentions highlighted); nothing when all is read. */
+function unreadBadge(unread, mentions) {
+  if (!unread) return '';
+  return h('span', { class: `badge unread${mentions ? ' mentioned' : ''}` },
+    h('span', { 'aria-hidden': 'true', text: mentions ? `${unread} · @${mentions}` : String(unread) }),
+    h('span', { class: 'sr-only', text: `${unread} unread${mentions ? `, ${mentions} mentioning you` : ''}` }));
 }
 
 function roleBadge(r) {
@@ -833,6 +981,7 @@ function joinRoom(room) {
     ui.roomError.textContent = 'Room names use letters, digits, _ . - (1 to 64 characters).';
     return;
   }
+  flushRead();
   leaveRoom();
   localStorage.setItem('chat.room', room);
   lastSeq.delete(room);  // the view is cleared, so start from recent history again
@@ -996,6 +1145,8 @@ function handleFrame(f) {
     case 'ack': onAck(f); break;
     case 'error': onErrorFrame(f); break;
     case 'auth_ok': onAuthOk(f); break;
+    case 'read': onReadFrame(f); break;
+    case 'receipt': onReceipt(f); break;
     default: break; // pong and anything newer
   }
 }
@@ -1010,6 +1161,7 @@ function onMessage(m) {
   else if (kind === 'member') onMemberItem(m);
   else if (kind === 'edit' || kind === 'delete' || kind === 'reaction') onChangeItem(m);
   // any other kind is newer than this page: skipped silently
+  markRead();
 }
 
 function onTextMessage(m) {
@@ -1024,12 +1176,17 @@ function onTextMessage(m) {
   const msg = modelMessage(m, own);
   roomModel(m.room).set(m.seq, msg);
   withAutoScroll(() => ui.messages.append(drawMessage(msg)));
+  if (conn.live) {
+    if (!own && !$('read-marker')) placeReadMarker();
+    renderSeen();
+  }
   // A never-used name (404) became a public room with its first message: show it as one.
   if (view.missing && view.room === m.room) scheduleRoomRefresh(true);
 }
 
 /** Apply an edit, delete or reaction (live or resumed) to the message it targets, in place. */
 function onChangeItem(m) {
+  if (m.kind === 'edit' || m.kind === 'delete') updateQuotes(m);
   const msg = models.get(m.room)?.get(m.target_seq);
   if (!msg) return;  // older than what the page shows
   if (m.kind === 'edit') {
@@ -1042,6 +1199,38 @@ function onChangeItem(m) {
     applyReaction(msg, m.emoji, m.on !== false, auth.user !== '' && m.author === auth.user);
   }
   drawMessage(msg);
+}
+
+/**
+ * The server rewrites the stored quotes of replies to an edited or deleted message; the page
+ * does the same to what it shows: replies (also to a message older than the page), own replies
+ * not yet confirmed, and the composer's.
+ */
+function updateQuotes(m) {
+  const deleted = m.kind === 'delete';
+  if (!deleted && typeof m.body !== 'string') return;  // an edit of a since deleted message
+  const quote = deleted ? null : quoteOf(m.body);
+  const applies = (r) => r && r.seq === m.target_seq && !r.deleted;
+  for (const msg of models.get(m.room)?.values() ?? []) {
+    if (!applies(msg.reply_to)) continue;
+    Object.assign(msg.reply_to, { quote, deleted });
+    if (!msg.deleted) drawMessage(msg);
+  }
+  if (m.room !== conn.room) return;
+  for (const e of outbox.values()) {
+    if (!applies(e.reply)) continue;
+    Object.assign(e.reply, { quote, deleted });
+    e.el.querySelector('.quote')?.replaceWith(quoteBlock(e.reply));
+  }
+  if (replying && replying.seq === m.target_seq) {
+    if (deleted) {
+      cancelReply();
+      showRoomError('The message you were replying to was deleted.');
+    } else {
+      replying.quote = quote;
+      renderReplyBar();
+    }
+  }
 }
 
 function applyReaction(msg, emoji, on, mine) {
@@ -1090,9 +1279,21 @@ function onReady(r) {
   for (const e of outbox.values()) {
     if (e.acked && e.seq <= seen) { e.el.remove(); outbox.delete(e.id); }
   }
-  if (!conn.everLive) { addNote(`opened #${r.room}`); loadRooms(); }
-  else if (conn.resuming) addNote('reconnected', 'ok');
+  if (!conn.everLive) {
+    addNote(`opened #${r.room}`);
+    // Where we had read up to when we came in: the "new messages" line goes after it.
+    // (The list may be a few seconds old: what this page read or heard of since counts too.)
+    const known = knownCursor(r.room);
+    const cursor = known === null ? null : Math.max(known, reads.sent.get(r.room) ?? 0);
+    reads.marker = cursor;
+    if (cursor !== null) reads.sent.set(r.room, cursor);
+    loadRooms();
+    loadReceipts(r.room);
+  } else if (conn.resuming) addNote('reconnected', 'ok');
   Object.assign(conn, { live: true, everLive: true, attempt: 0 });
+  placeReadMarker();
+  renderSeen();
+  markRead();
   setStatus('live', `live in #${r.room}`);
   if (conn.token !== auth.token) sendToken();  // renewed while this socket was connecting
   // Send whatever was typed while disconnected (same client_msg_id: the server dedupes).
@@ -1116,6 +1317,11 @@ function onAuthOk(f) {
 }
 
 function onErrorFrame(f) {
+  // Only our `read` frames go without an id and may be unknown: an older server. Stop sending them.
+  if (f.code === 'unknown_type' && !f.client_msg_id && reads.lastAt) {
+    reads.unsupported = true;
+    return;
+  }
   const change = f.client_msg_id ? changes.get(f.client_msg_id) : undefined;
   if (change) {
     changes.delete(f.client_msg_id);
@@ -1137,10 +1343,129 @@ function onErrorFrame(f) {
   e.el.append(h('div', { class: 'problem' }, `${f.code}: ${f.detail} `, action));
 }
 
+/**
+ * Our read cursor moved: the server tells every socket of ours in the room, this one too. A
+ * move past what this page sent is another device's: the open room's marker follows it.
+ */
+function onReadFrame(f) {
+  if (typeof f.room !== 'string' || typeof f.seq !== 'number') return;
+  reads.sent.set(f.room, Math.max(reads.sent.get(f.room) ?? 0, f.seq));
+  const r = roomList.find((x) => x.name === f.room);
+  if (r && typeof r.last_read_seq === 'number' && f.seq > r.last_read_seq) {
+    r.last_read_seq = f.seq;
+    renderRooms();
+  }
+  if (f.room !== conn.room || f.seq <= (reads.own.get(f.room) ?? 0)) return;
+  reads.marker = Math.max(reads.marker ?? 0, f.seq);
+  placeReadMarker();
+}
+
+/** A small room's member read up to `seq`: "seen by …" under the last message. */
+function onReceipt(f) {
+  if (f.room !== conn.room || typeof f.user !== 'string' || typeof f.seq !== 'number') return;
+  if (f.user === auth.user) return;
+  if (f.seq > (receipts.get(f.user) ?? 0)) receipts.set(f.user, f.seq);
+  renderSeen();
+}
+
+/**
+ * Where the others are when we come in: a small room's members and their cursors (receipts
+ * only say who moved since). Rooms over RECEIPT_ROOM_MAX members get no receipts: skipped.
+ */
+async function loadReceipts(room) {
+  if (!view.info?.role) return;  // only members see the members list (and get receipts)
+  const r = await api('GET', `${roomPath(room)}/members?limit=${RECEIPT_ROOM_MAX}`);
+  if (!r.ok || conn.room !== room || r.data?.next_after) return;
+  for (const m of r.data?.members ?? []) {
+    if (m.user === auth.user || typeof m.last_read_seq !== 'number') continue;
+    if (m.last_read_seq > (receipts.get(m.user) ?? 0)) receipts.set(m.user, m.last_read_seq);
+  }
+  renderSeen();
+}
+
+/** Who (besides us) has read up to the open room's last text message. */
+function renderSeen() {
+  const shown = [...(models.get(conn.room)?.keys() ?? [])];
+  const last = shown.length ? Math.max(...shown) : 0;
+  const users = last ? [...receipts].filter(([, seq]) => seq >= last).map(([user]) => user).sort() : [];
+  ui.seen.hidden = users.length === 0;
+  ui.seen.textContent = users.length ? `seen by ${users.join(', ')}` : '';
+}
+
+/** The read cursor the room list (or the open room's info) gives for `room`, else null. */
+function knownCursor(room) {
+  const seqs = [roomList.find((r) => r.name === room)?.last_read_seq, view.room === room ? view.info?.last_read_seq : undefined]
+    .filter((x) => typeof x === 'number');
+  return seqs.length ? Math.max(...seqs) : null;
+}
+
+/** The "new messages" line before the first message by someone else after `reads.marker`. */
+function placeReadMarker() {
+  $('read-marker')?.remove();
+  if (reads.marker === null) return;
+  for (const msg of models.get(conn.room)?.values() ?? []) {
+    if (msg.seq > reads.marker && !msg.own && !msg.deleted && msg.el?.isConnected) {
+      msg.el.before(h('li', { id: 'read-marker', class: 'read-marker', role: 'separator', text: 'new messages' }));
+      return;
+    }
+  }
+}
+
+/** The window is in front and the chat is on screen: what the log shows is being read. */
+const attentive = () => document.visibilityState === 'visible' && document.hasFocus() && !ui.chatView.hidden;
+
+/** The highest seq on screen in the log: the newest when scrolled to the bottom. */
+function shownSeq() {
+  const room = conn.room;
+  const log = ui.log.getBoundingClientRect();
+  if (ui.log.scrollHeight - ui.log.scrollTop - ui.log.clientHeight < 60) return lastSeq.get(room) ?? 0;
+  for (let el = ui.messages.lastElementChild; el; el = el.previousElementSibling) {
+    if (el.dataset.seq && el.getBoundingClientRect().top < log.bottom) return Number(el.dataset.seq);
+  }
+  return 0;
+}
+
+/**
+ * Tell the server how far the user has read the open room: `{"type": "read", "seq"}` (no
+ * answer), when the seq shown grows, at most once a second. The room's badge is 0 meanwhile.
+ */
+function markRead() {
+  const room = conn.room;
+  if (!room || !conn.live || reads.unsupported || !attentive()) return;
+  const seq = shownSeq();
+  if (seq <= (reads.sent.get(room) ?? 0)) return;
+  const wait = reads.lastAt + READ_EVERY_MS - Date.now();
+  if (wait > 0) {
+    if (!reads.timer) reads.timer = setTimeout(() => { reads.timer = 0; markRead(); }, wait);
+    return;
+  }
+  reads.lastAt = Date.now();
+  reads.sent.set(room, seq);
+  reads.own.set(room, seq);
+  conn.ws.send(JSON.stringify({ type: 'read', seq }));
+}
+
+/**
+ * Leaving a room with reading not yet sent (the throttle held it back): store it over REST,
+ * which answers, so the room list loaded after it shows the room read.
+ */
+async function flushRead() {
+  const room = conn.room;
+  if (!room || !conn.live || reads.unsupported) return;
+  const seq = shownSeq();
+  if (seq <= (reads.sent.get(room) ?? 0)) return;
+  reads.sent.set(room, seq);
+  reads.own.set(room, seq);
+  const r = await api('PUT', `${roomPath(room)}/read`, { seq });
+  if (r.ok) loadRooms();
+}
+
 // ---------------------------------------------------------------- sending
 
 function transmit(e) {
-  conn.ws.send(JSON.stringify({ type: 'send', body: e.body, client_msg_id: e.id }));
+  const frame = { type: 'send', body: e.body, client_msg_id: e.id };
+  if (e.reply) frame.reply_to = e.reply.seq;
+  conn.ws.send(JSON.stringify(frame));
   setBubbleState(e, 'sending…');
 }
 
@@ -1149,14 +1474,18 @@ function submitMessage() {
   if (!body.trim() || charCount(body) > MAX_CHARS) return;
   if (!conn.room) { ui.roomError.textContent = 'Join a room first.'; return; }
   const id = newId();
-  const el = messageItem({ author: auth.user || 'me', body }, true);
+  const reply = replying && replying.room === conn.room
+    ? { seq: replying.seq, author: replying.author, quote: replying.quote, deleted: false }
+    : null;
+  const el = messageItem({ author: auth.user || 'me', body, reply }, true);
   el.classList.add('pending');
-  const entry = { id, body, el, acked: false, failed: false, seq: 0 };
+  const entry = { id, body, reply, el, acked: false, failed: false, seq: 0 };
   outbox.set(id, entry);
   withAutoScroll(() => ui.pending.append(el));
   ui.log.scrollTop = ui.log.scrollHeight;
   if (conn.live) transmit(entry); else setBubbleState(entry, 'queued');
   ui.input.value = '';
+  cancelReply();
   updateComposer();
 }
 
@@ -1216,8 +1545,23 @@ ui.input.addEventListener('keydown', (ev) => {
   if (ev.key === 'Enter' && !ev.shiftKey && !ev.isComposing) {
     ev.preventDefault();
     submitMessage();
+  } else if (ev.key === 'Escape' && replying) {
+    cancelReply();
   }
 });
+ui.replyCancel.addEventListener('click', () => { cancelReply(); ui.input.focus(); });
+// Reading: the log scrolled, the window came to the front.
+ui.log.addEventListener('scroll', () => markRead(), { passive: true });
+window.addEventListener('focus', () => markRead());
+document.addEventListener('visibilitychange', () => {
+  if (document.visibilityState !== 'visible' || !auth.token || ui.chatView.hidden) return;
+  markRead();
+  loadRooms();
+});
+// Unread counts move while we look elsewhere: refresh the list while the page is visible.
+setInterval(() => {
+  if (auth.token && !ui.chatView.hidden && document.visibilityState === 'visible') loadRooms();
+}, ROOMS_EVERY_MS);
 // Back online while waiting out a backoff: try right away.
 window.addEventListener('online', () => {
   if (conn.room && !conn.ws && conn.everLive) { conn.attempt = 0; connect(); }
