@@ -24,7 +24,7 @@ from service.api.schemas import (
 )
 from service.auth import MAX_SUBJECT_CHARS, CurrentUser, Principal, RoomName
 from service.chat import reads, rooms
-from service.chat.envelope import iso
+from service.chat.envelope import dumps_with_items, iso
 from service.config import ROOM_NAME_MAX, ROOM_NAME_PATTERN
 
 router = APIRouter(tags=["rooms"], responses=ERROR_RESPONSES)
@@ -59,6 +59,8 @@ def charged(services: ServicesDep, principal: Principal) -> rooms.Caller:
 
 
 def room_json(row: rooms.RoomRow) -> dict[str, object]:
+    """The room object; a listed room's is made in SQL (``service.db.rooms._ROOM_JSON``), the
+    same fields and formats."""
     return {
         "name": row.name,
         "kind": row.kind,
@@ -106,11 +108,9 @@ async def list_rooms(
     )
     more = len(found) > limit
     found = found[:limit]
+    next_after = found[-1][0] if more else None
     return json_response(
-        {
-            "rooms": [room_json(r) for r in found],
-            "next_after": found[-1].name if more else None,
-        }
+        dumps_with_items({"next_after": next_after}, "rooms", [room for _, room in found])
     )
 
 

@@ -13,7 +13,7 @@ import asyncpg
 from service.chat.envelope import channel_for, encode_notification
 from service.chat.messages import Publish, check_body, check_client_msg_id, check_seq
 from service.db import events as db
-from service.db.engine import reading
+from service.db.engine import reading, rolled_back
 from service.db.queries import MessageRecord
 from service.db.writer import Stored
 from service.errors import (
@@ -22,7 +22,9 @@ from service.errors import (
     InvalidEmoji,
     InvalidFrame,
     NotFound,
+    OutcomeUnknown,
     TooManyReactions,
+    Unavailable,
 )
 
 log = logging.getLogger(__name__)
@@ -144,22 +146,35 @@ async def post_event(
         emoji = on = None
     cmid = check_client_msg_id(client_msg_id)
     channel = channel_for(room)
-    async with reading(pool) as conn:
-        outcome = await db.post_event(
-            conn,
-            room=room,
-            room_id=room_id,
-            channel=channel,
-            author=author,
-            admin=admin,
-            kind=kind,
-            target_seq=target,
-            body=text,
-            emoji=emoji,
-            on=on,
-            client_msg_id=cmid,
-            notify=publish is None,
-        )
+    sent = False
+    try:
+        async with reading(pool) as conn:
+            sent = True
+            outcome = await db.post_event(
+                conn,
+                room=room,
+                room_id=room_id,
+                channel=channel,
+                author=author,
+                admin=admin,
+                kind=kind,
+                target_seq=target,
+                body=text,
+                emoji=emoji,
+                on=on,
+                client_msg_id=cmid,
+                notify=publish is None,
+            )
+    except Unavailable as exc:
+        if sent and not rolled_back(exc.__cause__):
+            # Sent, and no answer (the connection dropped, the deadline passed): the commit
+            # may have happened. A resend with the same client_msg_id gets the original.
+            raise OutcomeUnknown(
+                "the database did not confirm the change: it may have been stored; resend it "
+                "with the same client_msg_id",
+                cmid,
+            ) from exc
+        raise
     if outcome.error is not None:
         error, detail = _ERRORS[outcome.error]
         raise error(detail)

@@ -108,7 +108,8 @@ async def get_room(pool: asyncpg.Pool, *, room: str, caller: Caller) -> RoomRow:
 
 async def list_rooms(
     pool: asyncpg.Pool, *, caller: Caller, mine: bool, after: str | None, limit: int
-) -> list[RoomRow]:
+) -> list[tuple[str, str]]:
+    """``(name, the room object's JSON)`` of each room the caller may see, by name."""
     async with reading(pool) as conn:
         return await db.list_rooms(
             conn, user=caller.user, everything=caller.admin, mine=mine, after=after, limit=limit

@@ -172,6 +172,15 @@ def is_unavailable(exc: BaseException) -> bool:
     return False
 
 
+def rolled_back(exc: BaseException | None) -> bool:
+    """The server answered the statement with an ERROR (not FATAL): its transaction rolled
+    back. A dropped connection (``ConnectionDoesNotExistError``) has no severity."""
+    if not isinstance(exc, asyncpg.PostgresError):
+        return False
+    severity = getattr(exc, "severity_en", None) or getattr(exc, "severity", None)
+    return severity == "ERROR"
+
+
 async def connect(
     dsn: str,
     application_name: str,

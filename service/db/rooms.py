@@ -42,11 +42,11 @@ m.last_read_seq,
 r.text_count - m.read_text_no - (
     SELECT count(*) FROM message d
     WHERE d.room_id = r.id AND d.kind = 'text' AND d.deleted AND d.seq > m.last_read_seq
-),
+) AS unread,
 CASE WHEN m.user_id IS NOT NULL THEN (
     SELECT count(*) FROM message_mention mm
     WHERE mm.room_id = r.id AND mm.user_id = m.user_id AND mm.seq > m.last_read_seq
-) END"""
+) END AS mentions"""
 """A member's unread and mention counts (migration 0007) from the counters kept at write time:
 the text messages after the cursor (none of them the member's: posting moves it), minus the
 deleted ones there (a partial index holds only those); mentions are a range of the member's
@@ -58,19 +58,37 @@ LEFT JOIN room_member m ON m.room_id = r.id AND m.user_id = $2
 WHERE r.name = $1
 """  # noqa: S608 - constant text, no input
 _ROOM_FOR_UPDATE = _ROOM + " FOR UPDATE OF r"
+_ROOM_JSON = """
+'{"name":' || to_json(x.name)::text || ',"kind":"' || x.kind
+|| '","title":' || COALESCE(to_json(x.title)::text, 'null')
+|| ',"role":' || COALESCE('"' || x.role || '"', 'null')
+|| ',"last_seq":' || x.last_seq
+|| ',"created_at":"' || to_char(x.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
+|| '","last_read_seq":' || COALESCE(x.last_read_seq::text, 'null')
+|| ',"unread":' || COALESCE(x.unread::text, 'null')
+|| ',"mentions":' || COALESCE(x.mentions::text, 'null') || '}'"""
+"""A listed room as the API's room object (``service.api.manage.room_json``, the same fields
+and formats): a list of 200 rooms leaves PostgreSQL as 200 strings, not 1,800 values to decode
+into objects and encode again."""
 _LIST = f"""
-SELECT r.id, r.name, r.kind, r.title, m.role, r.last_seq, r.created_at, {_READ_STATE}
-FROM room r
-LEFT JOIN room_member m ON m.room_id = r.id AND m.user_id = $1
-WHERE ($2 OR r.kind = 'public' OR m.role IS NOT NULL) AND ($3::text IS NULL OR r.name > $3)
-ORDER BY r.name LIMIT $4
+SELECT x.name, {_ROOM_JSON} FROM (
+    SELECT r.name, r.kind, r.title, m.role, r.last_seq, r.created_at,
+        {_READ_STATE}
+    FROM room r
+    LEFT JOIN room_member m ON m.room_id = r.id AND m.user_id = $1
+    WHERE ($2 OR r.kind = 'public' OR m.role IS NOT NULL) AND ($3::text IS NULL OR r.name > $3)
+    ORDER BY r.name LIMIT $4
+) x
 """  # noqa: S608 - constant text, no input
 _LIST_MINE = f"""
-SELECT r.id, r.name, r.kind, r.title, m.role, r.last_seq, r.created_at, {_READ_STATE}
-FROM room_member m
-JOIN room r ON r.id = m.room_id
-WHERE m.user_id = $1 AND ($2::text IS NULL OR r.name > $2)
-ORDER BY r.name LIMIT $3
+SELECT x.name, {_ROOM_JSON} FROM (
+    SELECT r.name, r.kind, r.title, m.role, r.last_seq, r.created_at,
+        {_READ_STATE}
+    FROM room_member m
+    JOIN room r ON r.id = m.room_id
+    WHERE m.user_id = $1 AND ($2::text IS NULL OR r.name > $2)
+    ORDER BY r.name LIMIT $3
+) x
 """  # noqa: S608 - constant text, no input
 _CREATE = """
 INSERT INTO room (name, kind, title) VALUES ($1, $2, $3)
@@ -116,14 +134,14 @@ async def room(conn: Conn, *, room: str, user: str, lock: bool = False) -> RoomR
 
 async def list_rooms(
     conn: Conn, *, user: str, everything: bool, mine: bool, after: str | None, limit: int
-) -> list[RoomRow]:
+) -> list[tuple[str, str]]:
     """Public rooms and the user's rooms (``everything``: all rooms; ``mine``: the user's
-    only, from the member index), by name."""
+    only, from the member index), by name: ``(name, the room object's JSON)`` each."""
     if mine:
         rows = await conn.fetch(_LIST_MINE, user, after, limit)
     else:
         rows = await conn.fetch(_LIST, user, everything, after, limit)
-    return [RoomRow(*row) for row in rows]
+    return [(row[0], row[1]) for row in rows]
 
 
 async def create_room(conn: Conn, *, name: str, kind: str, title: str | None) -> RoomRow | None:

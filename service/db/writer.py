@@ -46,7 +46,13 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from service.db.engine import DEFAULT_KEEPALIVE, Keepalive, connect, is_unavailable
+from service.db.engine import (
+    DEFAULT_KEEPALIVE,
+    Keepalive,
+    connect,
+    is_unavailable,
+    rolled_back,
+)
 from service.db.queries import MessageRecord
 from service.errors import (
     AlreadyDeleted,
@@ -303,10 +309,10 @@ class MessageWriter:
         except _Failed:
             raise
         except Exception as exc:
-            if isinstance(exc, ValueError) or _rolled_back(exc) and not is_unavailable(exc):
+            if isinstance(exc, ValueError) or rolled_back(exc) and not is_unavailable(exc):
                 raise  # refused by asyncpg before sending, or by the statement: not stored
             self._drop_connection()
-            if not sent or _rolled_back(exc):
+            if not sent or rolled_back(exc):
                 log.warning("a batch of %d was not stored: %r", len(batch), exc)
                 raise _Failed(Unavailable, "the database is unavailable, try again") from exc
             log.warning("a batch of %d was sent, its outcome is unknown: %r", len(batch), exc)
@@ -340,15 +346,6 @@ class _Failed(Exception):
         super().__init__(detail)
         self.kind = kind
         self.detail = detail
-
-
-def _rolled_back(exc: BaseException) -> bool:
-    """The server answered the statement with an ERROR (not FATAL): its transaction rolled
-    back. A dropped connection (``ConnectionDoesNotExistError``) has no severity."""
-    if not isinstance(exc, asyncpg.PostgresError):
-        return False
-    severity = getattr(exc, "severity_en", None) or getattr(exc, "severity", None)
-    return severity == "ERROR"
 
 
 def _fail(batch: list[_Send], kind: type[Unavailable | OutcomeUnknown], detail: str) -> None:

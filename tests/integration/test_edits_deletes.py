@@ -964,3 +964,40 @@ async def test_edits_and_deletes_travel_the_redis_bus(own_database, tmp_path):
             assert (tomb["body"], tomb["deleted"]) == (None, True)
     finally:
         redis.kill()
+
+
+# A change whose connection drops after it was sent
+
+
+async def test_an_edit_cut_off_after_it_was_sent_is_outcome_unknown_and_safe_to_resend(
+    server, database_url, room, alice
+):
+    first = say(server, alice, room, "before")
+    async with await Client.connect(server, room, alice) as client:
+        locker = await asyncpg.connect(database_url)
+        try:
+            tx = locker.transaction()
+            await tx.start()
+            await locker.execute("SELECT 1 FROM room WHERE name = $1 FOR UPDATE", room)
+            await client.send_json(edit(first["seq"], "after", "edit-1"))
+            waiting = None
+            for _ in range(100):  # the service's statement waits for the room's lock
+                waiting = await locker.fetchval(
+                    "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND query LIKE '%chat_post_event%'"
+                )
+                if waiting:
+                    break
+                await asyncio.sleep(0.05)
+            assert waiting, "the edit never reached the database"
+            await locker.execute("SELECT pg_terminate_backend($1)", waiting)
+            await tx.rollback()
+        finally:
+            await locker.close()
+        got = await client.recv()
+        assert got["type"] == "error" and got["code"] == "outcome_unknown", got
+        assert got["client_msg_id"] == "edit-1"
+        again = await answer(client, edit(first["seq"], "after", "edit-1"))
+        assert again["type"] == "ack" and again["client_msg_id"] == "edit-1", again
+    edits = [i for i in items(server, alice, room, every=True) if i["kind"] == "edit"]
+    assert len(edits) == 1 and edits[0]["body"] == "after"
