@@ -20,6 +20,9 @@ exact"), never from counting a room's messages at read time:
 * ``message_mention``: who a text message mentions (``@user``), written with the message (only
   for a body that holds an ``@``), rewritten by its edit and removed by its delete: the mention
   count is a range count of the member's own rows after the cursor.
+* ``room.last_deleted_seq`` (the highest seq of a deleted text message) and
+  ``room_member.last_mention_seq`` (of a message that mentioned the member): marks kept at
+  write time that let the room list skip either count where nothing can be after the cursor.
 
 ``chat_post_messages`` (same signature) also writes ``text_no``, mentions and the authors'
 cursors; ``chat_post_event`` keeps mentions in step with edits and deletes; ``chat_mark_read``
@@ -297,8 +300,13 @@ BEGIN
             v_seq := o_seq;
             v_text := v_text + 1;
             IF strpos(m.body, '@') > 0 THEN
-                INSERT INTO message_mention (room_id, user_id, seq)
-                SELECT v_room_id, u, o_seq FROM chat_mentions(m.body) AS u;
+                WITH mentioned AS (
+                    INSERT INTO message_mention (room_id, user_id, seq)
+                    SELECT v_room_id, u, o_seq FROM chat_mentions(m.body) AS u
+                    RETURNING user_id
+                )
+                UPDATE room_member SET last_mention_seq = o_seq
+                WHERE room_id = v_room_id AND user_id IN (SELECT user_id FROM mentioned);
             END IF;
             v_read_room_ids := v_read_room_ids || v_room_id;
             v_read_authors := v_read_authors || m.author;
@@ -478,6 +486,19 @@ BEGIN
         AND first.room_id = c.room_id AND first.author = c.author AND first.cmid = c.cmid
     CROSS JOIN notified
     ORDER BY c.ord;
+
+    -- The mentioned members' marks (``last_mention_seq``), in a statement of their own: one
+    -- statement may not update a member row twice (an author mentioned in the same batch).
+    IF EXISTS (SELECT 1 FROM unnest(p_bodies) AS b WHERE strpos(b, '@') > 0) THEN
+        UPDATE room_member rm SET last_mention_seq = x.seq
+        FROM (
+            SELECT mm.room_id, mm.user_id, max(mm.seq) AS seq
+            FROM unnest(v_ids, v_seqs) AS k(id, seq0)
+            JOIN message_mention mm ON mm.room_id = k.id AND mm.seq > k.seq0
+            GROUP BY mm.room_id, mm.user_id
+        ) x
+        WHERE rm.room_id = x.room_id AND rm.user_id = x.user_id AND rm.last_mention_seq < x.seq;
+    END IF;
 END
 $fn$
 """
@@ -600,7 +621,10 @@ BEGIN
         RETURN;
     END IF;
 
-    UPDATE room SET last_seq = last_seq + 1 WHERE id = v_room.id RETURNING last_seq INTO v_seq;
+    UPDATE room SET last_seq = last_seq + 1,
+        last_deleted_seq = CASE WHEN p_kind = 'delete'
+            THEN GREATEST(last_deleted_seq, p_target) ELSE last_deleted_seq END
+        WHERE id = v_room.id RETURNING last_seq INTO v_seq;
     INSERT INTO message (
         room_id, seq, author, body, client_msg_id, kind, target_seq, emoji, reaction_on
     )
@@ -634,8 +658,14 @@ BEGIN
             UPDATE message SET reply_quote = left(p_body, 100)
             WHERE room_id = v_room.id AND reply_to = p_target;
             IF strpos(p_body, '@') > 0 THEN
-                INSERT INTO message_mention (room_id, user_id, seq)
-                SELECT v_room.id, u, p_target FROM chat_mentions(p_body) AS u;
+                WITH mentioned AS (
+                    INSERT INTO message_mention (room_id, user_id, seq)
+                    SELECT v_room.id, u, p_target FROM chat_mentions(p_body) AS u
+                    RETURNING user_id
+                )
+                UPDATE room_member
+                SET last_mention_seq = GREATEST(last_mention_seq, p_target)
+                WHERE room_id = v_room.id AND user_id IN (SELECT user_id FROM mentioned);
             END IF;
         ELSE
             -- Erased, not hidden: the message's text and every edit of it.
@@ -734,6 +764,13 @@ def upgrade() -> None:
         "room_member",
         sa.Column("read_text_no", sa.BigInteger(), server_default="0", nullable=False),
     )
+    op.add_column(
+        "room", sa.Column("last_deleted_seq", sa.BigInteger(), server_default="0", nullable=False)
+    )
+    op.add_column(
+        "room_member",
+        sa.Column("last_mention_seq", sa.BigInteger(), server_default="0", nullable=False),
+    )
     op.create_table(
         "message_mention",
         sa.Column("room_id", sa.BigInteger(), nullable=False),
@@ -789,6 +826,22 @@ def upgrade() -> None:
         WHERE m.kind = 'text' AND strpos(m.body, '@') > 0
         """
     )
+    op.execute(
+        """
+        UPDATE room r SET last_deleted_seq = d.seq
+        FROM (SELECT room_id, max(seq) AS seq FROM message WHERE kind = 'text' AND deleted
+            GROUP BY room_id) d
+        WHERE r.id = d.room_id
+        """
+    )
+    op.execute(
+        """
+        UPDATE room_member rm SET last_mention_seq = x.seq
+        FROM (SELECT room_id, user_id, max(seq) AS seq FROM message_mention
+            GROUP BY room_id, user_id) x
+        WHERE rm.room_id = x.room_id AND rm.user_id = x.user_id
+        """
+    )
     op.execute(POST_MESSAGES)
     op.execute(POST_EVENT)
     op.execute(MARK_READ)
@@ -824,6 +877,8 @@ def downgrade() -> None:
     )
     op.drop_index(op.f("ix_message_deleted_text"), table_name="message")
     op.drop_table("message_mention")
+    op.drop_column("room_member", "last_mention_seq")
+    op.drop_column("room", "last_deleted_seq")
     op.drop_column("room_member", "read_text_no")
     op.drop_column("room_member", "last_read_seq")
     op.drop_column("message", "text_no")

@@ -49,6 +49,8 @@ class Room(Base):
     title: Mapped[str | None] = mapped_column(Text)
     text_count: Mapped[int] = mapped_column(BigInteger, server_default="0")
     """Text messages the room has had: the last one's ``text_no``."""
+    last_deleted_seq: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    """The highest seq of a deleted text message (0: none): unread counts skip looking."""
 
     __table_args__ = (
         CheckConstraint("last_seq >= 0", name="last_seq_non_negative"),
@@ -72,6 +74,8 @@ class RoomMember(Base):
     """The read cursor: forward only (``chat_mark_read``, and past each message they post)."""
     read_text_no: Mapped[int] = mapped_column(BigInteger, server_default="0")
     """The ``text_no`` of the last text message at or before ``last_read_seq``."""
+    last_mention_seq: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    """The highest seq of a message that mentioned the member (0: none)."""
 
     __table_args__ = (CheckConstraint("role IN ('owner', 'admin', 'member')", name="role_known"),)
 

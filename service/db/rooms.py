@@ -39,18 +39,19 @@ class MemberRow:
 
 _READ_STATE = """
 m.last_read_seq,
-r.text_count - m.read_text_no - (
+r.text_count - m.read_text_no - CASE WHEN r.last_deleted_seq > m.last_read_seq THEN (
     SELECT count(*) FROM message d
     WHERE d.room_id = r.id AND d.kind = 'text' AND d.deleted AND d.seq > m.last_read_seq
-) AS unread,
-CASE WHEN m.user_id IS NOT NULL THEN (
+) ELSE 0 END AS unread,
+CASE WHEN m.last_mention_seq > m.last_read_seq THEN (
     SELECT count(*) FROM message_mention mm
     WHERE mm.room_id = r.id AND mm.user_id = m.user_id AND mm.seq > m.last_read_seq
-) END AS mentions"""
+) WHEN m.user_id IS NOT NULL THEN 0 END AS mentions"""
 """A member's unread and mention counts (migration 0007) from the counters kept at write time:
 the text messages after the cursor (none of them the member's: posting moves it), minus the
 deleted ones there (a partial index holds only those); mentions are a range of the member's
-own rows. NULL for a row without a member."""
+own rows. Each count only where something can be after the cursor (``room.last_deleted_seq``,
+``room_member.last_mention_seq``). NULL for a row without a member."""
 _ROOM = f"""
 SELECT r.id, r.name, r.kind, r.title, m.role, r.last_seq, r.created_at, {_READ_STATE}
 FROM room r

@@ -120,7 +120,8 @@ async def _state(conn: asyncpg.Connection, rooms: dict[str, Any]) -> list[Any]:
             [
                 tuple(r)
                 for r in await conn.fetch(
-                    "SELECT rm.user_id, rm.last_read_seq, rm.read_text_no FROM room_member rm"
+                    "SELECT rm.user_id, rm.last_read_seq, rm.read_text_no, rm.last_mention_seq"
+                    " FROM room_member rm"
                     " JOIN room r ON r.id = rm.room_id WHERE r.name = $1 ORDER BY 1",
                     name,
                 )
