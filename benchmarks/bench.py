@@ -90,7 +90,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "history": {"messages": 1_000_000, "reps": 300, "servers": 1, "concurrency": 1},
     "rest": {"clients": 10, "rooms": 5, "duration": 10.0, "warmup": 1.0, "servers": 2,
              "concurrency": 1},
-    "roomlist": {"messages": 1_000_000, "rooms": 200, "reps": 500, "servers": 1,
+    "roomlist": {"messages": 1_000_000, "rooms": 200, "reps": 2000, "servers": 1,
                  "concurrency": 1},
     "resume": {"messages": 1000, "reps": 200, "servers": 1, "concurrency": 1},
 }  # fmt: skip
