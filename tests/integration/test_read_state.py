@@ -15,6 +15,7 @@ import asyncpg
 import httpx
 import pytest
 
+from tests.redis_support import RedisServer, redis_server_binary
 from tests.support import Client, ServerProcess, make_token
 
 
@@ -324,3 +325,38 @@ async def test_counts_are_exact_with_a_hundred_thousand_unread(server, database_
     state = entry(server, b, room)
     assert state["unread"] == count and state["mentions"] == count // 1000
     assert entry(server, a, room)["unread"] == 0
+
+
+# 6. The same signals on the Redis bus
+
+
+@pytest.mark.skipif(redis_server_binary() is None, reason="no redis-server binary")
+async def test_read_sync_and_receipts_travel_the_redis_bus(own_database, tmp_path):
+    """With Redis as the bus the process that moved a cursor publishes its signals after the
+    commit: the user's other device and the room's other members on the other process."""
+    redis = RedisServer(redis_server_binary(), tmp_path / "redis.log")  # type: ignore[arg-type]
+    redis.start()
+    env = {"CHAT_BROADCAST_URL": redis.url}
+    alice, bob = uid("alice"), uid("bob")
+    a, b = make_token(alice), make_token(bob)
+    try:
+        with (
+            ServerProcess(own_database, log_path=tmp_path / "a.log", env=env) as one,
+            ServerProcess(own_database, log_path=tmp_path / "b.log", env=env) as two,
+        ):
+            room = private_room(one, a, bob)
+            seqs = [say(two, a, room, f"m{i}") for i in range(3)]
+            phone = await Client.connect(one, room, b)
+            laptop = await Client.connect(two, room, b)
+            watcher = await Client.connect(two, room, a)
+            try:
+                await phone.send_json({"type": "read", "seq": seqs[1]})
+                assert (await laptop.recv_type("read"))["seq"] == seqs[1]
+                receipt = await watcher.recv_type("receipt")
+                assert (receipt["user"], receipt["seq"]) == (bob, seqs[1])
+                assert entry(two, b, room)["unread"] == 1
+            finally:
+                for client in (phone, laptop, watcher):
+                    await client.close()
+    finally:
+        redis.kill()
