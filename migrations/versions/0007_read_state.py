@@ -508,7 +508,9 @@ the batch (one INSERT: PostgreSQL sets up the table's CHECK constraints, indexes
 once per batch instead of once per message), gives out ``text_no`` with the seqs, stores
 mentions, moves the authors' read cursors past their messages, NOTIFYs the frames in seq
 order and gives unused seqs back. The same answers, row for row, either way: refusals first,
-then resends (of a stored message, or of one earlier in the batch)."""
+then resends (of a stored message, or of one earlier in the batch). Sized for the writer's batches
+(at most 256, ``MessageWriter.max_batch``): with generic plans its joins are planned for a few
+rows, so a batch of tens of thousands (no caller sends one) would take seconds."""
 
 
 POST_EVENT = """

@@ -163,17 +163,6 @@ def test_fanout_with_reads_and_reactions(  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.timeout(SCENARIO_TIMEOUT + 30)
-def test_saturate_with_reactions(fresh_database, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    data = run_bench("saturate", fresh_database(), tmp_path, "--reaction-rate", "20")
-    for name in ("chat", "trivial"):
-        result = data[name]
-        assert result["sustained_rate"] > 0, result["stop_reason"]
-        for step in result["steps"]:
-            assert step["reaction_items_per_receiver"]["missing"] == 0
-            assert step["gaps"] == 0
-
-
-@pytest.mark.timeout(SCENARIO_TIMEOUT + 30)
 def test_roomlist(fresh_database, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     data = run_bench("roomlist", fresh_database(), tmp_path, "--only", "chat")
     result = data["chat"]

@@ -305,8 +305,8 @@ async def test_counts_are_exact_with_a_hundred_thousand_unread(server, database_
     count = 100_000
     conn = await asyncpg.connect(database_url)
     try:  # stored the way the service stores them, in batches of the writer's function
-        for start in range(0, count, 20_000):
-            n = min(20_000, count - start)
+        for start in range(0, count, 2_000):
+            n = min(2_000, count - start)
             await conn.fetch(
                 "SELECT * FROM chat_post_messages($1, $2, $3, $4, $5, $6, $7, false)",
                 [room] * n,
