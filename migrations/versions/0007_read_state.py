@@ -145,7 +145,7 @@ $fn$
 """
 """The user ids a body mentions: ``@`` then an id of letters, digits, ``_``, ``.`` and ``-``
 (not ending in ``.`` or ``-``, so "@bob." is bob), not inside a word or an e-mail address; at
-most 20 distinct ones (``service.chat.reads.MAX_MENTIONS``): a body of a thousand ``@``s costs
+most 20 distinct ones (docs/protocol.md): a body of a thousand ``@``s costs
 twenty rows."""
 
 POST_MESSAGES = """

@@ -185,7 +185,7 @@ class ReadCursor(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     seq: int = Field(
-        ge=0,
+        ge=1,
         le=2**62,
         strict=True,
         description="Read up to here: the cursor moves forward, never back",

@@ -34,8 +34,6 @@ log = logging.getLogger(__name__)
 
 RECEIPT_INTERVAL = 1.0
 """Seconds between two receipts of one user in one room from one process."""
-MAX_MENTIONS = 20
-"""Distinct users one message mentions at most (``chat_mentions``, migration 0007)."""
 _NOTIFY_ALL = "SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS s(c, p)"
 
 Mark = tuple[str, str]

@@ -50,7 +50,7 @@ from service.chat.envelope import (
 from service.chat.events import check_emoji, check_target, post_event
 from service.chat.history import MAX_SEQ, Reader, Replay, read_replay
 from service.chat.limits import TokenBucket
-from service.chat.messages import check_body, check_client_msg_id, submit_message
+from service.chat.messages import check_body, check_client_msg_id, check_seq, submit_message
 from service.chat.rooms import DIRECT_PREFIX
 from service.db.writer import Stored
 from service.errors import (
@@ -537,9 +537,10 @@ class RoomConnection:
     def _read(self, frame: dict[str, Any]) -> str | None:
         """Not answered (unless invalid): the cursor moves with the process's next flush
         (``service.chat.reads``), and the user's other sockets get a ``read`` frame."""
-        seq = frame.get("seq")
-        if type(seq) is not int or not 0 <= seq <= MAX_SEQ:
-            return self._error(InvalidFrame.code, "'seq' must be a seq of the room")
+        try:
+            seq = check_seq(frame.get("seq"), "seq")
+        except InvalidMessage as exc:
+            return self._error(exc.code, exc.detail)
         self.services.reads.mark(self.room, self.principal.user_id, seq)
         return None
 
