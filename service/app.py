@@ -26,8 +26,11 @@ from service.api import auth as auth_routes
 from service.api import manage as manage_routes
 from service.api import rooms as room_routes
 from service.auth import TokenCodec
+from service.chat.envelope import PRESENCE_SIGNAL, TYPING_SIGNAL, TYPING_STOP
 from service.chat.limits import UserLimits
+from service.chat.presence import Presence
 from service.chat.reads import ReadCursors
+from service.chat.typing import Typing
 from service.config import Settings, to_asyncpg_dsn
 from service.db.engine import Keepalive, create_engine, create_pool
 from service.db.migrate import ReleaseSchema
@@ -179,6 +182,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
             reads.start()
             stack.push_async_callback(reads.close)
+            presence = Presence(
+                pool,
+                publish,
+                interval=settings.presence_interval,
+                grace=settings.presence_grace,
+                timeout=settings.presence_timeout,
+                ready_limit=settings.presence_ready_limit,
+            )
+            await presence.start()
+            stack.push_async_callback(presence.close)
+            typing = Typing(broadcast.publish, ttl=settings.typing_timeout)
+            stack.callback(typing.close)
+            for kind, listener in (
+                (PRESENCE_SIGNAL, presence),
+                (TYPING_SIGNAL, typing),
+                (TYPING_STOP, typing),
+            ):
+                hub.listen(kind, listener)
+            presence.attach(hub.deliver)
+            typing.attach(hub.deliver)
             services = Services(
                 settings=settings,
                 pool=pool,
@@ -188,6 +211,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 limits=UserLimits.from_settings(settings),
                 metrics=metrics,
                 reads=reads,
+                presence=presence,
+                typing=typing,
             )
             # What start-up made (modules, routes, schemas: ~half a million objects) lives as
             # long as the process: out of the collector's sight, a full collection takes a few

@@ -216,6 +216,22 @@ class Settings(BaseSettings):
     """Rooms of at most this many members get ``receipt`` frames (one per user per second at
     most); 0 turns receipts off."""
     # -- end of issue 15, read state --
+    # -- issue 16, presence and typing (service/chat/presence.py, service/chat/typing.py) --
+    presence_interval: float = Field(default=1.0, gt=0, le=60)
+    """Seconds between two ``presence`` frames of a room on a socket: changes meanwhile go
+    out together, so a thousand users reconnecting after a deploy is a few frames."""
+    presence_grace: float = Field(default=5.0, ge=0, le=300)
+    """Seconds a user whose last socket closed stays present: a reconnect within it (a
+    replica drained with 1012, a network blip) is never reported offline."""
+    presence_timeout: float = Field(default=30.0, ge=0.5, le=3600)
+    """Seconds within which the users of a replica that died (kill -9, partitioned away) are
+    reported offline by the others. Heartbeats go out every sixth of it."""
+    presence_ready_limit: int = Field(default=100, ge=0, le=1000)
+    """Users listed in ``ready``'s ``presence`` (the rest are paged over REST)."""
+    typing_timeout: float = Field(default=6.0, gt=0, le=60)
+    """Seconds a user stays "typing" after their last ``typing`` frame (clients send one
+    every 2-3 s while the user types); their next message ends it at once."""
+    # -- end of issue 16, presence and typing --
     embedded: bool = False
     """Set by the CLI once it has started the embedded PostgreSQL; not meant to be set by hand."""
 

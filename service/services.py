@@ -13,7 +13,9 @@ import asyncpg
 from service.auth import TokenCodec
 from service.chat.limits import UserLimits
 from service.chat.messages import Publish
+from service.chat.presence import Presence
 from service.chat.reads import ReadCursors
+from service.chat.typing import Typing
 from service.config import Settings
 from service.db.writer import MessageWriter
 from service.metrics import Metrics
@@ -31,3 +33,5 @@ class Services:
     limits: UserLimits
     metrics: Metrics
     reads: ReadCursors
+    presence: Presence
+    typing: Typing

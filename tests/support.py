@@ -215,13 +215,19 @@ class ServerProcess:
         self.stop()
 
 
+SIGNALS = frozenset({"presence", "typing"})
+"""Frames a test that is not about them never sees (``Client(signals=True)`` does): other
+users' sockets come and go in every multi-user test."""
+
+
 class Client:
     """A real websocket client; every read has a timeout so a missing frame fails, not hangs."""
 
-    def __init__(self, ws: ClientConnection) -> None:
+    def __init__(self, ws: ClientConnection, *, signals: bool = False) -> None:
         self.ws = ws
         self.history: list[dict[str, Any]] = []
         self.ready: dict[str, Any] = {}
+        self.skipped = frozenset() if signals else SIGNALS
 
     @classmethod
     async def connect(
@@ -232,6 +238,7 @@ class Client:
         *,
         sock: socket.socket | None = None,
         compression: str | None = "deflate",
+        signals: bool = False,
         **params: Any,
     ) -> Client:
         """``compression=None`` offers no permessage-deflate (browsers do offer it)."""
@@ -243,7 +250,7 @@ class Client:
             connect(url, open_timeout=RECV_TIMEOUT, sock=sock, compression=compression),
             RECV_TIMEOUT,
         )
-        client = cls(ws)
+        client = cls(ws, signals=signals)
         try:
             while True:
                 frame = await client.recv()
@@ -257,8 +264,13 @@ class Client:
             raise
 
     async def recv(self, timeout: float = RECV_TIMEOUT) -> dict[str, Any]:
-        raw = await asyncio.wait_for(self.ws.recv(), timeout)
-        return json.loads(raw)  # type: ignore[no-any-return]
+        """The next frame (but ``presence`` and ``typing`` ones, unless ``signals``)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            left = max(deadline - asyncio.get_running_loop().time(), 0.001)
+            frame: dict[str, Any] = json.loads(await asyncio.wait_for(self.ws.recv(), left))
+            if frame.get("type") not in self.skipped:
+                return frame
 
     async def recv_type(self, kind: str, timeout: float = RECV_TIMEOUT) -> dict[str, Any]:
         """The next frame of ``kind``; frames of other kinds in between are dropped."""
@@ -287,9 +299,9 @@ class Client:
         await self.send_json(frame)
 
     async def assert_silent(self, timeout: float = 0.3) -> None:
-        """Prove that nothing arrives within ``timeout``."""
+        """Prove that nothing arrives within ``timeout`` (nothing ``recv`` would return)."""
         try:
-            frame = await asyncio.wait_for(self.ws.recv(), timeout)
+            frame = await self.recv(timeout)
         except TimeoutError:
             return
         raise AssertionError(f"unexpected frame: {frame!r}")

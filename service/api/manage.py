@@ -17,13 +17,14 @@ from service.api.schemas import (
     MemberRole,
     NewDirectRoom,
     NewRoom,
+    PresenceList,
     ReadCursor,
     RoomChange,
     RoomList,
     RoomOut,
 )
 from service.auth import MAX_SUBJECT_CHARS, CurrentUser, Principal, RoomName
-from service.chat import reads, rooms
+from service.chat import presence, reads, rooms
 from service.chat.envelope import dumps_with_items, iso
 from service.config import ROOM_NAME_MAX, ROOM_NAME_PATTERN
 
@@ -236,6 +237,29 @@ async def list_members(
     found = found[:limit]
     return json_response(
         {"members": [member_json(m) for m in found], "next_after": found[-1].user if more else None}
+    )
+
+
+@router.get("/rooms/{room}/presence", response_model=PresenceList)
+async def list_present(
+    room: RoomName,
+    user: CurrentUser,
+    services: ServicesDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    after: Annotated[str | None, Query(min_length=1, max_length=MAX_SUBJECT_CHARS)] = None,
+) -> Response:
+    """Who is in the room now (a socket open on any replica, or closed within the grace
+    period), by user id. A private or direct room's presence is for its members only (404)."""
+    found = await presence.page(
+        services.pool, caller=caller(user), room=room, after=after, limit=limit + 1
+    )
+    more = len(found) > limit
+    found = found[:limit]
+    return json_response(
+        {
+            "users": [{"user": u, "name": n} for u, n in found],
+            "next_after": found[-1][0] if more else None,
+        }
     )
 
 

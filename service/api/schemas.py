@@ -151,6 +151,16 @@ class MemberList(BaseModel):
     next_after: str | None = Field(description="Pass as ?after= for the next page, if any")
 
 
+class PresentUser(BaseModel):
+    user: str
+    name: str | None = Field(description="The display name of the user's token, if it had one")
+
+
+class PresenceList(BaseModel):
+    users: list[PresentUser] = Field(description="By user id")
+    next_after: str | None = Field(description="Pass as ?after= for the next page, if any")
+
+
 class MemberRole(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -12,7 +12,9 @@ the frame would pass PostgreSQL's 8000-byte NOTIFY limit the payload is ``"<seq>
 A signal (../shared/DESIGN.md: never stored, no seq) shares the room's channel:
 ``"!<to>\n<frame>"``, delivered as it is to the sockets of the room that ``<to>`` names: ``=user``
 that user's, ``-user`` every one but that user's, empty every one. User ids are printable
-(``service.auth``): none holds a newline.
+(``service.auth``): none holds a newline. A signal for the processes rather than the sockets
+starts with ``?`` and a letter: ``?p`` presence changes (``encode_presence``), ``?t`` / ``?s``
+a user who started / stopped typing; each process turns them into coalesced frames.
 """
 
 from __future__ import annotations
@@ -108,8 +110,16 @@ def auth_ok_frame(exp: float | None) -> str:
     return dumps({"type": "auth_ok", "exp": exp})
 
 
-def ready_frame(room: str, last_seq: int, recovered: bool) -> str:
-    return dumps({"type": "ready", "room": room, "last_seq": last_seq, "recovered": recovered})
+def ready_frame(room: str, last_seq: int, recovered: bool, presence: dict[str, Any]) -> str:
+    return dumps(
+        {
+            "type": "ready",
+            "room": room,
+            "last_seq": last_seq,
+            "recovered": recovered,
+            "presence": presence,
+        }
+    )
 
 
 def encode_notification(seq: int, frame: str) -> str:
@@ -147,3 +157,38 @@ def decode_notification(payload: str) -> tuple[int, float, str | None]:
     """``(seq, sent_at, frame)``; ``frame`` is None when it must be read from the database."""
     seq, sent_at, frame = payload.split(":", 2)
     return int(seq), float(sent_at), frame or None
+
+
+PROCESS_SIGNAL = "?"
+"""Starts a signal for the processes (``PRESENCE_SIGNAL``, ``TYPING_SIGNAL``, ``TYPING_STOP``)."""
+PRESENCE_SIGNAL = "?p"
+TYPING_SIGNAL = "?t"
+TYPING_STOP = "?s"
+
+
+def encode_presence(online: list[tuple[str, str | None]], offline: list[str]) -> list[str]:
+    """Payloads of presence changes (``PRESENCE_SIGNAL``): ``{"on": [[user, name], ...],
+    "off": [user, ...]}``, split so that each fits a NOTIFY."""
+    items: list[tuple[str, object]] = [("on", [u, n]) for u, n in online]
+    items += [("off", u) for u in offline]
+    payloads: list[str] = []
+    batch: dict[str, list[object]] = {"on": [], "off": []}
+    size = 0
+    for key, item in items:
+        cost = len(dumps({"x": [item]}).encode())
+        if size + cost > NOTIFY_PAYLOAD_LIMIT - 64 and size:
+            payloads.append(PRESENCE_SIGNAL + dumps(batch))
+            batch, size = {"on": [], "off": []}, 0
+        batch[key].append(item)
+        size += cost
+    if size:
+        payloads.append(PRESENCE_SIGNAL + dumps(batch))
+    return payloads
+
+
+def presence_frame(room: str, online: list[str], offline: list[str]) -> str:
+    return dumps({"type": "presence", "room": room, "online": online, "offline": offline})
+
+
+def typing_frame(room: str, users: list[str]) -> str:
+    return dumps({"type": "typing", "room": room, "users": users})

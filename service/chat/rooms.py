@@ -106,6 +106,16 @@ async def get_room(pool: asyncpg.Pool, *, room: str, caller: Caller) -> RoomRow:
         return _visible(await db.room(conn, room=room, user=caller.user), caller)
 
 
+async def check_present(pool: asyncpg.Pool, *, room: str, caller: Caller) -> None:
+    """``NotFound`` unless the caller may see who is in the room, as they may join it: a
+    public room, a name never used (open, as to the websocket), or a room they are a member of
+    (or a service admin)."""
+    async with reading(pool) as conn:
+        row = await db.room(conn, room=room, user=caller.user)
+    if row is not None or room.startswith(DIRECT_PREFIX):
+        _visible(row, caller)
+
+
 async def list_rooms(
     pool: asyncpg.Pool, *, caller: Caller, mine: bool, after: str | None, limit: int
 ) -> list[tuple[str, str]]:

@@ -20,6 +20,7 @@ from sqlalchemy import (
     func,
     text,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING = {
@@ -181,3 +182,28 @@ class MessageMention(Base):
     )
     user_id: Mapped[str] = mapped_column(Text, primary_key=True)
     seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+
+
+class PresenceReplica(Base):
+    """A running process and when its presence expires (heartbeats move it forward).
+    UNLOGGED (migration 0008): a crash of PostgreSQL empties it, and each process registers
+    again."""
+
+    __tablename__ = "presence_replica"
+    __table_args__ = {"prefixes": ["UNLOGGED"]}
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Presence(Base):
+    """A user present in a room, and the replicas holding (or, within the grace period, having
+    just held) a socket of theirs. UNLOGGED, like ``presence_replica``."""
+
+    __tablename__ = "presence"
+    __table_args__ = {"prefixes": ["UNLOGGED"]}
+
+    room: Mapped[str] = mapped_column(Text, primary_key=True)
+    user_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    name: Mapped[str | None] = mapped_column(Text)
+    replicas: Mapped[list[str]] = mapped_column(ARRAY(Text))

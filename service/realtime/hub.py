@@ -34,13 +34,15 @@ import enum
 import json
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import asyncpg
 from broadcaster import Broadcast
 
 from service.chat.envelope import (
+    PROCESS_SIGNAL,
     ROOM_CLOSED,
     SIGNAL_PREFIX,
     SharedFrame,
@@ -82,6 +84,9 @@ class Marker(enum.Enum):
     FAILED = enum.auto()
     """Close with 1011: answering a frame failed, or writing at once did (a bug, logged)."""
 
+
+DROPPABLE_BACKLOG = 8
+"""Queued items past which a socket gets no more droppable frames (``Outbox.offer``)."""
 
 OutboxItem = Live | str | SharedFrame | Marker
 """A live message (written in seq order, once); a frame sent as it is, in its place (``str``:
@@ -159,6 +164,13 @@ class Outbox:
             self._items = rest
             waiter.set_result(None)
 
+    def offer(self, item: str) -> None:
+        """``put`` a frame worth nothing late (typing), unless the socket is behind: more
+        than ``DROPPABLE_BACKLOG`` items queued. A slow consumer loses these first."""
+        items = self._items
+        if items is None or len(items) < DROPPABLE_BACKLOG:
+            self.put(item)
+
     def end(self, reason: type[OutboxEnded]) -> None:
         """Drop what is queued and take nothing more; the first reason is the one that counts."""
         if self.ended is not None:
@@ -224,6 +236,15 @@ class CatchUpLimits:
     """Bytes of message JSON one shared read holds (``CHAT_CATCH_UP_MAX_BYTES``)."""
 
 
+class RoomListener(Protocol):
+    """Takes the signals meant for the processes (``?`` payloads: presence, typing) of the
+    rooms this process hears, and learns when a room's stream may have lost some."""
+
+    def on_signal(self, room: str, payload: str) -> None: ...
+
+    def on_resync(self, room: str) -> None: ...
+
+
 @dataclass(eq=False)
 class _RoomStream:
     outboxes: set[Outbox] = field(default_factory=set)
@@ -252,6 +273,35 @@ class RoomHub:
         self._catch_up_limits = catch_up_limits or CatchUpLimits()
         self._on_catch_up_read = on_catch_up_read
         self._reads: dict[str, _RoomReads] = {}
+        self._listeners: dict[str, RoomListener] = {}
+
+    def listen(self, kind: str, listener: RoomListener) -> None:
+        """Hand the signals that start with ``kind`` (``envelope.PRESENCE_SIGNAL``...) to
+        ``listener``; every listener hears of a resync."""
+        self._listeners[kind] = listener
+
+    def deliver(
+        self,
+        room: str,
+        frame: str,
+        per_user: Mapping[str, str | None] | None = None,
+        droppable: bool = False,
+    ) -> None:
+        """A frame to the room's local sockets; the sockets of a user ``per_user`` names get
+        that frame instead (None: nothing). ``droppable``: not to a socket that is behind."""
+        stream = self._streams.get(room)
+        if stream is None:
+            return
+        for outbox in stream.outboxes:
+            item: str | None = frame
+            if per_user is not None and outbox.user in per_user:
+                item = per_user[outbox.user]  # type: ignore[index]
+            if item is None:
+                continue
+            if droppable:
+                outbox.offer(item)
+            else:
+                outbox.put(item)
 
     @contextlib.asynccontextmanager
     async def join(self, room: str, user: str | None = None) -> AsyncIterator[Outbox]:
@@ -298,6 +348,13 @@ class RoomHub:
                     event = await subscriber.get()
                     if event.message == RESYNC:
                         self._dispatch(stream, Marker.RESYNC)
+                        for listener in self._listeners.values():
+                            _safely(listener.on_resync, room)
+                        continue
+                    if event.message.startswith(PROCESS_SIGNAL):
+                        handler = self._listeners.get(event.message[:2])
+                        if handler is not None:
+                            _safely(handler.on_signal, room, event.message)
                         continue
                     if event.message == ROOM_CLOSED:
                         self._revoke(stream, None)
@@ -419,6 +476,14 @@ class RoomHub:
             log.warning("could not load message %s/%d; connections will catch up", room, seq)
             return None
         return stored_frame(found[0]) if found else None
+
+
+def _safely(call: Callable[..., None], *args: str) -> None:
+    """A listener's failure (a bug) is logged; it never ends the room's stream."""
+    try:
+        call(*args)
+    except Exception:
+        log.exception("a room listener failed")
 
 
 def _shut(read: _SharedRead) -> None:

@@ -124,11 +124,11 @@ async def room_socket(
         await stack.aclose()
         _disconnected(services, principal)
         return
-    outbox, replay = joined
+    outbox, replay, presence = joined
 
     async def serve() -> None:
         try:
-            await connection.run(stack, outbox, replay)
+            await connection.run(stack, outbox, replay, presence)
         finally:
             _disconnected(services, principal)
 
@@ -204,7 +204,7 @@ class RoomConnection:
 
     async def open(
         self, stack: contextlib.AsyncExitStack, *, history: int, since: int | None
-    ) -> tuple[Outbox, Replay] | None:
+    ) -> tuple[Outbox, Replay, dict[str, Any]] | None:
         """Join the room and read the replay, then accept; or refuse a user who may not read
         the room (HTTP 403 before accept), or close (1013, 1011) when that failed: None."""
         try:
@@ -222,11 +222,17 @@ class RoomConnection:
         await self.websocket.accept(headers=request_id_headers())
         return joined
 
-    async def run(self, stack: contextlib.AsyncExitStack, outbox: Outbox, replay: Replay) -> None:
+    async def run(
+        self,
+        stack: contextlib.AsyncExitStack,
+        outbox: Outbox,
+        replay: Replay,
+        presence: dict[str, Any],
+    ) -> None:
         """Send the replay and serve the socket until it ends; leave the room (``stack``)."""
         try:
             async with stack:
-                await self._replay(replay)
+                await self._replay(replay, presence)
                 await self._serve(outbox)
         except WebSocketDisconnect:
             return
@@ -264,7 +270,7 @@ class RoomConnection:
 
     async def _join(
         self, stack: contextlib.AsyncExitStack, *, history: int, since: int | None
-    ) -> tuple[Outbox, Replay]:
+    ) -> tuple[Outbox, Replay, dict[str, Any]]:
         """Join the room's live stream (left when ``stack`` closes) and read the replay, within
         ``ws_connect_timeout``; ``Forbidden`` when the user may not read the room (the read
         says so: no round trip of its own, and nothing it missed between a check and the
@@ -290,12 +296,16 @@ class RoomConnection:
         if replay.room_id is None and self.room.startswith(DIRECT_PREFIX):
             raise Forbidden("no such direct room")
         self.room_id = replay.room_id
-        return outbox, replay
+        # Present from here until the socket closes (``stack``); ``ready`` says who else is.
+        presence = self.services.presence
+        presence.arrive(self.room, self.principal.user_id, self.principal.name)
+        stack.callback(presence.leave, self.room, self.principal.user_id)
+        return outbox, replay, await presence.ready(self.room)
 
-    async def _replay(self, replay: Replay) -> None:
+    async def _replay(self, replay: Replay, presence: dict[str, Any]) -> None:
         frames = [stored_frame(m) for m in replay.messages]
         self._charge(frames)
-        frames.append(ready_frame(self.room, replay.last_seq, replay.recovered))
+        frames.append(ready_frame(self.room, replay.last_seq, replay.recovered, presence))
         await self._send_all(frames)
         self.services.metrics.replay_size.observe(len(replay.messages))
         self.services.metrics.counts.delivered += len(replay.messages)
@@ -529,9 +539,12 @@ class RoomConnection:
             return self._change(frame, "reaction")
         if kind == "read":
             return self._read(frame)
+        if kind == "typing":  # never answered; excess dropped (``service.chat.typing``)
+            self.services.typing.typing(self.room, self.principal.user_id)
+            return None
         return self._error(
             UnknownType.code,
-            "'type' must be 'send', 'edit', 'delete', 'react', 'read', 'ping' or 'auth'",
+            "'type' must be 'send', 'edit', 'delete', 'react', 'read', 'typing', 'ping' or 'auth'",
         )
 
     def _read(self, frame: dict[str, Any]) -> str | None:
@@ -613,6 +626,7 @@ class RoomConnection:
             return self._error(exc.code, exc.detail, echo, retry_after=round(exc.retry_after, 3))
         except InvalidMessage as exc:
             return self._error(exc.code, exc.detail, echo)
+        self.services.typing.sent(self.room, self.principal.user_id)  # a message ends typing
         return stored, echo
 
     def _change(self, frame: dict[str, Any], kind: str) -> Reply:

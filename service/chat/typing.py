@@ -1,0 +1,164 @@
+"""Typing indicators (docs/protocol.md, "Typing"): a signal, never stored, worth nothing late.
+
+A socket's ``typing`` frame (clients send one every 2-3 s while the user types; more than one
+a second per user and room is dropped here, silently) becomes a ``?t`` signal on the room's
+channel, so every replica hears it; the user's next message becomes ``?s``. Each process keeps
+who is typing in the rooms it hears, each entry expiring ``ttl`` seconds after the user's last
+``typing``, and tells its sockets of the room who is typing now, in at most one frame per room
+per ``FRAME_INTERVAL`` however many type. A user's own sockets never hear of the user's own
+typing (their frame leaves them out, and they get none when only that changed), and a socket
+that is behind gets none (``droppable``: the next frame says the whole state anyway).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from service.chat.envelope import TYPING_SIGNAL, TYPING_STOP, channel_for, typing_frame
+from service.chat.presence import Deliver
+
+log = logging.getLogger(__name__)
+
+FRAME_INTERVAL = 0.5
+"""Seconds between two ``typing`` frames of a room on a socket."""
+MIN_GAP = 1.0
+"""A user's ``typing`` frames in a room closer together than this are dropped."""
+
+Signal = Callable[[str, str], Awaitable[None]]
+"""``signal(channel, payload)``: published on the bus at once (no transaction)."""
+
+
+@dataclass(eq=False, slots=True)
+class _Room:
+    typers: dict[str, float] = field(default_factory=dict)
+    """User -> when their typing expires (monotonic)."""
+    shown: tuple[str, ...] = ()
+    """The users the last frame named."""
+    next_frame: float = 0.0
+    timer: asyncio.TimerHandle | None = None
+    expiry: asyncio.TimerHandle | None = None
+
+
+class Typing:
+    def __init__(self, signal: Signal, *, ttl: float) -> None:
+        self._signal = signal
+        self._ttl = ttl
+        self._deliver: Deliver | None = None
+        self._rooms: dict[str, _Room] = {}
+        self._accepted: dict[tuple[str, str], float] = {}
+        """When this process last let a ``typing`` of (room, user) through."""
+        self._outgoing: list[tuple[str, str]] = []
+        self._sending: asyncio.Task[None] | None = None
+
+    def attach(self, deliver: Deliver) -> None:
+        self._deliver = deliver
+
+    def close(self) -> None:
+        if self._sending is not None:
+            self._sending.cancel()
+        for state in self._rooms.values():
+            for handle in (state.timer, state.expiry):
+                if handle is not None:
+                    handle.cancel()
+
+    def typing(self, room: str, user: str) -> None:
+        """A socket's ``typing`` frame: published unless the user sent one less than
+        ``MIN_GAP`` ago (this process's count)."""
+        now = time.monotonic()
+        key = (room, user)
+        if now - self._accepted.get(key, -MIN_GAP) < MIN_GAP:
+            return
+        if len(self._accepted) > 10_000:  # forget what no longer throttles anything
+            self._accepted = {k: t for k, t in self._accepted.items() if now - t < MIN_GAP}
+        self._accepted[key] = now
+        self._send(channel_for(room), TYPING_SIGNAL + user)
+
+    def sent(self, room: str, user: str) -> None:
+        """The user's message was stored: their typing ends now, if they were typing."""
+        state = self._rooms.get(room)
+        if state is not None and user in state.typers:
+            self._accepted.pop((room, user), None)
+            self._send(channel_for(room), TYPING_STOP + user)
+
+    def _send(self, channel: str, payload: str) -> None:
+        """Publish from one task: what comes while a publish is in flight goes next."""
+        self._outgoing.append((channel, payload))
+        if self._sending is None:
+            self._sending = asyncio.create_task(self._send_all(), name="typing-signals")
+
+    async def _send_all(self) -> None:
+        try:
+            while self._outgoing:
+                outgoing, self._outgoing = self._outgoing, []
+                for channel, payload in outgoing:
+                    try:
+                        await self._signal(channel, payload)
+                    except Exception:  # the bus is out: typing is worth nothing late
+                        log.info("typing signal not published", exc_info=True)
+        finally:
+            self._sending = None
+
+    def on_signal(self, room: str, payload: str) -> None:
+        """A ``?t`` / ``?s`` signal heard on the room's channel."""
+        user = payload[2:]
+        state = self._rooms.get(room)
+        if payload.startswith(TYPING_SIGNAL):
+            if state is None:
+                state = self._rooms[room] = _Room()
+            state.typers[user] = time.monotonic() + self._ttl
+            self._expire_later(room, state)
+        elif state is None or state.typers.pop(user, None) is None:
+            return
+        self._schedule(room, state)
+
+    def on_resync(self, room: str) -> None:
+        """Nothing to catch up: a lost ``typing`` comes again within seconds, and entries
+        expire by themselves."""
+
+    def _expire_later(self, room: str, state: _Room) -> None:
+        if state.expiry is not None:
+            state.expiry.cancel()
+            state.expiry = None
+        if state.typers:
+            at = min(state.typers.values())
+            delay = max(0.0, at - time.monotonic())
+            state.expiry = asyncio.get_running_loop().call_later(delay, self._expire, room, state)
+
+    def _expire(self, room: str, state: _Room) -> None:
+        state.expiry = None
+        now = time.monotonic()
+        for user, at in list(state.typers.items()):
+            if at <= now:
+                del state.typers[user]
+        self._expire_later(room, state)
+        self._schedule(room, state)
+
+    def _schedule(self, room: str, state: _Room) -> None:
+        if state.timer is not None:
+            return
+        delay = max(0.0, state.next_frame - time.monotonic())
+        state.timer = asyncio.get_running_loop().call_later(delay, self._frame, room, state)
+
+    def _frame(self, room: str, state: _Room) -> None:
+        state.timer = None
+        typers = tuple(sorted(state.typers))
+        shown, state.shown = state.shown, typers
+        if not typers and state.expiry is None and self._rooms.get(room) is state:
+            del self._rooms[room]  # nothing left to tell or to expire
+        if typers == shown:
+            return
+        state.next_frame = time.monotonic() + FRAME_INTERVAL
+        if self._deliver is None:
+            return
+        # The sockets of a user named before or now see the others only, and nothing when
+        # only that user changed.
+        per_user: dict[str, str | None] = {}
+        for user in set(typers) | set(shown):
+            mine = [u for u in typers if u != user]
+            changed = mine != [u for u in shown if u != user]
+            per_user[user] = typing_frame(room, mine) if changed else None
+        self._deliver(room, typing_frame(room, list(typers)), per_user, True)
