@@ -296,10 +296,17 @@ class Presence:
         if self._rooms.get(room) is not state or not (state.came or state.gone):
             return
         frame = presence_frame(room, sorted(state.came), sorted(state.gone))
+        # A user's own sockets are not told that the user alone arrived: their ``ready``
+        # said so (in a frame of several, they may read their own id: it changes nothing).
+        per_user: dict[str, str | None] | None = None
+        if len(state.came) == 1 and not state.gone:
+            (user,) = state.came
+            if user in state.sockets:
+                per_user = {user: None}
         state.came, state.gone = set(), set()
         state.next_frame = time.monotonic() + self._interval
         if self._deliver is not None:
-            self._deliver(room, frame, None, False)
+            self._deliver(room, frame, per_user, False)
 
     # -- writing ----------------------------------------------------------------------------
 

@@ -282,7 +282,13 @@ class Fuzzer:
         url = f"{self.server.ws}/ws/rooms/{room}?history=0&token={make_token(user)}"
         ws = await asyncio.wait_for(connect(url, open_timeout=REPLY_TIMEOUT), REPLY_TIMEOUT)
         ready = json.loads(await asyncio.wait_for(ws.recv(), REPLY_TIMEOUT))
-        assert ready == {"type": "ready", "room": room, "last_seq": 0, "recovered": False}
+        assert ready == {
+            "type": "ready",
+            "room": room,
+            "last_seq": 0,
+            "recovered": False,
+            "presence": {"count": 1, "users": [{"user": user, "name": None}]},
+        }
         self.conn = Connection(ws, user, room)
 
     async def finish(self) -> None:

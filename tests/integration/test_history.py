@@ -30,7 +30,13 @@ async def test_connect_replays_the_latest_n_then_ready(server, database_url, roo
     await _seed(database_url, room, 80)
     async with await Client.connect(server, room, alice) as default:
         assert [m["seq"] for m in default.history] == list(range(31, 81))
-        assert default.ready == {"type": "ready", "room": room, "last_seq": 80, "recovered": False}
+        assert default.ready == {
+            "type": "ready",
+            "room": room,
+            "last_seq": 80,
+            "recovered": False,
+            "presence": {"count": 1, "users": [{"user": "alice", "name": None}]},
+        }
     async with await Client.connect(server, room, alice, history=5) as five:
         assert [m["body"] for m in five.history] == [f"message {n}" for n in range(76, 81)]
     async with await Client.connect(server, room, alice, history=0) as none:
@@ -58,7 +64,13 @@ async def test_since_too_far_back_replays_latest_and_says_not_recovered(
     await _seed(database_url, room, 1200)
     async with await Client.connect(server, room, alice, since=100, history=20) as client:
         assert [m["seq"] for m in client.history] == list(range(1181, 1201))
-        assert client.ready == {"type": "ready", "room": room, "last_seq": 1200, "recovered": False}
+        assert client.ready == {
+            "type": "ready",
+            "room": room,
+            "last_seq": 1200,
+            "recovered": False,
+            "presence": {"count": 1, "users": [{"user": "alice", "name": None}]},
+        }
     async with await Client.connect(server, room, alice, since=5000, history=2) as client:
         assert [m["seq"] for m in client.history] == [1199, 1200]
         assert client.ready["recovered"] is False

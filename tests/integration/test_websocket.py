@@ -17,7 +17,13 @@ async def test_send_is_acked_after_storing_and_fanned_out(server, database_url, 
         await Client.connect(server, room, alice) as sender,
         await Client.connect(server, room, bob) as listener,
     ):
-        assert sender.ready == {"type": "ready", "room": room, "last_seq": 0, "recovered": False}
+        assert sender.ready == {
+            "type": "ready",
+            "room": room,
+            "last_seq": 0,
+            "recovered": False,
+            "presence": {"count": 1, "users": [{"user": "alice", "name": None}]},
+        }
         await sender.send("hello", "m-1")
         frames = await sender.collect("ack", "message")
         ack = frames["ack"]
