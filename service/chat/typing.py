@@ -80,8 +80,8 @@ class Typing:
     def sent(self, room: str, user: str) -> None:
         """The user's message was stored: their typing ends now, if they were typing."""
         state = self._rooms.get(room)
-        if state is not None and user in state.typers:
-            self._accepted.pop((room, user), None)
+        typed = self._accepted.pop((room, user), None)  # here, maybe not heard back yet
+        if typed is not None or (state is not None and user in state.typers):
             self._send(channel_for(room), TYPING_STOP + user)
 
     def _send(self, channel: str, payload: str) -> None:

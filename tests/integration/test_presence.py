@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.redis_support import RedisServer, redis_server_binary
 from tests.support import Client, ServerProcess, make_token
 
 GRACE = 1.5
@@ -334,3 +335,31 @@ async def test_typing_frames_are_coalesced_however_many_type(replicas):
     for t in typers:
         await t.close()
     await reader.close()
+
+
+# 6. The same on the Redis bus
+
+
+@pytest.mark.skipif(redis_server_binary() is None, reason="no redis-server binary")
+async def test_presence_and_typing_travel_the_redis_bus(database_url, tmp_path):
+    """With Redis as the bus, presence changes are published after their commit and typing
+    at once: both reach the other process's sockets."""
+    redis = RedisServer(redis_server_binary(), tmp_path / "redis.log")  # type: ignore[arg-type]
+    redis.start()
+    env = {**ENV, "CHAT_BROADCAST_URL": redis.url}
+    room, alice, bob = uid("r"), uid("alice"), uid("bob")
+    try:
+        with (
+            ServerProcess(database_url, log_path=tmp_path / "a.log", env=env) as one,
+            ServerProcess(database_url, log_path=tmp_path / "b.log", env=env) as two,
+        ):
+            watcher = await join(one, room, alice)
+            bobs = await join(two, room, bob)
+            await presence_until(watcher, online={bob})
+            await bobs.send_json({"type": "typing"})
+            assert (await watcher.recv_type("typing"))["users"] == [bob]
+            await bobs.close()
+            await presence_until(watcher, offline={bob}, timeout=GRACE + 5)
+            await watcher.close()
+    finally:
+        redis.kill()
