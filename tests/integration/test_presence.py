@@ -363,3 +363,28 @@ async def test_presence_and_typing_travel_the_redis_bus(database_url, tmp_path):
             await watcher.close()
     finally:
         redis.kill()
+
+
+async def test_a_replica_stalled_past_the_timeout_is_reaped_then_writes_its_users_again(
+    spawn, database_url
+):
+    """A replica that stops for longer than the timeout (SIGSTOP: no heartbeat, no reset, its
+    sockets still open) is reaped by the others, its users reported offline; once it runs
+    again its next heartbeat finds it reaped: it registers again and its users come back."""
+    a, b = spawn(database_url, **ENV), spawn(database_url, **ENV)
+    room, alice, bob = uid("r"), uid("alice"), uid("bob")
+    watcher = await join(a, room, alice)
+    bobs = await join(b, room, bob)
+    await presence_until(watcher, online={bob})
+    assert b.proc is not None
+    b.proc.send_signal(signal.SIGSTOP)
+    try:
+        await presence_until(watcher, offline={bob}, timeout=TIMEOUT + 3)
+    finally:
+        b.proc.send_signal(signal.SIGCONT)
+    await presence_until(watcher, online={bob}, timeout=TIMEOUT + 3)
+    assert sorted(present_ids(a, make_token(alice), room)) == sorted([alice, bob])
+    await bobs.send("still here")  # the stalled replica's socket works again
+    assert (await watcher.recv_type("message"))["body"] == "still here"
+    await bobs.close()
+    await watcher.close()

@@ -6,12 +6,14 @@ from datetime import UTC, datetime
 
 from service.chat.envelope import (
     NOTIFY_PAYLOAD_LIMIT,
+    PRESENCE_SIGNAL,
     SIGNAL_PREFIX,
     channel_for,
     decode_notification,
     decode_signal,
     dumps,
     encode_notification,
+    encode_presence,
     encode_signal,
     message_object,
     stored_frame,
@@ -113,3 +115,22 @@ def test_a_signal_names_whose_sockets_it_is_for():
     assert decode_signal(encode_signal(frame, but="b:o b")) == ("b:o b", False, frame)
     assert encode_signal(frame).startswith(SIGNAL_PREFIX)
     assert not encode_notification(3, frame).startswith(SIGNAL_PREFIX)
+
+
+def test_presence_changes_are_split_to_fit_a_notify_and_lose_no_one():
+    """Two thousand users arriving (names of every script) and some leaving: payloads under
+    PostgreSQL's limit, which together name everyone once, in order."""
+    online = [(f"user-{i:05d}", f"Näme {i} \u4e2d\U0001f600") for i in range(2000)]
+    offline = [f"gone-{i}" for i in range(300)]
+    payloads = encode_presence(online, offline)
+    assert len(payloads) > 1
+    came: list[list[str]] = []
+    went: list[str] = []
+    for payload in payloads:
+        assert payload.startswith(PRESENCE_SIGNAL)
+        assert len(payload.encode()) <= NOTIFY_PAYLOAD_LIMIT
+        change = json.loads(payload[len(PRESENCE_SIGNAL) :])
+        came += change["on"]
+        went += change["off"]
+    assert [tuple(c) for c in came] == online and went == offline
+    assert encode_presence([], []) == []

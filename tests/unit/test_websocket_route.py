@@ -25,7 +25,7 @@ from service.errors import (
 )
 from service.metrics import Metrics
 from service.realtime import websocket
-from service.realtime.hub import Live, Marker, Outbox, OutboxItem
+from service.realtime.hub import DROPPABLE_BACKLOG, Live, Marker, Outbox, OutboxItem
 from service.realtime.uvicorn_ws import _Gate, _Inbox
 
 
@@ -58,6 +58,22 @@ async def test_outbox_hands_out_everything_queued_in_order():
     assert list(await taker) == [a, "ack", b]
     outbox.put(c)
     assert list(await outbox.take()) == [c]
+
+
+async def test_a_socket_that_is_behind_loses_typing_frames_first():
+    """Droppable frames (typing) are offered: taken while the socket keeps up, dropped once
+    it is behind, and never what ends the outbox; messages still are queued up to the limit."""
+    outbox = Outbox(limit=20)
+    outbox.offer("typing-1")
+    for seq in range(1, DROPPABLE_BACKLOG + 1):
+        outbox.put(Live(seq, SharedFrame(f"m{seq}")))
+    outbox.offer("typing-2")  # behind: dropped
+    outbox.put("ack")
+    items = list(await outbox.take())
+    assert items[0] == "typing-1" and items[-1] == "ack" and "typing-2" not in items
+    assert outbox.ended is None
+    outbox.offer("typing-3")  # caught up: taken again
+    assert list(await outbox.take()) == ["typing-3"]
 
 
 async def test_a_waiting_writer_is_not_woken_for_what_write_now_takes_in_one_go():
