@@ -1,5 +1,6 @@
 // Chat demo page: dev login, room list with kinds, roles and unread counts, room membership, a
-// resumable websocket per room, message edits, deletes, reactions and replies, read cursors.
+// resumable websocket per room, message edits, deletes, reactions and replies, read cursors,
+// who is here (presence) and who is typing.
 // Plain browser JS, no build step. All user-supplied text is rendered with textContent.
 'use strict';
 
@@ -39,6 +40,10 @@ const FLASH_MS = 1600;                    // how long a message jumped to from a
 const READ_EVERY_MS = 1000;               // at most one `read` frame a second
 const ROOMS_EVERY_MS = 10_000;            // room list (unread counts) refresh while the page is visible
 const RECEIPT_ROOM_MAX = 50;              // server default CHAT_RECEIPTS_MAX_MEMBERS: "seen by" up to this
+const TYPING_EVERY_MS = 2500;             // at most one `typing` frame this often while the user types
+const PRESENCE_LOOKUP_MS = 1500;          // users came online: one REST read (for names) this long after
+const MAX_PRESENT = 1000;                 // the "who is here" list stops loading pages past this
+const PRESENT_NAMES = 8;                  // names the "who is here" line shows; the rest are counted
 const CHANGE_ERRORS = {
   forbidden: 'not allowed',
   not_found: 'no such message (or reaction)',
@@ -66,6 +71,7 @@ const ui = {
   membersBox: $('members-box'), members: $('members'), panelMsg: $('room-panel-msg'),
   panelError: $('room-panel-error'), replyBar: $('reply-bar'), replyAuthor: $('reply-author'),
   replyQuote: $('reply-quote'), replyCancel: $('reply-cancel'), seen: $('seen'),
+  presence: $('presence'), presenceText: $('presence-text'), typing: $('typing'),
 };
 
 // ---------------------------------------------------------------- state
@@ -123,6 +129,16 @@ const reads = {
   sent: new Map(), own: new Map(), lastAt: 0, timer: 0, marker: null, unsupported: false,
 };
 const receipts = new Map();  // open room: user -> highest seq they read (small rooms' `receipt`)
+// Who is in the open room. `ready` lists everyone present (up to 100; its `count` says how many
+// in all), then `presence` frames say who came and went (ids only). `here`: the users present.
+// `names`: user -> display name, or null when the token had none, for every user looked up (in
+// `ready` or over REST; kept when they leave). `extra`: present but not listed (until the REST
+// list is read). `journal`: frames that came while the REST list was read, applied on top of it.
+// `known`: the server sent presence (an older one does not, nor does it know `typing`).
+const presence = { here: new Set(), names: new Map(), extra: 0, journal: null, timer: 0, known: false };
+// Who else is typing in the open room (the server's list), and when we last said we are.
+const typing = { users: [], lastSent: 0 };
+let memberList = null;      // the open room's members as last loaded (the panel marks who is here)
 
 // ---------------------------------------------------------------- helpers
 
@@ -555,6 +571,8 @@ function clearView() {
   reads.marker = null;
   cancelReply();
   renderSeen();
+  resetPresence();
+  clearTyping();
   ui.empty.hidden = false;
 }
 
@@ -839,11 +857,28 @@ async function loadMembers() {
     ui.members.replaceChildren(h('li', { class: 'muted', text }));
     return;
   }
-  ui.members.replaceChildren(...r.items.map((m) => h('li', {},
-    h('span', { text: m.user === auth.user ? `${m.user} (you)` : m.user }),
-    h('span', { class: 'badge role', text: m.role }))));
-  if (!r.items.length) ui.members.append(h('li', { class: 'muted', text: 'no members' }));
+  memberList = r.items;
+  renderMembers();
   learnDmPeer(room, r.items);
+}
+
+/** The members panel; a dot tells who is in the room now (while we are connected to it). */
+function renderMembers() {
+  if (!memberList) return;
+  const live = presence.known && conn.live && conn.room === view.room;
+  ui.members.replaceChildren(...memberList.map((m) => {
+    const here = live && presence.here.has(m.user);
+    const dot = live
+      ? [h('span', { class: `presence-dot${here ? '' : ' away'}`, title: here ? 'here now' : 'not here' }),
+        h('span', { class: 'sr-only', text: here ? 'here now:' : 'not here:' })]
+      : [];
+    const name = presence.names.get(m.user);
+    return h('li', {}, ...dot,
+      h('span', { text: m.user === auth.user ? `${m.user} (you)` : m.user }),
+      ...(name && name !== m.user ? [h('span', { class: 'muted', text: name })] : []),
+      h('span', { class: 'badge role', text: m.role }));
+  }));
+  if (!memberList.length) ui.members.append(h('li', { class: 'muted', text: 'no members' }));
 }
 
 /** A hashed direct room name says nothing: its member list tells who the other user is. */
@@ -973,6 +1008,8 @@ function abandonSocket(code, reason) {
   conn.live = false;
   clearTimers();
   if (ws && ws.readyState <= WebSocket.OPEN) ws.close(code, reason);
+  clearTyping();      // who types is told again after `ready` (and our own `typing` too)
+  renderPresence();   // shown as stale until the next `ready`
 }
 
 function joinRoom(room) {
@@ -999,6 +1036,7 @@ function showRoom(room) {
   panelMessage('');
   ui.membersBox.open = false;  // the old room's members must not show under the new name
   ui.members.replaceChildren();
+  memberList = null;
   renderRoomPanel();
   refreshOpenRoom();
 }
@@ -1147,6 +1185,8 @@ function handleFrame(f) {
     case 'auth_ok': onAuthOk(f); break;
     case 'read': onReadFrame(f); break;
     case 'receipt': onReceipt(f); break;
+    case 'presence': onPresence(f); break;
+    case 'typing': onTyping(f); break;
     default: break; // pong and anything newer
   }
 }
@@ -1173,6 +1213,10 @@ function onTextMessage(m) {
     if (!auth.user) { auth.user = m.author; localStorage.setItem('chat.user', m.author); }
   }
   const own = Boolean(mine) || (auth.user !== '' && m.author === auth.user);
+  if (typing.users.includes(m.author)) {
+    typing.users = typing.users.filter((u) => u !== m.author);
+    renderTyping();
+  }
   const msg = modelMessage(m, own);
   roomModel(m.room).set(m.seq, msg);
   withAutoScroll(() => ui.messages.append(drawMessage(msg)));
@@ -1291,6 +1335,8 @@ function onReady(r) {
     loadReceipts(r.room);
   } else if (conn.resuming) addNote('reconnected', 'ok');
   Object.assign(conn, { live: true, everLive: true, attempt: 0 });
+  clearTyping();
+  setPresence(r.presence);
   placeReadMarker();
   renderSeen();
   markRead();
@@ -1460,6 +1506,139 @@ async function flushRead() {
   if (r.ok) loadRooms();
 }
 
+// ---------------------------------------------------------------- presence and typing
+
+/** The name shown for a user: the display name their token carries, else their id. */
+const displayName = (user) => presence.names.get(user) || user;
+
+function resetPresence() {
+  setPresence(null);
+}
+
+/** `ready`'s `presence` ({count, users: [{user, name}]}), or null: none (an older server, no room). */
+function setPresence(p) {
+  clearTimeout(presence.timer);
+  ticket('presence');  // a REST read under way answers for a socket that is gone
+  presence.here.clear();
+  presence.names.clear();
+  const known = Boolean(p) && Array.isArray(p.users);
+  Object.assign(presence, { extra: 0, journal: null, timer: 0, known });
+  if (known) {
+    for (const u of p.users) {
+      if (typeof u?.user !== 'string') continue;
+      presence.here.add(u.user);
+      presence.names.set(u.user, typeof u.name === 'string' ? u.name : null);
+    }
+    if (auth.user) presence.here.add(auth.user);  // listed unless past the cap: we are here
+    const count = typeof p.count === 'number' ? p.count : 0;
+    presence.extra = Math.max(0, count - presence.here.size);
+    if (presence.extra) loadPresence(conn.room);  // the rest of the list
+  }
+  renderPresence();
+}
+
+/** `{"type": "presence", online, offline}`: who came and went since the last one. */
+function onPresence(f) {
+  if (f.room !== conn.room || !conn.live || !presence.known) return;
+  presence.journal?.push(f);
+  if (applyPresence(f)) schedulePresenceLookup();
+  renderPresence();
+}
+
+/** Apply a `presence` frame (online, then offline); true when someone came whose name is unknown. */
+function applyPresence(f) {
+  let unnamed = false;
+  for (const user of Array.isArray(f.online) ? f.online : []) {
+    if (typeof user !== 'string') continue;
+    presence.here.add(user);
+    if (!presence.names.has(user)) unnamed = true;
+  }
+  for (const user of Array.isArray(f.offline) ? f.offline : []) {
+    if (typeof user !== 'string' || user === auth.user) continue;  // we are here: this socket
+    if (!presence.here.delete(user) && presence.extra) presence.extra -= 1;  // one not listed
+    typing.users = typing.users.filter((u) => u !== user);  // gone: not typing any more
+  }
+  return unnamed;
+}
+
+/** Frames name users by id: read the list over REST a little later, once for all who came. */
+function schedulePresenceLookup() {
+  if (presence.timer) return;
+  const room = conn.room;
+  presence.timer = setTimeout(() => {
+    presence.timer = 0;
+    if (conn.room === room && conn.live) loadPresence(room);
+  }, PRESENCE_LOOKUP_MS);
+}
+
+/** GET /rooms/{room}/presence (every page, up to MAX_PRESENT): who is here, with names. */
+async function loadPresence(room) {
+  const current = ticket('presence');
+  presence.journal = [];
+  const r = await fetchAll(`${roomPath(room)}/presence`, 'users', MAX_PRESENT);
+  if (!current() || conn.room !== room || !conn.live) return;
+  const journal = presence.journal ?? [];
+  presence.journal = null;
+  if (!r.ok) return;  // ids stay shown; the next arrival tries again
+  const total = presence.here.size + presence.extra;
+  presence.here.clear();
+  for (const u of r.items) {
+    if (typeof u?.user !== 'string') continue;
+    presence.here.add(u.user);
+    presence.names.set(u.user, typeof u.name === 'string' ? u.name : null);
+  }
+  if (auth.user) presence.here.add(auth.user);
+  presence.extra = r.items.length >= MAX_PRESENT ? Math.max(0, total - presence.here.size) : 0;
+  for (const f of journal) applyPresence(f);  // what changed while the list was read
+  // Whoever is still unnamed came meanwhile or is past the list: not looked up again.
+  for (const user of presence.here) if (!presence.names.has(user)) presence.names.set(user, null);
+  renderPresence();
+}
+
+/** "3 here: Alice, bob, you"; dimmed while disconnected (it may be out of date). */
+function renderPresence() {
+  const shown = presence.known && Boolean(conn.room) && conn.room === view.room;
+  ui.presence.hidden = !shown;
+  if (shown) {
+    const me = presence.here.has(auth.user);
+    const others = [...presence.here].filter((u) => u !== auth.user).map(displayName)
+      .sort((a, b) => a.localeCompare(b));
+    const count = presence.here.size + presence.extra;
+    const names = others.slice(0, PRESENT_NAMES);
+    if (me) names.push('you');
+    const rest = count - names.length;
+    ui.presenceText.textContent = count === 1 && me
+      ? 'only you here'
+      : `${count} here: ${names.join(', ')}${rest > 0 ? ` and ${rest} more` : ''}`;
+    ui.presence.title = conn.live ? others.join(', ') : 'not connected: this may be out of date';
+    ui.presence.classList.toggle('stale', !conn.live);
+  }
+  if (ui.membersBox.open) renderMembers();
+  renderTyping();  // names may have been learnt
+}
+
+function clearTyping() {
+  typing.users = [];
+  typing.lastSent = 0;
+  renderTyping();
+}
+
+/** `{"type": "typing", users}`: everyone else typing in the room now ([] when nobody is). */
+function onTyping(f) {
+  if (f.room !== conn.room || !conn.live || !Array.isArray(f.users)) return;
+  typing.users = f.users.filter((u) => typeof u === 'string' && u !== auth.user);
+  renderTyping();
+}
+
+function renderTyping() {
+  const names = typing.users.map(displayName);
+  let text = '';
+  if (names.length === 1) text = `${names[0]} is typing…`;
+  else if (names.length === 2) text = `${names[0]} and ${names[1]} are typing…`;
+  else if (names.length > 2) text = 'several people are typing…';
+  ui.typing.textContent = text;
+}
+
 // ---------------------------------------------------------------- sending
 
 function transmit(e) {
@@ -1485,8 +1664,19 @@ function submitMessage() {
   ui.log.scrollTop = ui.log.scrollHeight;
   if (conn.live) transmit(entry); else setBubbleState(entry, 'queued');
   ui.input.value = '';
+  typing.lastSent = 0;  // the message ended our typing: the next keystroke says so again
   cancelReply();
   updateComposer();
+}
+
+/** The user types in the message box: tell the room, at most every TYPING_EVERY_MS. */
+function noteTyping() {
+  if (!conn.live || !presence.known || conn.ws?.readyState !== WebSocket.OPEN) return;
+  if (!ui.input.value.trim()) return;  // never for an empty box
+  const now = Date.now();
+  if (now - typing.lastSent < TYPING_EVERY_MS) return;
+  typing.lastSent = now;
+  conn.ws.send(JSON.stringify({ type: 'typing' }));
 }
 
 function updateComposer() {
@@ -1540,7 +1730,7 @@ ui.drop.addEventListener('click', () => {
   dropSocket(4001, 'simulated drop'); // handled like any unexpected drop: resume with since
 });
 ui.composer.addEventListener('submit', (ev) => { ev.preventDefault(); submitMessage(); });
-ui.input.addEventListener('input', updateComposer);
+ui.input.addEventListener('input', () => { updateComposer(); noteTyping(); });
 ui.input.addEventListener('keydown', (ev) => {
   if (ev.key === 'Enter' && !ev.shiftKey && !ev.isComposing) {
     ev.preventDefault();
