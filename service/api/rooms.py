@@ -174,7 +174,7 @@ async def create_message(
             reply_to=new.reply_to,
         )
         posted = await asyncio.shield(stored)  # a client that hangs up does not stop the publish
-        services.typing.sent(room, user.user_id)  # a message ends typing
+        services.typing.stop(room, user.user_id)  # a message ends typing
     except Forbidden:
         services.metrics.errors.labels(NotFound.code).inc()
         raise NotFound("no such room") from None

@@ -170,14 +170,15 @@ class Presence:
             self._dirty.add(key)
             self._wakeup.set()
 
-    def leave(self, room: str, user: str) -> None:
+    def leave(self, room: str, user: str) -> bool:
+        """A socket of ``user`` closed: True when it was their last one of the room here."""
         state = self._rooms.get(room)
         if state is None or user not in state.sockets:
-            return
+            return False
         count = state.sockets[user] - 1
         if count:
             state.sockets[user] = count
-            return
+            return False
         del state.sockets[user]
         state.names.pop(user, None)
         state.unseen.discard(user)
@@ -189,6 +190,7 @@ class Presence:
                 state.timer.cancel()
             if state.loading is not None:
                 state.loading.cancel()
+        return True
 
     async def ready(self, room: str) -> dict[str, Any]:
         """``ready``'s ``presence``: everyone present (this process's sockets included),

@@ -2,7 +2,8 @@
 
 A socket's ``typing`` frame (clients send one every 2-3 s while the user types; more than one
 a second per user and room is dropped here, silently) becomes a ``?t`` signal on the room's
-channel, so every replica hears it; the user's next message becomes ``?s``. Each process keeps
+channel, so every replica hears it; the user's next message, or the close of their last socket
+of the room on that process, becomes ``?s``. Each process keeps
 who is typing in the rooms it hears, each entry expiring ``ttl`` seconds after the user's last
 ``typing``, and tells its sockets of the room who is typing now, in at most one frame per room
 per ``FRAME_INTERVAL`` however many type. A user's own sockets never hear of the user's own
@@ -77,8 +78,9 @@ class Typing:
         self._accepted[key] = now
         self._send(channel_for(room), TYPING_SIGNAL + user)
 
-    def sent(self, room: str, user: str) -> None:
-        """The user's message was stored: their typing ends now, if they were typing."""
+    def stop(self, room: str, user: str) -> None:
+        """The user sent a message, or their last socket of the room here closed: their
+        typing ends now, if they were typing."""
         state = self._rooms.get(room)
         typed = self._accepted.pop((room, user), None)  # here, maybe not heard back yet
         if typed is not None or (state is not None and user in state.typers):

@@ -299,8 +299,14 @@ class RoomConnection:
         # Present from here until the socket closes (``stack``); ``ready`` says who else is.
         presence = self.services.presence
         presence.arrive(self.room, self.principal.user_id, self.principal.name)
-        stack.callback(presence.leave, self.room, self.principal.user_id)
+        stack.callback(self._leave)
         return outbox, replay, await presence.ready(self.room)
+
+    def _leave(self) -> None:
+        """The socket closed: one fewer here; the user's typing ends with their last one."""
+        user = self.principal.user_id
+        if self.services.presence.leave(self.room, user):
+            self.services.typing.stop(self.room, user)
 
     async def _replay(self, replay: Replay, presence: dict[str, Any]) -> None:
         frames = [stored_frame(m) for m in replay.messages]
@@ -626,7 +632,7 @@ class RoomConnection:
             return self._error(exc.code, exc.detail, echo, retry_after=round(exc.retry_after, 3))
         except InvalidMessage as exc:
             return self._error(exc.code, exc.detail, echo)
-        self.services.typing.sent(self.room, self.principal.user_id)  # a message ends typing
+        self.services.typing.stop(self.room, self.principal.user_id)  # a message ends typing
         return stored, echo
 
     def _change(self, frame: dict[str, Any], kind: str) -> Reply:

@@ -388,3 +388,16 @@ async def test_a_replica_stalled_past_the_timeout_is_reaped_then_writes_its_user
     assert (await watcher.recv_type("message"))["body"] == "still here"
     await bobs.close()
     await watcher.close()
+
+
+async def test_typing_ends_when_the_typer_s_last_socket_closes(replicas):
+    a, b = replicas
+    room, alice, bob = uid("r"), uid("alice"), uid("bob")
+    typer = await join(a, room, alice)
+    reader = await join(b, room, bob)
+    await typer.send_json({"type": "typing"})
+    assert (await reader.recv_type("typing"))["users"] == [alice]
+    await typer.close()
+    got = await reader.recv_type("typing", timeout=TYPING_TTL / 2)  # before it would expire
+    assert got["users"] == []
+    await reader.close()
