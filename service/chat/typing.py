@@ -19,7 +19,13 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from service.chat.envelope import TYPING_SIGNAL, TYPING_STOP, channel_for, typing_frame
+from service.chat.envelope import (
+    NOTIFY_PAYLOAD_LIMIT,
+    TYPING_SIGNAL,
+    TYPING_STOP,
+    channel_for,
+    typing_frame,
+)
 from service.chat.presence import Deliver
 
 log = logging.getLogger(__name__)
@@ -96,7 +102,7 @@ class Typing:
         try:
             while self._outgoing:
                 outgoing, self._outgoing = self._outgoing, []
-                for channel, payload in outgoing:
+                for channel, payload in _merged(outgoing):
                     try:
                         await self._signal(channel, payload)
                     except Exception:  # the bus is out: typing is worth nothing late
@@ -105,15 +111,17 @@ class Typing:
             self._sending = None
 
     def on_signal(self, room: str, payload: str) -> None:
-        """A ``?t`` / ``?s`` signal heard on the room's channel."""
-        user = payload[2:]
+        """A ``?t`` / ``?s`` signal heard on the room's channel: users, one per line."""
+        users = payload[2:].split("\n")
         state = self._rooms.get(room)
         if payload.startswith(TYPING_SIGNAL):
             if state is None:
                 state = self._rooms[room] = _Room()
-            state.typers[user] = time.monotonic() + self._ttl
+            until = time.monotonic() + self._ttl
+            for user in users:
+                state.typers[user] = until
             self._expire_later(room, state)
-        elif state is None or state.typers.pop(user, None) is None:
+        elif state is None or not [u for u in users if state.typers.pop(u, None) is not None]:
             return
         self._schedule(room, state)
 
@@ -164,3 +172,24 @@ class Typing:
             changed = mine != [u for u in shown if u != user]
             per_user[user] = typing_frame(room, mine) if changed else None
         self._deliver(room, typing_frame(room, list(typers)), per_user, True)
+
+
+def _merged(outgoing: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """One payload per channel and kind for what queued up while a publish was in flight
+    (user ids are printable: no newline in one), in the order each first came."""
+    merged: dict[tuple[str, str], list[str]] = {}
+    for channel, payload in outgoing:
+        merged.setdefault((channel, payload[:2]), []).append(payload[2:])
+    payloads = []
+    for (channel, kind), users in merged.items():
+        batch: list[str] = []
+        size = 0
+        for user in users:
+            cost = len(user.encode()) + 1
+            if batch and size + cost > NOTIFY_PAYLOAD_LIMIT - 8:
+                payloads.append((channel, kind + "\n".join(batch)))
+                batch, size = [], 0
+            batch.append(user)
+            size += cost
+        payloads.append((channel, kind + "\n".join(batch)))
+    return payloads

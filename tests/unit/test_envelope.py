@@ -134,3 +134,16 @@ def test_presence_changes_are_split_to_fit_a_notify_and_lose_no_one():
         went += change["off"]
     assert [tuple(c) for c in came] == online and went == offline
     assert encode_presence([], []) == []
+
+
+def test_typing_signals_queued_together_are_merged_per_room_and_fit_a_notify():
+    from service.chat.typing import _merged  # noqa: PLC0415 - the one private helper tested
+
+    queued = [("room-a", f"?tuser-{i:04d}-" + "x" * 100) for i in range(200)]
+    queued += [("room-b", "?tbob"), ("room-a", "?scarol")]
+    merged = _merged(queued)
+    assert all(len(p.encode()) <= NOTIFY_PAYLOAD_LIMIT for _, p in merged)
+    typing_a = [p[2:].split("\n") for c, p in merged if c == "room-a" and p.startswith("?t")]
+    assert sum(typing_a, []) == [q[2:] for c, q in queued if c == "room-a" and q[1] == "t"]
+    assert len(typing_a) > 1
+    assert ("room-b", "?tbob") in merged and ("room-a", "?scarol") in merged
