@@ -95,9 +95,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "resume": {"messages": 1000, "reps": 200, "servers": 1, "concurrency": 1},
 }  # fmt: skip
 TINY: dict[str, dict[str, Any]] = {
-    "fanout": {"rooms": 2, "connections": 5, "senders": 4, "rate": 50.0, "duration": 2.0,
+    "fanout": {"rooms": 2, "connections": 5, "senders": 4, "rate": 50.0, "duration": 1.0,
                "warmup": 0.5, "drain": 5.0},
-    "saturate": {"rooms": 2, "connections": 5, "senders": 4, "step_seconds": 2.0,
+    "saturate": {"rooms": 2, "connections": 5, "senders": 4, "step_seconds": 1.0,
                  "rates": "100,200,400,800", "max_rate": 800.0, "refine": 1, "warmup": 0.5,
                  "drain": 3.0},
     "idle": {"connections": 50, "rooms": 5, "settle": 0.5},

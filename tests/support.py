@@ -307,7 +307,20 @@ class Client:
         raise AssertionError(f"unexpected frame: {frame!r}")
 
     async def close(self) -> None:
-        await self.ws.close()
+        """Frames left unread are read and dropped meanwhile: past websockets' ``max_queue``
+        the client stops reading its socket, and the server's close frame would wait behind
+        them until ``close_timeout`` (10 s)."""
+        drain = asyncio.create_task(self._discard_until_closed())
+        try:
+            await self.ws.close()
+        finally:
+            drain.cancel()
+            await asyncio.gather(drain, return_exceptions=True)
+
+    async def _discard_until_closed(self) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await self.ws.recv()
 
     async def __aenter__(self) -> Client:
         return self

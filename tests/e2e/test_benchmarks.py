@@ -88,8 +88,9 @@ def test_saturate_bisects_after_the_first_failed_step(  # type: ignore[no-untype
     fresh_database, tmp_path: Path
 ) -> None:
     # No generator sends 100,000 msg/s: that step fails, and so does the bisection (50,000).
+    # Short steps and drain: a failed step costs the sends it makes (10,000, then 5,000).
     extra = ("--only", "trivial", "--rates", "50,100000", "--max-rate", "100000")
-    extra += ("--refine", "1", "--step-seconds", "1")
+    extra += ("--refine", "1", "--step-seconds", "0.1", "--drain", "1")
     data = run_bench("saturate", fresh_database(), tmp_path, *extra)
     result = data["trivial"]
     rates = [(s["rate_target"], s["sustained"], s["refinement"]) for s in result["steps"]]
