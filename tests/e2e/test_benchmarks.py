@@ -213,8 +213,6 @@ def test_presence(fresh_database, tmp_path: Path) -> None:  # type: ignore[no-un
         assert phase["connects"] == 40, phase
         assert phase["connect_failures"] == phase["error_frames"] == {}, phase
         assert phase["servers_cpu_s"] > 0, phase
-        gap = phase["presence_min_gap_ms"]  # at most one frame per interval on a socket
-        assert gap is None or gap >= 250, phase
     # New users: every arrival is a change; frames come by the interval, not by the users.
     per_user = arrive["presence_frames_per_user"]
     assert 1 <= per_user["p50"] <= per_user["max"] <= arrive["presence_frames_bound"], arrive
