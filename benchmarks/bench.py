@@ -15,9 +15,13 @@ at a size that runs in seconds; ``--json PATH``: where the report goes):
         rooms with exact unread counts, 1M messages in the database (chat-service only)
     python -m benchmarks.bench resume                resume after 1000 missed items of mixed
         kinds against 1000 missed messages (chat-service only)
+    python -m benchmarks.bench presence              2000 users (one socket each) of one room
+        over two servers arrive within 2 s, then all reconnect within 2 s (a deploy): presence
+        frames per client, the servers' CPU (chat-service only)
 
 fanout and saturate take ``--read-rate R`` (every connection sends ``read`` frames R times a
-second) and ``--reaction-rate N`` (N ``react`` frames a second from the senders) on top.
+second), ``--reaction-rate N`` (N ``react`` frames a second from the senders) and
+``--typing-users N`` (N users of each room send ``typing`` every 2-3 s) on top.
 
 ``--rounds N`` (fanout, saturate) measures the targets N times, alternating (trivial, chat,
 trivial, chat...), and reports the median round: the box's state drifts within minutes, and
@@ -36,6 +40,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import secrets
 import shutil
@@ -67,6 +72,7 @@ from benchmarks.bench_infra import (
     Harness,
     HarnessError,
     brute_force_read_state,
+    cpu_seconds,
     machine,
     raise_nofile,
     roomlist_invariants,
@@ -76,8 +82,8 @@ from benchmarks.bench_infra import (
 )
 from service.chat.envelope import channel_for
 
-SCENARIOS = ("fanout", "saturate", "idle", "history", "rest", "roomlist", "resume")
-CHAT_ONLY = ("roomlist", "resume")
+SCENARIOS = ("fanout", "saturate", "idle", "history", "rest", "roomlist", "resume", "presence")
+CHAT_ONLY = ("roomlist", "resume", "presence")
 """Scenarios the trivial server has nothing to compare with (no read state, no event kinds)."""
 DEFAULTS: dict[str, dict[str, Any]] = {
     "fanout": {"rooms": 5, "connections": 20, "senders": 10, "rate": 200.0, "duration": 10.0,
@@ -93,6 +99,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "roomlist": {"messages": 1_000_000, "rooms": 200, "reps": 2000, "servers": 1,
                  "concurrency": 1},
     "resume": {"messages": 1000, "reps": 200, "servers": 1, "concurrency": 1},
+    "presence": {"connections": 2000, "window": 2.0, "servers": 2, "concurrency": 100},
 }  # fmt: skip
 TINY: dict[str, dict[str, Any]] = {
     "fanout": {"rooms": 2, "connections": 5, "senders": 4, "rate": 50.0, "duration": 1.0,
@@ -105,6 +112,8 @@ TINY: dict[str, dict[str, Any]] = {
     "rest": {"clients": 4, "rooms": 2, "duration": 2.0, "warmup": 0.5},
     "roomlist": {"messages": 20_000, "rooms": 20, "reps": 20},
     "resume": {"messages": 100, "reps": 10},
+    "presence": {"connections": 40, "window": 1.0, "presence_interval": 0.5,
+                 "presence_grace": 2.0},
 }  # fmt: skip
 TARGETS = {
     "fanout_p99_ms": 5.0,
@@ -178,6 +187,10 @@ async def start_targets(ctx: Context) -> None:
     """The trivial server first: it is measured first in every round and warms the generator up."""
     args = ctx.args
     extra = {"CHAT_DB_POOL_SIZE": str(args.db_pool_size)} if args.db_pool_size else {}
+    if args.presence_interval is not None:  # else the service's default (a server before
+        extra["CHAT_PRESENCE_INTERVAL"] = str(args.presence_interval)  # issue 16 has none)
+    if args.presence_grace is not None:
+        extra["CHAT_PRESENCE_GRACE"] = str(args.presence_grace)
     starting: dict[str, Awaitable[Any]] = {}
     if args.only != "chat":
         starting["trivial"] = ctx.harness.start_trivial(ctx.secret, uvloop=not args.no_uvloop)
@@ -302,7 +315,13 @@ async def fanout(ctx: Context, target: Target) -> dict[str, Any]:
 
 
 def make_load(args: argparse.Namespace, peers: list[Peer]) -> Load:
-    return Load(peers, args.body_chars, read_rate=args.read_rate, reaction_rate=args.reaction_rate)
+    return Load(
+        peers,
+        args.body_chars,
+        read_rate=args.read_rate,
+        reaction_rate=args.reaction_rate,
+        typing_users=args.typing_users,
+    )
 
 
 def stream_faults(step: dict[str, Any]) -> dict[str, int]:
@@ -974,6 +993,177 @@ async def post_mixed(ctx: Context, target: Target, room: str, n: int) -> Counter
     return posted
 
 
+# -- presence -----------------------------------------------------------------------------------
+
+PRESENCE_INTERVAL = 1.0
+PRESENCE_GRACE = 5.0
+"""The service's ``CHAT_PRESENCE_INTERVAL`` and ``CHAT_PRESENCE_GRACE`` when not given."""
+PRESENCE_SLACK = 1.5
+"""Seconds a change may take to reach a socket besides the interval: the writer gathers
+changes for 0.25 s (``presence.FLUSH_INTERVAL``), then a commit, a NOTIFY, the frame's send."""
+
+
+async def presence(ctx: Context, target: Target) -> dict[str, Any]:
+    """One room, ``--connections`` users with one socket each, alternately on each server.
+
+    ``arrive``: every user connects for the first time, at a paced rate over ``--window``
+    seconds: each arrival is a real change. ``quiet``: the CPU spent with every socket open and
+    nothing happening (pings, presence heartbeats), a few seconds. ``reconnect`` (a
+    deploy): each socket closes and its user connects again at once to the other server, the
+    closes paced over ``--window``: no presence changes (the grace covers them), so no frame.
+    Each phase is measured from its first connect until ``grace`` (reconnect) plus two
+    intervals and ``PRESENCE_SLACK`` after the last ``ready``: every frame it causes, late
+    departures included. Per phase: presence frames per user (both sockets of a reconnect),
+    the shortest gap between two presence frames on one socket (the interval, unless frames
+    queued while the socket connected or fell behind), and the CPU seconds the servers,
+    PostgreSQL and the generator spent.
+    """
+    args = ctx.args
+    interval = args.presence_interval or PRESENCE_INTERVAL
+    grace = PRESENCE_GRACE if args.presence_grace is None else args.presence_grace
+    n, servers = args.connections, len(target.ws)
+    await ctx.warm_up(target, "presence", min(args.concurrency, 20))
+    peers = make_peers(ctx, target, "presence", 1, n)
+    moved = [Peer(p.room, 0, target.ws[(j + 1) % servers], p.token) for j, p in enumerate(peers)]
+    tail = 2 * interval + PRESENCE_SLACK
+    result: dict[str, Any] = {
+        "sockets": n,
+        "users": len({p.token for p in peers}),
+        "servers": servers,
+        "window_s": args.window,
+        "interval_s": interval,
+        "grace_s": grace,
+    }
+    try:
+        log(f"{target.name}: {n} new users arrive within {args.window:g}s")
+        result["arrive"] = await presence_phase(ctx, target, peers, [], tail, interval)
+        log(f"{target.name}: quiet for {tail:g}s")
+        meter, before = ctx.meter(target), server_cpu(target)
+        heard = sum(p.presence_heard for p in peers)
+        meter.start()
+        await asyncio.sleep(tail)
+        cores = meter.stop()
+        result["quiet"] = {
+            "measured_s": tail,
+            "presence_frames": sum(p.presence_heard for p in peers) - heard,
+            **cpu_figures(target, before, cores, tail),
+        }
+        for peer in peers:
+            reset_presence(peer)
+        log(f"{target.name}: {n} users reconnect to the other server within {args.window:g}s")
+        result["reconnect"] = await presence_phase(
+            ctx, target, moved, peers, grace + tail, interval
+        )
+        result["still_open"] = still_open(moved)
+    finally:
+        await close_all(peers)
+        await close_all(moved)
+    for phase in ("arrive", "reconnect"):
+        got = result[phase]
+        if got["connect_failures"]:
+            ctx.violations.append(f"{phase}: connects failed {got['connect_failures']}")
+        if got["error_frames"]:
+            ctx.violations.append(f"{phase}: error frames {got['error_frames']}")
+        bound, most = got["presence_frames_bound"], got["presence_frames_per_user"]["max"]
+        if bound is not None and most > bound:
+            ctx.violations.append(f"{phase}: a user got {most} presence frames (bound {bound})")
+    if result["still_open"] != n:
+        ctx.violations.append(f"{n - result['still_open']} sockets closed after the reconnect")
+    return result
+
+
+def reset_presence(peer: Peer) -> None:
+    peer.presence_heard = peer.presence_bytes = 0
+    peer.presence_last, peer.presence_min_gap = 0.0, math.inf
+
+
+def server_cpu(target: Target) -> float:
+    return sum(cpu_seconds(pid) for pid in target.pids)
+
+
+def cpu_figures(
+    target: Target, servers_before: float, cores: dict[str, float], seconds: float
+) -> dict[str, Any]:
+    """CPU seconds: the servers' exactly, the others from the meter's average cores."""
+    return {
+        "servers_cpu_s": round(server_cpu(target) - servers_before, 2),
+        "postgres_cpu_s": round(cores["postgres"] * seconds, 2),
+        "generator_cpu_s": round(cores["generator"] * seconds, 2),
+        "others_cores": cores["others"],
+    }
+
+
+async def presence_phase(
+    ctx: Context,
+    target: Target,
+    opening: list[Peer],
+    closing: list[Peer],
+    tail: float,
+    interval: float,
+) -> dict[str, Any]:
+    """Socket ``k`` opens at ``k * window / n`` (after ``closing[k]`` closed, if any), open
+    loop; then ``tail`` seconds for the frames that follow."""
+    args = ctx.args
+    n = len(opening)
+    period = args.window / n
+    times: list[float] = []
+    failures: Counter[str] = Counter()
+    meter, before = ctx.meter(target), server_cpu(target)
+    meter.start()
+    t0 = perf() + 0.01
+
+    async def one(k: int) -> None:
+        delay = t0 + k * period - perf()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if closing:
+            await closing[k].close()
+        peer = opening[k]
+        try:
+            times.append(await peer.open(deflate=args.deflate, history=0))
+        except Exception as exc:  # noqa: BLE001 - counted and reported
+            failures[type(exc).__name__] += 1
+            await peer.close()
+
+    await asyncio.gather(*(one(k) for k in range(n)))
+    storm = perf() - t0
+    await asyncio.sleep(tail)
+    seconds = perf() - t0
+    cores = meter.stop()
+    per_user = [
+        opening[k].presence_heard + (closing[k].presence_heard if closing else 0) for k in range(n)
+    ]
+    sockets = [*opening, *closing]
+    gaps = [p.presence_min_gap for p in sockets if p.presence_min_gap != math.inf]
+    counts = [p.ready_frame["presence"]["count"] for p in opening if "presence" in p.ready_frame]
+    errors: Counter[str] = Counter()
+    for peer in sockets:
+        errors.update(peer.errors_heard)
+    return {
+        "connects": len(times),
+        "connect_failures": dict(failures),
+        "window_target_s": args.window,
+        "window_s": round(storm, 2),
+        "measured_s": round(seconds, 2),
+        "connect_ready_ms": percentiles(times),
+        "presence_frames_per_user": {
+            "p50": lower_median(per_user),
+            "p99": sorted(per_user)[max(0, math.ceil(0.99 * n) - 1)],
+            "max": max(per_user),
+            "none": per_user.count(0),
+        },
+        # Arrivals: one frame at once, then at most one per interval while changes come (the
+        # window, and up to an interval late): a bound by the interval, whatever the users.
+        "presence_frames_bound": None if closing else 2 + math.ceil(storm / interval),
+        "presence_frames": sum(per_user),
+        "presence_kb": round(sum(p.presence_bytes for p in sockets) / 1024, 1),
+        "presence_min_gap_ms": round(min(gaps) * 1000, 1) if gaps else None,
+        "ready_count": {"min": min(counts), "max": max(counts)} if counts else None,
+        "error_frames": dict(errors),
+        **cpu_figures(target, before, cores, seconds),
+    }
+
+
 # -- reporting ----------------------------------------------------------------------------------
 
 
@@ -1033,12 +1223,23 @@ SHOWN = {
               + [f"{k}.{q}" for k in ("resume_texts", "resume_mixed")
                  for q in ("p50", "p90", "p99", "max")]
               + ["mixed_over_texts.p50", "mixed_over_texts.p99"],
+    "presence": ["sockets", "users", "servers", "interval_s", "grace_s"] + [
+        f"{phase}.{k}" for phase in ("arrive", "reconnect") for k in (
+            "window_target_s", "window_s", "measured_s", "connects", "connect_ready_ms.p50",
+            "connect_ready_ms.p99", "presence_frames_per_user.p50",
+            "presence_frames_per_user.max", "presence_frames_per_user.none",
+            "presence_frames_bound", "presence_frames", "presence_kb", "presence_min_gap_ms",
+            "ready_count.min", "ready_count.max", "servers_cpu_s", "postgres_cpu_s",
+            "generator_cpu_s", "others_cores")
+    ] + ["quiet.measured_s", "quiet.presence_frames", "quiet.servers_cpu_s",
+         "quiet.postgres_cpu_s"],
 }  # fmt: skip
 STREAM_SHOWN = [
     "gaps", "stream_behind", "reads_sent", "read_frames_received", "receipts_received",
     "reactions_sent", "reaction_items", "reaction_noops", "reactions_unanswered",
     "reaction_items_per_receiver.min", "reaction_items_per_receiver.max",
-    "reaction_items_per_receiver.missing",
+    "reaction_items_per_receiver.missing", "typing_users", "typing_sent", "typing_rejected",
+    "typing_frames_received",
 ]  # fmt: skip
 """fanout's rows for the stream checks and the reads and reactions (when there are some)."""
 SHOWN["fanout"][7:7] = STREAM_SHOWN
@@ -1149,6 +1350,7 @@ RUNNERS: dict[str, Callable[[Context, Target], Awaitable[dict[str, Any]]]] = {
     "rest": rest,
     "roomlist": roomlist,
     "resume": resume,
+    "presence": presence,
 }
 
 
@@ -1260,6 +1462,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="fanout, saturate: react frames per second in total, from the senders (0: none)",
     )
+    p.add_argument(
+        "--typing-users",
+        type=int,
+        default=0,
+        help="fanout, saturate: users of each room (its first connections) sending a typing "
+        "frame every 2-3 s, jittered (0: none)",
+    )
+    p.add_argument("--window", type=float, help="presence: seconds the arrivals take")
+    p.add_argument(
+        "--presence-interval",
+        type=float,
+        help="CHAT_PRESENCE_INTERVAL for the servers (default: theirs, 1 s)",
+    )
+    p.add_argument(
+        "--presence-grace", type=float, help="CHAT_PRESENCE_GRACE for the servers (default: 5 s)"
+    )
     p.add_argument("--body-chars", type=int, default=100, help="message body length")
     p.add_argument("--concurrency", type=int, help="websocket handshakes at once")
     p.add_argument("--deflate", action="store_true", help="offer permessage-deflate")
@@ -1287,10 +1505,12 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         if args.only == "trivial":
             raise SystemExit(f"{args.scenario} measures chat-service only")
         args.only = "chat"
-    if (args.read_rate or args.reaction_rate) and args.scenario not in ROUND_FIGURE:
-        raise SystemExit("--read-rate and --reaction-rate are for fanout and saturate")
-    if args.read_rate < 0 or args.reaction_rate < 0:
-        raise SystemExit("--read-rate and --reaction-rate: 0 or more")
+    if (args.read_rate or args.reaction_rate or args.typing_users) and (
+        args.scenario not in ROUND_FIGURE
+    ):
+        raise SystemExit("--read-rate, --reaction-rate, --typing-users: fanout and saturate")
+    if args.read_rate < 0 or args.reaction_rate < 0 or args.typing_users < 0:
+        raise SystemExit("--read-rate, --reaction-rate and --typing-users: 0 or more")
     return args
 
 

@@ -4,13 +4,16 @@ Lean means: a peer never calls ``recv()``. ``FastConnection`` hands each complet
 (bytes) to a callback straight from websockets' protocol parser, so no future, task switch or
 queue is spent per frame. ``message`` frames are not JSON-decoded at all: the ``seq``, the
 ``kind`` and the ``client_msg_id`` (the generator's message index) are sliced out of the bytes;
-every other frame (``ready``, ``ack``, ``error``, ``read``, ``receipt``) is decoded.
+``presence`` and ``typing`` frames (issue 16) are counted, not decoded (a presence frame of
+a crowded room lists a thousand users); every other frame (``ready``, ``ack``, ``error``,
+``read``, ``receipt``) is decoded, and unknown types are ignored.
 
 Besides its paced ``send`` frames a load may send ``read`` frames (every connection, with the
-highest seq it has received) and ``react`` frames (the senders, on a recent message of their
-room, alternately setting and taking back their reaction). Reactions are items of the room's
-stream with seqs of their own: every connection must receive every item, texts and others, in
-seq order and without a gap; latencies are of text messages only.
+highest seq it has received), ``react`` frames (the senders, on a recent message of their
+room, alternately setting and taking back their reaction) and ``typing`` frames (some users
+of each room, every 2-3 s, as a client does while its user types). Reactions are items of the
+room's stream with seqs of their own: every connection must receive every item, texts and
+others, in seq order and without a gap; latencies are of text messages only.
 
 Every time is ``time.perf_counter()`` of this one process, so a latency from a send to a
 delivery has no clock skew.
@@ -40,6 +43,8 @@ OPEN_TIMEOUT = 30.0
 CLOSE_TIMEOUT = 2.0
 HTTP_TIMEOUT = 10.0
 MESSAGE_PREFIX = b'{"type":"message"'
+PRESENCE_PREFIX = b'{"type":"presence"'
+TYPING_PREFIX = b'{"type":"typing"'
 KIND_KEY = b'"kind":"'
 REACTION_EMOJI = "\N{THUMBS UP SIGN}"
 REACTION_PREFIX = "r"
@@ -113,6 +118,8 @@ class Peer:
         "room", "room_index", "base", "token", "ws", "load", "started", "ready_at", "ready",
         "ready_frame", "replayed", "replayed_bytes", "last_seq", "seen", "last_text_seq",
         "reactions_seen", "reacted_on", "read_sent", "reads_heard", "receipts_heard",
+        "typing_heard", "presence_heard", "presence_bytes", "presence_last", "presence_min_gap",
+        "errors_heard",
     )  # fmt: skip
 
     def __init__(self, room: str, room_index: int, base: str, token: str) -> None:
@@ -132,6 +139,12 @@ class Peer:
         self.read_sent = 0  # the seq of the last read frame sent
         self.reads_heard = 0  # read frames (the same user's cursor moved elsewhere)
         self.receipts_heard = 0  # receipt frames (another member's cursor moved)
+        self.typing_heard = 0  # typing frames
+        self.presence_heard = 0  # presence frames (after ready)
+        self.presence_bytes = 0
+        self.presence_last = 0.0  # when the last presence frame came
+        self.presence_min_gap = math.inf  # the shortest time between two presence frames
+        self.errors_heard: Counter[str] = Counter()  # error frames, by code, without a load
 
     def url(self, **params: Any) -> str:
         query = {"token": self.token, **{k: v for k, v in params.items() if v is not None}}
@@ -176,6 +189,17 @@ class Peer:
                 self.replayed_bytes += len(data)
                 self.last_seq = seq
             return
+        if data.startswith(PRESENCE_PREFIX):
+            now = perf()
+            if self.presence_last:
+                self.presence_min_gap = min(self.presence_min_gap, now - self.presence_last)
+            self.presence_last = now
+            self.presence_heard += 1
+            self.presence_bytes += len(data)
+            return
+        if data.startswith(TYPING_PREFIX):
+            self.typing_heard += 1
+            return
         frame = json.loads(data)
         kind = frame.get("type")
         if kind == "ready":
@@ -187,8 +211,11 @@ class Peer:
         elif kind == "ack":
             if self.load is not None:
                 self.load.on_ack(self, frame)
-        elif kind == "error" and self.load is not None:
-            self.load.on_error(frame)
+        elif kind == "error":
+            if self.load is not None:
+                self.load.on_error(frame)
+            else:
+                self.errors_heard[str(frame.get("code"))] += 1
         elif kind == "receipt":
             self.receipts_heard += 1
         elif kind == "read":
@@ -241,7 +268,10 @@ class Load:
     ``reaction_rate``: ``react`` frames per second in total, round robin over the senders; a
     sender takes back the reaction it set last before it sets a new one on the newest text it
     has received, so every reaction stores an item (none is an idempotent no-op). Their acks
-    and errors are counted apart from the messages'. Items other than the load's messages are
+    and errors are counted apart from the messages'. ``typing_users``: that many users of each
+    room (its first connections) send a ``typing`` frame every 2-3 s (jittered), never answered
+    by chat-service (an ``unknown_type`` error from a server without typing is counted as
+    ``typing_rejected``, not as an error). Items other than the load's messages are
     counted in the step being sent when they arrive (each step waits for its reactions' answers
     and items before the next starts).
     """
@@ -253,6 +283,7 @@ class Load:
         *,
         read_rate: float = 0.0,
         reaction_rate: float = 0.0,
+        typing_users: int = 0,
     ) -> None:
         self.rooms: dict[int, list[Peer]] = {}
         for peer in peers:
@@ -286,6 +317,9 @@ class Load:
         self.reactions_unanswered = 0
         self.reaction_count = 0
         self.reads_sent = Counter[int]()
+        self.typers = [p for room in self.rooms.values() for p in room[:typing_users]]
+        self.typing_sent = Counter[int]()
+        self.typing_rejected = Counter[int]()  # unknown_type errors: a server without typing
 
     # -- receiving ---------------------------------------------------------------------------
 
@@ -329,6 +363,9 @@ class Load:
 
     def on_error(self, frame: dict[str, Any]) -> None:
         cmid = frame.get("client_msg_id")
+        if cmid is None and self.typers and frame.get("code") == "unknown_type":
+            self.typing_rejected[self.step] += 1
+            return
         if isinstance(cmid, str) and cmid.startswith(REACTION_PREFIX):
             self.reaction_errors.setdefault(self.step, Counter())[str(frame.get("code"))] += 1
             self.reactions_unanswered -= 1
@@ -384,12 +421,15 @@ class Load:
             table[step] = []
         self.step = step
         peers = [peer for room in self.rooms.values() for peer in room]
-        heard_before = [(p.reactions_seen, p.reads_heard, p.receipts_heard) for p in peers]
+        heard_before = [
+            (p.reactions_seen, p.reads_heard, p.receipts_heard, p.typing_heard) for p in peers
+        ]
         extra = []
         if self.read_rate > 0:
             extra += [asyncio.create_task(self._reads(peer)) for peer in peers]
         if self.reaction_rate > 0:
             extra.append(asyncio.create_task(self._reactions(senders)))
+        extra += [asyncio.create_task(self._typing(peer)) for peer in self.typers]
         lag = self.lag[step]
         count = max(1, round(rate * seconds))
         period = 1.0 / rate
@@ -461,6 +501,21 @@ class Load:
                     return
             await asyncio.sleep(period * uniform(0.5, 1.5))
 
+    async def _typing(self, peer: Peer) -> None:
+        """A ``typing`` frame every 2-3 s (uniform), the first within 2.5 s of the start."""
+        uniform = self.random.uniform
+        await asyncio.sleep(uniform(0, 2.5))
+        while True:
+            ws = peer.ws
+            if ws is not None:
+                self.typing_sent[self.step] += 1
+                try:
+                    await ws.send('{"type":"typing"}')
+                except Exception as exc:  # noqa: BLE001 - counted; the peer's loss shows too
+                    self.errors[f"typing_failed:{type(exc).__name__}"] += 1
+                    return
+            await asyncio.sleep(uniform(2.0, 3.0))
+
     async def _reactions(self, senders: Sequence[Peer]) -> None:
         """``reaction_rate`` react frames a second in total (open loop), round robin."""
         period = 1.0 / self.reaction_rate
@@ -497,7 +552,7 @@ class Load:
                 self.errors[f"react_failed:{type(exc).__name__}"] += 1
 
     def _stream_figures(
-        self, step: int, peers: Sequence[Peer], heard_before: list[tuple[int, int, int]]
+        self, step: int, peers: Sequence[Peer], heard_before: list[tuple[int, int, int, int]]
     ) -> dict[str, Any]:
         """Stream order over every kind of item, and what reads and reactions did."""
         stored = self.reaction_items.get(step, Counter())
@@ -507,6 +562,17 @@ class Load:
             "gaps": self.gaps[step],
             "stream_behind": self._behind(peers),
         }
+        if self.typers:
+            figures.update(
+                {
+                    "typing_users": len(self.typers),
+                    "typing_sent": self.typing_sent[step],
+                    "typing_rejected": self.typing_rejected[step],
+                    "typing_frames_received": sum(
+                        p.typing_heard - b[3] for p, b in zip(peers, heard_before, strict=True)
+                    ),
+                }
+            )
         if self.read_rate > 0 or self.reaction_rate > 0:
             figures.update(
                 {

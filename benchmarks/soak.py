@@ -319,6 +319,8 @@ class SoakClient:
             self._on_ack(frame)
         elif kind == "error":
             self._on_error(frame)
+        elif kind in ("presence", "typing"):  # signals of others (issue 16), not items
+            stats.counts[f"{kind}_frames"] += 1
         elif kind != "pong":
             stats.bad("unexpected_frames", {"user": self.user, "frame": frame})
 

@@ -145,7 +145,7 @@ def test_rest(fresh_database, tmp_path: Path) -> None:  # type: ignore[no-untype
 def test_fanout_with_reads_and_reactions(  # type: ignore[no-untyped-def]
     fresh_database, tmp_path: Path
 ) -> None:
-    extra = ("--read-rate", "2", "--reaction-rate", "20")
+    extra = ("--read-rate", "2", "--reaction-rate", "20", "--typing-users", "3")
     data = run_bench("fanout", fresh_database(), tmp_path, *extra)
     for name in ("chat", "trivial"):
         result = data[name]
@@ -161,6 +161,15 @@ def test_fanout_with_reads_and_reactions(  # type: ignore[no-untyped-def]
     # Every connection's user is a member: cursors move, small rooms get receipts.
     assert data["chat"]["receipts_received"] > 0
     assert data["trivial"]["receipts_received"] == 0
+    # Typing: never answered by chat-service, heard by the others; the trivial server has no
+    # typing and answers each with unknown_type, which the generator tolerates.
+    chat, trivial = data["chat"], data["trivial"]
+    assert chat["typing_users"] == trivial["typing_users"] == 6
+    assert chat["typing_sent"] > 0 and chat["typing_rejected"] == 0
+    assert chat["typing_frames_received"] > 0
+    assert trivial["typing_rejected"] == trivial["typing_sent"] > 0
+    assert trivial["typing_frames_received"] == 0
+    assert chat["errors"] == trivial["errors"] == {}
 
 
 @pytest.mark.timeout(SCENARIO_TIMEOUT + 30)
@@ -191,3 +200,27 @@ def test_resume(fresh_database, tmp_path: Path) -> None:  # type: ignore[no-unty
     for kind in ("resume_texts", "resume_mixed"):
         assert result[kind]["n"] == 10
     assert result["mixed_over_texts"]["p50"] > 0
+
+
+@pytest.mark.timeout(SCENARIO_TIMEOUT + 30)
+def test_presence(fresh_database, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    data = run_bench("presence", fresh_database(), tmp_path, "--only", "chat")
+    result = data["chat"]
+    assert "trivial" not in data
+    assert result["sockets"] == result["users"] == 40
+    assert result["interval_s"] == 0.5
+    arrive, reconnect = result["arrive"], result["reconnect"]
+    for phase in (arrive, reconnect):
+        assert phase["connects"] == 40, phase
+        assert phase["connect_failures"] == phase["error_frames"] == {}, phase
+        assert phase["servers_cpu_s"] > 0, phase
+    # New users: every arrival is a change; frames come by the interval, not by the users.
+    per_user = arrive["presence_frames_per_user"]
+    assert 1 <= per_user["p50"] <= per_user["max"] <= arrive["presence_frames_bound"], arrive
+    assert arrive["presence_frames_bound"] < 40
+    assert arrive["ready_count"]["max"] > arrive["ready_count"]["min"] >= 1
+    # A deploy: everyone reconnects within the grace, so nobody hears of any change.
+    assert reconnect["presence_frames"] == 0, reconnect
+    assert reconnect["ready_count"] == {"min": 40, "max": 40}, reconnect
+    assert result["quiet"]["presence_frames"] == 0
+    assert result["still_open"] == 40
