@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from service.chat.envelope import (
@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 FRAME_INTERVAL = 0.5
 """Seconds between two ``typing`` frames of a room on a socket."""
+BATCH_INTERVAL = 0.1
+"""Seconds a process gathers ``typing`` signals before it publishes them, merged per room: a
+NOTIFY is a commit, and with LISTEN/NOTIFY commits that notify take turns with the messages'."""
 MIN_GAP = 1.0
 """A user's ``typing`` frames in a room closer together than this are dropped."""
 
@@ -93,13 +96,14 @@ class Typing:
             self._send(channel_for(room), TYPING_STOP + user)
 
     def _send(self, channel: str, payload: str) -> None:
-        """Publish from one task: what comes while a publish is in flight goes next."""
+        """Publish from one task, every ``BATCH_INTERVAL``."""
         self._outgoing.append((channel, payload))
         if self._sending is None:
             self._sending = asyncio.create_task(self._send_all(), name="typing-signals")
 
     async def _send_all(self) -> None:
         try:
+            await asyncio.sleep(BATCH_INTERVAL)  # what comes meanwhile goes in the same NOTIFY
             while self._outgoing:
                 outgoing, self._outgoing = self._outgoing, []
                 for channel, payload in _merged(outgoing):
@@ -164,14 +168,38 @@ class Typing:
         state.next_frame = time.monotonic() + FRAME_INTERVAL
         if self._deliver is None:
             return
-        # The sockets of a user named before or now see the others only, and nothing when
-        # only that user changed.
-        per_user: dict[str, str | None] = {}
-        for user in set(typers) | set(shown):
-            mine = [u for u in typers if u != user]
-            changed = mine != [u for u in shown if u != user]
-            per_user[user] = typing_frame(room, mine) if changed else None
-        self._deliver(room, typing_frame(room, list(typers)), per_user, True)
+        self._deliver(room, typing_frame(room, list(typers)), _Personal(room, typers, shown), True)
+
+
+class _Personal(Mapping[str, str | None]):
+    """The frame of each user named before or now: the others typing, or None when only that
+    user changed. Made only for the users the fan-out asks for (a socket here), once each:
+    a room where a thousand type costs the frames of its local typers, not a thousand."""
+
+    def __init__(self, room: str, typers: tuple[str, ...], shown: tuple[str, ...]) -> None:
+        self._room = room
+        self._typers = typers
+        self._shown = shown
+        self._named = set(typers) | set(shown)
+        self._made: dict[str, str | None] = {}
+
+    def __contains__(self, user: object) -> bool:
+        return user in self._named
+
+    def __getitem__(self, user: str) -> str | None:
+        if user not in self._named:
+            raise KeyError(user)
+        if user not in self._made:
+            mine = [u for u in self._typers if u != user]
+            changed = mine != [u for u in self._shown if u != user]
+            self._made[user] = typing_frame(self._room, mine) if changed else None
+        return self._made[user]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._named)
+
+    def __len__(self) -> int:
+        return len(self._named)
 
 
 def _merged(outgoing: list[tuple[str, str]]) -> list[tuple[str, str]]:
