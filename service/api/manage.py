@@ -250,6 +250,8 @@ async def list_present(
 ) -> Response:
     """Who is in the room now (a socket open on any replica, or closed within the grace
     period), by user id. A private or direct room's presence is for its members only (404)."""
+    if after is not None and not after.isprintable():  # no user id holds one (service.auth)
+        raise invalid(("query", "after"), "'after' must be printable", "string_pattern_mismatch")
     found = await presence.page(
         services.pool, caller=caller(user), room=room, after=after, limit=limit + 1
     )

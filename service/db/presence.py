@@ -46,7 +46,8 @@ WHERE replicas && $1::text[]
 """
 _ROOM = "SELECT user_id, name FROM presence WHERE room = $1"
 _PAGE = """
-SELECT user_id, name FROM presence WHERE room = $1 AND user_id > $2 ORDER BY user_id LIMIT $3
+SELECT user_id, name FROM presence WHERE room = $1 AND user_id COLLATE "C" > $2
+ORDER BY user_id COLLATE "C" LIMIT $3
 """
 
 
@@ -110,5 +111,6 @@ async def room(conn: Conn, *, room: str) -> dict[str, str | None]:
 
 
 async def page(conn: Conn, *, room: str, after: str, limit: int) -> list[tuple[str, str | None]]:
-    """``(user, name)`` of the room's present users after ``after``, by user id."""
+    """``(user, name)`` of the room's present users after ``after``, by user id in code
+    point order (as ``ready`` lists them)."""
     return [(user, name) for user, name in await conn.fetch(_PAGE, room, after, limit)]

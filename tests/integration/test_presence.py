@@ -401,3 +401,12 @@ async def test_typing_ends_when_the_typer_s_last_socket_closes(replicas):
     got = await reader.recv_type("typing", timeout=TYPING_TTL / 2)  # before it would expire
     assert got["users"] == []
     await reader.close()
+
+
+def test_a_cursor_no_user_id_can_hold_is_a_422_not_a_500(replicas):
+    a, _ = replicas
+    token = make_token(uid("u"))
+    for after in ("a\x00b", "\x1f", "é\u2028"):
+        r = present(a, token, uid("r"), after=after)
+        assert r.status_code == 422, (after, r.status_code, r.text)
+    assert present(a, token, uid("r"), after="zz").json() == {"users": [], "next_after": None}
