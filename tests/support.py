@@ -329,6 +329,21 @@ class Client:
         await self.close()
 
 
+async def frames_of(client: Client, kind: str, seconds: float) -> list[dict[str, Any]]:
+    """Every frame of ``kind`` that arrives within ``seconds`` (the others are dropped)."""
+    found: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while (left := deadline - loop.time()) > 0:
+        try:
+            frame = await client.recv(left)
+        except TimeoutError:
+            break
+        if frame["type"] == kind:
+            found.append(frame)
+    return found
+
+
 async def messages_until(client: Client, last_seq: int, timeout: float = 20) -> list[int]:
     """The seqs of the message frames ``client`` receives until it has ``last_seq``."""
     seqs: list[int] = []

@@ -45,6 +45,7 @@ from service.chat import rooms
 from service.chat.envelope import channel_for, encode_presence, presence_frame
 from service.chat.messages import Publish
 from service.db import presence as db
+from service.db import rooms as rooms_db
 from service.db.engine import reading
 from service.errors import Unavailable
 
@@ -54,7 +55,6 @@ FLUSH_INTERVAL = 0.25
 """Seconds a process gathers arrivals and departures before it writes them in one go."""
 LOAD_TIMEOUT = 5.0
 """Seconds ``ready`` waits for a room's view; past it, it lists this process's users only."""
-_NOTIFY_ALL = "SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS s(c, p)"
 
 Key = tuple[str, str]
 """(room, user)."""
@@ -412,8 +412,8 @@ class Presence:
             for room, (online, offline) in by_room.items()
             for payload in encode_presence(online, offline)
         ]
-        if signals and self._publish is None:
-            await conn.execute(_NOTIFY_ALL, [c for c, _ in signals], [p for _, p in signals])
+        if self._publish is None:
+            await rooms_db.notify_all(conn, signals)
             return []
         return signals
 

@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 
 RECEIPT_INTERVAL = 1.0
 """Seconds between two receipts of one user in one room from one process."""
-_NOTIFY_ALL = "SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS s(c, p)"
 
 Mark = tuple[str, str]
 """(room, user)."""
@@ -140,10 +139,8 @@ class ReadCursors:
                         receipts_max=self._receipts_max,
                     )
                 signals = self._signals(moved, now)
-                if signals and self._publish is None:
-                    await conn.execute(
-                        _NOTIFY_ALL, [c for c, _ in signals], [p for _, p in signals]
-                    )
+                if self._publish is None:
+                    await db.notify_all(conn, signals)
             if self._publish is not None:
                 for channel, payload in signals:
                     await self._publish(channel, payload)

@@ -124,6 +124,7 @@ _DELETE_ROOM = "DELETE FROM room WHERE id = $1"
 _APPEND_MEMBER = "SELECT o_seq, o_frame FROM chat_append_member($1, $2, $3, $4, $5, $6, $7)"
 _OWNER = "SELECT user_id FROM room_member WHERE room_id = $1 AND role = 'owner'"
 _NOTIFY = "SELECT pg_notify($1, $2)"
+_NOTIFY_ALL = "SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS s(c, p)"
 
 
 async def room(conn: Conn, *, room: str, user: str, lock: bool = False) -> RoomRow | None:
@@ -211,6 +212,12 @@ async def owner_of(conn: Conn, *, room_id: int) -> str | None:
 async def notify(conn: Conn, *, channel: str, payload: str) -> None:
     """A NOTIFY sent at commit (nothing if the transaction rolls back)."""
     await conn.execute(_NOTIFY, channel, payload)
+
+
+async def notify_all(conn: Conn, signals: list[tuple[str, str]]) -> None:
+    """NOTIFYs ``(channel, payload)`` sent at commit, in order, in one round trip."""
+    if signals:
+        await conn.execute(_NOTIFY_ALL, [c for c, _ in signals], [p for _, p in signals])
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tests.redis_support import RedisServer, redis_server_binary
-from tests.support import Client, ServerProcess, make_token
+from tests.support import Client, ServerProcess, frames_of, make_token
 
 GRACE = 1.5
 TIMEOUT = 3.0
@@ -76,21 +76,6 @@ async def until(check: Any, timeout: float = 10.0) -> Any:
 
 async def join(server: ServerProcess, room: str, user: str, **claims: Any) -> Client:
     return await Client.connect(server, room, make_token(user, **claims), signals=True)
-
-
-async def frames(client: Client, kind: str, seconds: float) -> list[dict[str, Any]]:
-    """Every frame of ``kind`` within ``seconds``."""
-    found: list[dict[str, Any]] = []
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
-    while (left := deadline - loop.time()) > 0:
-        try:
-            frame = await client.recv(left)
-        except TimeoutError:
-            break
-        if frame["type"] == kind:
-            found.append(frame)
-    return found
 
 
 async def presence_until(
@@ -194,7 +179,7 @@ async def test_a_reconnect_within_the_grace_period_is_never_reported(replicas):
     await asyncio.sleep(GRACE / 3)
     bobs = await join(b, room, bob)  # back, on the other replica
     assert [
-        f for f in await frames(watcher, "presence", GRACE * 2 + 1) if bob in f["offline"]
+        f for f in await frames_of(watcher, "presence", GRACE * 2 + 1) if bob in f["offline"]
     ] == []
     assert bob in present_ids(a, make_token(alice), room)
     await bobs.close()
@@ -215,7 +200,7 @@ async def test_a_drained_replica_s_users_moving_to_another_are_never_reported(sp
     bobs = await join(b, room, bob)  # bob resumes on the replica that is left
     got = await presence_until(watcher, offline={carol}, timeout=GRACE + TIMEOUT + 5)
     assert not any(bob in f["offline"] for f in got)
-    assert [f for f in await frames(watcher, "presence", 1) if bob in f["offline"]] == []
+    assert [f for f in await frames_of(watcher, "presence", 1) if bob in f["offline"]] == []
     assert sorted(present_ids(b, make_token(alice), room)) == sorted([alice, bob])
     await bobs.close()
     await watcher.close()
@@ -269,7 +254,7 @@ async def test_presence_of_a_private_room_is_for_its_members(replicas):
     second = await join(a, room, member)
     await client.send_json({"type": "typing"})
     assert (await second.recv_type("typing"))["users"] == [owner]
-    heard = await frames(neighbour, "presence", 1) + await frames(neighbour, "typing", 0.5)
+    heard = await frames_of(neighbour, "presence", 1) + await frames_of(neighbour, "typing", 0.5)
     assert not [
         f
         for f in heard
@@ -296,8 +281,8 @@ async def test_typing_reaches_the_others_only_and_expires(replicas):
     got = await reader.recv_type("typing", timeout=TYPING_TTL + 3)
     assert got["users"] == [] and time.monotonic() - started >= TYPING_TTL - 0.7
     # Never to alice's own sockets, neither the one that typed nor her other device.
-    assert await frames(typer, "typing", 0.3) == []
-    assert await frames(own_other, "typing", 0.3) == []
+    assert await frames_of(typer, "typing", 0.3) == []
+    assert await frames_of(own_other, "typing", 0.3) == []
     for c in (typer, own_other, reader):
         await c.close()
 
@@ -313,7 +298,7 @@ async def test_a_message_ends_typing_and_excess_typing_is_dropped(replicas):
     await typer.send("done typing")
     got = await reader.recv_type("typing", timeout=TYPING_TTL / 2)  # before it would expire
     assert got["users"] == []
-    assert [f for f in await frames(typer, "error", 0.5)] == []
+    assert [f for f in await frames_of(typer, "error", 0.5)] == []
     await typer.send_json({"type": "ping"})
     assert (await typer.recv_type("pong"))["type"] == "pong"
     for c in (typer, reader):
@@ -329,7 +314,7 @@ async def test_typing_frames_are_coalesced_however_many_type(replicas):
     typers = [await join(a if i % 2 else b, room, uid("t")) for i in range(30)]
     for t in typers:
         await t.send_json({"type": "typing"})
-    got = await frames(reader, "typing", 1.2)
+    got = await frames_of(reader, "typing", 1.2)
     assert 1 <= len(got) <= 1.2 / 0.5 + 1, got
     assert len(got[-1]["users"]) >= 20  # all, or nearly (more come within 500 ms)
     for t in typers:

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tests.redis_support import RedisServer, redis_server_binary
-from tests.support import Client, ServerProcess, make_token
+from tests.support import Client, ServerProcess, frames_of, make_token
 
 
 def uid(prefix: str = "u") -> str:
@@ -66,20 +66,6 @@ async def eventually(check: Any, timeout: float = 5.0) -> Any:
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.1)
-
-
-async def frames_of(client: Client, kind: str, seconds: float) -> list[dict[str, Any]]:
-    """Every frame of ``kind`` that arrives within ``seconds``."""
-    found: list[dict[str, Any]] = []
-    deadline = asyncio.get_running_loop().time() + seconds
-    while (left := deadline - asyncio.get_running_loop().time()) > 0:
-        try:
-            frame = await client.recv(left)
-        except TimeoutError:
-            break
-        if frame["type"] == kind:
-            found.append(frame)
-    return found
 
 
 # 1. Exact counts for a user who read part of a room, from two devices on two replicas
