@@ -124,11 +124,11 @@ async def room_socket(
         await stack.aclose()
         _disconnected(services, principal)
         return
-    outbox, replay, presence = joined
+    outbox = joined
 
     async def serve() -> None:
         try:
-            await connection.run(stack, outbox, replay, presence)
+            await connection.run(stack, outbox)
         finally:
             _disconnected(services, principal)
 
@@ -174,6 +174,7 @@ class RoomConnection:
         "_send_nowait",
         "_replies",
         "room_id",
+        "_greeting",
     )
     """Slots: one per open socket, thousands per process (docs/benchmarks.md, idle)."""
 
@@ -201,14 +202,17 @@ class RoomConnection:
         self.room_id: int | None = None
         """The room the socket was let into (None: no room had the name yet). Sends go to it
         only: once it is deleted they are refused, even if a new room takes the name."""
+        self._greeting: tuple[Replay, dict[str, Any]] | None = None
+        """The replay and the presence ``ready`` sends, from ``open`` to ``run``: dropped once
+        sent, so an idle socket holds neither (a room's history, its list of who is here)."""
 
     async def open(
         self, stack: contextlib.AsyncExitStack, *, history: int, since: int | None
-    ) -> tuple[Outbox, Replay, dict[str, Any]] | None:
+    ) -> Outbox | None:
         """Join the room and read the replay, then accept; or refuse a user who may not read
         the room (HTTP 403 before accept), or close (1013, 1011) when that failed: None."""
         try:
-            joined = await self._join(stack, history=history, since=since)
+            outbox = await self._join(stack, history=history, since=since)
         except Forbidden as exc:
             await _refuse(self.websocket, exc)
             return None
@@ -220,19 +224,13 @@ class RoomConnection:
             await self._close(WS_TRY_AGAIN_LATER, "database unavailable; reconnect with since")
             return None
         await self.websocket.accept(headers=request_id_headers())
-        return joined
+        return outbox
 
-    async def run(
-        self,
-        stack: contextlib.AsyncExitStack,
-        outbox: Outbox,
-        replay: Replay,
-        presence: dict[str, Any],
-    ) -> None:
+    async def run(self, stack: contextlib.AsyncExitStack, outbox: Outbox) -> None:
         """Send the replay and serve the socket until it ends; leave the room (``stack``)."""
         try:
             async with stack:
-                await self._replay(replay, presence)
+                await self._replay()
                 await self._serve(outbox)
         except WebSocketDisconnect:
             return
@@ -270,7 +268,7 @@ class RoomConnection:
 
     async def _join(
         self, stack: contextlib.AsyncExitStack, *, history: int, since: int | None
-    ) -> tuple[Outbox, Replay, dict[str, Any]]:
+    ) -> Outbox:
         """Join the room's live stream (left when ``stack`` closes) and read the replay, within
         ``ws_connect_timeout``; ``Forbidden`` when the user may not read the room (the read
         says so: no round trip of its own, and nothing it missed between a check and the
@@ -300,7 +298,8 @@ class RoomConnection:
         presence = self.services.presence
         presence.arrive(self.room, self.principal.user_id, self.principal.name)
         stack.callback(self._leave)
-        return outbox, replay, await presence.ready(self.room)
+        self._greeting = replay, await presence.ready(self.room)
+        return outbox
 
     def _leave(self) -> None:
         """The socket closed: one fewer here; the user's typing ends with their last one."""
@@ -308,7 +307,10 @@ class RoomConnection:
         if self.services.presence.leave(self.room, user):
             self.services.typing.stop(self.room, user)
 
-    async def _replay(self, replay: Replay, presence: dict[str, Any]) -> None:
+    async def _replay(self) -> None:
+        if self._greeting is None:
+            raise RuntimeError("run before a successful open")
+        (replay, presence), self._greeting = self._greeting, None
         frames = [stored_frame(m) for m in replay.messages]
         self._charge(frames)
         frames.append(ready_frame(self.room, replay.last_seq, replay.recovered, presence))
