@@ -215,6 +215,36 @@ class ServerProcess:
         self.stop()
 
 
+class EmbeddedServer(ServerProcess):
+    """``chat-service serve`` as the README's quick start runs it: no database URL, so its own
+    PostgreSQL, with the data in ``data_dir`` (default: ``./.chat-data`` under ``cwd``)."""
+
+    def __init__(
+        self, log_path: Path, *, data_dir: Path | None = None, cwd: Path | None = None
+    ) -> None:
+        super().__init__("", log_path=log_path)
+        self.data_dir = data_dir
+        self.cwd = cwd
+
+    def start(self, timeout: float = 90.0) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
+        env["PYTHONUNBUFFERED"] = "1"
+        if self.data_dir is not None:
+            env["CHAT_DATA_DIR"] = str(self.data_dir)
+        with self.log_path.open("ab") as log:
+            offset = log.tell()
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "service", "serve", "--port", "0"],
+                env=env,
+                cwd=self.cwd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        if not self._wait_ready(timeout, offset):
+            self.stop()
+            raise RuntimeError(self.log_path.read_text()[-3000:])
+
+
 SIGNALS = frozenset({"presence", "typing"})
 """Frames a test that is not about them never sees (``Client(signals=True)`` does): other
 users' sockets come and go in every multi-user test."""

@@ -19,7 +19,7 @@ import httpx
 import jwt
 import pytest
 
-from tests.support import JWT_SECRET, Client, ServerProcess, free_port
+from tests.support import JWT_SECRET, Client, EmbeddedServer, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "service"]
@@ -110,30 +110,9 @@ def data_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-class EmbeddedServer(ServerProcess):
-    """``chat-service serve`` exactly as the README's quick start runs it: no database URL."""
-
-    def __init__(self, data_dir: Path, log_path: Path) -> None:
-        super().__init__("", log_path=log_path)
-        self.data_dir = data_dir
-
-    def start(self, timeout: float = 90.0) -> None:
-        with self.log_path.open("ab") as log:
-            offset = log.tell()
-            self.proc = subprocess.Popen(
-                [*CLI, "serve", "--port", "0"],
-                env=_env(CHAT_DATA_DIR=str(self.data_dir), PYTHONUNBUFFERED="1"),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        if not self._wait_ready(timeout, offset):
-            self.stop()
-            raise RuntimeError(self.log_path.read_text()[-3000:])
-
-
 @pytest.mark.slow
 async def test_quick_start_with_embedded_postgres(data_dir, tmp_path):
-    first = EmbeddedServer(data_dir, tmp_path / "first.log")
+    first = EmbeddedServer(tmp_path / "first.log", data_dir=data_dir)
     first.start()
     try:
         assert "<html" in httpx.get(f"{first.http}/").text.lower()
@@ -149,7 +128,7 @@ async def test_quick_start_with_embedded_postgres(data_dir, tmp_path):
     assert _wait_no_postgres(str(data_dir)) == []
 
     # Second run: same data and secret (the old token still works), then a hard kill.
-    second = EmbeddedServer(data_dir, tmp_path / "second.log")
+    second = EmbeddedServer(tmp_path / "second.log", data_dir=data_dir)
     started = time.monotonic()
     second.start()
     restart_seconds = time.monotonic() - started
