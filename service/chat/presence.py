@@ -338,11 +338,13 @@ class Presence:
     async def _flush(self) -> None:
         dirty, self._dirty = self._dirty, set()
         add: list[tuple[str, str, str | None]] = []
+        added: list[Key] = []  # the keys themselves: ``_recorded`` shares them, one per user
         drop: list[Key] = []
         for key in dirty:
             wanted = self._wanted(key)
             if wanted and key not in self._recorded:
                 add.append((key[0], key[1], self._names.get(key)))
+                added.append(key)
             elif not wanted and key in self._recorded:
                 drop.append(key)
             elif not wanted:
@@ -363,8 +365,7 @@ class Presence:
         if changes is None:
             self._rewrite()
             return
-        for room, user, _name in add:
-            self._recorded.add((room, user))
+        self._recorded.update(added)
         for key in drop:
             self._recorded.discard(key)
             self._names.pop(key, None)

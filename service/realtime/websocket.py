@@ -86,6 +86,14 @@ router = APIRouter()
 
 MAX_PIPELINED = 64
 """Sends of one connection awaiting their commit before it stops reading more frames."""
+FASTAPI_SCOPE_STACKS = (
+    "fastapi_middleware_astack",
+    "fastapi_inner_astack",
+    "fastapi_function_astack",
+)
+"""The exit stacks FastAPI leaves in a websocket's scope: done with once the endpoint returns
+(a dependency's cleanup is held by the stack itself), and ~700 bytes each to a detached socket
+that keeps its scope (docs/benchmarks.md, idle)."""
 AUTH_BURST = 3
 """``auth`` frames one connection may send at once; then ``ws_auth_rate`` a second."""
 
@@ -135,6 +143,8 @@ async def room_socket(
     if detach is None:
         await serve()
     else:
+        for key in FASTAPI_SCOPE_STACKS:
+            websocket.scope.pop(key, None)
         detach(serve)  # the server runs it after this returns, without the routing frames
 
 
@@ -197,8 +207,9 @@ class RoomConnection:
         self._expiry: asyncio.TimerHandle | None = None
         """Ends the outbox with ``TokenExpired`` at the token's ``exp``; moved by ``auth``."""
         self._send_nowait = websocket.scope.get("extensions", {}).get(SEND_NOWAIT, _never)
-        self._replies: deque[Reply] = deque()
-        """Answers not yet in the outbox, oldest first: frames are answered in order."""
+        self._replies: list[Reply] = []
+        """Answers not yet in the outbox, oldest first: frames are answered in order. At most
+        ``MAX_PIPELINED`` sends and their answers: a list, smaller than a deque when empty."""
         self.room_id: int | None = None
         """The room the socket was let into (None: no room had the name yet). Sends go to it
         only: once it is deleted they are refused, even if a new room takes the name."""
@@ -297,11 +308,11 @@ class RoomConnection:
         # Present from here until the socket closes (``stack``); ``ready`` says who else is.
         presence = self.services.presence
         presence.arrive(self.room, self.principal.user_id, self.principal.name)
-        stack.callback(self._leave)
+        stack.push(self._leave)  # an exit callback: no wrapper kept per socket, as callback() has
         self._greeting = replay, await presence.ready(self.room)
         return outbox
 
-    def _leave(self) -> None:
+    def _leave(self, *exc_info: object) -> None:
         """The socket closed: one fewer here; the user's typing ends with their last one."""
         user = self.principal.user_id
         if self.services.presence.leave(self.room, user):
@@ -497,7 +508,7 @@ class RoomConnection:
                 outbox.put(self._settle(*reply))
             else:
                 return
-            replies.popleft()
+            del replies[0]
 
     def _settle(self, stored: asyncio.Future[Stored], echo: str | None) -> str | Marker:
         """The answer to a committed (or failed) send: ``unavailable`` only when nothing was
