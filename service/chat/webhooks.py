@@ -1,0 +1,330 @@
+"""Outgoing webhooks: every stored stream item POSTed, signed, to the global receiver
+(``CHAT_WEBHOOK_URL``) and to its room's own (``PUT /rooms/{room}/webhook``). docs/webhooks.md
+is the receiver's side.
+
+What is guaranteed:
+
+* **Every item, at least once.** The outbox row is written by a trigger in the transaction that
+  stores the item (migration 0009), so a committed item is queued even if the process dies the
+  next instant, and it leaves the outbox only once a receiver answered 2xx (or it became a dead
+  letter after ``CHAT_WEBHOOK_MAX_ATTEMPTS``). A crash between the 2xx and the delete repeats
+  it: receivers deduplicate by ``(room, seq)``.
+* **In seq order per room and receiver**: a room's next item is not sent before the previous
+  one was delivered or dead-lettered (``service.db.webhooks`` claims only the oldest pending
+  item of a room, under a row lock held for the whole POST).
+* **Never twice at once, never skipped, across replicas**: the row lock (``FOR UPDATE SKIP
+  LOCKED``) is the lease; a killed replica's connection drops and its items are due again.
+* **A slow or dead receiver never slows the chat**: delivery runs in its own tasks
+  (``CHAT_WEBHOOK_CONCURRENCY`` workers), on its own connections (a pool of that size plus one
+  LISTEN connection, apart from the service's pool and the writer's connection), with a
+  deadline per POST. Nothing on the message path waits for it: the trigger only inserts a
+  pointer row, in the transaction that is committed anyway.
+* **Prompt**: the trigger NOTIFYs ``chat_webhook``; a poll every ``CHAT_WEBHOOK_POLL_INTERVAL``
+  catches a missed NOTIFY, and a failed attempt wakes its worker when its backoff is over.
+
+The payload is the item's ``message`` frame as the websocket sends it (``chat_message_json``,
+read when it is sent): a text message edited or deleted before its delivery goes out in its
+current state, as a resume replays it, so a delete redacts the queued copies of its text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Literal
+from urllib.parse import urlsplit
+
+import asyncpg
+import httpx
+
+from service.db import webhooks as db
+from service.db.engine import DEFAULT_KEEPALIVE, Keepalive, connect, reading
+from service.db.webhooks import Backlog, DeadLetter, Registration
+from service.errors import NotFound
+
+__all__ = [
+    "Backlog",
+    "DeadLetter",
+    "Outcome",
+    "Registration",
+    "WebhookDeliverer",
+    "backoff",
+    "check_url",
+    "signature",
+]
+
+log = logging.getLogger(__name__)
+
+SIGNATURE_HEADER = "X-Chat-Signature"
+APPLICATION_NAME = "chat-service-webhooks"
+USER_AGENT = "chat-service-webhooks/1"
+
+Outcome = Literal["delivered", "retried", "dead"]
+"""What became of one attempt (a metric each)."""
+
+
+def signature(secret: bytes, timestamp: int, body: bytes) -> str:
+    """``t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">``, Stripe's scheme: the
+    timestamp is signed with the body, so a captured request cannot be replayed later."""
+    mac = hmac.new(secret, str(timestamp).encode() + b"." + body, hashlib.sha256)
+    return f"t={timestamp},v1={mac.hexdigest()}"
+
+
+def backoff(attempts: int, *, base: float, cap: float) -> float:
+    """Seconds to wait after ``attempts`` failed attempts: doubling from ``base``, at most
+    ``cap``, with jitter (half to all of it) so that retries of many rooms spread out."""
+    delay = min(cap, base * 2 ** min(attempts - 1, 60))
+    return float(delay * random.uniform(0.5, 1.0))  # noqa: S311 - jitter, not a secret
+
+
+class WebhookDeliverer:
+    """The replica's delivery tasks; ``start`` in the lifespan, ``close`` on the way out."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        url: str | None,
+        secret: bytes,
+        on_outcome: Callable[[Outcome], None],
+        on_backlog: Callable[[Backlog], None],
+        max_attempts: int,
+        timeout: float,
+        backoff_base: float,
+        backoff_max: float,
+        concurrency: int,
+        poll_interval: float,
+        keepalive: Keepalive = DEFAULT_KEEPALIVE,
+    ) -> None:
+        self._dsn = dsn
+        self._url = url
+        self._secret = secret
+        self._on_outcome = on_outcome
+        self._on_backlog = on_backlog
+        self._max_attempts = max_attempts
+        self._timeout = timeout
+        self._backoff_base = backoff_base
+        self._backoff_max = backoff_max
+        self._concurrency = concurrency
+        self._poll_interval = poll_interval
+        self._keepalive = keepalive
+        self._hooks = [db.GLOBAL, db.ROOM] if url else [db.ROOM]
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._pool: asyncpg.Pool | None = None
+        self._client: httpx.AsyncClient | None = None
+
+    async def start(self) -> None:
+        """Start the workers; connections are made as they are needed (none at start-up), so
+        a database hiccup here never keeps the service from starting."""
+        keepalive = self._keepalive
+
+        async def init(conn: asyncpg.Connection) -> None:
+            keepalive.apply(conn)
+
+        self._pool = await asyncpg.create_pool(
+            self._dsn,
+            min_size=0,
+            max_size=self._concurrency + 1,  # the workers' and the backlog gauges'
+            command_timeout=30,
+            server_settings={"application_name": APPLICATION_NAME},
+            init=init,
+        )
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(self._timeout),
+            follow_redirects=False,  # a redirect is an answer (non-2xx), not a new receiver
+            limits=httpx.Limits(max_connections=self._concurrency),
+            headers={"user-agent": USER_AGENT},
+        )
+        for n in range(self._concurrency):
+            self._tasks.append(asyncio.create_task(self._work(), name=f"webhook-worker-{n}"))
+        self._tasks.append(asyncio.create_task(self._listen(), name="webhook-listen"))
+        self._tasks.append(asyncio.create_task(self._watch(), name="webhook-backlog"))
+
+    async def close(self) -> None:
+        """Stop at once: a POST in flight is cut off and its item stays queued (repeated
+        later, by this replica or another)."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self._client is not None:
+            await self._client.aclose()
+        if self._pool is not None:
+            try:
+                await asyncio.wait_for(self._pool.close(), 5)
+            except TimeoutError:
+                self._pool.terminate()
+
+    def wake(self) -> None:
+        """Every worker looks for due items now (a NOTIFY, a backoff that is over)."""
+        self._wake.set()
+        self._wake = asyncio.Event()
+
+    async def _work(self) -> None:
+        while True:
+            woken = self._wake
+            try:
+                found = await self._deliver_one()
+            except Exception as exc:  # the database went away: the poll tries again
+                log.warning("webhook delivery paused: %r", exc)
+                found = False
+            if not found:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken.wait(), self._poll_interval)
+
+    async def _deliver_one(self) -> bool:
+        """Claim, POST and settle one item in one transaction; False when none was due."""
+        assert self._pool is not None  # noqa: S101 - started
+        async with self._pool.acquire() as conn, conn.transaction():
+            item = await db.claim(conn, hooks=self._hooks)
+            if item is None:
+                return False
+            url = self._url if item.hook == db.GLOBAL else item.url
+            if item.frame is None or url is None:  # room deleted, or its registration
+                await db.delivered(conn, item)
+                return True
+            error = await self._post(url, item)
+            if error is None:
+                await db.delivered(conn, item)
+                self._on_outcome("delivered")
+                return True
+            attempts = item.attempts + 1
+            if attempts >= self._max_attempts:
+                log.warning(
+                    "webhook item %s of room id %d (%s) is a dead letter after %d attempts: %s",
+                    item.seq,
+                    item.room_id,
+                    item.hook,
+                    attempts,
+                    error,
+                )
+                await db.failed(conn, item, error=error, retry_in=None)
+                self._on_outcome("dead")
+                return True
+            retry_in = backoff(attempts, base=self._backoff_base, cap=self._backoff_max)
+            await db.failed(conn, item, error=error, retry_in=retry_in)
+            self._on_outcome("retried")
+        asyncio.get_running_loop().call_later(retry_in, self.wake)
+        return True
+
+    async def _post(self, url: str, item: db.Claimed) -> str | None:
+        """None when the receiver answered 2xx within the deadline, else why not. The
+        answer's body is never read: a receiver cannot make this process buffer anything."""
+        assert self._client is not None and item.frame is not None  # noqa: S101
+        body = item.frame.encode()
+        headers = {
+            "content-type": "application/json",
+            SIGNATURE_HEADER: signature(self._secret, int(time.time()), body),
+            "x-chat-attempt": str(item.attempts + 1),
+        }
+        try:
+            async with asyncio.timeout(self._timeout):
+                async with self._client.stream("POST", url, content=body, headers=headers) as r:
+                    status = r.status_code
+        except TimeoutError:
+            return f"no answer within {self._timeout:g} s"
+        except (httpx.HTTPError, OSError) as exc:
+            return f"{type(exc).__name__}: {exc}"[:300]
+        if 200 <= status < 300:
+            return None
+        return f"HTTP {status}"
+
+    async def _listen(self) -> None:
+        """Wake the workers on each NOTIFY of the trigger; on a lost connection, connect again
+        (the poll covers the gap)."""
+        while True:
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await connect(
+                    self._dsn, APPLICATION_NAME + "-listen", keepalive=self._keepalive
+                )
+                await conn.add_listener(db.NOTIFY_CHANNEL, lambda *_: self.wake())
+                self.wake()  # what was queued while nobody listened
+                while True:
+                    await asyncio.sleep(self._poll_interval)
+                    await asyncio.wait_for(conn.execute("SELECT 1"), 10)
+            except Exception as exc:
+                log.warning("webhook LISTEN connection lost: %r", exc)
+                await asyncio.sleep(self._poll_interval)
+            finally:
+                if conn is not None:
+                    conn.terminate()
+
+    async def _watch(self) -> None:
+        """Refresh the backlog gauges (a count of the outbox: once per poll interval, at least
+        a second apart)."""
+        assert self._pool is not None  # noqa: S101
+        while True:
+            try:
+                async with self._pool.acquire() as conn:
+                    found = await db.backlog(conn)
+                self._on_backlog(found)
+            except Exception as exc:
+                log.debug("webhook backlog not read: %r", exc)
+            await asyncio.sleep(max(1.0, self._poll_interval))
+
+
+# The admin use cases (REST: ``service.api.webhooks``); the caller is a service admin.
+
+
+def check_url(url: str) -> str | None:
+    """Why ``url`` cannot be a receiver, or None."""
+    if len(url) > MAX_URL_CHARS:
+        return f"at most {MAX_URL_CHARS} characters"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port out of range
+    except ValueError as exc:
+        return f"not a URL: {exc}"
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        return "an absolute https:// (or http://) URL"
+    if not url.isprintable() or any(c.isspace() for c in url):
+        return "no spaces or control characters"
+    return None
+
+
+MAX_URL_CHARS = 2000
+
+
+async def register(pool: asyncpg.Pool, *, room: str, url: str) -> Registration:
+    """Set ``room``'s receiver (replacing one); from the next stored item on, its items are
+    queued for it. ``NotFound`` for a room that does not exist."""
+    async with reading(pool) as conn:
+        found = await db.put_registration(conn, room=room, url=url)
+    if found is None:
+        raise NotFound("no such room")
+    return found
+
+
+async def registration(pool: asyncpg.Pool, *, room: str) -> Registration:
+    async with reading(pool) as conn:
+        found = await db.get_registration(conn, room=room)
+    if found is None:
+        raise NotFound("this room has no webhook")
+    return found
+
+
+async def unregister(pool: asyncpg.Pool, *, room: str) -> None:
+    """Remove ``room``'s receiver and drop what was still queued for it."""
+    async with reading(pool) as conn:
+        if not await db.delete_registration(conn, room=room):
+            raise NotFound("this room has no webhook")
+
+
+async def dead_letters(pool: asyncpg.Pool, *, room: str | None, limit: int) -> list[DeadLetter]:
+    async with reading(pool) as conn:
+        return await db.dead_letters(conn, room=room, after=None, limit=limit)
+
+
+async def retry_dead_letters(pool: asyncpg.Pool, *, room: str | None) -> int:
+    """Make dead letters due again (the receiver is fixed). They go out ahead of what their
+    room queued since, which was delivered without them."""
+    async with reading(pool) as conn:
+        return await db.retry_dead(conn, room=room)

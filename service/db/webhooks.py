@@ -1,0 +1,199 @@
+"""The webhook outbox and registrations in SQL (migration 0009 has the tables and the trigger
+that fills the outbox in the transaction of each stream item).
+
+Claiming is how replicas share delivery without a coordinator: a deliverer takes, in a
+transaction it keeps open while it POSTs, the row lock of one due item that is the oldest
+pending one of its room and receiver (``FOR UPDATE SKIP LOCKED``). While it holds that lock no
+other deliverer can take the item (it is skipped) nor the room's next one (it is not the
+oldest pending: the locked one still is), so an item is never sent twice at once and a room's
+items go out one after another in seq order. A deliverer that dies loses its connection, its
+transaction rolls back, and the item is due again for whoever claims next: nothing is
+skipped, and the only cost of a crash is a repeat (at least once).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from service.db.queries import Conn
+
+GLOBAL = "global"
+"""``hook`` of an item for the replica's ``CHAT_WEBHOOK_URL``."""
+ROOM = "room"
+"""``hook`` of an item for its room's own registration (the ``webhook`` table)."""
+
+SESSION_SETTING = "chat.webhook"
+"""Set to ``on`` on every database connection of a replica with ``CHAT_WEBHOOK_URL``: the
+trigger queues ``global`` items only for such connections."""
+
+NOTIFY_CHANNEL = "chat_webhook"
+"""The trigger NOTIFYs it (empty payload) in a transaction that queued something."""
+
+_CLAIM = """
+SELECT o.hook, o.room_id, o.seq, o.attempts, o.enqueued_at, w.url,
+       (SELECT chat_message_json(r.name, m, true)
+          FROM message m JOIN room r ON r.id = m.room_id
+         WHERE m.room_id = o.room_id AND m.seq = o.seq) AS frame
+  FROM webhook_outbox o
+  LEFT JOIN webhook w ON o.hook = 'room' AND w.room_id = o.room_id
+ WHERE o.dead_at IS NULL AND o.next_attempt_at <= now() AND o.hook = ANY($1::text[])
+   AND NOT EXISTS (
+        SELECT FROM webhook_outbox p
+         WHERE p.hook = o.hook AND p.room_id = o.room_id AND p.seq < o.seq
+           AND p.dead_at IS NULL)
+ ORDER BY o.next_attempt_at, o.room_id, o.seq
+ LIMIT 1
+ FOR UPDATE OF o SKIP LOCKED
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """An item this transaction holds the lock of. ``frame`` None: the item is gone (its room
+    was deleted); ``url`` None for a ``room`` item: the registration was removed."""
+
+    hook: str
+    room_id: int
+    seq: int
+    attempts: int
+    enqueued_at: datetime
+    url: str | None
+    frame: str | None
+
+
+async def claim(conn: Conn, *, hooks: list[str]) -> Claimed | None:
+    """The next due item of a room that no other transaction holds (call in a transaction)."""
+    row = await conn.fetchrow(_CLAIM, hooks)
+    return None if row is None else Claimed(*row)
+
+
+async def delivered(conn: Conn, item: Claimed) -> None:
+    await conn.execute(
+        "DELETE FROM webhook_outbox WHERE hook = $1 AND room_id = $2 AND seq = $3",
+        item.hook,
+        item.room_id,
+        item.seq,
+    )
+
+
+async def failed(conn: Conn, item: Claimed, *, error: str, retry_in: float | None) -> None:
+    """One more attempt failed: due again in ``retry_in`` seconds, or (None) a dead letter."""
+    await conn.execute(
+        "UPDATE webhook_outbox SET attempts = attempts + 1, last_error = $4,"
+        " next_attempt_at = now() + make_interval(secs => COALESCE($5::float8, 0)),"
+        " dead_at = CASE WHEN $5::float8 IS NULL THEN now() END"
+        " WHERE hook = $1 AND room_id = $2 AND seq = $3",
+        item.hook,
+        item.room_id,
+        item.seq,
+        error[:500],
+        retry_in,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    pending: int
+    oldest_age: float
+    """Seconds since the oldest pending item was queued (0 with none)."""
+    dead: int
+
+
+async def backlog(conn: Conn) -> Backlog:
+    row = await conn.fetchrow(
+        "SELECT count(*) FILTER (WHERE dead_at IS NULL),"
+        " COALESCE(EXTRACT(EPOCH FROM now() - min(enqueued_at) FILTER (WHERE dead_at IS NULL)),"
+        " 0)::float8,"
+        " count(*) FILTER (WHERE dead_at IS NOT NULL)"
+        " FROM webhook_outbox"
+    )
+    assert row is not None  # noqa: S101 - an aggregate returns one row
+    return Backlog(int(row[0]), float(row[1]), int(row[2]))
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    room: str
+    url: str
+    created_at: datetime
+
+
+async def put_registration(conn: Conn, *, room: str, url: str) -> Registration | None:
+    """Register (or replace) ``room``'s receiver; None when there is no such room."""
+    row = await conn.fetchrow(
+        "INSERT INTO webhook (room_id, url) SELECT id, $2 FROM room WHERE name = $1"
+        " ON CONFLICT (room_id) DO UPDATE SET url = EXCLUDED.url"
+        " RETURNING $1::text, url, created_at",
+        room,
+        url,
+    )
+    return None if row is None else Registration(*row)
+
+
+async def get_registration(conn: Conn, *, room: str) -> Registration | None:
+    row = await conn.fetchrow(
+        "SELECT r.name, w.url, w.created_at FROM webhook w JOIN room r ON r.id = w.room_id"
+        " WHERE r.name = $1",
+        room,
+    )
+    return None if row is None else Registration(*row)
+
+
+async def delete_registration(conn: Conn, *, room: str) -> bool:
+    """Remove ``room``'s receiver and what is queued for it (delivered or dead: nowhere to go
+    now). False when it had none."""
+    row = await conn.fetchrow(
+        "WITH gone AS (DELETE FROM webhook w USING room r"
+        "  WHERE r.id = w.room_id AND r.name = $1 RETURNING w.room_id),"
+        " dropped AS (DELETE FROM webhook_outbox o USING gone"
+        "  WHERE o.hook = 'room' AND o.room_id = gone.room_id)"
+        " SELECT count(*) FROM gone",
+        room,
+    )
+    return row is not None and row[0] > 0
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    hook: str
+    room: str | None
+    """None when the room was deleted since."""
+    seq: int
+    attempts: int
+    last_error: str | None
+    enqueued_at: datetime
+    dead_at: datetime
+
+
+async def dead_letters(
+    conn: Conn, *, room: str | None, after: tuple[int, int] | None, limit: int
+) -> list[DeadLetter]:
+    """Dead letters, oldest first (by room id, seq), ``room``'s only when given."""
+    rows = await conn.fetch(
+        "SELECT o.hook, r.name, o.seq, o.attempts, o.last_error, o.enqueued_at, o.dead_at"
+        " FROM webhook_outbox o LEFT JOIN room r ON r.id = o.room_id"
+        " WHERE o.dead_at IS NOT NULL AND ($1::text IS NULL OR r.name = $1)"
+        " AND ($2::bigint IS NULL OR (o.room_id, o.seq) > ($2, $3))"
+        " ORDER BY o.room_id, o.seq, o.hook LIMIT $4",
+        room,
+        after[0] if after else None,
+        after[1] if after else None,
+        limit,
+    )
+    return [DeadLetter(*row) for row in rows]
+
+
+async def retry_dead(conn: Conn, *, room: str | None) -> int:
+    """Make dead letters (``room``'s, or all) due again with a fresh attempt budget."""
+    status = await conn.execute(
+        "UPDATE webhook_outbox o SET dead_at = NULL, attempts = 0, next_attempt_at = now(),"
+        " last_error = NULL"
+        " WHERE o.dead_at IS NOT NULL AND ($1::text IS NULL OR o.room_id ="
+        " (SELECT id FROM room WHERE name = $1))",
+        room,
+    )
+    count = int(status.rsplit(" ", 1)[-1])
+    if count:
+        await conn.execute(f"SELECT pg_notify('{NOTIFY_CHANNEL}', '')")
+    return count
