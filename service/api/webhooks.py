@@ -66,7 +66,7 @@ async def put_webhook(
     given = await read_body(request, WebhookIn)
     problem = webhooks.check_url(given.url)
     if problem is not None:
-        raise invalid(("body", "url"), f"the URL must be {problem}", "url")
+        raise invalid(("body", "url"), problem, "url")
     if not services.settings.webhooks_enabled:
         raise invalid(
             ("body", "url"),

@@ -123,6 +123,8 @@ class WebhookDeliverer:
     async def start(self) -> None:
         """Start the workers; connections are made as they are needed (none at start-up), so
         a database hiccup here never keeps the service from starting."""
+        # httpx logs every request's URL at INFO, and a receiver's URL may hold a token.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
         keepalive = self._keepalive
 
         async def init(conn: asyncpg.Connection) -> None:
@@ -275,18 +277,18 @@ class WebhookDeliverer:
 
 
 def check_url(url: str) -> str | None:
-    """Why ``url`` cannot be a receiver, or None."""
+    """Why ``url`` cannot be a receiver (a sentence for the 422), or None."""
     if len(url) > MAX_URL_CHARS:
-        return f"at most {MAX_URL_CHARS} characters"
+        return f"the URL must be at most {MAX_URL_CHARS} characters"
+    if not url.isprintable() or any(c.isspace() for c in url):
+        return "the URL must hold no spaces or control characters"
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises on a port out of range
     except ValueError as exc:
-        return f"not a URL: {exc}"
+        return f"not a URL ({str(exc).lower()})"
     if parts.scheme not in ("https", "http") or not parts.hostname:
-        return "an absolute https:// (or http://) URL"
-    if not url.isprintable() or any(c.isspace() for c in url):
-        return "no spaces or control characters"
+        return "the URL must be an absolute https:// (or http://) URL"
     return None
 
 
