@@ -65,6 +65,9 @@ SIGNATURE_HEADER = "X-Chat-Signature"
 APPLICATION_NAME = "chat-service-webhooks"
 USER_AGENT = "chat-service-webhooks/1"
 
+EMPTY_CLAIM_INTERVAL = 0.05
+"""A worker that found nothing due claims again no sooner than this (seconds)."""
+
 Outcome = Literal["delivered", "retried", "dead"]
 """What became of one attempt (a metric each)."""
 
@@ -170,6 +173,7 @@ class WebhookDeliverer:
         self._wake = asyncio.Event()
 
     async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             woken = self._wake
             try:
@@ -178,8 +182,12 @@ class WebhookDeliverer:
                 log.warning("webhook delivery paused: %r", exc)
                 found = False
             if not found:
+                empty_at = loop.time()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(woken.wait(), self._poll_interval)
+                # While receivers are down every new item NOTIFYs and nothing is due: look
+                # again at most every EMPTY_CLAIM_INTERVAL, not once per message.
+                await asyncio.sleep(max(0.0, empty_at + EMPTY_CLAIM_INTERVAL - loop.time()))
 
     async def _deliver_one(self) -> bool:
         """Claim, POST and settle one item in one transaction; False when none was due."""

@@ -31,21 +31,31 @@ NOTIFY_CHANNEL = "chat_webhook"
 """The trigger NOTIFYs it (empty payload) in a transaction that queued something."""
 
 _CLAIM = """
+WITH RECURSIVE head AS (
+    (SELECT hook, room_id, seq FROM webhook_outbox
+      WHERE dead_at IS NULL ORDER BY hook, room_id, seq LIMIT 1)
+    UNION ALL
+    SELECT n.hook, n.room_id, n.seq FROM head h CROSS JOIN LATERAL (
+        SELECT hook, room_id, seq FROM webhook_outbox
+         WHERE dead_at IS NULL AND (hook, room_id) > (h.hook, h.room_id)
+         ORDER BY hook, room_id, seq LIMIT 1) n
+)
 SELECT o.hook, o.room_id, o.seq, o.attempts, o.enqueued_at, w.url,
        (SELECT chat_message_json(r.name, m, true)
           FROM message m JOIN room r ON r.id = m.room_id
          WHERE m.room_id = o.room_id AND m.seq = o.seq) AS frame
-  FROM webhook_outbox o
+  FROM head
+  JOIN webhook_outbox o USING (hook, room_id, seq)
   LEFT JOIN webhook w ON o.hook = 'room' AND w.room_id = o.room_id
  WHERE o.dead_at IS NULL AND o.next_attempt_at <= now() AND o.hook = ANY($1::text[])
-   AND NOT EXISTS (
-        SELECT FROM webhook_outbox p
-         WHERE p.hook = o.hook AND p.room_id = o.room_id AND p.seq < o.seq
-           AND p.dead_at IS NULL)
- ORDER BY o.next_attempt_at, o.room_id, o.seq
+ ORDER BY o.next_attempt_at
  LIMIT 1
  FOR UPDATE OF o SKIP LOCKED
 """
+"""The heads (each room's oldest pending item per receiver) are found by a skip scan of
+``ix_webhook_outbox_pending``, one index descent per room with pending items, so a claim costs
+the same whatever the backlog of a room whose receiver is down (a scan of the due rows checking
+each for an older one cost 26 ms at 22,000 queued items, and grew with them)."""
 
 
 @dataclass(frozen=True, slots=True)
