@@ -372,3 +372,61 @@ async def test_a_receiver_that_never_answers_does_not_slow_sends(own_database, s
     hang.set()
     await receiver.wait_for(lambda: len(receiver.delivered()) >= 21)
     assert seqs(receiver.delivered_items(room)) == list(range(1, 22))
+
+
+@pytest.mark.slow
+async def test_an_item_held_by_a_replica_is_taken_over_only_once_that_replica_dies(
+    own_database, spawn, receiver
+):
+    """The row lock is the lease: while the first replica's POST hangs, the second sends
+    neither that item nor the room's next; once the first is killed, the second sends all."""
+    hang = asyncio.Event()
+    first = True
+
+    async def answer(_request):  # type: ignore[no-untyped-def]
+        nonlocal first
+        if first:
+            first = False
+            await hang.wait()
+        return 200
+
+    receiver.answer = answer
+    env = {"CHAT_WEBHOOK_URL": receiver.url, "CHAT_WEBHOOK_TIMEOUT": "60"}
+    holder = await start(spawn, own_database, **env)
+    room = room_name()
+    for i in range(3):
+        await post(holder, room, f"m{i}")
+    await receiver.wait_for(lambda: receiver.in_flight.get(room) == 1)
+    other = await start(spawn, own_database, **env)
+    await asyncio.sleep(1.5)  # three of its polls: proving that it sends nothing meanwhile
+    assert receiver.requests == [] and receiver.in_flight[room] == 1
+    holder.stop(signal.SIGKILL)
+    await receiver.wait_for(lambda: len(receiver.delivered()) >= 3)
+    assert seqs(receiver.delivered_items(room)) == [1, 2, 3]
+    # (The dead replica's request is still open on the receiver's side: a receiver can see an
+    # item again while the first copy's sender is gone, hence deduplication by (room, seq).)
+    assert other.metric("chat_webhooks_delivered_total") == 3
+    hang.set()
+
+
+async def test_queued_items_of_a_deleted_room_are_dropped(own_database, spawn, receiver):
+    down = True
+
+    def answer(_request):  # type: ignore[no-untyped-def]
+        return 503 if down else 200
+
+    receiver.answer = answer
+    server = await start(spawn, own_database, CHAT_WEBHOOK_URL=receiver.url)
+    gone, kept = room_name(), room_name()
+    await post(server, gone, "a")
+    await post(server, gone, "b")
+    await receiver.wait_for(lambda: len(receiver.requests) >= 1)
+    async with httpx.AsyncClient(base_url=server.http, timeout=10) as http:
+        r = await http.delete(f"/rooms/{gone}", headers=auth(ADMIN))
+        assert r.status_code == 204, r.text
+    down = False
+    await post(server, kept, "c")
+    await receiver.wait_for(lambda: len(receiver.delivered()) >= 1)
+    assert [(i["room"], i["seq"]) for i in receiver.delivered_items()] == [(kept, 1)]
+    await asyncio.sleep(0.3)  # proving that nothing of the deleted room follows
+    assert len(receiver.delivered()) == 1
