@@ -240,7 +240,7 @@ class WebhookDeliverer:
                     status = r.status_code
         except TimeoutError:
             return f"no answer within {self._timeout:g} s"
-        except (httpx.HTTPError, OSError) as exc:
+        except Exception as exc:  # refused, reset, TLS, a URL httpx cannot use: an attempt
             return f"{type(exc).__name__}: {exc}"[:300]
         if 200 <= status < 300:
             return None
