@@ -16,7 +16,8 @@ functions: what is committed is queued, and what is queued was committed.
   holds a pointer (room id, seq), not the payload: the payload is the item's frame
   (``chat_message_json``, the one definition) read when it is sent, so a delete, which erases
   its target's text and its edits' in the ``message`` rows, redacts the queued copies too.
-  Delivered rows are deleted; a row given up on keeps ``dead_at`` (the dead letters).
+  Delivered rows are deleted; a row given up on keeps ``dead_at`` (the dead letters). A row
+  being sent carries its sender's lease (``lease_owner`` until ``leased_until``).
 
 The trigger queues ``global`` rows only for a connection that sets ``chat.webhook = 'on'`` (a
 replica with ``CHAT_WEBHOOK_URL`` sets it on its connections), ``room`` rows only for rooms with
@@ -90,6 +91,8 @@ def upgrade() -> None:
             next_attempt_at timestamptz NOT NULL DEFAULT now(),
             last_error text,
             dead_at timestamptz,
+            leased_until timestamptz,
+            lease_owner text,
             CONSTRAINT pk_webhook_outbox PRIMARY KEY (hook, room_id, seq),
             CONSTRAINT ck_webhook_outbox_hook_known CHECK (hook IN ('global', 'room'))
         )

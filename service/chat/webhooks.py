@@ -11,14 +11,16 @@ What is guaranteed:
   it: receivers deduplicate by ``(room, seq)``.
 * **In seq order per room and receiver**: a room's next item is not sent before the previous
   one was delivered or dead-lettered (``service.db.webhooks`` claims only the oldest pending
-  item of a room, under a row lock held for the whole POST).
-* **Never twice at once, never skipped, across replicas**: the row lock (``FOR UPDATE SKIP
-  LOCKED``) is the lease; a killed replica's connection drops and its items are due again.
+  item of a room, and only when nobody holds a lease on it).
+* **Never twice at once, never skipped, across replicas**: a worker leases the item in the
+  database (``service.db.webhooks``) for longer than its POST may take; a killed replica's
+  lease runs out and the item is due again.
 * **A slow or dead receiver never slows the chat**: delivery runs in its own tasks
-  (``CHAT_WEBHOOK_CONCURRENCY`` workers), on its own connections (a pool of that size plus one
-  LISTEN connection, apart from the service's pool and the writer's connection), with a
-  deadline per POST. Nothing on the message path waits for it: the trigger only inserts a
-  pointer row, in the transaction that is committed anyway.
+  (``CHAT_WEBHOOK_CONCURRENCY`` workers), on its own connections (a small pool, used only to
+  claim and settle, never held during a POST, plus one LISTEN connection; apart from the
+  service's pool and the writer's connection), with a deadline per POST. Nothing on the
+  message path waits for it: the trigger only inserts a pointer row, in the transaction that
+  is committed anyway.
 * **Prompt**: the trigger NOTIFYs ``chat_webhook``; a poll every ``CHAT_WEBHOOK_POLL_INTERVAL``
   catches a missed NOTIFY, and a failed attempt wakes its worker when its backoff is over.
 
@@ -33,8 +35,10 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import itertools
 import logging
 import random
+import secrets
 import time
 from collections.abc import Callable
 from typing import Literal
@@ -64,6 +68,11 @@ log = logging.getLogger(__name__)
 SIGNATURE_HEADER = "X-Chat-Signature"
 APPLICATION_NAME = "chat-service-webhooks"
 USER_AGENT = "chat-service-webhooks/1"
+
+LEASE_MARGIN = 2.0
+"""Seconds a lease outlasts the POST's deadline (``CHAT_WEBHOOK_TIMEOUT``): the time between
+the claim's start in the database and the POST's start here, with room to spare. A killed
+replica's item is taken over this long after the POST's deadline."""
 
 EMPTY_CLAIM_INTERVAL = 0.05
 """A worker that found nothing due claims again no sooner than this (seconds)."""
@@ -119,6 +128,8 @@ class WebhookDeliverer:
         self._keepalive = keepalive
         self._hooks = [db.GLOBAL, db.ROOM] if url else [db.ROOM]
         self._wake = asyncio.Event()
+        self._replica = secrets.token_hex(6)
+        self._claims = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
         self._pool: asyncpg.Pool | None = None
         self._client: httpx.AsyncClient | None = None
@@ -136,7 +147,8 @@ class WebhookDeliverer:
         self._pool = await asyncpg.create_pool(
             self._dsn,
             min_size=0,
-            max_size=self._concurrency + 1,  # the workers' and the backlog gauges'
+            # Workers hold a connection only to claim and to settle, never during a POST.
+            max_size=min(self._concurrency, 4) + 1,
             command_timeout=30,
             server_settings={"application_name": APPLICATION_NAME},
             init=init,
@@ -190,43 +202,59 @@ class WebhookDeliverer:
                 await asyncio.sleep(max(0.0, empty_at + EMPTY_CLAIM_INTERVAL - loop.time()))
 
     async def _deliver_one(self) -> bool:
-        """Claim, POST and settle one item in one transaction; False when none was due."""
+        """Lease, POST and settle one item; False when none was due. No transaction is open
+        during the POST: the lease (committed by the claim) keeps the item and its room to
+        this worker until the POST's deadline has passed, whatever happens to the database."""
         assert self._pool is not None  # noqa: S101 - started
-        async with self._pool.acquire() as conn, conn.transaction():
-            item = await db.claim(conn, hooks=self._hooks)
-            if item is None:
-                return False
-            url = self._url if item.hook == db.GLOBAL else item.url
-            if item.frame is None or url is None:  # room deleted, or its registration
-                await db.delivered(conn, item)
-                return True
-            error = await self._post(url, item)
+        owner = f"{self._replica}.{next(self._claims)}"
+        started = asyncio.get_running_loop().time()
+        async with self._pool.acquire() as conn:
+            item = await db.claim(
+                conn, hooks=self._hooks, lease=self._timeout + LEASE_MARGIN, owner=owner
+            )
+        if item is None:
+            return False
+        url = self._url if item.hook == db.GLOBAL else item.url
+        if item.frame is None or url is None:  # room deleted, or its registration
+            async with self._pool.acquire() as conn:
+                await db.delivered(conn, item, owner=owner)
+            return True
+        # The lease counts from the claim's start: so does the POST's deadline.
+        error = await self._post(url, item, deadline=started + self._timeout)
+        async with self._pool.acquire() as conn:
             if error is None:
-                await db.delivered(conn, item)
-                self._on_outcome("delivered")
+                if await db.delivered(conn, item, owner=owner):
+                    self._on_outcome("delivered")
+                else:
+                    log.warning(
+                        "webhook item %s of room id %d was delivered after its lease ran out",
+                        item.seq,
+                        item.room_id,
+                    )
                 return True
             attempts = item.attempts + 1
             if attempts >= self._max_attempts:
-                log.warning(
-                    "webhook item %s of room id %d (%s) is a dead letter after %d attempts: %s",
-                    item.seq,
-                    item.room_id,
-                    item.hook,
-                    attempts,
-                    error,
-                )
-                await db.failed(conn, item, error=error, retry_in=None)
-                self._on_outcome("dead")
+                if await db.failed(conn, item, owner=owner, error=error, retry_in=None):
+                    log.warning(
+                        "webhook item %s of room id %d (%s) is a dead letter after %d attempts: %s",
+                        item.seq,
+                        item.room_id,
+                        item.hook,
+                        attempts,
+                        error,
+                    )
+                    self._on_outcome("dead")
                 return True
             retry_in = backoff(attempts, base=self._backoff_base, cap=self._backoff_max)
-            await db.failed(conn, item, error=error, retry_in=retry_in)
-            self._on_outcome("retried")
+            if await db.failed(conn, item, owner=owner, error=error, retry_in=retry_in):
+                self._on_outcome("retried")
         asyncio.get_running_loop().call_later(retry_in, self.wake)
         return True
 
-    async def _post(self, url: str, item: db.Claimed) -> str | None:
-        """None when the receiver answered 2xx within the deadline, else why not. The
-        answer's body is never read: a receiver cannot make this process buffer anything."""
+    async def _post(self, url: str, item: db.Claimed, *, deadline: float) -> str | None:
+        """None when the receiver answered 2xx before ``deadline`` (event loop time), else why
+        not. The answer's body is never read: a receiver cannot make this process buffer
+        anything."""
         assert self._client is not None and item.frame is not None  # noqa: S101
         body = item.frame.encode()
         headers = {
@@ -235,7 +263,7 @@ class WebhookDeliverer:
             "x-chat-attempt": str(item.attempts + 1),
         }
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout_at(deadline):
                 async with self._client.stream("POST", url, content=body, headers=headers) as r:
                     status = r.status_code
         except TimeoutError:

@@ -240,6 +240,9 @@ class WebhookOutbox(Base):
     )
     last_error: Mapped[str | None] = mapped_column(Text)
     dead_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    leased_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    """While a replica sends it: nobody else may until then (``service.db.webhooks``)."""
+    lease_owner: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
         CheckConstraint("hook IN ('global', 'room')", name="hook_known"),

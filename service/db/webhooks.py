@@ -1,14 +1,17 @@
 """The webhook outbox and registrations in SQL (migration 0009 has the tables and the trigger
 that fills the outbox in the transaction of each stream item).
 
-Claiming is how replicas share delivery without a coordinator: a deliverer takes, in a
-transaction it keeps open while it POSTs, the row lock of one due item that is the oldest
-pending one of its room and receiver (``FOR UPDATE SKIP LOCKED``). While it holds that lock no
-other deliverer can take the item (it is skipped) nor the room's next one (it is not the
-oldest pending: the locked one still is), so an item is never sent twice at once and a room's
-items go out one after another in seq order. A deliverer that dies loses its connection, its
-transaction rolls back, and the item is due again for whoever claims next: nothing is
-skipped, and the only cost of a crash is a repeat (at least once).
+Claiming is how replicas share delivery without a coordinator: a deliverer takes a lease on one
+due item that is the oldest pending one of its room and receiver (``claim``: one statement, so
+one short transaction; ``FOR UPDATE SKIP LOCKED`` keeps two claims from taking the same row),
+POSTs it with no transaction open, and settles it (``delivered`` / ``failed``) only if the
+lease is still its own. While the lease runs no other deliverer can take the item, nor the
+room's next one (it is not the oldest pending: the leased one still is), so an item is never
+sent twice at once and a room's items go out one after another in seq order. The lease is
+longer than a POST may take (``CHAT_WEBHOOK_TIMEOUT`` plus a margin), so this holds even for a
+deliverer cut off from the database mid-POST. A deliverer that dies leaves its lease to expire;
+the item is then due for whoever claims next: nothing is skipped, and the cost of a crash is a
+repeat (at least once) after one lease.
 """
 
 from __future__ import annotations
@@ -39,18 +42,24 @@ WITH RECURSIVE head AS (
         SELECT hook, room_id, seq FROM webhook_outbox
          WHERE dead_at IS NULL AND (hook, room_id) > (h.hook, h.room_id)
          ORDER BY hook, room_id, seq LIMIT 1) n
+), next AS (
+    SELECT o.hook, o.room_id, o.seq
+      FROM head JOIN webhook_outbox o USING (hook, room_id, seq)
+     WHERE o.dead_at IS NULL AND o.next_attempt_at <= now() AND o.hook = ANY($1::text[])
+       AND (o.leased_until IS NULL OR o.leased_until <= now())
+     ORDER BY o.next_attempt_at
+     LIMIT 1
+       FOR UPDATE OF o SKIP LOCKED
 )
-SELECT o.hook, o.room_id, o.seq, o.attempts, o.enqueued_at, w.url,
+UPDATE webhook_outbox o
+   SET leased_until = now() + make_interval(secs => $2::float8), lease_owner = $3
+  FROM next
+ WHERE (o.hook, o.room_id, o.seq) = (next.hook, next.room_id, next.seq)
+RETURNING o.hook, o.room_id, o.seq, o.attempts, o.enqueued_at,
+       (SELECT w.url FROM webhook w WHERE o.hook = 'room' AND w.room_id = o.room_id),
        (SELECT chat_message_json(r.name, m, true)
           FROM message m JOIN room r ON r.id = m.room_id
-         WHERE m.room_id = o.room_id AND m.seq = o.seq) AS frame
-  FROM head
-  JOIN webhook_outbox o USING (hook, room_id, seq)
-  LEFT JOIN webhook w ON o.hook = 'room' AND w.room_id = o.room_id
- WHERE o.dead_at IS NULL AND o.next_attempt_at <= now() AND o.hook = ANY($1::text[])
- ORDER BY o.next_attempt_at
- LIMIT 1
- FOR UPDATE OF o SKIP LOCKED
+         WHERE m.room_id = o.room_id AND m.seq = o.seq)
 """
 """The heads (each room's oldest pending item per receiver) are found by a skip scan of
 ``ix_webhook_outbox_pending``, one index descent per room with pending items, so a claim costs
@@ -60,8 +69,8 @@ each for an older one cost 26 ms at 22,000 queued items, and grew with them)."""
 
 @dataclass(frozen=True, slots=True)
 class Claimed:
-    """An item this transaction holds the lock of. ``frame`` None: the item is gone (its room
-    was deleted); ``url`` None for a ``room`` item: the registration was removed."""
+    """An item leased to its claimer. ``frame`` None: the item is gone (its room was deleted);
+    ``url`` None for a ``room`` item: the registration was removed."""
 
     hook: str
     room_id: int
@@ -72,34 +81,45 @@ class Claimed:
     frame: str | None
 
 
-async def claim(conn: Conn, *, hooks: list[str]) -> Claimed | None:
-    """The next due item of a room that no other transaction holds (call in a transaction)."""
-    row = await conn.fetchrow(_CLAIM, hooks)
+async def claim(conn: Conn, *, hooks: list[str], lease: float, owner: str) -> Claimed | None:
+    """Lease the next due item of a room whose head nobody else holds to ``owner`` for
+    ``lease`` seconds (outside a transaction: the claim commits at once)."""
+    row = await conn.fetchrow(_CLAIM, hooks, lease, owner)
     return None if row is None else Claimed(*row)
 
 
-async def delivered(conn: Conn, item: Claimed) -> None:
-    await conn.execute(
-        "DELETE FROM webhook_outbox WHERE hook = $1 AND room_id = $2 AND seq = $3",
+async def delivered(conn: Conn, item: Claimed, *, owner: str) -> bool:
+    """Done with it; False when the lease had passed to another deliverer meanwhile."""
+    status = await conn.execute(
+        "DELETE FROM webhook_outbox"
+        " WHERE hook = $1 AND room_id = $2 AND seq = $3 AND lease_owner = $4",
         item.hook,
         item.room_id,
         item.seq,
+        owner,
     )
+    return status != "DELETE 0"
 
 
-async def failed(conn: Conn, item: Claimed, *, error: str, retry_in: float | None) -> None:
-    """One more attempt failed: due again in ``retry_in`` seconds, or (None) a dead letter."""
-    await conn.execute(
-        "UPDATE webhook_outbox SET attempts = attempts + 1, last_error = $4,"
-        " next_attempt_at = now() + make_interval(secs => COALESCE($5::float8, 0)),"
-        " dead_at = CASE WHEN $5::float8 IS NULL THEN now() END"
-        " WHERE hook = $1 AND room_id = $2 AND seq = $3",
+async def failed(
+    conn: Conn, item: Claimed, *, owner: str, error: str, retry_in: float | None
+) -> bool:
+    """One more attempt failed: due again in ``retry_in`` seconds, or (None) a dead letter.
+    False when the lease had passed to another deliverer meanwhile (nothing recorded)."""
+    status = await conn.execute(
+        "UPDATE webhook_outbox SET attempts = attempts + 1, last_error = $5,"
+        " next_attempt_at = now() + make_interval(secs => COALESCE($6::float8, 0)),"
+        " dead_at = CASE WHEN $6::float8 IS NULL THEN now() END,"
+        " leased_until = NULL, lease_owner = NULL"
+        " WHERE hook = $1 AND room_id = $2 AND seq = $3 AND lease_owner = $4",
         item.hook,
         item.room_id,
         item.seq,
+        owner,
         error[:500],
         retry_in,
     )
+    return status != "UPDATE 0"
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,7 +218,7 @@ async def retry_dead(conn: Conn, *, room: str | None) -> int:
     """Make dead letters (``room``'s, or all) due again with a fresh attempt budget."""
     status = await conn.execute(
         "UPDATE webhook_outbox o SET dead_at = NULL, attempts = 0, next_attempt_at = now(),"
-        " last_error = NULL"
+        " last_error = NULL, leased_until = NULL, lease_owner = NULL"
         " WHERE o.dead_at IS NOT NULL AND ($1::text IS NULL OR o.room_id ="
         " (SELECT id FROM room WHERE name = $1))",
         room,

@@ -375,11 +375,12 @@ async def test_a_receiver_that_never_answers_does_not_slow_sends(own_database, s
 
 
 @pytest.mark.slow
-async def test_an_item_held_by_a_replica_is_taken_over_only_once_that_replica_dies(
+async def test_an_item_leased_by_a_killed_replica_is_taken_over_once_its_lease_runs_out(
     own_database, spawn, receiver
 ):
-    """The row lock is the lease: while the first replica's POST hangs, the second sends
-    neither that item nor the room's next; once the first is killed, the second sends all."""
+    """The lease: while the first replica's POST hangs, the second sends neither that item nor
+    the room's next; killed, the first leaves the item to the second once its lease (the POST's
+    deadline plus a margin) has run out, never before."""
     hang = asyncio.Event()
     first = True
 
@@ -391,17 +392,21 @@ async def test_an_item_held_by_a_replica_is_taken_over_only_once_that_replica_di
         return 200
 
     receiver.answer = answer
-    env = {"CHAT_WEBHOOK_URL": receiver.url, "CHAT_WEBHOOK_TIMEOUT": "60"}
+    timeout = 6
+    env = {"CHAT_WEBHOOK_URL": receiver.url, "CHAT_WEBHOOK_TIMEOUT": str(timeout)}
     holder = await start(spawn, own_database, **env)
     room = room_name()
     for i in range(3):
         await post(holder, room, f"m{i}")
     await receiver.wait_for(lambda: receiver.in_flight.get(room) == 1)
+    loop = asyncio.get_running_loop()
+    claimed_at = loop.time()
     other = await start(spawn, own_database, **env)
-    await asyncio.sleep(1.5)  # three of its polls: proving that it sends nothing meanwhile
+    await asyncio.sleep(1)  # two of its polls: proving that it sends nothing meanwhile
     assert receiver.requests == [] and receiver.in_flight[room] == 1
     holder.stop(signal.SIGKILL)
-    await receiver.wait_for(lambda: len(receiver.delivered()) >= 3)
+    await receiver.wait_for(lambda: len(receiver.delivered()) >= 3, timeout=30)
+    assert loop.time() - claimed_at >= timeout  # not before the killed replica's lease ran out
     assert seqs(receiver.delivered_items(room)) == [1, 2, 3]
     # (The dead replica's request is still open on the receiver's side: a receiver can see an
     # item again while the first copy's sender is gone, hence deduplication by (room, seq).)
