@@ -130,6 +130,8 @@ class WebhookDeliverer:
         self._wake = asyncio.Event()
         self._replica = secrets.token_hex(6)
         self._claims = itertools.count(1)
+        self._leased: dict[str, db.Claimed] = {}
+        """Items this replica holds a lease on, by lease owner: released on the way out."""
         self._tasks: list[asyncio.Task[None]] = []
         self._pool: asyncpg.Pool | None = None
         self._client: httpx.AsyncClient | None = None
@@ -171,6 +173,15 @@ class WebhookDeliverer:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        if self._leased and self._pool is not None:
+            # The POSTs are cut off (their tasks have ended): another replica may send these
+            # items now rather than once their leases run out.
+            try:
+                async with asyncio.timeout(2), self._pool.acquire() as conn:
+                    for owner, item in self._leased.items():
+                        await db.release(conn, item, owner=owner)
+            except Exception as exc:
+                log.info("webhook leases left to run out: %r", exc)
         if self._client is not None:
             await self._client.aclose()
         if self._pool is not None:
@@ -214,6 +225,19 @@ class WebhookDeliverer:
             )
         if item is None:
             return False
+        self._leased[owner] = item
+        try:
+            delivered = await self._deliver(item, owner, started)
+        except asyncio.CancelledError:
+            raise  # shutting down: ``close`` releases the lease
+        except Exception:
+            self._leased.pop(owner, None)
+            raise
+        self._leased.pop(owner, None)
+        return delivered
+
+    async def _deliver(self, item: db.Claimed, owner: str, started: float) -> bool:
+        assert self._pool is not None  # noqa: S101 - started
         url = self._url if item.hook == db.GLOBAL else item.url
         if item.frame is None or url is None:  # room deleted, or its registration
             async with self._pool.acquire() as conn:

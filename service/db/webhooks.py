@@ -122,6 +122,18 @@ async def failed(
     return status != "UPDATE 0"
 
 
+async def release(conn: Conn, item: Claimed, *, owner: str) -> None:
+    """Give up a lease without an attempt (the POST was cut off by a shutdown)."""
+    await conn.execute(
+        "UPDATE webhook_outbox SET leased_until = NULL, lease_owner = NULL"
+        " WHERE hook = $1 AND room_id = $2 AND seq = $3 AND lease_owner = $4",
+        item.hook,
+        item.room_id,
+        item.seq,
+        owner,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Backlog:
     pending: int

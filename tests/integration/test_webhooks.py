@@ -414,6 +414,44 @@ async def test_an_item_leased_by_a_killed_replica_is_taken_over_once_its_lease_r
     hang.set()
 
 
+@pytest.mark.slow
+async def test_a_replica_stopped_mid_post_hands_its_lease_over_at_once(
+    own_database, spawn, receiver
+):
+    """SIGTERM (a rolling deploy): the cut-off POST's lease is released, so another replica
+    sends the item without waiting for the lease (here 32 s) to run out."""
+    hang = asyncio.Event()
+    first = True
+
+    async def answer(_request):  # type: ignore[no-untyped-def]
+        nonlocal first
+        if first:
+            first = False
+            await hang.wait()
+        return 200
+
+    receiver.answer = answer
+    env = {
+        "CHAT_WEBHOOK_URL": receiver.url,
+        "CHAT_WEBHOOK_TIMEOUT": "30",
+        "CHAT_DRAIN_SECONDS": "1",
+    }
+    leaving = await start(spawn, own_database, **env)
+    room = room_name()
+    await post(leaving, room, "one")
+    await post(leaving, room, "two")
+    await receiver.wait_for(lambda: receiver.in_flight.get(room) == 1)
+    staying = await start(spawn, own_database, **env)
+    loop = asyncio.get_running_loop()
+    stopped_at = loop.time()
+    await asyncio.to_thread(leaving.stop)
+    await receiver.wait_for(lambda: len(receiver.delivered()) >= 2, timeout=20)
+    assert loop.time() - stopped_at < 15
+    assert seqs(receiver.delivered_items(room)) == [1, 2]
+    assert staying.metric("chat_webhooks_delivered_total") == 2
+    hang.set()
+
+
 async def test_queued_items_of_a_deleted_room_are_dropped(own_database, spawn, receiver):
     down = True
 
