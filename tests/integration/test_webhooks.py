@@ -59,6 +59,15 @@ async def post(server: ServerProcess, room: str, body: str, user: str = "alice")
     return seq
 
 
+async def metric_reaches(server: ServerProcess, name: str, value: float) -> None:
+    """Until the metric is ``value`` (gauges are refreshed every second or so)."""
+    for _ in range(100):
+        if await asyncio.to_thread(server.metric, name) == value:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{name} is {server.metric(name)}, not {value}")
+
+
 def room_name() -> str:
     return f"w-{uuid.uuid4().hex[:10]}"
 
@@ -140,6 +149,8 @@ async def test_delete_redacts_the_queued_copies_of_the_text_and_its_edits(
         r = await http.delete(f"/rooms/{room}/messages/{secret_seq}", headers=token)
         assert r.status_code == 200
     await receiver.wait_for(lambda: len(receiver.requests) >= 2)  # failing meanwhile
+    await metric_reaches(server, "chat_webhook_backlog", 3)
+    assert await asyncio.to_thread(server.metric, "chat_webhook_oldest_age_seconds") > 0
     down.clear()
     await receiver.wait_for(lambda: len(receiver.delivered()) >= 3)
     text, edit, delete = receiver.delivered_items(room)
@@ -245,6 +256,7 @@ async def test_dead_letter_after_max_attempts_then_the_room_goes_on_and_retry_se
     assert attempts == [1, 1, 1, 2]  # the next item waits for the dead letter
     assert server.metric("chat_webhooks_dead_lettered_total") == 1
     assert server.metric("chat_webhooks_retried_total") == 2
+    await metric_reaches(server, "chat_webhook_dead_letters", 1)
     async with httpx.AsyncClient(base_url=server.http, timeout=10) as http:
         r = await http.get("/admin/webhooks/dead-letters", headers=auth(ADMIN))
         assert r.status_code == 200, r.text
@@ -260,6 +272,8 @@ async def test_dead_letter_after_max_attempts_then_the_room_goes_on_and_retry_se
         assert seqs(receiver.delivered_items(room)) == [2, 1]
         r = await http.get(f"/admin/webhooks/dead-letters?room={room}", headers=auth(ADMIN))
         assert r.json() == {"dead_letters": [], "more": False}
+    await metric_reaches(server, "chat_webhook_dead_letters", 0)
+    await metric_reaches(server, "chat_webhook_backlog", 0)
 
 
 async def test_a_room_registration_gets_its_rooms_items_and_admin_input_is_checked(
