@@ -25,14 +25,16 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service.api import auth as auth_routes
 from service.api import manage as manage_routes
 from service.api import rooms as room_routes
+from service.api import webhooks as webhook_routes
 from service.auth import TokenCodec
 from service.chat.envelope import PRESENCE_SIGNAL, TYPING_SIGNAL, TYPING_STOP
 from service.chat.limits import UserLimits
 from service.chat.presence import Presence
 from service.chat.reads import ReadCursors
 from service.chat.typing import Typing
+from service.chat.webhooks import WebhookDeliverer
 from service.config import Settings, to_asyncpg_dsn
-from service.db.engine import Keepalive, create_engine, create_pool
+from service.db.engine import Keepalive, create_engine, create_pool, session_settings
 from service.db.migrate import ReleaseSchema
 from service.db.writer import MessageWriter
 from service.errors import (
@@ -150,9 +152,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 queue_limit=settings.writer_queue_limit,
                 keepalive=Keepalive.from_settings(settings),
                 on_batch=metrics.commit_batch.observe,
+                session_settings=session_settings(settings),
             )
             await writer.start()
             stack.push_async_callback(writer.close)
+            if settings.webhook_secret is not None:
+                # Its own tasks and connections: a slow receiver never holds up the chat.
+                deliverer = WebhookDeliverer(
+                    to_asyncpg_dsn(settings.require_database_url()),
+                    url=settings.webhook_url,
+                    secret=settings.webhook_secret.get_secret_value().encode(),
+                    on_outcome=metrics.webhook_outcome,
+                    on_backlog=metrics.webhook_backlog_read,
+                    max_attempts=settings.webhook_max_attempts,
+                    timeout=settings.webhook_timeout,
+                    backoff_base=settings.webhook_backoff,
+                    backoff_max=settings.webhook_backoff_max,
+                    concurrency=settings.webhook_concurrency,
+                    poll_interval=settings.webhook_poll_interval,
+                    keepalive=Keepalive.from_settings(settings),
+                )
+                await deliverer.start()
+                stack.push_async_callback(deliverer.close)
             backend = make_backend(settings, pool)
             broadcast = Broadcast(backend=backend)
             await stack.enter_async_context(broadcast)
@@ -244,6 +265,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.include_router(manage_routes.router)
     app.include_router(room_routes.router)
+    app.include_router(webhook_routes.router)
     app.include_router(auth_routes.router)
     app.include_router(auth_routes.me_router)
     app.include_router(websocket_routes.router)

@@ -275,6 +275,60 @@ class Settings(BaseSettings):
     jwks_timeout: float = Field(default=5.0, gt=0, le=60)
     """Deadline of one JWKS fetch, connection to last byte."""
 
+    # Outgoing webhooks (issue 17, part 3; docs/webhooks.md): every stream item POSTed, signed.
+    webhook_url: str | None = None
+    """Where every room's stream items are POSTed (``http(s)://``); rooms may have their own
+    receiver too (``PUT /rooms/{room}/webhook``)."""
+    webhook_secret: SecretStr | None = None
+    """The HMAC-SHA256 key of ``X-Chat-Signature``: required (32+ random bytes) with a URL, and
+    for per-room registrations."""
+    webhook_max_attempts: int = Field(default=12, ge=1, le=1000)
+    """Attempts per item before it becomes a dead letter (and the room's next item goes)."""
+    webhook_timeout: float = Field(default=10.0, gt=0, le=300)
+    """Deadline of one POST, connect to status line; past it the attempt failed."""
+    webhook_backoff: float = Field(default=1.0, gt=0, le=3600)
+    """Seconds before the first retry; each next one waits twice as long (with jitter)."""
+    webhook_backoff_max: float = Field(default=300.0, gt=0, le=86_400)
+    """The longest wait between two attempts."""
+    webhook_concurrency: int = Field(default=4, ge=1, le=64)
+    """POSTs one replica has in flight at most (one per room at a time); each holds one of
+    the deliverer's own database connections, apart from the service's pool."""
+    webhook_poll_interval: float = Field(default=5.0, gt=0, le=300)
+    """Deliverers wake on NOTIFY; this is the fallback poll when a NOTIFY was missed."""
+
+    @field_validator("webhook_url", "webhook_secret", mode="before")
+    @classmethod
+    def _empty_webhook_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _check_webhooks(self) -> Settings:
+        """A webhook that could not be delivered or verified is refused at start-up."""
+        if self.webhook_url is not None:
+            parts = urlsplit(self.webhook_url)
+            if parts.scheme not in ("https", "http") or not parts.hostname:
+                raise ValueError("CHAT_WEBHOOK_URL must be an https:// (or http://) URL")
+            if self.webhook_secret is None:
+                raise ValueError(
+                    f"CHAT_WEBHOOK_URL needs CHAT_WEBHOOK_SECRET to sign with (try: "
+                    f"{GENERATE_SECRET_HINT})"
+                )
+        if self.webhook_secret is not None:
+            problem = weak_secret_problem(self.webhook_secret.get_secret_value())
+            if problem:
+                raise ValueError(
+                    f"CHAT_WEBHOOK_SECRET is {problem}: it must be at least {_MIN_SECRET_BYTES} "
+                    f"bytes of randomness (try: {GENERATE_SECRET_HINT})"
+                )
+        if self.webhook_backoff_max < self.webhook_backoff:
+            raise ValueError("CHAT_WEBHOOK_BACKOFF_MAX must be at least CHAT_WEBHOOK_BACKOFF")
+        return self
+
+    @property
+    def webhooks_enabled(self) -> bool:
+        """A secret to sign with: the global URL, rooms' registrations, or both, are served."""
+        return self.webhook_secret is not None
+
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:
         if self.metrics_token is not None:

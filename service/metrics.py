@@ -8,11 +8,23 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
+
+
+class WebhookBacklog(Protocol):
+    """The outbox's size as the deliverer reads it (``service.db.webhooks.Backlog``)."""
+
+    @property
+    def pending(self) -> int: ...
+    @property
+    def oldest_age(self) -> float: ...
+    @property
+    def dead(self) -> int: ...
 
 
 class _Live(Collector):
@@ -149,6 +161,50 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+
+        # Outgoing webhooks (service.chat.webhooks): counted per attempt's outcome; the
+        # backlog gauges are the outbox table's, read by the deliverer every poll interval
+        # (the same for every replica: alert on one).
+        self.webhooks_delivered = Counter(
+            "chat_webhooks_delivered", "Stream items POSTed and answered with a 2xx", registry=r
+        )
+        self.webhooks_retried = Counter(
+            "chat_webhooks_retried",
+            "Webhook attempts that failed (non-2xx, timeout, refused) and will be retried",
+            registry=r,
+        )
+        self.webhooks_dead_lettered = Counter(
+            "chat_webhooks_dead_lettered",
+            "Stream items given up on after CHAT_WEBHOOK_MAX_ATTEMPTS attempts",
+            registry=r,
+        )
+        self.webhook_backlog = Gauge(
+            "chat_webhook_backlog",
+            "Stream items queued for a webhook, not yet delivered",
+            registry=r,
+        )
+        self.webhook_oldest_age = Gauge(
+            "chat_webhook_oldest_age_seconds",
+            "How long the oldest undelivered webhook item has been queued",
+            registry=r,
+        )
+        self.webhook_dead_letters = Gauge(
+            "chat_webhook_dead_letters", "Dead letters kept in the outbox", registry=r
+        )
+
+    def webhook_outcome(self, outcome: str) -> None:
+        """One webhook attempt's outcome (``service.chat.webhooks.Outcome``)."""
+        counter = {
+            "delivered": self.webhooks_delivered,
+            "retried": self.webhooks_retried,
+            "dead": self.webhooks_dead_lettered,
+        }[outcome]
+        counter.inc()
+
+    def webhook_backlog_read(self, backlog: WebhookBacklog) -> None:
+        self.webhook_backlog.set(backlog.pending)
+        self.webhook_oldest_age.set(backlog.oldest_age)
+        self.webhook_dead_letters.set(backlog.dead)
 
     def watch(
         self,

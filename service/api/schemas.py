@@ -243,3 +243,53 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     503: {"model": ErrorOut, "description": "The database is unavailable; retry"},
 }
 """Answers every authenticated route may give besides its own."""
+
+
+class WebhookIn(BaseModel):
+    """A room's own webhook receiver."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(
+        min_length=1,
+        max_length=2000,
+        description="An absolute https:// (or http://) URL; every stream item of the room is "
+        "POSTed to it, signed with CHAT_WEBHOOK_SECRET (docs/webhooks.md)",
+    )
+
+
+class WebhookOut(BaseModel):
+    room: str
+    url: str
+    created_at: datetime
+
+
+class DeadLetterOut(BaseModel):
+    """A stream item given up on after ``CHAT_WEBHOOK_MAX_ATTEMPTS`` attempts."""
+
+    hook: Literal["global", "room"] = Field(
+        description="global: CHAT_WEBHOOK_URL; room: the room's own receiver"
+    )
+    room: str | None = Field(description="null once the room was deleted")
+    seq: int
+    attempts: int
+    last_error: str | None
+    enqueued_at: datetime
+    dead_at: datetime
+
+
+class DeadLetterList(BaseModel):
+    dead_letters: list[DeadLetterOut]
+    more: bool = Field(description="More dead letters than the limit")
+
+
+class RetryIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    room: Annotated[str | None, Field(pattern=ROOM_NAME_PATTERN, max_length=ROOM_NAME_MAX)] = Field(
+        default=None, description="Only this room's dead letters; null: all"
+    )
+
+
+class RetryOut(BaseModel):
+    retried: int

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -124,6 +124,13 @@ messages with one statement (migration 0007), which a custom plan would re-plan 
 for about a third of its cost at a batch of sixteen (callgrind)."""
 
 
+def session_settings(settings: Settings) -> dict[str, str]:
+    """What every connection that stores stream items sets: with ``CHAT_WEBHOOK_URL``, the
+    switch that makes migration 0009's trigger queue them for the global webhook. Per
+    connection, so a replica without the URL (or an older release) queues nothing for it."""
+    return {"chat.webhook": "on"} if settings.webhook_url else {}
+
+
 async def create_pool(settings: Settings) -> asyncpg.Pool:
     keepalive = Keepalive.from_settings(settings)
 
@@ -136,7 +143,11 @@ async def create_pool(settings: Settings) -> asyncpg.Pool:
         max_size=settings.db_pool_size,
         timeout=settings.db_timeout,
         command_timeout=settings.db_timeout,
-        server_settings={"application_name": "chat-service", **GENERIC_PLANS},
+        server_settings={
+            "application_name": "chat-service",
+            **GENERIC_PLANS,
+            **session_settings(settings),
+        },
         init=init,
         reset=_keep_session,
     )
@@ -186,6 +197,7 @@ async def connect(
     application_name: str,
     *,
     keepalive: Keepalive = DEFAULT_KEEPALIVE,
+    extra_settings: Mapping[str, str] | None = None,
 ) -> asyncpg.Connection:
     """A connection of its own, with keepalives; any failure to open it counts as
     "unavailable"."""
@@ -193,7 +205,11 @@ async def connect(
         conn = await asyncpg.connect(
             dsn,
             timeout=TIMEOUT,
-            server_settings={"application_name": application_name, **GENERIC_PLANS},
+            server_settings={
+                "application_name": application_name,
+                **GENERIC_PLANS,
+                **(extra_settings or {}),
+            },
         )
     except Exception as exc:
         raise _CannotConnect(exc) from exc

@@ -207,3 +207,51 @@ class Presence(Base):
     user_id: Mapped[str] = mapped_column(Text, primary_key=True)
     name: Mapped[str | None] = mapped_column(Text)
     replicas: Mapped[list[str]] = mapped_column(ARRAY(Text))
+
+
+class Webhook(Base):
+    """A room's own webhook receiver (migration 0009), besides the global ``CHAT_WEBHOOK_URL``."""
+
+    __tablename__ = "webhook"
+
+    room_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("room.id", ondelete="CASCADE"), primary_key=True
+    )
+    url: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class WebhookOutbox(Base):
+    """A stream item still to POST to a receiver (``hook``: ``global`` or ``room``), queued by a
+    trigger in the transaction that stored the item (migration 0009). A pointer, not a copy:
+    the payload is the item's frame when it is sent. ``dead_at``: given up on (a dead letter)."""
+
+    __tablename__ = "webhook_outbox"
+
+    hook: Mapped[str] = mapped_column(Text, primary_key=True)
+    room_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    enqueued_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    next_attempt_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+    last_error: Mapped[str | None] = mapped_column(Text)
+    dead_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    leased_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    """While a replica sends it: nobody else may until then (``service.db.webhooks``)."""
+    lease_owner: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        CheckConstraint("hook IN ('global', 'room')", name="hook_known"),
+        Index("ix_webhook_outbox_due", "next_attempt_at", postgresql_where=text("dead_at IS NULL")),
+        Index(
+            "ix_webhook_outbox_pending",
+            "hook",
+            "room_id",
+            "seq",
+            postgresql_where=text("dead_at IS NULL"),
+        ),
+    )

@@ -41,7 +41,7 @@ import contextlib
 import itertools
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import asyncpg
@@ -121,8 +121,12 @@ class MessageWriter:
         queue_limit: int = QUEUE_LIMIT,
         keepalive: Keepalive = DEFAULT_KEEPALIVE,
         on_batch: Callable[[int], None] = lambda _size: None,
+        session_settings: Mapping[str, str] | None = None,
     ) -> None:
+        """``session_settings``: server settings of its connection (``engine.session_settings``:
+        whether stored items are queued for the global webhook)."""
         self._dsn = dsn
+        self._session_settings = dict(session_settings or {})
         self._keepalive = keepalive
         self._notify = notify
         self._max_batch = max_batch
@@ -325,7 +329,12 @@ class MessageWriter:
     async def _open(self) -> asyncpg.Connection:
         """A new connection, its statement prepared (by an empty batch): a batch's call is
         then one Bind/Execute/Sync, so anything that fails before it has stored nothing."""
-        conn = await connect(self._dsn, APPLICATION_NAME, keepalive=self._keepalive)
+        conn = await connect(
+            self._dsn,
+            APPLICATION_NAME,
+            keepalive=self._keepalive,
+            extra_settings=self._session_settings,
+        )
         try:
             await conn.fetch(_POST, *_NOTHING)
         except BaseException:

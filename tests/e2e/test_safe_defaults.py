@@ -230,6 +230,8 @@ def test_a_schema_behind_head_is_one_line_and_exit_4(fresh_database) -> None:  #
             "change-me-to-48-random-url-safe-characters-xxxxxxxxxxxx",
             "well-known",
         ),
+        ("CHAT_WEBHOOK_URL", "https://hooks.example.com/chat", "needs CHAT_WEBHOOK_SECRET"),
+        ("CHAT_WEBHOOK_SECRET", "w" * 40, "CHAT_WEBHOOK_SECRET is too predictable"),
     ],
 )
 def test_an_invalid_setting_is_one_line_and_exit_2(setting: str, value: str, says: str) -> None:

@@ -1,0 +1,490 @@
+"""Outgoing webhooks against a real receiver (``tests.webhook_receiver``) and real
+``chat-service`` processes: every kind of item, signed, in order per room, through receiver
+downtime, a killed replica and two replicas at once; dead letters; delete redaction; the admin
+routes."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import signal
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support import Client, ServerProcess, make_token
+from tests.webhook_receiver import Receiver, verify
+
+SECRET = secrets.token_urlsafe(48)
+ADMIN = make_token("svc", roles=["chat:admin"])
+FAST = {
+    "CHAT_WEBHOOK_SECRET": SECRET,
+    "CHAT_WEBHOOK_BACKOFF": "0.05",
+    "CHAT_WEBHOOK_BACKOFF_MAX": "0.2",
+    "CHAT_WEBHOOK_POLL_INTERVAL": "0.5",
+    "CHAT_WEBHOOK_TIMEOUT": "2",
+}
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    r = Receiver()
+    await r.start()
+    yield r
+    await r.stop()
+
+
+async def start(spawn: Any, database: str, **env: str) -> ServerProcess:
+    """A replica, started off the event loop: the receiver runs on it meanwhile."""
+    server: ServerProcess = await asyncio.to_thread(spawn, database, **{**FAST, **env})
+    return server
+
+
+async def post(server: ServerProcess, room: str, body: str, user: str = "alice") -> int:
+    async with httpx.AsyncClient(timeout=10) as http:
+        r = await http.post(
+            f"{server.http}/rooms/{room}/messages",
+            json={"body": body},
+            headers=auth(make_token(user)),
+        )
+    assert r.status_code == 201, r.text
+    seq: int = r.json()["seq"]
+    return seq
+
+
+async def metric_reaches(server: ServerProcess, name: str, value: float) -> None:
+    """Until the metric is ``value`` (gauges are refreshed every second or so)."""
+    for _ in range(100):
+        if await asyncio.to_thread(server.metric, name) == value:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{name} is {server.metric(name)}, not {value}")
+
+
+def room_name() -> str:
+    return f"w-{uuid.uuid4().hex[:10]}"
+
+
+def seqs(items: list[dict[str, Any]]) -> list[int]:
+    return [i["seq"] for i in items]
+
+
+async def test_every_kind_is_posted_signed_as_the_websocket_frame_in_order(
+    own_database, spawn, receiver
+):
+    server = await start(spawn, own_database, CHAT_WEBHOOK_URL=receiver.url)
+    room = room_name()
+    async with httpx.AsyncClient(base_url=server.http, timeout=10) as http:
+        r = await http.post(
+            "/rooms",
+            json={"name": room, "kind": "private", "members": ["alice", "bob"]},
+            headers=auth(ADMIN),
+        )
+        assert r.status_code == 201, r.text
+        watcher = await Client.connect(server, room, make_token("alice"))
+        one = await post(server, room, "one")
+        two = await post(server, room, "two", user="bob")
+        r = await http.patch(
+            f"/rooms/{room}/messages/{one}",
+            json={"body": "one!"},
+            headers=auth(make_token("alice")),
+        )
+        assert r.status_code == 200, r.text
+        r = await http.put(
+            f"/rooms/{room}/messages/{two}/reactions/👍", headers=auth(make_token("alice"))
+        )
+        assert r.status_code in (200, 201), r.text
+        r = await http.delete(f"/rooms/{room}/messages/{one}", headers=auth(make_token("alice")))
+        assert r.status_code == 200, r.text
+    live = {}  # what the socket got live: items 4 to 8
+    while len(live) < 5:
+        frame = await watcher.recv()
+        if frame["type"] == "message":
+            live[frame["seq"]] = frame
+    await watcher.close()
+    await receiver.wait_for(lambda: len(receiver.delivered()) >= 8)
+    items = receiver.delivered_items(room)
+    assert seqs(items) == list(range(1, 9))  # the owner (the admin), two members, ...
+    assert [i["kind"] for i in items] == [
+        "member", "member", "member", "text", "text", "edit", "reaction", "delete"
+    ]  # fmt: skip
+    for request in receiver.delivered():
+        assert request.headers["content-type"] == "application/json"
+        assert verify(SECRET, request.headers["x-chat-signature"], request.body)
+        assert not verify("another" + SECRET, request.headers["x-chat-signature"], request.body)
+    # The frame itself; items that nothing changed since are byte for byte what the socket got
+    # (the first text and its edit are sent as they are now if they were still queued).
+    for item in items[3:]:
+        if item["seq"] not in (one, one + 2):
+            assert item == live[item["seq"]]
+    assert server.metric("chat_webhooks_delivered_total") == 8
+
+
+async def test_delete_redacts_the_queued_copies_of_the_text_and_its_edits(
+    own_database, spawn, receiver
+):
+    down = asyncio.Event()
+    down.set()
+
+    async def answer(_request):  # type: ignore[no-untyped-def]
+        return 503 if down.is_set() else 200
+
+    receiver.answer = answer
+    server = await start(spawn, own_database, CHAT_WEBHOOK_URL=receiver.url)
+    room = room_name()
+    secret_seq = await post(server, room, "my password is hunter2")
+    async with httpx.AsyncClient(base_url=server.http, timeout=10) as http:
+        token = auth(make_token("alice"))
+        r = await http.patch(
+            f"/rooms/{room}/messages/{secret_seq}", json={"body": "oops hunter3"}, headers=token
+        )
+        assert r.status_code == 200
+        r = await http.delete(f"/rooms/{room}/messages/{secret_seq}", headers=token)
+        assert r.status_code == 200
+    await receiver.wait_for(lambda: len(receiver.requests) >= 2)  # failing meanwhile
+    await metric_reaches(server, "chat_webhook_backlog", 3)
+    assert await asyncio.to_thread(server.metric, "chat_webhook_oldest_age_seconds") > 0
+    down.clear()
+    await receiver.wait_for(lambda: len(receiver.delivered()) >= 3)
+    text, edit, delete = receiver.delivered_items(room)
+    assert (text["kind"], text["body"], text["deleted"]) == ("text", None, True)
+    assert (edit["kind"], edit["body"]) == ("edit", None)
+    assert (delete["kind"], delete["target_seq"]) == ("delete", secret_seq)
+    assert all(b"hunter" not in r.body for r in receiver.delivered())
+
+
+async def test_retries_through_receiver_downtime_lose_nothing_and_keep_order(
+    own_database, spawn, receiver
+):
+    server = await start(
+        spawn, own_database, CHAT_WEBHOOK_URL=receiver.url, CHAT_WEBHOOK_MAX_ATTEMPTS="1000"
+    )
+    rooms = [room_name() for _ in range(3)]
+    await receiver.stop()  # refused
+    for i in range(10):
+        for room in rooms:
+            await post(server, room, f"m{i}")
+    await asyncio.sleep(0.5)  # waiting out retries against a refused port, by design
+    failing = True
+
+    def answer(_request):  # type: ignore[no-untyped-def]
+        return 503 if failing else 200
+
+    receiver.answer = answer
+    await receiver.start()  # same port: 503s for a while
+    await receiver.wait_for(lambda: len(receiver.requests) >= 3)
+    failing = False
+    await receiver.wait_for(lambda: len(receiver.delivered()) >= 30)
+    for room in rooms:
+        assert seqs(receiver.delivered_items(room)) == list(range(1, 11))
+    assert len(receiver.delivered()) == 30
+    assert server.metric("chat_webhooks_retried_total") >= 3
+    assert server.metric("chat_webhooks_dead_lettered_total") == 0
+
+
+@pytest.mark.slow
+async def test_a_killed_replica_delivers_its_backlog_after_restart(own_database, spawn, receiver):
+    receiver.answer = lambda _r: 503
+    server = await start(spawn, own_database, CHAT_WEBHOOK_URL=receiver.url)
+    room = room_name()
+    for i in range(10):
+        await post(server, room, f"m{i}")
+    await receiver.wait_for(lambda: len(receiver.requests) >= 2)
+    server.stop(signal.SIGKILL)
+    receiver.answer = lambda _r: 200
+    again = await start(spawn, own_database, CHAT_WEBHOOK_URL=receiver.url)
+    await receiver.wait_for(lambda: len(receiver.delivered()) >= 10)
+    await post(again, room, "after")
+    await receiver.wait_for(lambda: len(receiver.delivered()) >= 11)
+    assert seqs(receiver.delivered_items(room)) == list(range(1, 12))
+
+
+@pytest.mark.slow
+async def test_two_replicas_never_send_an_item_twice_at_once_nor_skip_one(
+    own_database, spawn, receiver
+):
+    calls = 0
+
+    async def answer(_request):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.01)  # a POST takes time: overlaps would show
+        return 503 if calls % 7 == 0 else 200
+
+    receiver.answer = answer
+    env = {"CHAT_WEBHOOK_URL": receiver.url, "CHAT_WEBHOOK_CONCURRENCY": "4"}
+    replicas = [await start(spawn, own_database, **env) for _ in range(2)]
+    rooms = [room_name() for _ in range(4)]
+
+    async def write(room: str) -> None:
+        for i in range(15):
+            await post(replicas[i % 2], room, f"m{i}")
+
+    await asyncio.gather(*(write(room) for room in rooms))
+    await receiver.wait_for(lambda: len(receiver.delivered()) >= 60, timeout=60)
+    for room in rooms:
+        assert seqs(receiver.delivered_items(room)) == list(range(1, 16))
+    assert receiver.max_in_flight_per_room == 1
+    assert len(receiver.delivered()) == 60
+    delivered = sum(s.metric("chat_webhooks_delivered_total") for s in replicas)
+    assert delivered == 60
+    assert all(s.metric("chat_webhooks_delivered_total") > 0 for s in replicas)
+
+
+async def test_dead_letter_after_max_attempts_then_the_room_goes_on_and_retry_sends_it(
+    own_database, spawn, receiver
+):
+    def answer(request):  # type: ignore[no-untyped-def]
+        return 500 if b"poison" in request.body else 200
+
+    receiver.answer = answer
+    server = await start(
+        spawn, own_database, CHAT_WEBHOOK_URL=receiver.url, CHAT_WEBHOOK_MAX_ATTEMPTS="3"
+    )
+    room = room_name()
+    await post(server, room, "poison")
+    await post(server, room, "fine")
+    await receiver.wait_for(lambda: len(receiver.delivered()) >= 1)
+    attempts = [r.item["seq"] for r in receiver.requests]
+    assert attempts == [1, 1, 1, 2]  # the next item waits for the dead letter
+    assert server.metric("chat_webhooks_dead_lettered_total") == 1
+    assert server.metric("chat_webhooks_retried_total") == 2
+    await metric_reaches(server, "chat_webhook_dead_letters", 1)
+    async with httpx.AsyncClient(base_url=server.http, timeout=10) as http:
+        r = await http.get("/admin/webhooks/dead-letters", headers=auth(ADMIN))
+        assert r.status_code == 200, r.text
+        (dead,) = [d for d in r.json()["dead_letters"] if d["room"] == room]
+        assert (dead["seq"], dead["attempts"], dead["hook"]) == (1, 3, "global")
+        assert dead["last_error"] == "HTTP 500"
+        receiver.answer = lambda _r: 200
+        r = await http.post(
+            "/admin/webhooks/dead-letters/retry", json={"room": room}, headers=auth(ADMIN)
+        )
+        assert r.json() == {"retried": 1}
+        await receiver.wait_for(lambda: len(receiver.delivered()) >= 2)
+        assert seqs(receiver.delivered_items(room)) == [2, 1]
+        r = await http.get(f"/admin/webhooks/dead-letters?room={room}", headers=auth(ADMIN))
+        assert r.json() == {"dead_letters": [], "more": False}
+    await metric_reaches(server, "chat_webhook_dead_letters", 0)
+    await metric_reaches(server, "chat_webhook_backlog", 0)
+
+
+async def test_a_room_registration_gets_its_rooms_items_and_admin_input_is_checked(
+    own_database, spawn, receiver
+):
+    server = await start(spawn, own_database)  # no global URL: room registrations only
+    room, other = room_name(), room_name()
+    await post(server, room, "before any registration")
+    await post(server, other, "never registered")
+    user = auth(make_token("alice"))
+    async with httpx.AsyncClient(base_url=server.http, timeout=10) as http:
+        path = f"/rooms/{room}/webhook"
+        assert (await http.put(path, json={"url": receiver.url})).status_code == 401
+        r = await http.put(path, json={"url": receiver.url}, headers=user)
+        assert r.status_code == 403, r.text
+        assert (await http.get(path, headers=user)).status_code == 403
+        assert (await http.delete(path, headers=user)).status_code == 403
+        r = await http.get("/admin/webhooks/dead-letters", headers=user)
+        assert r.status_code == 403
+        r = await http.post("/admin/webhooks/dead-letters/retry", json={}, headers=user)
+        assert r.status_code == 403
+        for bad, reason in [
+            ({"url": "ftp://example.com/x"}, "https://"),
+            ({"url": "not a url"}, "spaces"),
+            ({"url": "no-scheme.example.com/x"}, "https://"),
+            ({"url": "http://"}, "https://"),
+            ({"url": "https://example.com/" + "x" * 2000}, "2000"),
+            ({"url": "https://example.com:99999/"}, "port"),
+            ({"url": 5}, "string"),
+            ({"uri": receiver.url}, "url"),
+            ({"url": receiver.url, "extra": 1}, "extra"),
+        ]:
+            r = await http.put(path, json=bad, headers=auth(ADMIN))
+            assert r.status_code == 422, (bad, r.text)
+            assert reason in r.text, (bad, r.text)
+        r = await http.put(
+            path, content=b"{", headers={**auth(ADMIN), "content-type": "application/json"}
+        )
+        assert r.status_code == 422
+        r = await http.put(
+            "/rooms/no-such-room/webhook", json={"url": receiver.url}, headers=auth(ADMIN)
+        )
+        assert r.status_code == 404
+        r = await http.get(path, headers=auth(ADMIN))
+        assert r.status_code == 404
+        r = await http.get("/admin/webhooks/dead-letters?limit=0", headers=auth(ADMIN))
+        assert r.status_code == 422
+        r = await http.post(
+            "/admin/webhooks/dead-letters/retry", json={"room": "../x"}, headers=auth(ADMIN)
+        )
+        assert r.status_code == 422
+
+        r = await http.put(path, json={"url": receiver.url}, headers=auth(ADMIN))
+        assert r.status_code == 200, r.text
+        assert r.json()["url"] == receiver.url and r.json()["room"] == room
+        assert (await http.get(path, headers=auth(ADMIN))).json()["url"] == receiver.url
+        await post(server, room, "after")
+        await post(server, other, "not for this receiver")
+        await receiver.wait_for(lambda: len(receiver.delivered()) >= 1)
+        (item,) = receiver.delivered_items()
+        assert (item["room"], item["seq"], item["body"]) == (room, 2, "after")
+        assert verify(
+            SECRET,
+            receiver.delivered()[0].headers["x-chat-signature"],
+            receiver.delivered()[0].body,
+        )
+
+        assert (await http.delete(path, headers=auth(ADMIN))).status_code == 204
+        assert (await http.get(path, headers=auth(ADMIN))).status_code == 404
+        assert (await http.delete(path, headers=auth(ADMIN))).status_code == 404
+    await post(server, room, "after removal")
+    await asyncio.sleep(0.3)  # proving that nothing more arrives
+    assert len(receiver.requests) == 1
+
+
+async def test_registration_is_refused_without_a_secret(own_database, spawn, receiver):
+    server = await asyncio.to_thread(spawn, own_database)
+    room = room_name()
+    await post(server, room, "x")
+    async with httpx.AsyncClient(base_url=server.http, timeout=10) as http:
+        r = await http.put(
+            f"/rooms/{room}/webhook", json={"url": receiver.url}, headers=auth(ADMIN)
+        )
+    assert r.status_code == 422
+    assert "CHAT_WEBHOOK_SECRET" in r.text
+
+
+async def test_a_receiver_that_never_answers_does_not_slow_sends(own_database, spawn, receiver):
+    hang = asyncio.Event()
+
+    async def answer(_request):  # type: ignore[no-untyped-def]
+        await hang.wait()
+        return 200
+
+    receiver.answer = answer
+    server = await start(
+        spawn, own_database, CHAT_WEBHOOK_URL=receiver.url, CHAT_WEBHOOK_TIMEOUT="30"
+    )
+    room = room_name()
+    await post(server, room, "first")  # its POST hangs from now on
+    client = await Client.connect(server, room, make_token("bob"))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    for i in range(20):  # a burst: group commit stores it in a few multi-row batches
+        await client.send(f"m{i}", f"c{i}")
+    acks = [(await client.recv_type("ack"))["seq"] for _ in range(20)]
+    assert acks == list(range(2, 22))
+    assert loop.time() - started < 5
+    assert receiver.requests == []  # still hanging on the first
+    await client.close()
+    hang.set()
+    await receiver.wait_for(lambda: len(receiver.delivered()) >= 21)
+    assert seqs(receiver.delivered_items(room)) == list(range(1, 22))
+
+
+@pytest.mark.slow
+async def test_an_item_leased_by_a_killed_replica_is_taken_over_once_its_lease_runs_out(
+    own_database, spawn, receiver
+):
+    """The lease: while the first replica's POST hangs, the second sends neither that item nor
+    the room's next; killed, the first leaves the item to the second once its lease (the POST's
+    deadline plus a margin) has run out, never before."""
+    hang = asyncio.Event()
+    first = True
+
+    async def answer(_request):  # type: ignore[no-untyped-def]
+        nonlocal first
+        if first:
+            first = False
+            await hang.wait()
+        return 200
+
+    receiver.answer = answer
+    timeout = 6
+    env = {"CHAT_WEBHOOK_URL": receiver.url, "CHAT_WEBHOOK_TIMEOUT": str(timeout)}
+    holder = await start(spawn, own_database, **env)
+    room = room_name()
+    for i in range(3):
+        await post(holder, room, f"m{i}")
+    await receiver.wait_for(lambda: receiver.in_flight.get(room) == 1)
+    loop = asyncio.get_running_loop()
+    claimed_at = loop.time()
+    other = await start(spawn, own_database, **env)
+    await asyncio.sleep(1)  # two of its polls: proving that it sends nothing meanwhile
+    assert receiver.requests == [] and receiver.in_flight[room] == 1
+    holder.stop(signal.SIGKILL)
+    await receiver.wait_for(lambda: len(receiver.delivered()) >= 3, timeout=30)
+    assert loop.time() - claimed_at >= timeout  # not before the killed replica's lease ran out
+    assert seqs(receiver.delivered_items(room)) == [1, 2, 3]
+    # (The dead replica's request is still open on the receiver's side: a receiver can see an
+    # item again while the first copy's sender is gone, hence deduplication by (room, seq).)
+    assert other.metric("chat_webhooks_delivered_total") == 3
+    hang.set()
+
+
+@pytest.mark.slow
+async def test_a_replica_stopped_mid_post_hands_its_lease_over_at_once(
+    own_database, spawn, receiver
+):
+    """SIGTERM (a rolling deploy): the cut-off POST's lease is released, so another replica
+    sends the item without waiting for the lease (here 32 s) to run out."""
+    hang = asyncio.Event()
+    first = True
+
+    async def answer(_request):  # type: ignore[no-untyped-def]
+        nonlocal first
+        if first:
+            first = False
+            await hang.wait()
+        return 200
+
+    receiver.answer = answer
+    env = {
+        "CHAT_WEBHOOK_URL": receiver.url,
+        "CHAT_WEBHOOK_TIMEOUT": "30",
+        "CHAT_DRAIN_SECONDS": "1",
+    }
+    leaving = await start(spawn, own_database, **env)
+    room = room_name()
+    await post(leaving, room, "one")
+    await post(leaving, room, "two")
+    await receiver.wait_for(lambda: receiver.in_flight.get(room) == 1)
+    staying = await start(spawn, own_database, **env)
+    loop = asyncio.get_running_loop()
+    stopped_at = loop.time()
+    await asyncio.to_thread(leaving.stop)
+    await receiver.wait_for(lambda: len(receiver.delivered()) >= 2, timeout=20)
+    assert loop.time() - stopped_at < 15
+    assert seqs(receiver.delivered_items(room)) == [1, 2]
+    assert staying.metric("chat_webhooks_delivered_total") == 2
+    hang.set()
+
+
+async def test_queued_items_of_a_deleted_room_are_dropped(own_database, spawn, receiver):
+    down = True
+
+    def answer(_request):  # type: ignore[no-untyped-def]
+        return 503 if down else 200
+
+    receiver.answer = answer
+    server = await start(spawn, own_database, CHAT_WEBHOOK_URL=receiver.url)
+    gone, kept = room_name(), room_name()
+    await post(server, gone, "a")
+    await post(server, gone, "b")
+    await receiver.wait_for(lambda: len(receiver.requests) >= 1)
+    async with httpx.AsyncClient(base_url=server.http, timeout=10) as http:
+        r = await http.delete(f"/rooms/{gone}", headers=auth(ADMIN))
+        assert r.status_code == 204, r.text
+    down = False
+    await post(server, kept, "c")
+    await receiver.wait_for(lambda: len(receiver.delivered()) >= 1)
+    assert [(i["room"], i["seq"]) for i in receiver.delivered_items()] == [(kept, 1)]
+    await asyncio.sleep(0.3)  # proving that nothing of the deleted room follows
+    assert len(receiver.delivered()) == 1
