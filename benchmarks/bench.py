@@ -22,6 +22,7 @@ at a size that runs in seconds; ``--json PATH``: where the report goes):
 fanout and saturate take ``--read-rate R`` (every connection sends ``read`` frames R times a
 second), ``--reaction-rate N`` (N ``react`` frames a second from the senders) and
 ``--typing-users N`` (N users of each room send ``typing`` every 2-3 s) on top.
+``--webhook-delay S``: every stored item also goes to a webhook receiver that answers after S s.
 
 ``--rounds N`` (fanout, saturate) measures the targets N times, alternating (trivial, chat,
 trivial, chat...), and reports the median round: the box's state drifts within minutes, and
@@ -191,6 +192,11 @@ async def start_targets(ctx: Context) -> None:
         extra["CHAT_PRESENCE_INTERVAL"] = str(args.presence_interval)  # issue 16 has none)
     if args.presence_grace is not None:
         extra["CHAT_PRESENCE_GRACE"] = str(args.presence_grace)
+    if args.webhook_delay is not None and args.only != "trivial":
+        # Every stored item goes to a receiver that takes this long to answer; a server before
+        # webhooks (issue 17) ignores these settings: the same load either way.
+        extra["CHAT_WEBHOOK_URL"] = await ctx.harness.start_webhook_sink(args.webhook_delay)
+        extra["CHAT_WEBHOOK_SECRET"] = secrets.token_urlsafe(32)
     starting: dict[str, Awaitable[Any]] = {}
     if args.only != "chat":
         starting["trivial"] = ctx.harness.start_trivial(ctx.secret, uvloop=not args.no_uvloop)
@@ -1469,6 +1475,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="fanout, saturate: users of each room (its first connections) sending a typing "
         "frame every 2-3 s, jittered (0: none)",
     )
+    p.add_argument(
+        "--webhook-delay",
+        type=float,
+        help="fanout, saturate: a webhook receiver (CHAT_WEBHOOK_URL) that answers each item "
+        "after this many seconds",
+    )
     p.add_argument("--window", type=float, help="presence: seconds the arrivals take")
     p.add_argument(
         "--presence-interval",
@@ -1505,10 +1517,13 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         if args.only == "trivial":
             raise SystemExit(f"{args.scenario} measures chat-service only")
         args.only = "chat"
-    if (args.read_rate or args.reaction_rate or args.typing_users) and (
-        args.scenario not in ROUND_FIGURE
-    ):
-        raise SystemExit("--read-rate, --reaction-rate, --typing-users: fanout and saturate")
+    extras = args.read_rate or args.reaction_rate or args.typing_users
+    if (extras or args.webhook_delay is not None) and args.scenario not in ROUND_FIGURE:
+        raise SystemExit(
+            "--read-rate, --reaction-rate, --typing-users, --webhook-delay: fanout and saturate"
+        )
+    if args.webhook_delay is not None and not 0 <= args.webhook_delay <= 60:
+        raise SystemExit("--webhook-delay: 0 to 60 seconds")
     if args.read_rate < 0 or args.reaction_rate < 0 or args.typing_users < 0:
         raise SystemExit("--read-rate, --reaction-rate and --typing-users: 0 or more")
     return args

@@ -372,6 +372,17 @@ class Harness:
         await asyncio.gather(*(s.start() for s in servers))
         return servers
 
+    async def start_webhook_sink(self, delay: float) -> str:
+        """A receiver answering each webhook after ``delay`` s (``webhook_sink``): its URL."""
+        port = free_port()
+        command = [sys.executable, "-m", "benchmarks.webhook_sink", "--delay", str(delay)]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
+        sink = Process("webhook-sink", [*command, "--port", str(port)], env, self.log_path("sink"))
+        self.processes.append(sink)
+        sink.spawn()
+        await sink.wait_http(f"http://127.0.0.1:{port}/")
+        return f"http://127.0.0.1:{port}/hook"
+
     async def start_trivial(self, secret: str, *, uvloop: bool) -> Server:
         env = {**os.environ, "CHAT_JWT_SECRET": secret, "PYTHONUNBUFFERED": "1"}
         command = [sys.executable, "-m", "benchmarks.trivial_server"]
