@@ -22,6 +22,7 @@ const CLOSE_REASONS = {
   1013: 'server busy',
   4000: 'connection stalled',
   4001: 'simulated drop',
+  4002: 'offline',
   4401: 'token expired',
   4403: 'no access to this room',
 };
@@ -38,7 +39,9 @@ const ERROR_SHOW_MS = 5000;               // how long a refused edit / delete / 
 const QUOTE_CHARS = 100;                  // a reply's quote: the start of the replied text (server rule)
 const FLASH_MS = 1600;                    // how long a message jumped to from a quote is highlighted
 const READ_EVERY_MS = 1000;               // at most one `read` frame a second
-const ROOMS_EVERY_MS = 10_000;            // room list (unread counts) refresh while the page is visible
+// Room list (new rooms, unread counts) refresh while the page is visible. No frame tells of a
+// room other than the open one, so a room someone else starts shows up only when polled.
+const ROOMS_EVERY_MS = 3000;
 const RECEIPT_ROOM_MAX = 50;              // server default CHAT_RECEIPTS_MAX_MEMBERS: "seen by" up to this
 const TYPING_EVERY_MS = 2500;             // at most one `typing` frame this often while the user types
 const PRESENCE_LOOKUP_MS = 1500;          // users came online: one REST read (for names) this long after
@@ -83,6 +86,7 @@ const auth = {
   // A dev login can be renewed by asking for a new dev token; a pasted token cannot.
   renewable: localStorage.getItem('chat.renewable') === 'true',
   renewTimer: 0,
+  name: '',            // the display name the server takes from the token (GET /auth/me), if any
 };
 
 const conn = {
@@ -646,7 +650,7 @@ function sendToken() {
 function logout(reason = '') {
   leaveRoom();
   clearTimeout(auth.renewTimer);
-  Object.assign(auth, { token: '', user: '', expiresAt: '', renewable: false, renewTimer: 0 });
+  Object.assign(auth, { token: '', user: '', expiresAt: '', renewable: false, renewTimer: 0, name: '' });
   for (const k of ['chat.token', 'chat.user', 'chat.expires_at', 'chat.renewable']) {
     localStorage.removeItem(k);
   }
@@ -701,11 +705,55 @@ function showChat() {
   ui.loginView.hidden = true;
   ui.chatView.hidden = false;
   ui.who.hidden = false;
-  ui.whoName.textContent = auth.user ? `signed in as ${auth.user}` : 'signed in (token)';
-  ui.room.value = localStorage.getItem('chat.room') || ui.room.value;
+  renderWho();
   scheduleRenewal();
   loadRooms();
+  loadMe();
   updateComposer();  // its height is measured only once the view shows
+  // Back where we were: the room this user had open last (after a reload, or logging in again).
+  const room = rememberedRoom();
+  if (room) {
+    ui.room.value = room;
+    joinRoom(room);
+  }
+}
+
+/** "signed in as Alice Liddell (alice)": the token's display name when it has one. */
+function renderWho() {
+  let text = 'signed in (token)';
+  if (auth.user) text = auth.name && auth.name !== auth.user ? `signed in as ${auth.name} (${auth.user})` : `signed in as ${auth.user}`;
+  ui.whoName.textContent = text;
+}
+
+/**
+ * GET /auth/me: who the server takes us to be. The user id of a pasted token is only guessed
+ * from its `sub` (an identity provider may put it in another claim); the display name is shown.
+ */
+async function loadMe() {
+  const token = auth.token;
+  const r = await api('GET', '/auth/me');
+  if (!r.ok || auth.token !== token || typeof r.data?.user !== 'string') return;
+  auth.name = typeof r.data.name === 'string' ? r.data.name : '';
+  if (r.data.user !== auth.user) {
+    auth.user = r.data.user;
+    localStorage.setItem('chat.user', auth.user);
+    renderRooms();         // direct rooms are labelled by the other member
+    redrawMessages();      // which messages are ours
+  }
+  renderWho();
+}
+
+/** The room to reopen: the one this user had open last in this browser. */
+function rememberedRoom() {
+  let saved = null;
+  try { saved = JSON.parse(localStorage.getItem('chat.room') || 'null'); } catch { /* an old plain name */ }
+  if (!saved || typeof saved.room !== 'string' || !NAME_RE.test(saved.room)) return '';
+  // Another user's room may be private to them: theirs is not reopened for us.
+  return saved.user === auth.user ? saved.room : '';
+}
+
+function rememberRoom(room) {
+  localStorage.setItem('chat.room', JSON.stringify({ user: auth.user, room }));
 }
 
 /** GET /rooms (every page) -> clickable chips. Returns false on 401 (token rejected), else true/undefined. */
@@ -1020,7 +1068,7 @@ function joinRoom(room) {
   }
   flushRead();
   leaveRoom();
-  localStorage.setItem('chat.room', room);
+  rememberRoom(room);
   lastSeq.delete(room);  // the view is cleared, so start from recent history again
   clearView();
   Object.assign(conn, { room, everLive: false, attempt: 0, expectClose: null });
@@ -1160,9 +1208,18 @@ async function checkAccess(room) {
   if (r.status === 404 && conn.room === room && !conn.live) accessLost();
 }
 
-/** Reconnect after 0.5 s, 1 s, 2 s … capped at 10 s, each ±20 % jitter, with a countdown. */
+/**
+ * Reconnect after 0.5 s, 1 s, 2 s … capped at 10 s, each ±20 % jitter, with a countdown. While
+ * the browser says it is offline, wait for it to come back online instead (the `online` event
+ * connects at once; the slowest retry stays, should the browser be wrong).
+ */
 function scheduleReconnect(why) {
   clearTimers();
+  if (navigator.onLine === false) {
+    setStatus('reconnecting', `${why} — offline, reconnecting once back online`);
+    conn.retryTimer = setTimeout(connect, BACKOFF_MAX_MS);
+    return;
+  }
   const base = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** conn.attempt);
   const delay = Math.min(BACKOFF_MAX_MS, base * (0.8 + Math.random() * 0.4));
   conn.attempt += 1;
@@ -1685,9 +1742,21 @@ function updateComposer() {
   ui.counter.classList.toggle('near', n > MAX_CHARS * 0.9 && n <= MAX_CHARS);
   ui.counter.classList.toggle('over', n > MAX_CHARS);
   ui.send.disabled = !ui.input.value.trim() || n > MAX_CHARS;
-  // Grow the textarea with its content, up to a limit (CSS caps max-height).
-  ui.input.style.height = 'auto';
-  ui.input.style.height = `${ui.input.scrollHeight}px`;
+  fitComposer();
+}
+
+/**
+ * Grow the message box with its text (or its placeholder), up to CSS's max-height. A box not
+ * laid out (the chat view hidden) measures 0: its height is left alone then, never set to 0,
+ * and measured when it shows. `scrollHeight` leaves out the borders, which the border-box
+ * height includes: without them the last line would be cut.
+ */
+function fitComposer() {
+  const box = ui.input;
+  if (!box.getClientRects().length) return;
+  box.style.height = 'auto';
+  const borders = box.offsetHeight - box.clientHeight;
+  box.style.height = `${box.scrollHeight + borders}px`;
 }
 
 // ---------------------------------------------------------------- wiring
@@ -1731,6 +1800,8 @@ ui.drop.addEventListener('click', () => {
 });
 ui.composer.addEventListener('submit', (ev) => { ev.preventDefault(); submitMessage(); });
 ui.input.addEventListener('input', () => { updateComposer(); noteTyping(); });
+// A narrower box wraps its text (and placeholder) onto more lines: measure again.
+window.addEventListener('resize', () => fitComposer());
 ui.input.addEventListener('keydown', (ev) => {
   if (ev.key === 'Enter' && !ev.shiftKey && !ev.isComposing) {
     ev.preventDefault();
@@ -1755,6 +1826,14 @@ setInterval(() => {
 // Back online while waiting out a backoff: try right away.
 window.addEventListener('online', () => {
   if (conn.room && !conn.ws && conn.everLive) { conn.attempt = 0; connect(); }
+  if (auth.token && !ui.chatView.hidden) loadRooms();
+});
+// Offline: a socket may linger for a long while before its TCP connection is found dead (the
+// keep-alive notices after STALE_AFTER_MS). Drop it now and resume with `since` once online.
+window.addEventListener('offline', () => {
+  if (!conn.room || !conn.ws || !conn.everLive) return;
+  addNote('offline: the network is gone', 'warn');
+  dropSocket(4002, 'offline');
 });
 
 // Start: reuse a stored, unexpired token, else show the login form.
