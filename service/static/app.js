@@ -110,6 +110,7 @@ const view = {
   room: null,
   info: null,          // GET /rooms/{room} object, or null when not (yet) known
   missing: false,      // GET /rooms/{room} said 404: never used, or not visible to us
+  loadError: '',       // why the last GET /rooms/{room} failed (other than 404), as shown
 };
 let roomList = [];                  // last GET /rooms result, for re-rendering labels
 const dmPeers = new Map();          // direct room name -> the other member (from its members)
@@ -656,7 +657,7 @@ function logout(reason = '') {
   }
   clearView();
   clearTimeout(refresh.timer);
-  Object.assign(view, { room: null, info: null, missing: false });
+  Object.assign(view, { room: null, info: null, missing: false, loadError: '' });
   roomList = [];
   dmPeers.clear();
   clearTimeout(reads.timer);
@@ -885,9 +886,16 @@ async function refreshOpenRoom() {
   const r = await api('GET', roomPath(room));
   if (!current() || view.room !== room) return;
   const role = view.info?.role ?? null;
+  // A failed read's error ("network error" while offline) goes once a read succeeds; an
+  // action's error (shown by panelMessage elsewhere) stays.
+  if (view.loadError && ui.panelError.textContent === view.loadError) ui.panelError.textContent = '';
+  view.loadError = '';
   if (r.ok) Object.assign(view, { info: r.data, missing: false });
   else if (r.status === 404) Object.assign(view, { info: null, missing: true });
-  else if (r.status !== 401) panelMessage(r.error, true);
+  else if (r.status !== 401) {
+    panelMessage(r.error, true);
+    view.loadError = r.error;
+  }
   renderRoomPanel();
   if ((view.info?.role ?? null) !== role) redrawMessages();  // who may delete changed
   if (ui.membersBox.open && !ui.membersBox.hidden) loadMembers();
@@ -994,7 +1002,7 @@ async function deleteRoom() {
   }
   if (conn.room === room) leaveRoom();
   clearView();
-  Object.assign(view, { room: null, info: null, missing: false });
+  Object.assign(view, { room: null, info: null, missing: false, loadError: '' });
   renderRoomPanel();
   addNote(`deleted #${room}`);
   loadRooms();
@@ -1080,7 +1088,7 @@ function joinRoom(room) {
 /** Point the panel at `room`: prefilled from the list, then GET /rooms/{room} for the truth. */
 function showRoom(room) {
   const known = roomList.find((r) => r.name === room) || null;
-  Object.assign(view, { room, info: known, missing: false });
+  Object.assign(view, { room, info: known, missing: false, loadError: '' });
   panelMessage('');
   ui.membersBox.open = false;  // the old room's members must not show under the new name
   ui.members.replaceChildren();
@@ -1826,7 +1834,7 @@ setInterval(() => {
 // Back online while waiting out a backoff: try right away.
 window.addEventListener('online', () => {
   if (conn.room && !conn.ws && conn.everLive) { conn.attempt = 0; connect(); }
-  if (auth.token && !ui.chatView.hidden) loadRooms();
+  if (auth.token && !ui.chatView.hidden) { loadRooms(); refreshOpenRoom(); }
 });
 // Offline: a socket may linger for a long while before its TCP connection is found dead (the
 // keep-alive notices after STALE_AFTER_MS). Drop it now and resume with `since` once online.

@@ -258,6 +258,8 @@ def test_offline_and_back_shows_what_was_sent_meanwhile_once(people) -> None:  #
     expect(alice.bodies).to_have_text(everything)
     expect(bob.bodies).to_have_text(everything)
     expect(alice.page.locator("#pending li")).to_have_count(0)
+    # What failed while offline ("network error") is not left on screen.
+    expect(alice.page.locator("#room-panel-error")).to_be_empty()
 
     # The socket stopped by the page ("Simulate drop") resumes the same way.
     alice.page.get_by_role("button", name="Simulate drop").click()
@@ -471,6 +473,9 @@ def test_phone_width_is_usable(people) -> None:  # type: ignore[no-untyped-def]
     page.locator("#send").tap()
     expect(other.bodies.last).to_have_text("from my phone")
     assert_fits_its_text(page)
+    # The room the first message created shows as one; bob's typing ended with his message.
+    expect(page.locator("#room-kind")).to_have_text("public")
+    expect(page.locator("#typing")).to_be_empty()
 
     width = page.evaluate("[document.documentElement.scrollWidth, innerWidth]")
     assert width[0] <= width[1], f"horizontal scroll: {width}"
