@@ -45,7 +45,9 @@ ARTIFACTS = Path(os.environ.get("CHAT_TEST_ARTIFACTS", Path(__file__).parent / "
 
 
 @pytest.fixture(scope="module")
-def page_server(fresh_database: Callable[[], str], tmp_path_factory) -> Iterator[ServerProcess]:  # type: ignore[no-untyped-def]
+def page_server(
+    fresh_database: Callable[[], str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
     """A server of the module's own: the room list shows every public room of its database."""
     url = fresh_database()
     upgrade(url)
@@ -150,8 +152,14 @@ class Person:
         self.context.close()
 
 
+People = Callable[..., Person]
+"""``people(**context_options)``: the ``people`` fixture."""
+
+
 @pytest.fixture
-def people(browser: Browser, page_server: ServerProcess, request) -> Iterator[Callable[..., Person]]:  # type: ignore[no-untyped-def]
+def people(
+    browser: Browser, page_server: ServerProcess, request: pytest.FixtureRequest
+) -> Iterator[People]:
     """``people(**context_options)``: a new user at a new browser. At the end, none of their
     pages may have thrown an error or shown an alert."""
     shots = ARTIFACTS / request.node.name
@@ -187,7 +195,7 @@ def assert_fits_its_text(page: Page, selector: str = "#input") -> None:
     assert size["scroll"] <= size["client"], f"text or placeholder cut off: {size}"
 
 
-def test_two_users_chat_both_ways_in_order_and_see_history_after_reload(people) -> None:  # type: ignore[no-untyped-def]
+def test_two_users_chat_both_ways_in_order_and_see_history_after_reload(people: People) -> None:
     room = new_room("chat")
     alice, bob = people(), people()
     alice.login("alice")
@@ -226,7 +234,7 @@ def test_two_users_chat_both_ways_in_order_and_see_history_after_reload(people) 
     alice.shot("alice-after-login")
 
 
-def test_offline_and_back_shows_what_was_sent_meanwhile_once(people) -> None:  # type: ignore[no-untyped-def]
+def test_offline_and_back_shows_what_was_sent_meanwhile_once(people: People) -> None:
     room = new_room("offline")
     alice, bob = people(), people()
     alice.login("alice")
@@ -270,7 +278,7 @@ def test_offline_and_back_shows_what_was_sent_meanwhile_once(people) -> None:  #
     alice.shot("alice-back-online")
 
 
-def test_html_in_a_message_is_shown_as_text_and_runs_nothing(people) -> None:  # type: ignore[no-untyped-def]
+def test_html_in_a_message_is_shown_as_text_and_runs_nothing(people: People) -> None:
     room = new_room("html")
     alice, bob = people(), people()
     alice.login("alice")
@@ -296,14 +304,16 @@ def test_html_in_a_message_is_shown_as_text_and_runs_nothing(people) -> None:  #
     expect(alice.bodies).to_have_text([*hostile, "that is not a picture"])
     for person in (alice, bob):
         page = person.page
-        expect(page.locator("#messages img, #messages script, #messages a, #messages b")).to_have_count(0)
+        expect(
+            page.locator("#messages img, #messages script, #messages a, #messages b")
+        ).to_have_count(0)
         assert page.evaluate("window.injected") is None
     # A mention of oneself is highlighted: still as text.
     expect(alice.page.locator("#messages mark.mention")).to_have_text(["@alice"])
     alice.shot("alice-html-as-text")
 
 
-def test_private_room_is_for_its_members_only(people) -> None:  # type: ignore[no-untyped-def]
+def test_private_room_is_for_its_members_only(people: People) -> None:
     room = new_room("secret")
     alice, bob, carol = people(), people(), people()
     bob.login("bob")
@@ -342,7 +352,7 @@ def test_private_room_is_for_its_members_only(people) -> None:  # type: ignore[n
     alice.shot("alice-private-room")
 
 
-def test_edits_deletes_and_reactions_show_on_both_sides(people) -> None:  # type: ignore[no-untyped-def]
+def test_edits_deletes_and_reactions_show_on_both_sides(people: People) -> None:
     room = new_room("edits")
     alice, bob = people(), people()
     alice.login("alice")
@@ -377,7 +387,7 @@ def test_edits_deletes_and_reactions_show_on_both_sides(people) -> None:  # type
     bob.shot("bob-edits-reactions")
 
 
-def test_unread_badges_come_and_go(people) -> None:  # type: ignore[no-untyped-def]
+def test_unread_badges_come_and_go(people: People) -> None:
     here, news = new_room("here"), new_room("news")
     alice, bob = people(), people()
     alice.login("alice")
@@ -410,7 +420,7 @@ def test_unread_badges_come_and_go(people) -> None:  # type: ignore[no-untyped-d
     expect(alice.unread(news)).to_have_text("1", timeout=ROOMS_POLL_BOUND_MS)
 
 
-def test_presence_typing_and_display_names(people, page_server: ServerProcess) -> None:  # type: ignore[no-untyped-def]
+def test_presence_typing_and_display_names(people: People) -> None:
     room = new_room("team")
     alice, bob, carol = people(), people(), people()
     alice.login("alice")
@@ -455,7 +465,7 @@ def test_presence_typing_and_display_names(people, page_server: ServerProcess) -
     alice.shot("alice-carol-gone")
 
 
-def test_phone_width_is_usable(people) -> None:  # type: ignore[no-untyped-def]
+def test_phone_width_is_usable(people: People) -> None:
     room = new_room("phone")
     phone = people(viewport=PHONE, is_mobile=True, has_touch=True, device_scale_factor=2)
     other = people()
