@@ -269,9 +269,13 @@ function setStatus(state, text) {
 
 // ---------------------------------------------------------------- rendering
 
+/** The log is scrolled to (near) its end. */
+const atLogEnd = () => ui.log.scrollHeight - ui.log.scrollTop - ui.log.clientHeight < 60;
+let logPinned = true;       // the user left the log at its end (as of the last scroll)
+
 /** Run `fn` (which adds content) and keep the view pinned to the bottom if it was there. */
 function withAutoScroll(fn) {
-  const atBottom = ui.log.scrollHeight - ui.log.scrollTop - ui.log.clientHeight < 60;
+  const atBottom = atLogEnd();
   fn();
   ui.empty.hidden = true;
   if (atBottom) ui.log.scrollTop = ui.log.scrollHeight;
@@ -1820,7 +1824,10 @@ ui.input.addEventListener('keydown', (ev) => {
 });
 ui.replyCancel.addEventListener('click', () => { cancelReply(); ui.input.focus(); });
 // Reading: the log scrolled, the window came to the front.
-ui.log.addEventListener('scroll', () => markRead(), { passive: true });
+ui.log.addEventListener('scroll', () => { logPinned = atLogEnd(); markRead(); }, { passive: true });
+// The log shrinks when what is above it grows (the open room's details arrive, the room list
+// wraps onto another line; on a phone, most of the screen): scrolled to its end, it stays there.
+new ResizeObserver(() => { if (logPinned) ui.log.scrollTop = ui.log.scrollHeight; }).observe(ui.log);
 window.addEventListener('focus', () => markRead());
 document.addEventListener('visibilitychange', () => {
   if (document.visibilityState !== 'visible' || !auth.token || ui.chatView.hidden) return;

@@ -486,6 +486,11 @@ def test_phone_width_is_usable(people: People) -> None:
     # The room the first message created shows as one; bob's typing ended with his message.
     expect(page.locator("#room-kind")).to_have_text("public")
     expect(page.locator("#typing")).to_be_empty()
+    # The room's details pushed the log down: its newest message is still in full view.
+    log, newest = page.locator("#log").bounding_box(), page.locator("#messages li.msg").last
+    expect(newest).to_be_in_viewport(ratio=1)
+    box = newest.bounding_box()
+    assert log and box and box["y"] + box["height"] <= log["y"] + log["height"], (box, log)
 
     width = page.evaluate("[document.documentElement.scrollWidth, innerWidth]")
     assert width[0] <= width[1], f"horizontal scroll: {width}"
