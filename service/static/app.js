@@ -761,6 +761,10 @@ function rememberRoom(room) {
   localStorage.setItem('chat.room', JSON.stringify({ user: auth.user, room }));
 }
 
+function forgetRoom(room) {
+  if (rememberedRoom() === room) localStorage.removeItem('chat.room');
+}
+
 /** GET /rooms (every page) -> clickable chips. Returns false on 401 (token rejected), else true/undefined. */
 async function loadRooms() {
   const current = ticket('rooms');
@@ -988,6 +992,7 @@ async function leaveMembership() {
     return;
   }
   if (conn.room === room) leaveRoom();  // don't wait for the 4403, nor reconnect after it
+  forgetRoom(room);
   addNote(`you left #${room}`);
   panelMessage(`you left #${room}`);
   refreshOpenRoom();
@@ -1005,6 +1010,7 @@ async function deleteRoom() {
     return;
   }
   if (conn.room === room) leaveRoom();
+  forgetRoom(room);
   clearView();
   Object.assign(view, { room: null, info: null, missing: false, loadError: '' });
   renderRoomPanel();
@@ -1204,6 +1210,7 @@ function accessLost() {
   const expected = conn.expectClose === room;  // our own leave/delete: already reported
   conn.expectClose = null;
   leaveRoom();
+  forgetRoom(room);  // a reload would be refused: it opens no room instead
   for (const e of outbox.values()) if (!e.acked && !e.failed) setBubbleState(e, 'not sent', 'failed');
   if (!expected) {
     addNote('You no longer have access to this room', 'error');

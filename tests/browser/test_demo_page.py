@@ -217,6 +217,13 @@ def test_two_users_chat_both_ways_in_order_and_see_history_after_reload(people: 
     expect(alice.page.locator("#messages li.msg.own .body")).to_have_text(conversation[0::2])
     expect(bob.page.locator("#messages li.msg.own .body")).to_have_text(conversation[1::2])
     alice.shot("alice-chat")
+    # A draft of one line on a wide window wraps onto several once the window narrows.
+    alice.page.fill("#input", "a draft that is long enough to wrap on a phone " * 3)
+    assert_fits_its_text(alice.page)
+    alice.page.set_viewport_size(PHONE)
+    assert_fits_its_text(alice.page)
+    alice.page.set_viewport_size(WIDE)
+    alice.page.fill("#input", "")
 
     # Bug (b): after a reload the page reopens the room it remembers, with its history.
     alice.page.reload()
@@ -351,6 +358,17 @@ def test_private_room_is_for_its_members_only(people: People) -> None:
     carol.shot("carol-refused")
     alice.shot("alice-private-room")
 
+    # Its owner deletes it: its members lose it at once, and a reload does not try it again.
+    alice.page.get_by_role("button", name="Delete room").click()  # confirmed
+    expect(bob.page.locator("#messages .note.error")).to_have_text(
+        ["You no longer have access to this room"]
+    )
+    expect(bob.chip(room)).to_have_count(0)
+    bob.page.reload()
+    expect(bob.page.locator("#chat-view")).to_be_visible()
+    expect(bob.page.locator("#status")).to_have_attribute("data-state", "idle")
+    expect(bob.page.locator("#room-panel")).to_be_hidden()
+
 
 def test_edits_deletes_and_reactions_show_on_both_sides(people: People) -> None:
     room = new_room("edits")
@@ -469,6 +487,9 @@ def test_phone_width_is_usable(people: People) -> None:
     room = new_room("phone")
     phone = people(viewport=PHONE, is_mobile=True, has_touch=True, device_scale_factor=2)
     other = people()
+    phone.page.goto("/")
+    expect(phone.page.locator("#login-view")).to_be_visible()
+    phone.shot("phone-login")
     phone.login("alice")
     assert_fits_its_text(phone.page)
     phone.open_room(room)
