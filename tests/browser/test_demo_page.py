@@ -56,6 +56,8 @@ def page_server(
         # Presence changes show within a fraction of a second (defaults: 1 s, and 5 s of grace).
         "CHAT_PRESENCE_INTERVAL": "0.2",
         "CHAT_PRESENCE_GRACE": "0.5",
+        # Typing ends with a message, never by expiry here: a slow step cannot make it go.
+        "CHAT_TYPING_TIMEOUT": "60",
     }
     with ServerProcess(url, log_path=log_path, env=env) as server:
         yield server
