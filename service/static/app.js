@@ -79,12 +79,18 @@ const ui = {
 
 // ---------------------------------------------------------------- state
 
+// The login is the tab's (sessionStorage): it outlives a reload, and a second tab is someone
+// else's (the demo's way to chat with yourself). What earlier pages left in localStorage goes.
+const AUTH_KEYS = ['chat.token', 'chat.user', 'chat.expires_at', 'chat.renewable'];
+for (const k of [...AUTH_KEYS, 'chat.room']) localStorage.removeItem(k);
+const session = sessionStorage;
+
 const auth = {
-  token: localStorage.getItem('chat.token') || '',
-  user: localStorage.getItem('chat.user') || '',   // '' when unknown (pasted opaque token)
-  expiresAt: localStorage.getItem('chat.expires_at') || '',
+  token: session.getItem('chat.token') || '',
+  user: session.getItem('chat.user') || '',   // '' when unknown (pasted opaque token)
+  expiresAt: session.getItem('chat.expires_at') || '',
   // A dev login can be renewed by asking for a new dev token; a pasted token cannot.
-  renewable: localStorage.getItem('chat.renewable') === 'true',
+  renewable: session.getItem('chat.renewable') === 'true',
   renewTimer: 0,
   name: '',            // the display name the server takes from the token (GET /auth/me), if any
 };
@@ -589,10 +595,10 @@ function clearView() {
 
 function storeAuth(token, user, expiresAt, renewable) {
   Object.assign(auth, { token, user, expiresAt, renewable });
-  localStorage.setItem('chat.token', token);
-  localStorage.setItem('chat.user', user);
-  localStorage.setItem('chat.expires_at', expiresAt);
-  localStorage.setItem('chat.renewable', String(renewable));
+  session.setItem('chat.token', token);
+  session.setItem('chat.user', user);
+  session.setItem('chat.expires_at', expiresAt);
+  session.setItem('chat.renewable', String(renewable));
 }
 
 function saveAuth(token, user, expiresAt, renewable) {
@@ -656,9 +662,7 @@ function logout(reason = '') {
   leaveRoom();
   clearTimeout(auth.renewTimer);
   Object.assign(auth, { token: '', user: '', expiresAt: '', renewable: false, renewTimer: 0, name: '' });
-  for (const k of ['chat.token', 'chat.user', 'chat.expires_at', 'chat.renewable']) {
-    localStorage.removeItem(k);
-  }
+  for (const k of AUTH_KEYS) session.removeItem(k);
   clearView();
   clearTimeout(refresh.timer);
   Object.assign(view, { room: null, info: null, missing: false, loadError: '' });
@@ -741,28 +745,52 @@ async function loadMe() {
   auth.name = typeof r.data.name === 'string' ? r.data.name : '';
   if (r.data.user !== auth.user) {
     auth.user = r.data.user;
-    localStorage.setItem('chat.user', auth.user);
+    session.setItem('chat.user', auth.user);
     renderRooms();         // direct rooms are labelled by the other member
     redrawMessages();      // which messages are ours
   }
   renderWho();
 }
 
-/** The room to reopen: the one this user had open last in this browser. */
+const ROOMS_KEY = 'chat.rooms';  // localStorage: user -> the room they had open last
+const ROOMS_KEPT = 20;           // users remembered in one browser
+
+function lastRooms() {
+  try {
+    const saved = JSON.parse(localStorage.getItem(ROOMS_KEY) || '{}');
+    return saved && typeof saved === 'object' && !Array.isArray(saved) ? saved : {};
+  } catch { return {}; }
+}
+
+/**
+ * The room to reopen: the one this tab had open (a reload), else the one this user had open
+ * last in this browser (a login, a new tab). Never another user's: it may be private to them.
+ */
 function rememberedRoom() {
-  let saved = null;
-  try { saved = JSON.parse(localStorage.getItem('chat.room') || 'null'); } catch { /* an old plain name */ }
-  if (!saved || typeof saved.room !== 'string' || !NAME_RE.test(saved.room)) return '';
-  // Another user's room may be private to them: theirs is not reopened for us.
-  return saved.user === auth.user ? saved.room : '';
+  const tab = session.getItem('chat.room');
+  const room = tab !== null && session.getItem('chat.room.user') === auth.user ? tab : lastRooms()[auth.user];
+  return typeof room === 'string' && NAME_RE.test(room) ? room : '';
 }
 
 function rememberRoom(room) {
-  localStorage.setItem('chat.room', JSON.stringify({ user: auth.user, room }));
+  session.setItem('chat.room', room);
+  session.setItem('chat.room.user', auth.user);
+  const rooms = lastRooms();
+  delete rooms[auth.user];  // moves to the end: the oldest entries go first
+  rooms[auth.user] = room;
+  const users = Object.keys(rooms);
+  for (const user of users.slice(0, Math.max(0, users.length - ROOMS_KEPT))) delete rooms[user];
+  localStorage.setItem(ROOMS_KEY, JSON.stringify(rooms));
 }
 
+/** A room we lost or left: reopening it would be refused. */
 function forgetRoom(room) {
-  if (rememberedRoom() === room) localStorage.removeItem('chat.room');
+  if (session.getItem('chat.room') === room) session.removeItem('chat.room');
+  const rooms = lastRooms();
+  if (rooms[auth.user] === room) {
+    delete rooms[auth.user];
+    localStorage.setItem(ROOMS_KEY, JSON.stringify(rooms));
+  }
 }
 
 /** GET /rooms (every page) -> clickable chips. Returns false on 401 (token rejected), else true/undefined. */
@@ -1286,7 +1314,7 @@ function onTextMessage(m) {
     // Our own message came back: the confirmed copy replaces the pending bubble.
     mine.el.remove();
     outbox.delete(mine.id);
-    if (!auth.user) { auth.user = m.author; localStorage.setItem('chat.user', m.author); }
+    if (!auth.user) { auth.user = m.author; session.setItem('chat.user', m.author); }
   }
   const own = Boolean(mine) || (auth.user !== '' && m.author === auth.user);
   if (typing.users.includes(m.author)) {
@@ -1434,7 +1462,7 @@ function onAck(a) {
 function onAuthOk(f) {
   if (typeof f.exp === 'number') {
     auth.expiresAt = new Date(f.exp * 1000).toISOString();
-    localStorage.setItem('chat.expires_at', auth.expiresAt);
+    session.setItem('chat.expires_at', auth.expiresAt);
   }
 }
 

@@ -77,16 +77,24 @@ def browser(page_server: ServerProcess) -> Iterator[Browser]:
 class Person:
     """One user at one browser: a context of their own (cookies, localStorage) and a page."""
 
-    def __init__(self, browser: Browser, base_url: str, shots: Path, **options: Any) -> None:
-        options.setdefault("viewport", WIDE)
-        self.context: BrowserContext = browser.new_context(base_url=base_url, **options)
-        self.context.set_default_timeout(TIMEOUT_MS)
-        self.page: Page = self.context.new_page()
+    def __init__(
+        self,
+        context: BrowserContext,
+        shots: Path,
+        errors: list[str] | None = None,
+        alerts: list[str] | None = None,
+    ) -> None:
+        self.context = context
+        self.page: Page = context.new_page()
         self.shots = shots
-        self.errors: list[str] = []
-        self.alerts: list[str] = []
+        self.errors: list[str] = [] if errors is None else errors
+        self.alerts: list[str] = [] if alerts is None else alerts
         self.page.on("pageerror", lambda exc: self.errors.append(str(exc)))
         self.page.on("dialog", self._dialog)
+
+    def tab(self) -> Person:
+        """Another tab of the same browser: the same localStorage, a sessionStorage of its own."""
+        return Person(self.context, self.shots, self.errors, self.alerts)
 
     def _dialog(self, dialog: Any) -> None:
         """A delete asks to confirm: yes. Anything else (an alert) is recorded, and a failure."""
@@ -169,7 +177,10 @@ def people(
     made: list[Person] = []
 
     def make(**options: Any) -> Person:
-        person = Person(browser, page_server.http, shots, **options)
+        options.setdefault("viewport", WIDE)
+        context = browser.new_context(base_url=page_server.http, **options)
+        context.set_default_timeout(TIMEOUT_MS)
+        person = Person(context, shots)
         made.append(person)
         return person
 
@@ -241,6 +252,35 @@ def test_two_users_chat_both_ways_in_order_and_see_history_after_reload(people: 
     bob.send("welcome back")
     expect(alice.bodies).to_have_text([*conversation, "welcome back"])
     alice.shot("alice-after-login")
+
+
+def test_a_second_tab_is_someone_else(people: People) -> None:
+    """The README's way to try it: a second tab, as someone else."""
+    room = new_room("tabs")
+    alice = people()
+    alice.login("alice")
+    alice.open_room(room)
+    alice.send("from the first tab")
+
+    bob = alice.tab()
+    bob.page.goto("/")
+    expect(bob.page.locator("#login-view")).to_be_visible()
+    bob.login("bob")
+    bob.open_room(room)
+    bob.send("from the second tab")
+    both = ["from the first tab", "from the second tab"]
+    expect(alice.bodies).to_have_text(both)
+    expect(alice.page.locator("#messages li.msg.own .body")).to_have_text(both[:1])
+
+    alice.page.reload()  # each tab stays who it was, in its room
+    alice.expect_live(room)
+    expect(alice.page.locator("#who-name")).to_have_text("signed in as alice")
+    expect(alice.page.locator("#messages li.msg.own .body")).to_have_text(both[:1])
+    # A third tab: alice logs in again and is back in her room.
+    third = alice.tab()
+    third.login("alice")
+    third.expect_live(room)
+    expect(third.bodies).to_have_text(both)
 
 
 def test_offline_and_back_shows_what_was_sent_meanwhile_once(people: People) -> None:
