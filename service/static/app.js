@@ -729,9 +729,9 @@ function showChat() {
 
 /** "signed in as Alice Liddell (alice)": the token's display name when it has one. */
 function renderWho() {
-  let text = 'signed in (token)';
-  if (auth.user) text = auth.name && auth.name !== auth.user ? `signed in as ${auth.name} (${auth.user})` : `signed in as ${auth.user}`;
-  ui.whoName.textContent = text;
+  const { user, name } = auth;
+  ui.whoName.textContent = !user ? 'signed in (token)'
+    : name && name !== user ? `signed in as ${name} (${user})` : `signed in as ${user}`;
 }
 
 /**
@@ -768,7 +768,8 @@ function lastRooms() {
  */
 function rememberedRoom() {
   const tab = session.getItem('chat.room');
-  const room = tab !== null && session.getItem('chat.room.user') === auth.user ? tab : lastRooms()[auth.user];
+  const ours = tab !== null && session.getItem('chat.room.user') === auth.user;
+  const room = ours ? tab : lastRooms()[auth.user];
   return typeof room === 'string' && NAME_RE.test(room) ? room : '';
 }
 
