@@ -1053,7 +1053,7 @@ async function addMember(user, role) {
   const r = await api('PUT', memberPath(room, user), { role });
   if (view.room !== room) return;
   if (!r.ok) { panelMessage(r.error, true); return; }
-  ui.memberUser.value = '';
+  ui.memberForm.reset();  // not just the value: an emptied required field would show as invalid
   panelMessage(r.status === 201 ? `added ${user} as ${role}` : `${user} is now ${r.data?.role || role}`);
   if (ui.membersBox.open) loadMembers();
 }
@@ -1077,7 +1077,7 @@ async function openDirect(user) {
   ui.directError.textContent = '';
   const r = await api('POST', '/rooms/direct', { user });
   if (!r.ok) { ui.directError.textContent = r.error; return; }  // 422 with yourself
-  ui.directUser.value = '';
+  ui.directForm.reset();  // not just the value: an emptied required field would show as invalid
   openCreated(r.data.name);
 }
 

@@ -447,37 +447,40 @@ def test_edits_deletes_and_reactions_show_on_both_sides(people: People) -> None:
     bob.shot("bob-edits-reactions")
 
 
-def test_unread_badges_come_and_go(people: People) -> None:
-    here, news = new_room("here"), new_room("news")
-    alice, bob = people(), people()
-    alice.login("alice")
-    alice.open_room(here)
-    alice.send("anyone?")
-    bob.login("bob")
-    bob.page.locator("#create-box summary").click()
-    bob.page.fill("#new-name", news)
-    bob.page.select_option("#new-kind", "private")
-    bob.page.fill("#new-members", "alice")
-    bob.page.get_by_role("button", name="Create room").click()
-    bob.expect_live(news)
-    bob.send("news for you")
-    bob.send("@alice look")
+def test_unread_badges_come_and_go_in_a_direct_chat(people: People) -> None:
+    here = new_room("here")
+    dora, emil = people(), people()  # these two only: their direct room is the test's own
+    dora.login("dora")
+    dora.open_room(here)
+    dora.send("anyone?")
+    emil.login("emil")
+    emil.page.locator("#create-box summary").click()
+    emil.page.fill("#direct-user", "dora")
+    emil.page.get_by_role("button", name="Direct chat").click()
+    direct = "dm.dora.emil"  # the server's name for the pair
+    emil.expect_live(direct)
+    expect(emil.page.locator("#room-title")).to_have_text("@dora")
+    # The emptied form does not show its required field as invalid.
+    expect(emil.page.locator("#direct-user:user-invalid")).to_have_count(0)
+    emil.send("news for you")
+    emil.send("@dora look")
 
     # Bug (c): the room list refreshes by itself, with the unread and mention counts.
-    expect(alice.unread(news)).to_have_text("2 · @1", timeout=ROOMS_POLL_BOUND_MS)
-    expect(alice.chip(news).locator(".badge.unread")).to_have_class("badge unread mentioned")
-    alice.shot("alice-unread-badge")
+    expect(dora.unread(direct)).to_have_text("2 · @1", timeout=ROOMS_POLL_BOUND_MS)
+    expect(dora.chip(direct)).to_contain_text("@emil")
+    expect(dora.chip(direct).locator(".badge.unread")).to_have_class("badge unread mentioned")
+    dora.shot("dora-unread-badge")
 
-    alice.chip(news).click()
-    alice.expect_live(news)
-    expect(alice.bodies).to_have_text(["news for you", "@alice look"])
-    expect(alice.page.locator("#read-marker")).to_have_text("new messages")
-    expect(alice.chip(news).locator(".badge.unread")).to_have_count(0)
-    # Read: the badge stays away once alice is elsewhere (the server has her cursor).
-    alice.chip(here).click()
-    alice.expect_live(here)
-    bob.send("one more")
-    expect(alice.unread(news)).to_have_text("1", timeout=ROOMS_POLL_BOUND_MS)
+    dora.chip(direct).click()
+    dora.expect_live(direct)
+    expect(dora.bodies).to_have_text(["news for you", "@dora look"])
+    expect(dora.page.locator("#read-marker")).to_have_text("new messages")
+    expect(dora.chip(direct).locator(".badge.unread")).to_have_count(0)
+    # Read: the badge stays away once dora is elsewhere (the server has her cursor).
+    dora.chip(here).click()
+    dora.expect_live(here)
+    emil.send("one more")
+    expect(dora.unread(direct)).to_have_text("1", timeout=ROOMS_POLL_BOUND_MS)
 
 
 def test_presence_typing_and_display_names(people: People) -> None:
