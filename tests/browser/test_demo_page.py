@@ -105,6 +105,7 @@ class Person:
             dialog.dismiss()
 
     def shot(self, name: str, *, full_page: bool = False) -> Path:
+        self.shots.mkdir(parents=True, exist_ok=True)
         path = self.shots / f"{name}.png"
         self.page.screenshot(path=str(path), full_page=full_page)
         return path
@@ -173,7 +174,6 @@ def people(
     """``people(**context_options)``: a new user at a new browser. At the end, none of their
     pages may have thrown an error or shown an alert."""
     shots = ARTIFACTS / request.node.name
-    shots.mkdir(parents=True, exist_ok=True)
     made: list[Person] = []
 
     def make(**options: Any) -> Person:
