@@ -208,6 +208,30 @@ def assert_fits_its_text(page: Page, selector: str = "#input") -> None:
     assert size["scroll"] <= size["client"], f"text or placeholder cut off: {size}"
 
 
+STICKING_OUT = """() => {
+  const out = [];
+  const shown = 'button, input, select, textarea, summary, label, .chip, .badge, h2, p, li';
+  for (const el of document.querySelectorAll(shown)) {
+    const r = el.getBoundingClientRect();
+    if (!r.width || !el.checkVisibility()) continue;
+    const box = el.closest('.card, .log, .composer, .topbar')?.getBoundingClientRect()
+      ?? { left: 0, right: innerWidth };
+    if (r.left < box.left - 0.5 || r.right > box.right + 0.5 || r.right > innerWidth + 0.5) {
+      const what = `${el.tagName}#${el.id}.${el.className}`;
+      out.push(`${what}: ${r.left}-${r.right} in ${box.left}-${box.right}`);
+    }
+  }
+  const { scrollWidth, clientWidth } = document.documentElement;
+  if (scrollWidth > clientWidth) out.push(`page: ${scrollWidth} > ${clientWidth}`);
+  return out;
+}"""
+
+
+def assert_nothing_sticks_out(page: Page) -> None:
+    """No control or text reaches past its card or the window, and nothing scrolls sideways."""
+    assert page.evaluate(STICKING_OUT) == []
+
+
 def test_two_users_chat_both_ways_in_order_and_see_history_after_reload(people: People) -> None:
     room = new_room("chat")
     alice, bob = people(), people()
@@ -516,6 +540,7 @@ def test_presence_typing_and_display_names(people: People) -> None:
     bob.page.fill("#input", "me too")
     expect(alice.page.locator("#typing")).to_have_text("bob and Carol Lewis are typing…")
     alice.shot("alice-presence-typing")
+    assert_nothing_sticks_out(alice.page)  # a wide window, every form open
     carol.page.press("#input", "Enter")
     expect(alice.page.locator("#typing")).to_have_text("bob is typing…")
     expect(alice.bodies).to_have_text(["let me think"])
@@ -534,6 +559,8 @@ def test_phone_width_is_usable(people: People) -> None:
     other = people()
     phone.page.goto("/")
     expect(phone.page.locator("#login-view")).to_be_visible()
+    phone.page.locator("#paste-box summary").click()
+    assert_nothing_sticks_out(phone.page)  # the login button stuck out of its card
     phone.shot("phone-login")
     phone.login("alice")
     assert_fits_its_text(phone.page)
@@ -572,6 +599,25 @@ def test_phone_width_is_usable(people: People) -> None:
     page.fill("#input", "line\n" * 30)
     grown = page.locator("#input").bounding_box()
     assert grown is not None and 60 < grown["height"] <= 0.41 * PHONE["height"], grown
+    page.fill("#input", "")
+
+    # An owner's room has the most controls (the member form stuck out, the page scrolled
+    # sideways): all of them fit, with the forms open.
+    owned = new_room("mine")
+    page.locator("#create-box summary").click()
+    page.fill("#new-name", owned)
+    page.select_option("#new-kind", "private")
+    page.fill("#new-members", "bob")
+    page.get_by_role("button", name="Create room").click()
+    phone.expect_live(owned)
+    expect(page.locator("#room-role")).to_have_text("owner")
+    page.locator("#create-box summary").click()
+    page.locator("#members-box summary").click()
+    expect(page.locator("#members li")).to_have_count(2)
+    assert_nothing_sticks_out(page)
+    phone.send("room of my own")
+    expect(page.locator("#messages li.msg").last).to_be_in_viewport(ratio=1)
+    phone.shot("phone-owner", full_page=True)
 
 
 def test_favicon_is_served(page_server: ServerProcess, browser: Browser) -> None:
