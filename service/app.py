@@ -357,5 +357,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def demo_page() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html")
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> FileResponse:
+        """Browsers ask for it on every site, whatever the page links: a 404 fills logs."""
+        return FileResponse(
+            STATIC_DIR / "favicon.ico",
+            media_type="image/vnd.microsoft.icon",
+            headers={"Cache-Control": "public, max-age=86400"},
+        )
+
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app

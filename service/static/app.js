@@ -22,6 +22,7 @@ const CLOSE_REASONS = {
   1013: 'server busy',
   4000: 'connection stalled',
   4001: 'simulated drop',
+  4002: 'offline',
   4401: 'token expired',
   4403: 'no access to this room',
 };
@@ -38,7 +39,9 @@ const ERROR_SHOW_MS = 5000;               // how long a refused edit / delete / 
 const QUOTE_CHARS = 100;                  // a reply's quote: the start of the replied text (server rule)
 const FLASH_MS = 1600;                    // how long a message jumped to from a quote is highlighted
 const READ_EVERY_MS = 1000;               // at most one `read` frame a second
-const ROOMS_EVERY_MS = 10_000;            // room list (unread counts) refresh while the page is visible
+// Room list (new rooms, unread counts) refresh while the page is visible. No frame tells of a
+// room other than the open one, so a room someone else starts shows up only when polled.
+const ROOMS_EVERY_MS = 3000;
 const RECEIPT_ROOM_MAX = 50;              // server default CHAT_RECEIPTS_MAX_MEMBERS: "seen by" up to this
 const TYPING_EVERY_MS = 2500;             // at most one `typing` frame this often while the user types
 const PRESENCE_LOOKUP_MS = 1500;          // users came online: one REST read (for names) this long after
@@ -76,13 +79,20 @@ const ui = {
 
 // ---------------------------------------------------------------- state
 
+// The login is the tab's (sessionStorage): it outlives a reload, and a second tab is someone
+// else's (the demo's way to chat with yourself). What earlier pages left in localStorage goes.
+const AUTH_KEYS = ['chat.token', 'chat.user', 'chat.expires_at', 'chat.renewable'];
+for (const k of [...AUTH_KEYS, 'chat.room']) localStorage.removeItem(k);
+const session = sessionStorage;
+
 const auth = {
-  token: localStorage.getItem('chat.token') || '',
-  user: localStorage.getItem('chat.user') || '',   // '' when unknown (pasted opaque token)
-  expiresAt: localStorage.getItem('chat.expires_at') || '',
+  token: session.getItem('chat.token') || '',
+  user: session.getItem('chat.user') || '',   // '' when unknown (pasted opaque token)
+  expiresAt: session.getItem('chat.expires_at') || '',
   // A dev login can be renewed by asking for a new dev token; a pasted token cannot.
-  renewable: localStorage.getItem('chat.renewable') === 'true',
+  renewable: session.getItem('chat.renewable') === 'true',
   renewTimer: 0,
+  name: '',            // the display name the server takes from the token (GET /auth/me), if any
 };
 
 const conn = {
@@ -106,6 +116,7 @@ const view = {
   room: null,
   info: null,          // GET /rooms/{room} object, or null when not (yet) known
   missing: false,      // GET /rooms/{room} said 404: never used, or not visible to us
+  loadError: '',       // why the last GET /rooms/{room} failed (other than 404), as shown
 };
 let roomList = [];                  // last GET /rooms result, for re-rendering labels
 const dmPeers = new Map();          // direct room name -> the other member (from its members)
@@ -264,9 +275,13 @@ function setStatus(state, text) {
 
 // ---------------------------------------------------------------- rendering
 
+/** The log is scrolled to (near) its end. */
+const atLogEnd = () => ui.log.scrollHeight - ui.log.scrollTop - ui.log.clientHeight < 60;
+let logPinned = true;       // the user left the log at its end (as of the last scroll)
+
 /** Run `fn` (which adds content) and keep the view pinned to the bottom if it was there. */
 function withAutoScroll(fn) {
-  const atBottom = ui.log.scrollHeight - ui.log.scrollTop - ui.log.clientHeight < 60;
+  const atBottom = atLogEnd();
   fn();
   ui.empty.hidden = true;
   if (atBottom) ui.log.scrollTop = ui.log.scrollHeight;
@@ -580,10 +595,10 @@ function clearView() {
 
 function storeAuth(token, user, expiresAt, renewable) {
   Object.assign(auth, { token, user, expiresAt, renewable });
-  localStorage.setItem('chat.token', token);
-  localStorage.setItem('chat.user', user);
-  localStorage.setItem('chat.expires_at', expiresAt);
-  localStorage.setItem('chat.renewable', String(renewable));
+  session.setItem('chat.token', token);
+  session.setItem('chat.user', user);
+  session.setItem('chat.expires_at', expiresAt);
+  session.setItem('chat.renewable', String(renewable));
 }
 
 function saveAuth(token, user, expiresAt, renewable) {
@@ -646,13 +661,11 @@ function sendToken() {
 function logout(reason = '') {
   leaveRoom();
   clearTimeout(auth.renewTimer);
-  Object.assign(auth, { token: '', user: '', expiresAt: '', renewable: false, renewTimer: 0 });
-  for (const k of ['chat.token', 'chat.user', 'chat.expires_at', 'chat.renewable']) {
-    localStorage.removeItem(k);
-  }
+  Object.assign(auth, { token: '', user: '', expiresAt: '', renewable: false, renewTimer: 0, name: '' });
+  for (const k of AUTH_KEYS) session.removeItem(k);
   clearView();
   clearTimeout(refresh.timer);
-  Object.assign(view, { room: null, info: null, missing: false });
+  Object.assign(view, { room: null, info: null, missing: false, loadError: '' });
   roomList = [];
   dmPeers.clear();
   clearTimeout(reads.timer);
@@ -701,11 +714,84 @@ function showChat() {
   ui.loginView.hidden = true;
   ui.chatView.hidden = false;
   ui.who.hidden = false;
-  ui.whoName.textContent = auth.user ? `signed in as ${auth.user}` : 'signed in (token)';
-  ui.room.value = localStorage.getItem('chat.room') || ui.room.value;
+  renderWho();
   scheduleRenewal();
   loadRooms();
+  loadMe();
   updateComposer();  // its height is measured only once the view shows
+  // Back where we were: the room this user had open last (after a reload, or logging in again).
+  const room = rememberedRoom();
+  if (room) {
+    ui.room.value = room;
+    joinRoom(room);
+  }
+}
+
+/** "signed in as Alice Liddell (alice)": the token's display name when it has one. */
+function renderWho() {
+  const { user, name } = auth;
+  ui.whoName.textContent = !user ? 'signed in (token)'
+    : name && name !== user ? `signed in as ${name} (${user})` : `signed in as ${user}`;
+}
+
+/**
+ * GET /auth/me: who the server takes us to be. The user id of a pasted token is only guessed
+ * from its `sub` (an identity provider may put it in another claim); the display name is shown.
+ */
+async function loadMe() {
+  const token = auth.token;
+  const r = await api('GET', '/auth/me');
+  if (!r.ok || auth.token !== token || typeof r.data?.user !== 'string') return;
+  auth.name = typeof r.data.name === 'string' ? r.data.name : '';
+  if (r.data.user !== auth.user) {
+    auth.user = r.data.user;
+    session.setItem('chat.user', auth.user);
+    renderRooms();         // direct rooms are labelled by the other member
+    redrawMessages();      // which messages are ours
+  }
+  renderWho();
+}
+
+const ROOMS_KEY = 'chat.rooms';  // localStorage: user -> the room they had open last
+const ROOMS_KEPT = 20;           // users remembered in one browser
+
+function lastRooms() {
+  try {
+    const saved = JSON.parse(localStorage.getItem(ROOMS_KEY) || '{}');
+    return saved && typeof saved === 'object' && !Array.isArray(saved) ? saved : {};
+  } catch { return {}; }
+}
+
+/**
+ * The room to reopen: the one this tab had open (a reload), else the one this user had open
+ * last in this browser (a login, a new tab). Never another user's: it may be private to them.
+ */
+function rememberedRoom() {
+  const tab = session.getItem('chat.room');
+  const ours = tab !== null && session.getItem('chat.room.user') === auth.user;
+  const room = ours ? tab : lastRooms()[auth.user];
+  return typeof room === 'string' && NAME_RE.test(room) ? room : '';
+}
+
+function rememberRoom(room) {
+  session.setItem('chat.room', room);
+  session.setItem('chat.room.user', auth.user);
+  const rooms = lastRooms();
+  delete rooms[auth.user];  // moves to the end: the oldest entries go first
+  rooms[auth.user] = room;
+  const users = Object.keys(rooms);
+  for (const user of users.slice(0, Math.max(0, users.length - ROOMS_KEPT))) delete rooms[user];
+  localStorage.setItem(ROOMS_KEY, JSON.stringify(rooms));
+}
+
+/** A room we lost or left: reopening it would be refused. */
+function forgetRoom(room) {
+  if (session.getItem('chat.room') === room) session.removeItem('chat.room');
+  const rooms = lastRooms();
+  if (rooms[auth.user] === room) {
+    delete rooms[auth.user];
+    localStorage.setItem(ROOMS_KEY, JSON.stringify(rooms));
+  }
 }
 
 /** GET /rooms (every page) -> clickable chips. Returns false on 401 (token rejected), else true/undefined. */
@@ -837,9 +923,16 @@ async function refreshOpenRoom() {
   const r = await api('GET', roomPath(room));
   if (!current() || view.room !== room) return;
   const role = view.info?.role ?? null;
+  // A failed read's error ("network error" while offline) goes once a read succeeds; an
+  // action's error (shown by panelMessage elsewhere) stays.
+  if (view.loadError && ui.panelError.textContent === view.loadError) ui.panelError.textContent = '';
+  view.loadError = '';
   if (r.ok) Object.assign(view, { info: r.data, missing: false });
   else if (r.status === 404) Object.assign(view, { info: null, missing: true });
-  else if (r.status !== 401) panelMessage(r.error, true);
+  else if (r.status !== 401) {
+    panelMessage(r.error, true);
+    view.loadError = r.error;
+  }
   renderRoomPanel();
   if ((view.info?.role ?? null) !== role) redrawMessages();  // who may delete changed
   if (ui.membersBox.open && !ui.membersBox.hidden) loadMembers();
@@ -928,6 +1021,7 @@ async function leaveMembership() {
     return;
   }
   if (conn.room === room) leaveRoom();  // don't wait for the 4403, nor reconnect after it
+  forgetRoom(room);
   addNote(`you left #${room}`);
   panelMessage(`you left #${room}`);
   refreshOpenRoom();
@@ -945,8 +1039,9 @@ async function deleteRoom() {
     return;
   }
   if (conn.room === room) leaveRoom();
+  forgetRoom(room);
   clearView();
-  Object.assign(view, { room: null, info: null, missing: false });
+  Object.assign(view, { room: null, info: null, missing: false, loadError: '' });
   renderRoomPanel();
   addNote(`deleted #${room}`);
   loadRooms();
@@ -958,7 +1053,7 @@ async function addMember(user, role) {
   const r = await api('PUT', memberPath(room, user), { role });
   if (view.room !== room) return;
   if (!r.ok) { panelMessage(r.error, true); return; }
-  ui.memberUser.value = '';
+  ui.memberForm.reset();  // not just the value: an emptied required field would show as invalid
   panelMessage(r.status === 201 ? `added ${user} as ${role}` : `${user} is now ${r.data?.role || role}`);
   if (ui.membersBox.open) loadMembers();
 }
@@ -982,7 +1077,7 @@ async function openDirect(user) {
   ui.directError.textContent = '';
   const r = await api('POST', '/rooms/direct', { user });
   if (!r.ok) { ui.directError.textContent = r.error; return; }  // 422 with yourself
-  ui.directUser.value = '';
+  ui.directForm.reset();  // not just the value: an emptied required field would show as invalid
   openCreated(r.data.name);
 }
 
@@ -1020,7 +1115,7 @@ function joinRoom(room) {
   }
   flushRead();
   leaveRoom();
-  localStorage.setItem('chat.room', room);
+  rememberRoom(room);
   lastSeq.delete(room);  // the view is cleared, so start from recent history again
   clearView();
   Object.assign(conn, { room, everLive: false, attempt: 0, expectClose: null });
@@ -1032,7 +1127,7 @@ function joinRoom(room) {
 /** Point the panel at `room`: prefilled from the list, then GET /rooms/{room} for the truth. */
 function showRoom(room) {
   const known = roomList.find((r) => r.name === room) || null;
-  Object.assign(view, { room, info: known, missing: false });
+  Object.assign(view, { room, info: known, missing: false, loadError: '' });
   panelMessage('');
   ui.membersBox.open = false;  // the old room's members must not show under the new name
   ui.members.replaceChildren();
@@ -1144,6 +1239,7 @@ function accessLost() {
   const expected = conn.expectClose === room;  // our own leave/delete: already reported
   conn.expectClose = null;
   leaveRoom();
+  forgetRoom(room);  // a reload would be refused: it opens no room instead
   for (const e of outbox.values()) if (!e.acked && !e.failed) setBubbleState(e, 'not sent', 'failed');
   if (!expected) {
     addNote('You no longer have access to this room', 'error');
@@ -1160,9 +1256,18 @@ async function checkAccess(room) {
   if (r.status === 404 && conn.room === room && !conn.live) accessLost();
 }
 
-/** Reconnect after 0.5 s, 1 s, 2 s … capped at 10 s, each ±20 % jitter, with a countdown. */
+/**
+ * Reconnect after 0.5 s, 1 s, 2 s … capped at 10 s, each ±20 % jitter, with a countdown. While
+ * the browser says it is offline, wait for it to come back online instead (the `online` event
+ * connects at once; the slowest retry stays, should the browser be wrong).
+ */
 function scheduleReconnect(why) {
   clearTimers();
+  if (navigator.onLine === false) {
+    setStatus('reconnecting', `${why} — offline, reconnecting once back online`);
+    conn.retryTimer = setTimeout(connect, BACKOFF_MAX_MS);
+    return;
+  }
   const base = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** conn.attempt);
   const delay = Math.min(BACKOFF_MAX_MS, base * (0.8 + Math.random() * 0.4));
   conn.attempt += 1;
@@ -1210,7 +1315,7 @@ function onTextMessage(m) {
     // Our own message came back: the confirmed copy replaces the pending bubble.
     mine.el.remove();
     outbox.delete(mine.id);
-    if (!auth.user) { auth.user = m.author; localStorage.setItem('chat.user', m.author); }
+    if (!auth.user) { auth.user = m.author; session.setItem('chat.user', m.author); }
   }
   const own = Boolean(mine) || (auth.user !== '' && m.author === auth.user);
   if (typing.users.includes(m.author)) {
@@ -1358,7 +1463,7 @@ function onAck(a) {
 function onAuthOk(f) {
   if (typeof f.exp === 'number') {
     auth.expiresAt = new Date(f.exp * 1000).toISOString();
-    localStorage.setItem('chat.expires_at', auth.expiresAt);
+    session.setItem('chat.expires_at', auth.expiresAt);
   }
 }
 
@@ -1685,9 +1790,21 @@ function updateComposer() {
   ui.counter.classList.toggle('near', n > MAX_CHARS * 0.9 && n <= MAX_CHARS);
   ui.counter.classList.toggle('over', n > MAX_CHARS);
   ui.send.disabled = !ui.input.value.trim() || n > MAX_CHARS;
-  // Grow the textarea with its content, up to a limit (CSS caps max-height).
-  ui.input.style.height = 'auto';
-  ui.input.style.height = `${ui.input.scrollHeight}px`;
+  fitComposer();
+}
+
+/**
+ * Grow the message box with its text (or its placeholder), up to CSS's max-height. A box not
+ * laid out (the chat view hidden) measures 0: its height is left alone then, never set to 0,
+ * and measured when it shows. `scrollHeight` leaves out the borders, which the border-box
+ * height includes: without them the last line would be cut.
+ */
+function fitComposer() {
+  const box = ui.input;
+  if (!box.getClientRects().length) return;
+  box.style.height = 'auto';
+  const borders = box.offsetHeight - box.clientHeight;
+  box.style.height = `${box.scrollHeight + borders}px`;
 }
 
 // ---------------------------------------------------------------- wiring
@@ -1731,6 +1848,8 @@ ui.drop.addEventListener('click', () => {
 });
 ui.composer.addEventListener('submit', (ev) => { ev.preventDefault(); submitMessage(); });
 ui.input.addEventListener('input', () => { updateComposer(); noteTyping(); });
+// A narrower box wraps its text (and placeholder) onto more lines: measure again.
+window.addEventListener('resize', () => fitComposer());
 ui.input.addEventListener('keydown', (ev) => {
   if (ev.key === 'Enter' && !ev.shiftKey && !ev.isComposing) {
     ev.preventDefault();
@@ -1741,7 +1860,10 @@ ui.input.addEventListener('keydown', (ev) => {
 });
 ui.replyCancel.addEventListener('click', () => { cancelReply(); ui.input.focus(); });
 // Reading: the log scrolled, the window came to the front.
-ui.log.addEventListener('scroll', () => markRead(), { passive: true });
+ui.log.addEventListener('scroll', () => { logPinned = atLogEnd(); markRead(); }, { passive: true });
+// The log shrinks when what is above it grows (the open room's details arrive, the room list
+// wraps onto another line; on a phone, most of the screen): scrolled to its end, it stays there.
+new ResizeObserver(() => { if (logPinned) ui.log.scrollTop = ui.log.scrollHeight; }).observe(ui.log);
 window.addEventListener('focus', () => markRead());
 document.addEventListener('visibilitychange', () => {
   if (document.visibilityState !== 'visible' || !auth.token || ui.chatView.hidden) return;
@@ -1755,6 +1877,14 @@ setInterval(() => {
 // Back online while waiting out a backoff: try right away.
 window.addEventListener('online', () => {
   if (conn.room && !conn.ws && conn.everLive) { conn.attempt = 0; connect(); }
+  if (auth.token && !ui.chatView.hidden) { loadRooms(); refreshOpenRoom(); }
+});
+// Offline: a socket may linger for a long while before its TCP connection is found dead (the
+// keep-alive notices after STALE_AFTER_MS). Drop it now and resume with `since` once online.
+window.addEventListener('offline', () => {
+  if (!conn.room || !conn.ws || !conn.everLive) return;
+  addNote('offline: the network is gone', 'warn');
+  dropSocket(4002, 'offline');
 });
 
 // Start: reuse a stored, unexpired token, else show the login form.
