@@ -28,7 +28,7 @@ from service.http_guard import GuardedProtocol
 
 log = logging.getLogger(__name__)
 
-FAST_UVICORN = ((0, 54), (0, 56))
+FAST_UVICORN = ((0, 55), (0, 56))
 """uvicorn versions (``>=``, ``<``, major and minor) whose internals the fast path was written
 against; a newer uvicorn runs the public path until the fast path is checked against it."""
 

@@ -4,7 +4,7 @@ unfinished-connection cap, the 431 for huge heads and the file descriptor reserv
 
 Tied to uvicorn's internals (``connection_made``, ``on_message_begin``, ``on_headers_complete``,
 ``handle_websocket_upgrade``, ``_should_upgrade``, ``app_state``, ``connections``), written
-against uvicorn 0.54 and 0.55: imported only when ``service.fastpath`` has checked them, else
+against uvicorn 0.55: imported only when ``service.fastpath`` has checked them, else
 ``service.http_guard.GuardedProtocol`` wraps uvicorn's own protocol instead.
 """
 

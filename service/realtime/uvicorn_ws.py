@@ -22,8 +22,8 @@ connection that negotiated no extension.
 
 Tied to uvicorn's ``WebSocketsSansIOProtocol`` internals (``queue``, ``writable``, ``request``,
 ``response``, ``conn``, ``run_asgi``) and websockets' ``ServerProtocol``, written against uvicorn
-0.54 and 0.55: imported only when ``service.fastpath`` has found them at start-up (else
-uvicorn's own protocol runs, and the endpoint does without ``DETACH`` and ``SEND_NOWAIT``). CI
+0.55: imported only when ``service.fastpath`` has found them at start-up (else uvicorn's own
+protocol runs, and the endpoint does without ``DETACH`` and ``SEND_NOWAIT``). CI
 runs the websocket tests through this class and through uvicorn's own.
 """
 
@@ -147,21 +147,6 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
         self._end_head_deadline()
         super().connection_lost(exc)
 
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if (
-            not self.handshake_initiated
-            and not self.close_sent
-            and self.conn.handshake_exc is not None
-        ):
-            # websockets refused the request before it became a request event (a line over
-            # 8 kB: 414 or 431; not HTTP: EOF) and queued its answer; uvicorn 0.54 only handles
-            # request events, so without this the answer is never written nor the socket closed
-            # (0.55 answers itself, and marks close_sent).
-            self.handshake_complete = self.close_sent = True
-            self.transport.write(b"".join(self.conn.data_to_send()))
-            self.transport.close()
-
     def _end_head_deadline(self) -> None:
         deadline, self.head_deadline = self.head_deadline, None
         if deadline is not None:
@@ -260,8 +245,6 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
 
     async def send(self, message: Any) -> None:
         await super().send(message)
-        if self.initial_response is not None and self.close_sent:
-            self.handshake_complete = True  # a denial response was sent: the handshake is over
         if self.head_deadline is not None and self.handshake_complete:
             self._end_head_deadline()  # answered: the head deadline is over
         if self.handshake_complete and getattr(self, "response", None) is not None:
