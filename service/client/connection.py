@@ -105,7 +105,8 @@ class Connection:
         return frame
 
     async def send(self, frame: dict[str, Any], timeout: float = DEFAULT_TIMEOUT) -> None:  # noqa: ASYNC109
-        await asyncio.wait_for(self.ws.send(json.dumps(frame, ensure_ascii=False)), timeout)
+        # ASCII JSON: a lone surrogate (which a test may send on purpose) travels as an escape.
+        await asyncio.wait_for(self.ws.send(json.dumps(frame)), timeout)
 
     def abort(self) -> None:
         """Drop the TCP connection at once: for a path that stopped answering, where a close
