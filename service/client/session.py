@@ -277,9 +277,12 @@ class Room:
 
     ``async for event in room`` yields stream items (``TextMessage``, ``Edit``, ``Delete``,
     ``ReactionChange``, ``MemberChange``, ``UnknownItem``), signals, and ``Ready`` /
-    ``Reset`` / ``Disconnected``; it raises what ended the room for good. Events wait in a
-    queue of ``max_events``; a caller that stops reading holds the socket's reader, and the
-    server eventually drops the connection (1013), which the room then resumes.
+    ``Reset`` / ``Disconnected``; it raises what ended the room for good.
+
+    Events wait in a queue of ``max_events``. The socket is always read, so acks keep coming
+    to a caller that only sends; past the limit, items are left to the server (the room stops
+    taking them, and once the caller has read half the queue it resumes from the last one it
+    queued) and signals are dropped: memory stays bounded and nothing is lost.
     """
 
     def __init__(self, client: ChatClient, name: str, *, since: int | None, history: int) -> None:
@@ -290,8 +293,8 @@ class Room:
         """What happened underneath: ``resends``, ``send_frames``, ``duplicates`` and ``gaps``
         dropped or healed, ``error:<code>``, ``close:<code>``, ``connect:<failure>``."""
         self.connected_url: str | None = None
-        self._events: asyncio.Queue[Event | None] = asyncio.Queue()  # bounded by _emit
-        self._room_for_events = asyncio.Event()
+        self._events: asyncio.Queue[Event | None] = asyncio.Queue()  # bounded by _accept
+        self._overflow = False  # items are being left to a resume: the caller is behind
         self._pending: dict[str, _Pending] = {}
         self._auth_waiters: deque[asyncio.Future[AuthOk | Error]] = deque()
         self._conn: Connection | None = None
@@ -320,8 +323,9 @@ class Room:
 
     async def __anext__(self) -> Event:
         event = await self._events.get()
-        if self._events.qsize() < self.client.max_events:
-            self._room_for_events.set()
+        if self._overflow and self._events.qsize() <= self.client.max_events // 2:
+            self._overflow = False
+            self._resume_now()
         if event is None:
             self._events.put_nowait(None)  # the end, for the next reader too
             if self._failure is not None:
@@ -383,6 +387,8 @@ class Room:
     async def read(self, seq: int) -> None:
         """Move your read cursor to ``seq``: on the socket when it is up, else over REST, so
         the move is not lost to a reconnect."""
+        if seq < 1:
+            raise ValueError("a read cursor is a positive seq")
         conn = self._conn
         if conn is not None and self.connected:
             with contextlib.suppress(ConnectionClosed, TimeoutError):
@@ -555,11 +561,17 @@ class Room:
             raise ConnectionLost(f"room {self.name!r}: no connection within {timeout}s")
 
     async def _emit(self, event: Event) -> None:
-        """Queue an event; past ``max_events`` wait for the caller to read (backpressure)."""
-        while self._events.qsize() >= self.client.max_events:
-            self._room_for_events.clear()
-            await self._room_for_events.wait()
+        """Queue an event for the caller; never waits, so the socket is always read (the
+        queue's bound is kept by ``_accept`` and ``_dispatch``)."""
         self._events.put_nowait(event)
+
+    def _resume_now(self) -> None:
+        """The caller caught up after an overflow: drop the connection and resume at once
+        from the last item queued, which brings what was left to the server."""
+        conn = self._conn
+        if conn is not None:
+            self._resyncing = True
+            conn.abort()
 
     def _finish(self, failure: BaseException | None) -> None:
         """End the room: the iterator stops (or raises ``failure``), pending sends fail."""
@@ -613,6 +625,9 @@ class Room:
             self._finish(exc)
 
     _retry_after: float | None = None
+    _resyncing = False
+    _token_retried = False  # a refused handshake got its one fresh token
+    _left_items = False  # this connection left items to the server (an overflow)
 
     async def _attempt(self) -> tuple[int, str, bool]:
         """Connect once and serve the connection until it ends: (close code, reason, whether
@@ -666,23 +681,29 @@ class Room:
             body = json.loads(response.body or b"{}")
         except ValueError:
             body = {}
-        code = body.get("code") if isinstance(body, dict) else None
+        if not isinstance(body, dict):
+            body = {}
+        code = body.get("code")
         self.stats[f"connect:http_{status}"] += 1
         if status == 429 or status >= 500:
             retry = response.headers.get("Retry-After")
             with contextlib.suppress(TypeError, ValueError):
                 self._retry_after = float(retry)  # type: ignore[arg-type]
             return NO_CLOSE, f"handshake refused with {status}", False
-        if status == 401 or code == "not_authenticated":
-            return 4401, "token refused at the handshake", False
         if code == "forbidden":
             raise Forbidden(status, "forbidden", body.get("detail"))
-        raise HTTPStatusError(status, code or f"http_{status}", body.get("detail"))
+        # A bare 403 is a bad token, room name or parameter: a fresh token is worth one try.
+        if status in (401, 403) and self.client.token_provider and not self._token_retried:
+            self._token_retried = True
+            return 4401, "token refused at the handshake", False
+        detail = body.get("detail") or "handshake refused: a bad token, room name or parameter"
+        raise HTTPStatusError(status, code or f"http_{status}", detail)
 
     async def _serve(self, conn: Connection) -> tuple[int, str, bool]:
         client = self.client
         self._gen += 1
         gen, reached = self._gen, False
+        self._left_items = False
         tasks: list[asyncio.Task[None]] = []
         try:
             replay: list[Item] = []
@@ -693,7 +714,7 @@ class Room:
                 if isinstance(event, Item):
                     replay.append(event)
             await self._on_ready(event, replay)
-            self._conn, reached = conn, True
+            self._conn, reached, self._token_retried = conn, True, False
             self._ready.set()
             tasks = [
                 asyncio.create_task(self._sender(conn, gen)),
@@ -702,6 +723,9 @@ class Room:
             while True:  # keepalive pings bound this wait: a silent path ends it
                 await self._dispatch(parse(await conn.recv(None)))
         except ConnectionClosed as exc:
+            if self._resyncing:
+                self._resyncing = False
+                return 0, "resuming after an overflow", reached
             return (*close_code(exc), reached)
         except TimeoutError:
             self.stats["timeouts"] += 1
@@ -726,8 +750,9 @@ class Room:
         elif ready.recovered:
             for item in replay:
                 await self._accept(item)
-            if self.last_seq < ready.last_seq:  # the replay stopped short: resume again
-                self.stats["gaps"] += 1
+            if self.last_seq < ready.last_seq and not self._overflow:
+                if not self._left_items:  # the replay stopped short of its snapshot
+                    self.stats["gaps"] += 1
                 raise _Resync
         else:
             self.stats["resets"] += 1
@@ -744,8 +769,13 @@ class Room:
         if item.seq <= self.last_seq:
             self.stats["duplicates"] += 1
             return
+        if self._overflow or self._events.qsize() >= self.client.max_events:
+            self._overflow = self._left_items = True  # not taken: a resume brings it again
+            self.stats["overflow"] += 1
+            return
         if item.seq > self.last_seq + 1:
-            self.stats["gaps"] += 1
+            if not self._left_items:  # not one this room left to the server: its fault
+                self.stats["gaps"] += 1
             raise _Resync
         self.last_seq = item.seq
         await self._emit(item)
@@ -763,4 +793,7 @@ class Room:
                 if not waiter.done():
                     waiter.set_result(event)
         elif isinstance(event, Presence | Typing | Read | Receipt):
-            await self._emit(event)
+            if self._events.qsize() < self.client.max_events:
+                await self._emit(event)
+            else:
+                self.stats["signals_dropped"] += 1  # worthless late

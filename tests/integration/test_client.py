@@ -322,3 +322,22 @@ async def test_removed_member_gets_forbidden_not_endless_reconnects(server):
                 pass
         with pytest.raises(Forbidden):
             await guest.join(room)
+
+
+async def test_a_caller_that_only_sends_keeps_getting_acks_and_later_reads_everything(server):
+    """Nobody iterates the room while it sends: the queue's bound is reached, acks still come,
+    and the items it left to the server arrive once the caller reads, in order, once each."""
+    async with ChatClient(server.http, token=make_token("busy"), max_events=5) as chat:
+        joined = await chat.join(new_room())
+        sent = [await joined.send(f"s{i}", timeout=TIMEOUT) for i in range(20)]
+        assert [m.seq for m in sent] == list(range(1, 21))
+        assert joined.stats["overflow"] > 0
+        assert [m.seq for m in await items_until(joined, 20)] == list(range(1, 21))
+        assert joined.stats["gaps"] == joined.stats["duplicates"] == 0
+
+
+async def test_a_refused_handshake_raises_instead_of_retrying_forever(server):
+    async with ChatClient(server.http, token=make_token("typo")) as chat:
+        with pytest.raises(HTTPStatusError) as refused:
+            await chat.join("no spaces allowed")
+        assert refused.value.status == 403
