@@ -530,14 +530,22 @@ class Room:
                 return
             await asyncio.sleep(max(due - time.time(), gap))
             gap = 1.0  # a provider whose tokens are due at once is not asked in a loop
-            token = await client.token()
-            answer = await self._authenticate(conn, token)
+            try:
+                token = await client.token()
+                answer = await self._authenticate(conn, token)
+            except (ConnectionClosed, OSError):
+                return  # the reader sees the close
+            except Exception:  # noqa: BLE001 - the provider failed or auth_ok is late
+                self.stats["token_provider_failures"] += 1  # (at exp: 4401 and a reconnect)
+                await asyncio.sleep(client.backoff_max)
+                continue
             if isinstance(answer, Error):
                 # rate_limited: wait it out; auth_refused: the provider's token is bad, ask
                 # again shortly (a 4401 at exp reconnects with whatever comes next).
                 await asyncio.sleep(answer.retry_after or client.backoff_max)
                 if answer.code == "auth_refused":
-                    await client.fresh_token(token)
+                    with contextlib.suppress(Exception):  # counted as above, at the next try
+                        await client.fresh_token(token)
 
     async def _authenticate(self, conn: Connection, token: str) -> AuthOk | Error:
         waiter: asyncio.Future[AuthOk | Error] = asyncio.get_running_loop().create_future()
@@ -598,12 +606,12 @@ class Room:
                 if code in FINAL_CLOSES:
                     raise ProtocolError(f"closed with {code}: {FINAL_CLOSES[code]}")
                 if code == 4401:
-                    await client.fresh_token(client._token)  # AuthError without a provider
+                    await self._renew_token()
                 if reached:
                     delay, offline_since = client.backoff_min, loop.time()
                 if code == 0:  # a gap healed by resuming: at once
                     continue
-                if code not in (1000, 1012, 4401):
+                if code not in (1000, 4401):  # 1012 too: that replica is going away
                     client._next_url()
                 if (
                     client.give_up_after is not None
@@ -624,6 +632,16 @@ class Room:
         except BaseException as exc:  # noqa: BLE001 - it ends the room; the caller gets it
             self._finish(exc)
 
+    async def _renew_token(self) -> None:
+        """After a 4401: a fresh token (``AuthError`` without a provider); a provider that
+        fails is asked again at the next attempt, within ``give_up_after``."""
+        try:
+            await self.client.fresh_token(self.client._token)
+        except AuthError:
+            raise
+        except Exception:  # noqa: BLE001 - the identity provider's trouble, not the room's
+            self.stats["token_provider_failures"] += 1
+
     _retry_after: float | None = None
     _resyncing = False
     _token_retried = False  # a refused handshake got its one fresh token
@@ -637,7 +655,13 @@ class Room:
         if url is None:
             self.stats["connect:no_url"] += 1
             return NO_CLOSE, "no server to connect to", False
-        token = await client.token()
+        try:
+            token = await client.token()
+        except AuthError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the provider's trouble: retried with backoff
+            self.stats["token_provider_failures"] += 1
+            return NO_CLOSE, f"token provider failed: {exc!r}", False
         params: dict[str, Any] = {"history": self.history}
         if self.last_seq is not None:
             params["since"] = self.last_seq

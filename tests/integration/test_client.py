@@ -132,11 +132,13 @@ async def test_every_kind_arrives_typed_in_order_and_sends_return_what_was_store
     assert [r["seq"] for r in rows] == [1, 2, 3, 4, 5, 6, 7]
 
 
-async def test_replica_killed_mid_send_every_acked_message_arrives_once_in_order(
-    own_database, spawn
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGKILL, 1006), (signal.SIGTERM, 1012)])
+async def test_replica_stopped_mid_send_every_acked_message_arrives_once_in_order(
+    own_database, spawn, sig, code
 ):
-    """The writer and the reader are on replica A when it is SIGKILLed in the middle of a run of
-    sends: both resume on B; every send is acked once, stored once, received once, in order."""
+    """The writer and the reader are on replica A when it is killed (no close frame) or stopped
+    (1012) in the middle of a run of sends: both resume on B; every send is acked once, stored
+    once, received once, in order."""
     doomed, survivor = spawn(own_database), spawn(own_database)
     room, urls, count = new_room(), [doomed.http, survivor.http], 40
     async with (
@@ -153,7 +155,7 @@ async def test_replica_killed_mid_send_every_acked_message_arrives_once_in_order
 
         sends = [asyncio.create_task(send(i)) for i in range(count)]
         await asyncio.sleep(count * 0.02 / 2)
-        await asyncio.to_thread(doomed.stop, signal.SIGKILL)
+        await asyncio.to_thread(doomed.stop, sig)
         acked = await asyncio.gather(*sends)
         assert outbox.connected_url == survivor.http
 
@@ -163,7 +165,7 @@ async def test_replica_killed_mid_send_every_acked_message_arrives_once_in_order
     assert [m.seq for m in received] == list(range(1, count + 1))  # once each, in order
     by_seq = {m.seq: m.body for m in acked}
     assert all(isinstance(m, TextMessage) and m.body == by_seq[m.seq] for m in received)
-    assert any(isinstance(e, Disconnected) and e.code == 1006 for e in events)
+    assert [e.code for e in events if isinstance(e, Disconnected)] == [code]
     rows = await stored(own_database, room)
     assert sorted(r["body"] for r in rows) == sorted(f"m{i}" for i in range(count))
 
