@@ -343,3 +343,21 @@ async def test_a_refused_handshake_raises_instead_of_retrying_forever(server):
         with pytest.raises(HTTPStatusError) as refused:
             await chat.join("no spaces allowed")
         assert refused.value.status == 403
+
+
+async def test_a_connect_refused_with_429_is_retried_after_retry_after(database_url, spawn):
+    """One socket per user on this server: the second waits out the 429 and gets in once the
+    first is gone, instead of failing or hammering the server."""
+    server = spawn(database_url, CHAT_MAX_CONNECTIONS_PER_USER="1")
+    room = new_room()
+    async with (
+        ChatClient(server.http, token=make_token("one")) as first,
+        ChatClient(server.http, token=make_token("one"), **FAST) as second,
+    ):
+        held = await first.join(room)
+        joining = asyncio.create_task(second.join(room, timeout=TIMEOUT))
+        done, _ = await asyncio.wait({joining}, timeout=1.5)
+        assert not done  # held back while the first socket lives
+        await held.close()
+        joined = await joining
+        assert joined.connected and joined.stats["connect:http_429"] >= 1
