@@ -128,6 +128,18 @@ async def test_every_kind_arrives_typed_in_order_and_sends_return_what_was_store
         with pytest.raises(HTTPStatusError) as missing:
             await alice.rest.history("never-used-" + room)
         assert (missing.value.status, missing.value.code) == (404, "not_found")
+        with pytest.raises(HTTPStatusError) as taken:
+            await bob.rest.create_room(room)
+        assert (taken.value.status, taken.value.code) == (409, "room_exists")
+        with pytest.raises(HTTPStatusError) as reserved:
+            await bob.rest.create_room("dm.mine")
+        assert (reserved.value.status, reserved.value.code) == (422, "validation")
+        direct = await alice.rest.direct("bob")
+        assert direct["name"] == "dm.alice.bob" and direct["kind"] == "direct"
+        assert [m["user"] for m in (await bob.rest.members(direct["name"]))["members"]] == [
+            "alice",
+            "bob",
+        ]
     rows = await stored(database_url, room)
     assert [r["seq"] for r in rows] == [1, 2, 3, 4, 5, 6, 7]
 
