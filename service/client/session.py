@@ -680,7 +680,7 @@ class Room:
         except (OSError, TimeoutError, InvalidHandshake) as exc:
             self.stats[f"connect:{type(exc).__name__}"] += 1
             return NO_CLOSE, repr(exc), False
-        if self.client._pick is not None:
+        if self.client._pick is not None or len(self.client._urls or ()) > 1:
             self.client.rest.http.base_url = http_base(url)  # REST follows the live replica
         self.connected_url = url
         try:

@@ -173,6 +173,8 @@ async def test_replica_stopped_mid_send_every_acked_message_arrives_once_in_orde
 
         events: list[Event] = []
         received = await items_until(inbox, count, events)
+        page = await writer.rest.history(room, limit=100)  # REST follows to the survivor too
+        assert [m.seq for m in page.items] == list(range(1, count + 1))
     assert sorted(m.seq for m in acked) == list(range(1, count + 1))
     assert [m.seq for m in received] == list(range(1, count + 1))  # once each, in order
     by_seq = {m.seq: m.body for m in acked}
