@@ -3,10 +3,13 @@ covered against real servers in tests/integration/test_client.py; here, the edge
 
 from __future__ import annotations
 
+import re
 import time
+from pathlib import Path
 
 import pytest
 
+import service.client
 from service.client import ProtocolError, room_url
 from service.client.connection import http_base, ws_base
 from service.client.events import (
@@ -72,3 +75,12 @@ def test_token_timing_renews_ahead_of_exp():
     assert refresh_lead(600) == 120  # a fifth of the life
     assert refresh_lead(150) == 60  # at least a minute when it lives two or more
     assert refresh_lead(4) == pytest.approx(0.8)
+
+
+def test_the_guide_example_compiles_and_imports_what_exists():
+    guide = (Path(__file__).parents[2] / "docs" / "client.md").read_text()
+    example = re.findall(r"```python\n(.*?)```", guide, re.S)[0]
+    compile(example, "docs/client.md", "exec")
+    imported = re.search(r"from service\.client import (.+)", example)
+    assert imported is not None
+    assert all(hasattr(service.client, name.strip()) for name in imported[1].split(","))
