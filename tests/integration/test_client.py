@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import uuid
+from typing import TypeVar
 
 import asyncpg
 import pytest
@@ -25,18 +26,23 @@ from service.client import (
     HTTPStatusError,
     Item,
     MemberChange,
+    Presence,
     ReactionChange,
+    Read,
     Ready,
+    Receipt,
     Reset,
     Room,
     SendError,
     TextMessage,
+    Typing,
     UnknownItem,
 )
 from tests.proxy import SilentProxy
 from tests.support import make_token
 
 TIMEOUT = 20.0
+E = TypeVar("E")
 FAST = {"ping_interval": 0.5, "ping_timeout": 1.0, "backoff_min": 0.05, "backoff_max": 0.5}
 """A dead path noticed within about 1.5 s, a reconnect within half a second."""
 
@@ -55,6 +61,14 @@ async def items_until(room: Room, last_seq: int, seen: list[Event] | None = None
         if isinstance(event, Item):
             items.append(event)
     return items
+
+
+async def next_of(room: Room, kind: type[E]) -> E:
+    """The next event of ``kind`` (the others are dropped)."""
+    while True:
+        event = await room.next_event(TIMEOUT)
+        if isinstance(event, kind):
+            return event
 
 
 async def stored(database_url: str, room: str) -> list[asyncpg.Record]:
@@ -375,3 +389,22 @@ async def test_a_connect_refused_with_429_is_retried_after_retry_after(database_
         await held.close()
         joined = await joining
         assert joined.connected and joined.stats["connect:http_429"] >= 1
+
+
+async def test_signals_arrive_typed(server):
+    room = new_room()
+    async with (
+        ChatClient(server.http, token=make_token("alice")) as alice,
+        ChatClient(server.http, token=make_token("bob")) as bob,
+    ):
+        await alice.rest.create_room(room, kind="private", members=["bob"])
+        mine = await alice.join(room)
+        theirs = await bob.join(room)
+        assert "bob" in (await next_of(mine, Presence)).online  # alice may be in it too
+        await mine.typing()
+        assert (await next_of(theirs, Typing)).users == ("alice",)
+        said = await mine.send("hi")
+        await theirs.read(said.seq)
+        assert (await next_of(theirs, Read)).seq == said.seq  # bob's own devices
+        receipt = await next_of(mine, Receipt)  # the others in the room
+        assert (receipt.user, receipt.seq) == ("bob", said.seq)
