@@ -173,7 +173,11 @@ class ChatClient:
 
     async def __aenter__(self) -> ChatClient:
         if self._token is None:
-            await self.token()
+            try:
+                await self.token()
+            except BaseException:
+                await self.rest.aclose()
+                raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
