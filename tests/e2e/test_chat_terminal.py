@@ -5,7 +5,9 @@ with unread counts; checked on the screen and in what the server stored."""
 from __future__ import annotations
 
 import asyncio
+import io
 import os
+import signal
 import sys
 import uuid
 
@@ -13,6 +15,7 @@ import pexpect
 import pytest
 
 from service.client import ChatClient
+from tests.proxy import SilentProxy
 from tests.support import make_token
 
 TIMEOUT = 20
@@ -119,3 +122,33 @@ async def test_a_line_it_cannot_read_shows_the_help(server, line):
     finally:
         child.close(force=True)
     assert child.exitstatus == 0
+
+
+async def test_the_terminal_survives_a_replica_restart(database_url, spawn):
+    """The terminal's replica stops (1012) while the load balancer (a proxy) already sends new
+    connections to another: it says so, resumes there, and shows what was said meanwhile."""
+    first, second = spawn(database_url), spawn(database_url)
+    room = f"tty-{uuid.uuid4().hex[:10]}"
+    with SilentProxy("127.0.0.1", first.port) as balancer:
+        child = _spawn(room, "--url", f"http://127.0.0.1:{balancer.port}", "--user", "dave")
+        child.logfile_read = screen = io.StringIO()
+        try:
+            await _expect(child, "-- /help for commands --")
+            child.sendline("before")
+            await _expect(child, "[1] you: before")
+            balancer.retarget("127.0.0.1", second.port)
+            await asyncio.to_thread(first.stop, signal.SIGTERM)
+            await _expect(child, "-- connection lost (1012); reconnecting --")
+            async with ChatClient(second.http, token=make_token("erin")) as erin:
+                await erin.rest.post_message(room, "while you were away")
+            lines = ["[2] erin: while you were away", "-- reconnected --"]
+            seen = {await asyncio.to_thread(child.expect_exact, lines) for _ in lines}
+            assert seen == {0, 1}  # in either order: the resume may come before or after it
+            child.sendline("after")
+            await _expect(child, "[3] you: after")
+            child.sendeof()
+            await asyncio.to_thread(child.expect, pexpect.EOF)
+        finally:
+            child.close(force=True)
+    assert child.exitstatus == 0
+    assert screen.getvalue().count("erin: while you were away") == 1
