@@ -11,10 +11,13 @@ paced total of ``--rate`` messages/s for ``--duration`` seconds, each message wi
   the service must reconnect and catch its clients up from the database;
 * ``slow``: an extra client (not audited) stops reading for a few seconds; it may get 1013.
 
-Clients reconnect with backoff (50 ms doubling to 1 s, jittered) to a random live server with
-``since=<last seq seen>`` and resend every unacknowledged message with its original
-``client_msg_id`` until it is acknowledged. After the run and a drain (until every message is
-acknowledged and every client has caught up, at most ``--drain`` seconds) the audit checks:
+Each client is a ``service.client.ChatClient`` (the protocol's reference client, so the soak
+tests it too): it reconnects with backoff (50 ms doubling to 1 s, jittered) to a random live
+server with ``since=<last seq seen>`` and resends every unacknowledged message with its
+original ``client_msg_id`` until it is acknowledged. What it heals underneath (a repeated seq
+it drops, a gap it resumes over) is still counted against the server. After the run and a
+drain (until every message is acknowledged and every client has caught up, at most
+``--drain`` seconds) the audit checks:
 
 * each client saw every seq of its room exactly once, in order, without gaps, from its first
   ``ready`` up to the room's final ``last_seq``, across all its reconnects; a resume answered
@@ -51,11 +54,9 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 
 import asyncpg
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from benchmarks.bench_client import close_ws, make_token, percentiles
 from benchmarks.bench_infra import (
@@ -67,6 +68,21 @@ from benchmarks.bench_infra import (
     free_port,
 )
 from service.chat.history import MAX_RESUME_GAP
+from service.client import (
+    ChatClient,
+    ChatClientError,
+    Connection,
+    Disconnected,
+    Event,
+    Item,
+    Ready,
+    Reset,
+    Room,
+    SendError,
+    TextMessage,
+    room_url,
+)
+from service.client.connection import close_code
 from service.config import Settings, to_asyncpg_dsn
 
 CI_SIZE = {
@@ -78,37 +94,24 @@ CI_SIZE = {
     "fault_interval": 4.0,
 }
 FAULT_KINDS = ("kill", "term", "listen", "slow")
-RETRYABLE = {"rate_limited", "unavailable"}
 COUNTED = (
     "sent send_frames resends acked delivered duplicates out_of_order gaps gap_seqs lost resets "
-    "unjustified_resets reset_skipped db_missing db_seq_holes content_mismatch ack_conflicts "
+    "unjustified_resets reset_skipped db_missing db_seq_holes content_mismatch "
     "rejected_sends unacked_at_end unacked_committed"
 ).split()
 VIOLATIONS = (
     "lost duplicates out_of_order gap_seqs unjustified_resets db_missing db_seq_holes "
-    "content_mismatch ack_conflicts rejected_sends wrong_room unexpected_frames client_errors "
+    "content_mismatch rejected_sends wrong_room unexpected_frames client_errors "
     "never_ready drain_incomplete"
 ).split()
 SHOWN_ENV = {"CHAT_SEND_RATE", "CHAT_USER_SEND_RATE", "CHAT_OUTBOX_LIMIT", "CHAT_HISTORY_LIMIT"}
 OPEN_TIMEOUT = 5.0
-IO_TIMEOUT = 5.0  # one send; one quiet read (a ping follows; two in a row = a dead connection)
+IO_TIMEOUT = 5.0  # one write; a keepalive pong (pings every half of it)
 DB_TIMEOUT = 10.0
 BACKOFF_MIN, BACKOFF_MAX = 0.05, 1.0
 
 Content = tuple[int, str, str, str | None]
 """What identifies a stored message: ``(id, author, body, client_msg_id)``."""
-
-
-class Stalled(Exception):
-    """A connection went quiet: no frame, not even a pong, for two read timeouts."""
-
-
-def close_code(exc: ConnectionClosed) -> int:
-    return exc.rcvd.code if exc.rcvd is not None else 1006
-
-
-async def recv_frame(ws: ClientConnection, timeout: float) -> dict[str, Any]:  # noqa: ASYNC109
-    return json.loads(await asyncio.wait_for(ws.recv(), timeout))  # type: ignore[no-any-return]
 
 
 class Stats:
@@ -155,13 +158,12 @@ class Replica(Server):
 class Pending:
     cmid: str
     body: str
-    first_sent: float | None = None
-    sent_gen: int | None = None  # the connection it was last sent on (None: not / to retry)
-    not_before: float = 0.0
+    first_sent: float
 
 
 class SoakClient:
-    """One user in one room, for the whole run, through any number of connections."""
+    """One user in one room, for the whole run: a ``service.client.ChatClient``, which does the
+    reconnecting, resuming and resending; this class only records what its caller sees."""
 
     def __init__(self, soak: Soak, index: int, room: str, sender: bool) -> None:
         self.soak, self.room, self.sender = soak, room, sender
@@ -175,184 +177,146 @@ class SoakClient:
         self.acked: dict[str, tuple[int, int, str]] = {}  # cmid -> (seq, id, body)
         self.sent_at: dict[str, float] = {}
         self.own_seen: set[str] = set()
-        self.gen = 0
-        self.ws: ClientConnection | None = None
-        self.server: Replica | None = None
-        self.ready = False
         self.stopping = False
-        self.wakeup = asyncio.Event()
-        self.send_lock = asyncio.Lock()
         self.count = 0
-        self.paused_until = 0.0  # rate limited: no send before this
+        self.joined = asyncio.Event()
+        self.rooms: list[Room] = []  # every join's Room: their stats are the client's
+        self.chat = ChatClient(
+            self._url,
+            token=self.token,
+            open_timeout=OPEN_TIMEOUT,
+            ping_interval=IO_TIMEOUT / 2,
+            ping_timeout=IO_TIMEOUT,
+            send_timeout=soak.args.duration + soak.args.drain + 60,
+            backoff_min=BACKOFF_MIN,
+            backoff_max=BACKOFF_MAX,
+            give_up_after=None,
+            compression=None,
+            rng=random.Random(soak.rng.random()),
+        )
 
-    def url(self, server: Replica) -> str:
-        query: dict[str, Any] = {"token": self.token, "history": 0}
-        if self.start_seq is not None:
-            query["since"] = self.last_seq
-        return f"{server.ws}/ws/rooms/{self.room}?{urlencode(query)}"
+    def _url(self) -> str | None:
+        server = self.soak.pick_server()
+        return server.http if server is not None else None
+
+    @property
+    def server(self) -> Replica | None:
+        url = self.rooms[-1].connected_url if self.rooms else None
+        return next((s for s in self.soak.servers if s.http == url), None)
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.rooms) and self.rooms[-1].connected
 
     async def run(self) -> None:
-        stats, rng, delay = self.soak.stats, self.soak.rng, BACKOFF_MIN
-        while not self.stopping:
-            server = self.soak.pick_server()
-            ws = None
-            if server is not None:
-                try:
-                    ws = await asyncio.wait_for(self.soak.open(self.url(server)), OPEN_TIMEOUT + 1)
-                except InvalidStatus as exc:
-                    stats.connect_failures[f"http_{exc.response.status_code}"] += 1
-                except Exception as exc:  # noqa: BLE001 - refused, timed out, cut off: retry
-                    stats.connect_failures[type(exc).__name__] += 1
-            if ws is not None and self.stopping:
-                await close_ws(ws)
-            elif ws is not None and await self._session(ws, server):  # type: ignore[arg-type]
-                delay = BACKOFF_MIN
-            if self.stopping:
-                return
-            await asyncio.sleep(delay * rng.uniform(0.5, 1.5))
+        stats, delay = self.soak.stats, BACKOFF_MIN
+        while not self.stopping:  # the first join; the Room reconnects on its own after it
+            try:
+                room = await self.chat.join(self.room, timeout=OPEN_TIMEOUT * 2)
+                break
+            except ChatClientError as exc:
+                stats.connect_failures[type(exc).__name__] += 1
+            await asyncio.sleep(delay * self.soak.rng.uniform(0.5, 1.5))
             delay = min(delay * 2, BACKOFF_MAX)
+        else:
+            return
+        self.rooms.append(room)
+        self.joined.set()
+        try:
+            async for event in room:
+                self._on_event(event)
+        except ChatClientError as exc:  # a room ended for good: not expected in a soak
+            if not self.stopping:
+                self.soak.stats.bad("client_errors", {"user": self.user, "error": repr(exc)})
 
     async def stop(self) -> None:
         self.stopping = True
-        if self.ws is not None:
-            await close_ws(self.ws)
-
-    async def _session(self, ws: ClientConnection, server: Replica) -> bool:
-        """One connection, until it drops; True if it got as far as ``ready``."""
-        self.gen += 1
-        self.ws, self.server, reached, sender = ws, server, False, None
-        try:
-            while True:  # the replay, then ready
-                frame = await recv_frame(ws, IO_TIMEOUT * 2)
-                if frame.get("type") == "ready":
-                    break
-                self._on_frame(frame)
-            self._on_ready(frame)
-            self.ready = reached = True
-            if self.sender:
-                sender = asyncio.create_task(self._send_loop(ws, self.gen))
-            await self._read_loop(ws)
-        except ConnectionClosed as exc:
-            if not self.stopping:
-                self.soak.stats.reconnects[str(close_code(exc))] += 1
-        except (Stalled, TimeoutError):
-            self.soak.stats.reconnects["stalled"] += 1
-        except Exception as exc:  # noqa: BLE001 - a malformed frame: report it, carry on
-            self.soak.stats.bad("client_errors", {"user": self.user, "error": repr(exc)})
-        finally:
-            self.ready, self.ws = False, None
-            if sender is not None:
-                sender.cancel()
-                await asyncio.gather(sender, return_exceptions=True)
-            await close_ws(ws)
-        return reached
-
-    async def _read_loop(self, ws: ClientConnection) -> None:
-        quiet = 0
-        while True:
-            try:
-                frame = await recv_frame(ws, IO_TIMEOUT)
-            except TimeoutError:
-                quiet += 1
-                if quiet == 2:
-                    raise Stalled from None
-                await self._send(ws, {"type": "ping"})
-                continue
-            quiet = 0
-            self._on_frame(frame)
-
-    async def _send(self, ws: ClientConnection, frame: dict[str, Any]) -> None:
-        async with self.send_lock:
-            await asyncio.wait_for(ws.send(json.dumps(frame)), IO_TIMEOUT)
-
-    async def _send_loop(self, ws: ClientConnection, gen: int) -> None:
-        """Send what this connection has not sent yet: new messages, resends, retries."""
-        stats, loop = self.soak.stats, asyncio.get_running_loop()
-        try:
-            while True:
-                self.wakeup.clear()
-                wait = 1.0
-                for p in list(self.outstanding.values()):
-                    now = loop.time()
-                    if p.sent_gen == gen or p.cmid not in self.outstanding:
-                        continue
-                    if max(p.not_before, self.paused_until) > now:
-                        wait = min(wait, max(p.not_before, self.paused_until) - now)
-                        continue
-                    if p.sent_gen is not None:
-                        stats.counts["resends"] += 1  # sent on a connection that dropped
-                    if p.first_sent is None:
-                        p.first_sent = self.sent_at[p.cmid] = now
-                    p.sent_gen = gen
-                    stats.counts["send_frames"] += 1
-                    await self._send(ws, {"type": "send", "body": p.body, "client_msg_id": p.cmid})
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wakeup.wait(), max(wait, 0.001))
-        except (ConnectionClosed, TimeoutError):
-            await close_ws(ws)  # the reader sees the close and reconnects
+        await self.chat.close()
 
     async def generate(self, until: float) -> None:
         """New messages at this sender's share of ``--rate``, connected or not."""
         rng, loop = self.soak.rng, asyncio.get_running_loop()
         period = self.soak.args.senders / self.soak.args.rate
         due = loop.time() + rng.uniform(0, period)
+        sends: list[asyncio.Task[None]] = []
         while True:
             await asyncio.sleep(max(0.0, due - loop.time()))
             if loop.time() >= until:
-                return
+                break
             self.count += 1
             cmid = f"{self.user}-m{self.count}"
             if rng.random() < self.soak.args.big_fraction:  # > 8000 bytes: NOTIFY by reference
                 body = f"{cmid} " + "é" * (3990 - len(cmid))
             else:
                 body = f"{cmid} " + "".join(rng.choices("abcdefgh ü€😀", k=rng.randint(5, 200)))
-            self.outstanding[cmid] = Pending(cmid, body)
+            self.outstanding[cmid] = Pending(cmid, body, loop.time())
+            self.sent_at[cmid] = loop.time()
             self.soak.stats.counts["sent"] += 1
-            self.wakeup.set()
+            sends.append(asyncio.create_task(self._send(cmid, body)))
             due += period * rng.uniform(0.5, 1.5)
+        self.soak.send_tasks.extend(sends)
 
-    def _on_frame(self, frame: dict[str, Any]) -> None:
-        stats, kind = self.soak.stats, frame.get("type")
-        if kind == "message":
-            self._on_message(frame)
-        elif kind == "ack":
-            self._on_ack(frame)
-        elif kind == "error":
-            self._on_error(frame)
-        elif kind in ("presence", "typing"):  # signals of others (issue 16), not items
-            stats.counts[f"{kind}_frames"] += 1
-        elif kind != "pong":
-            stats.bad("unexpected_frames", {"user": self.user, "frame": frame})
+    async def _send(self, cmid: str, body: str) -> None:
+        """One message until it is acked (the client resends it across drops) or refused."""
+        stats, loop = self.soak.stats, asyncio.get_running_loop()
+        if not self.joined.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.joined.wait(), START_TIMEOUT)
+        if not self.rooms:
+            return  # never joined: audited as never ready, the message as unacked
+        try:
+            stored = await self.rooms[-1].send(body, client_msg_id=cmid)
+        except SendError as exc:
+            del self.outstanding[cmid]
+            stats.bad("rejected_sends", {"user": self.user, "cmid": cmid, "code": exc.code})
+            return
+        except ChatClientError:
+            return  # stopped, or timed out: left outstanding for the audit
+        pending = self.outstanding.pop(cmid)
+        self.acked[cmid] = (stored.seq, stored.id, body)
+        stats.counts["acked"] += 1
+        stats.ack_latency.append(loop.time() - pending.first_sent)
 
-    def _on_ready(self, frame: dict[str, Any]) -> None:
-        stats, last = self.soak.stats, int(frame["last_seq"])
+    def _on_event(self, event: Event) -> None:
+        stats = self.soak.stats
+        if isinstance(event, TextMessage):
+            self._on_message(event)
+        elif isinstance(event, Item):  # no other kind is sent in a soak
+            stats.bad("unexpected_frames", {"user": self.user, "frame": event.raw})
+        elif isinstance(event, Ready):
+            self._on_ready(event)
+        elif isinstance(event, Reset):
+            self._on_reset(event)
+        elif isinstance(event, Disconnected):
+            if not self.stopping:
+                stats.reconnects[str(event.code)] += 1
+        else:  # presence and typing: signals of others (issue 16), not items
+            stats.counts[f"{type(event).__name__.lower()}_frames"] += 1
+
+    def _on_ready(self, ready: Ready) -> None:
         if self.start_seq is None:
-            self.start_seq, self.last_seq = last + 1, last
+            self.start_seq, self.last_seq = ready.last_seq + 1, ready.last_seq
             self.soak.started += 1
             if self.soak.started == len(self.soak.clients):
                 self.soak.all_started.set()
-        elif not frame.get("recovered"):
-            stats.counts["resets"] += 1
-            missed = last - self.last_seq
-            if 0 <= missed <= MAX_RESUME_GAP:
-                stats.bad(
-                    "unjustified_resets", {"user": self.user, "since": self.last_seq, **frame}
-                )
-            if missed > 0:
-                self.skipped.append((self.last_seq + 1, last))
-            self.last_seq = max(self.last_seq, last)
-        elif last > self.last_seq:  # the replay stopped short of the snapshot it announced
-            stats.counts["gaps"] += 1
-            stats.bad("gap_seqs", {"user": self.user, "after": self.last_seq, "ready": last})
-            self.last_seq = last
 
-    def _on_message(self, frame: dict[str, Any]) -> None:
-        stats, seq = self.soak.stats, int(frame["seq"])
+    def _on_reset(self, reset: Reset) -> None:
+        stats = self.soak.stats
+        stats.counts["resets"] += 1
+        missed = reset.last_seq - self.last_seq
+        if 0 <= missed <= MAX_RESUME_GAP:
+            stats.bad("unjustified_resets", {"user": self.user, "since": self.last_seq})
+        if missed > 0:
+            self.skipped.append((self.last_seq + 1, reset.last_seq))
+        self.last_seq = max(self.last_seq, reset.last_seq)
+
+    def _on_message(self, msg: TextMessage) -> None:
+        stats, seq = self.soak.stats, msg.seq
         if self.start_seq is None:
-            stats.bad("unexpected_frames", {"user": self.user, "frame": frame})
+            stats.bad("unexpected_frames", {"user": self.user, "frame": msg.raw})
             return
-        if frame.get("room") != self.room:
-            stats.bad("wrong_room", {"user": self.user, "room": self.room, "frame": frame})
+        if msg.room != self.room:
+            stats.bad("wrong_room", {"user": self.user, "room": self.room, "frame": msg.raw})
             return
         stats.counts["delivered"] += 1
         self.seen[seq] += 1
@@ -365,45 +329,20 @@ class SoakClient:
             stats.counts["gaps"] += 1
             stats.bad("gap_seqs", where, seq - self.last_seq - 1)
         self.last_seq = max(self.last_seq, seq)
-        content = (frame["id"], frame["author"], frame["body"], frame.get("client_msg_id"))
+        content = (msg.id, msg.author, msg.body, msg.client_msg_id)
         if self.soak.content[self.room].setdefault(seq, content) != content:
-            stats.bad("content_mismatch", {**where, "frame": frame})
-        cmid = frame.get("client_msg_id")
-        if frame["author"] == self.user and cmid in self.sent_at and cmid not in self.own_seen:
+            stats.bad("content_mismatch", {**where, "frame": msg.raw})
+        cmid = msg.client_msg_id
+        if msg.author == self.user and cmid in self.sent_at and cmid not in self.own_seen:
             self.own_seen.add(cmid)
             stats.own_latency.append(asyncio.get_running_loop().time() - self.sent_at[cmid])
 
-    def _on_ack(self, frame: dict[str, Any]) -> None:
-        stats, cmid = self.soak.stats, frame.get("client_msg_id")
-        key = (int(frame["seq"]), int(frame["id"]))
-        pending = self.outstanding.pop(cmid, None)  # type: ignore[arg-type]
-        if pending is not None:
-            self.acked[pending.cmid] = (*key, pending.body)
-            stats.counts["acked"] += 1
-            stats.ack_latency.append(
-                asyncio.get_running_loop().time() - (pending.first_sent or 0.0)
-            )
-        elif cmid not in self.acked:
-            stats.bad("unexpected_frames", {"user": self.user, "frame": frame})
-        elif self.acked[cmid][:2] != key:  # a resend must get the original ack
-            stats.bad("ack_conflicts", {"user": self.user, "first": self.acked[cmid], **frame})
-
-    def _on_error(self, frame: dict[str, Any]) -> None:
-        stats, code = self.soak.stats, str(frame.get("code"))
-        stats.send_errors[code] += 1
-        pending = self.outstanding.get(frame.get("client_msg_id"))  # type: ignore[arg-type]
-        if pending is None:
-            return
-        if code not in RETRYABLE:
-            del self.outstanding[pending.cmid]
-            stats.bad("rejected_sends", {"user": self.user, "frame": frame})
-            return
-        now, pending.sent_gen = asyncio.get_running_loop().time(), None
-        if code == "rate_limited":  # hold every send, or a backlog turns into a retry storm
-            self.paused_until = max(self.paused_until, now + float(frame.get("retry_after", 0.1)))
-        else:
-            pending.not_before = now + 0.2
-        self.wakeup.set()
+    def underneath(self) -> Counter[str]:
+        """What the client saw and healed below its events, over every join."""
+        total: Counter[str] = Counter()
+        for room in self.rooms:
+            total.update(room.stats)
+        return total
 
 
 class Soak:
@@ -418,6 +357,7 @@ class Soak:
         self.content: defaultdict[str, dict[int, Content]] = defaultdict(dict)
         self.started = 0
         self.slow_tasks: list[asyncio.Task[None]] = []
+        self.send_tasks: list[asyncio.Task[None]] = []
         self.all_started = asyncio.Event()
         env: dict[str, str] = {}
         # The servers' flood control is not under test: open-loop senders above the per
@@ -452,11 +392,6 @@ class Soak:
         live = [s for s in self.servers if s.up]
         return self.rng.choice(live) if live else None
 
-    async def open(self, url: str, **kwargs: Any) -> ClientConnection:
-        return await connect(
-            url, open_timeout=OPEN_TIMEOUT, close_timeout=2, proxy=None, compression=None, **kwargs
-        )
-
     # -- the run -------------------------------------------------------------------------------
 
     async def run(self) -> dict[str, Any]:
@@ -487,9 +422,9 @@ class Soak:
             report["elapsed_s"] = round(loop.time() - self.t0, 1)
             return report
         finally:
-            for task in tasks:
+            for task in tasks + self.send_tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, *self.send_tasks, return_exceptions=True)
             await asyncio.gather(*(s.stop() for s in self.servers))
 
     async def _db(self) -> asyncpg.Connection:
@@ -600,10 +535,13 @@ class Soak:
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.setblocking(False)
-        url = f"{server.ws}/ws/rooms/{room}?{urlencode({'token': token, 'since': 0})}"
+        url = room_url(server.ws, room, token=token, since=0)
         try:
             await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", server.port)), 5)
-            ws = await asyncio.wait_for(self.open(url, sock=sock), OPEN_TIMEOUT + 1)
+            conn = await Connection.open(
+                url, timeout=OPEN_TIMEOUT, sock=sock, compression=None, close_timeout=2
+            )
+            ws = conn.ws
         except (OSError, TimeoutError, InvalidHandshake):
             sock.close()
             self.stats.counts["slow_closed_unconnected"] += 1
@@ -616,7 +554,7 @@ class Soak:
             while loop.time() < deadline:  # what it was sent meanwhile, or its close
                 await asyncio.wait_for(ws.recv(), max(0.001, deadline - loop.time()))
         except ConnectionClosed as exc:
-            code = close_code(exc)
+            code = close_code(exc)[0]
         except TimeoutError:
             pass
         await close_ws(ws)
@@ -651,6 +589,7 @@ class Soak:
                     )
         by_cmid = {(c[1], c[3]) for room in db.values() for c in room.values()}
         for c in self.clients:
+            self._underneath(c)
             for cmid, (seq, mid, body) in c.acked.items():
                 if db[c.room].get(seq) != (mid, c.user, body, cmid):
                     stats.bad("db_missing", {"room": c.room, "seq": seq, "id": mid, "cmid": cmid})
@@ -673,6 +612,25 @@ class Soak:
         if not drained:
             stats.bad("drain_incomplete", {"unacked": counts["unacked_at_end"]})
         return self._report(final, db_last)
+
+    def _underneath(self, c: SoakClient) -> None:
+        """What the client healed before its caller saw it is still the server's fault: a
+        repeated seq (dropped by the client) is a duplicate, a gap (resumed over) a gap."""
+        stats, under = self.stats, c.underneath()
+        stats.counts["send_frames"] += under["send_frames"]
+        stats.counts["resends"] += under["resends"]
+        for key, n in under.items():
+            kind, _, what = key.partition(":")
+            if kind == "error":
+                stats.send_errors[what] += n
+            elif kind == "connect":
+                stats.connect_failures[what] += n
+        where = {"user": c.user, "room": c.room}
+        if under["duplicates"]:
+            stats.bad("duplicates", where, under["duplicates"])
+        if under["gaps"]:
+            stats.counts["gaps"] += under["gaps"]
+            stats.bad("gap_seqs", where, under["gaps"])
 
     def _report(self, final: dict[str, int], db_last: dict[str, int]) -> dict[str, Any]:
         stats, counts, args = self.stats, self.stats.counts, self.args

@@ -195,6 +195,12 @@ def token(args: argparse.Namespace) -> int:
     return 0
 
 
+def chat(args: argparse.Namespace) -> int:
+    from service.client.terminal import run  # noqa: PLC0415 - keep `token` fast
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chat-service", description=__doc__)
     parser.add_argument("--log-level", default="info", help="debug, info, warning, error")
@@ -220,6 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="a service admin's token (CHAT_ADMIN_CLAIM names CHAT_ADMIN_ROLE): manages every room",
     )
     p.set_defaults(func=token)
+
+    p = commands.add_parser("chat", help="chat in ROOM from the terminal (docs/client.md)")
+    p.add_argument("room")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the service's base URL")
+    p.add_argument("--token", default=None, help="else a dev token for --user from the server")
+    p.add_argument("--user", default=None, help="who to ask a dev token for (else: $USER)")
+    p.add_argument("--history", type=int, default=20, help="messages shown first")
+    p.set_defaults(func=chat)
     return parser
 
 

@@ -32,6 +32,10 @@ class SilentProxy:
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
+    def retarget(self, host: str, port: int) -> None:
+        """Send new connections to ``host:port`` from now on (a failover); open ones stay."""
+        self._target = (host, port)
+
     def freeze(self) -> int:
         """Stop forwarding on the open connections, for good; returns how many there were."""
 

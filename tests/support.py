@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import re
 import signal
@@ -26,13 +25,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
 import jwt
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
+
+from service.client.connection import Connection, room_url
 
 JWT_SECRET = "test-secret-that-is-long-enough-for-hs256-0123456789"
 RECV_TIMEOUT = 10.0
@@ -251,13 +252,20 @@ users' sockets come and go in every multi-user test."""
 
 
 class Client:
-    """A real websocket client; every read has a timeout so a missing frame fails, not hangs."""
+    """Raw frames on ``service.client``'s low-level ``Connection``, for tests that need the exact
+    frames and close codes (the protocol's rules, resume and resend, are ``ChatClient``'s, and
+    tested in test_client.py); every read has a timeout so a missing frame fails, not hangs."""
 
-    def __init__(self, ws: ClientConnection, *, signals: bool = False) -> None:
-        self.ws = ws
+    def __init__(self, conn: Connection, *, signals: bool = False) -> None:
+        self.conn = conn
         self.history: list[dict[str, Any]] = []
         self.ready: dict[str, Any] = {}
         self.skipped = frozenset() if signals else SIGNALS
+
+    @property
+    def ws(self) -> ClientConnection:
+        """websockets' connection underneath, for tests that write raw bytes or pause it."""
+        return self.conn.ws
 
     @classmethod
     async def connect(
@@ -272,15 +280,14 @@ class Client:
         **params: Any,
     ) -> Client:
         """``compression=None`` offers no permessage-deflate (browsers do offer it)."""
-        query = {k: v for k, v in params.items() if v is not None}
-        if token is not None:
-            query["token"] = token
-        url = f"{server.ws}/ws/rooms/{quote(room, safe='')}?{urlencode(query)}"
-        ws = await asyncio.wait_for(
-            connect(url, open_timeout=RECV_TIMEOUT, sock=sock, compression=compression),
-            RECV_TIMEOUT,
+        url = room_url(server.ws, room, **params, token=token)
+        conn = await Connection.open(
+            url,
+            timeout=RECV_TIMEOUT,
+            sock=sock,
+            compression="deflate" if compression else None,
         )
-        client = cls(ws, signals=signals)
+        client = cls(conn, signals=signals)
         try:
             while True:
                 frame = await client.recv()
@@ -290,7 +297,7 @@ class Client:
                 assert frame["type"] == "message", frame
                 client.history.append(frame)
         except BaseException:
-            await ws.close()  # no socket left behind for a test that expected this to fail
+            await conn.ws.close()  # no socket left behind for a test that expected this to fail
             raise
 
     async def recv(self, timeout: float = RECV_TIMEOUT) -> dict[str, Any]:
@@ -298,7 +305,7 @@ class Client:
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             left = max(deadline - asyncio.get_running_loop().time(), 0.001)
-            frame: dict[str, Any] = json.loads(await asyncio.wait_for(self.ws.recv(), left))
+            frame = await self.conn.recv(left)
             if frame.get("type") not in self.skipped:
                 return frame
 
@@ -320,7 +327,7 @@ class Client:
         return found
 
     async def send_json(self, frame: dict[str, Any]) -> None:
-        await self.ws.send(json.dumps(frame))
+        await self.conn.send(frame, RECV_TIMEOUT)
 
     async def send(self, body: str, client_msg_id: str | None = None) -> None:
         frame: dict[str, Any] = {"type": "send", "body": body}
@@ -337,20 +344,8 @@ class Client:
         raise AssertionError(f"unexpected frame: {frame!r}")
 
     async def close(self) -> None:
-        """Frames left unread are read and dropped meanwhile: past websockets' ``max_queue``
-        the client stops reading its socket, and the server's close frame would wait behind
-        them until ``close_timeout`` (10 s)."""
-        drain = asyncio.create_task(self._discard_until_closed())
-        try:
-            await self.ws.close()
-        finally:
-            drain.cancel()
-            await asyncio.gather(drain, return_exceptions=True)
-
-    async def _discard_until_closed(self) -> None:
-        with contextlib.suppress(ConnectionClosed):
-            while True:
-                await self.ws.recv()
+        """Unread frames are dropped meanwhile (``Connection.close``)."""
+        await self.conn.close()
 
     async def __aenter__(self) -> Client:
         return self
