@@ -210,13 +210,7 @@ class RestClient:
     async def members(
         self, room: str, *, limit: int = 100, after: str | None = None
     ) -> dict[str, Any]:
-        params: dict[str, Any] = {"limit": limit}
-        if after is not None:
-            params["after"] = after
-        result: dict[str, Any] = await self._json(
-            "GET", f"/rooms/{_seg(room)}/members", params=params
-        )
-        return result
+        return await self._page(f"/rooms/{_seg(room)}/members", limit=limit, after=after)
 
     async def set_member(self, room: str, user: str, role: str = "member") -> dict[str, Any]:
         result: dict[str, Any] = await self._json(
@@ -230,12 +224,14 @@ class RestClient:
     async def presence(
         self, room: str, *, limit: int = 100, after: str | None = None
     ) -> dict[str, Any]:
+        return await self._page(f"/rooms/{_seg(room)}/presence", limit=limit, after=after)
+
+    async def _page(self, path: str, *, limit: int, after: str | None) -> dict[str, Any]:
+        """One page of a list paged by ``after`` (members, presence): ``next_after`` goes on."""
         params: dict[str, Any] = {"limit": limit}
         if after is not None:
             params["after"] = after
-        result: dict[str, Any] = await self._json(
-            "GET", f"/rooms/{_seg(room)}/presence", params=params
-        )
+        result: dict[str, Any] = await self._json("GET", path, params=params)
         return result
 
     async def mark_read(self, room: str, seq: int) -> None:
