@@ -31,15 +31,20 @@ def shell_blocks(section: str) -> list[str]:
     return re.findall(r"```sh\n(.*?)```", text[start : end if end != -1 else None], re.S)
 
 
-def new_terminal_env() -> dict[str, str]:
-    """A shell as a new terminal has it: no venv on PATH, no CHAT_* settings."""
+def terminal_env(folder: Path, *, activated: bool) -> dict[str, str]:
+    """A shell as a new terminal has it (no venv on PATH, no CHAT_* settings), or as the same
+    terminal has it once the first block's ``. .venv/bin/activate`` ran there."""
     venv_bin = str(Path(sys.prefix) / "bin")
     env = {
         k: v
         for k, v in os.environ.items()
         if not k.startswith("CHAT_") and k not in {"VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME"}
     }
-    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p != venv_bin)
+    path = [p for p in env.get("PATH", "").split(os.pathsep) if p != venv_bin]
+    if activated:
+        env["VIRTUAL_ENV"] = str(folder / ".venv")
+        path.insert(0, str(folder / ".venv" / "bin"))
+    env["PATH"] = os.pathsep.join(path)
     return env
 
 
@@ -62,7 +67,9 @@ def checkout(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, i
         server.stop()
 
 
-def run_block(block: str, folder: Path, port: int, until: str) -> tuple[int, str]:
+def run_block(
+    block: str, folder: Path, port: int, *, until: str, activated: bool
+) -> tuple[int, str]:
     """Run ``block`` in bash as written (the port aside): its exit code and output. Its
     stdin stays open until ``until`` has been printed (the interactive websocket client reads
     it), then closes as a Ctrl-D would."""
@@ -70,7 +77,7 @@ def run_block(block: str, folder: Path, port: int, until: str) -> tuple[int, str
     proc = subprocess.Popen(
         ["bash", "-e", "-o", "pipefail", "-c", script],
         cwd=folder,
-        env=new_terminal_env(),
+        env=terminal_env(folder, activated=activated),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -100,17 +107,30 @@ def run_block(block: str, folder: Path, port: int, until: str) -> tuple[int, str
     return code, "".join(output)
 
 
+EXPECTED = [
+    # The POST stored the message, the history page shows it, and the websocket client saw it
+    # replayed (since=0) before ready.
+    ('"type":"ready"', ['"body":"hello"', '"type":"message"', '"type":"ready"']),
+    # service.client: sent, and received back as the room's newest message.
+    ("alice: hello from Python", ["1 alice: hello", "alice: hello from Python"]),
+]
+"""Per ``sh`` block of "Using it", in order: the line that ends its input, and what its output
+shows in that order."""
+
+
 @pytest.mark.slow
 def test_using_it_commands_work_as_written_after_the_quick_start(checkout):
     folder, port = checkout
     blocks = shell_blocks("Using it")
-    assert blocks, "the README lost its 'Using it' commands"
-    started = time.monotonic()
-    code, output = run_block(blocks[0], folder, port, until='"type":"ready"')
-    print(f"'Using it' ran in {time.monotonic() - started:.1f}s:\n{output}")
-    assert code == 0, output
-    assert "command not found" not in output and "No module named" not in output, output
-    # The POST stored the message, the history page shows it, and the websocket client saw
-    # it replayed (since=0) before ready.
-    assert output.count('"body":"hello"') >= 3, output
-    assert output.index('"type":"message"') < output.index('"type":"ready"'), output
+    assert len(blocks) == len(EXPECTED), "the README's 'Using it' blocks changed: update EXPECTED"
+    for n, (block, (until, shown)) in enumerate(zip(blocks, EXPECTED, strict=True)):
+        started = time.monotonic()
+        # One terminal: the blocks after the first run where it activated the venv.
+        code, output = run_block(block, folder, port, until=until, activated=n > 0)
+        print(f"ran in {time.monotonic() - started:.1f}s:\n{output}")
+        assert code == 0, output
+        assert "command not found" not in output and "No module named" not in output, output
+        at = 0
+        for text in shown:
+            assert text in output[at:], f"{text!r} not after position {at}:\n{output}"
+            at = output.index(text, at) + len(text)
