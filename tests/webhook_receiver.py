@@ -100,6 +100,8 @@ class Receiver:
                 room = json.loads(body).get("room", "") if body else ""
                 self.in_flight[room] = self.in_flight.get(room, 0) + 1
                 self.max_in_flight_per_room = max(self.max_in_flight_per_room, self.in_flight[room])
+                async with self.arrived:  # a wait on in_flight sees a request that hangs
+                    self.arrived.notify_all()
                 received = Received(headers, body, 0)
                 try:
                     status = self.answer(received)

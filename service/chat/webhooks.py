@@ -74,8 +74,12 @@ LEASE_MARGIN = 2.0
 the claim's start in the database and the POST's start here, with room to spare. A killed
 replica's item is taken over this long after the POST's deadline."""
 
-EMPTY_CLAIM_INTERVAL = 0.05
-"""A worker that found nothing due claims again no sooner than this (seconds)."""
+EMPTY_CLAIM_INTERVAL = 0.2
+"""Claims that may find nothing due: at most one per this many seconds per replica, however
+many workers wait. While every room with items is being sent (a slow receiver), each new item's
+NOTIFY wakes every idle worker, and each claim is a query the chat's database pays for
+(docs/benchmarks.md, round 11). A worker that delivered claims again at once (its room's next
+item), and a claim that found one lets the next idle worker look at once."""
 
 Outcome = Literal["delivered", "retried", "dead"]
 """What became of one attempt (a metric each)."""
@@ -128,6 +132,8 @@ class WebhookDeliverer:
         self._keepalive = keepalive
         self._hooks = [db.GLOBAL, db.ROOM] if url else [db.ROOM]
         self._wake = asyncio.Event()
+        self._claim_turn = asyncio.Lock()
+        self._next_empty_claim = 0.0
         self._replica = secrets.token_hex(6)
         self._claims = itertools.count(1)
         self._leased: dict[str, db.Claimed] = {}
@@ -205,12 +211,13 @@ class WebhookDeliverer:
                 log.warning("webhook delivery paused: %r", exc)
                 found = False
             if not found:
-                empty_at = loop.time()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(woken.wait(), self._poll_interval)
-                # While receivers are down every new item NOTIFYs and nothing is due: look
-                # again at most every EMPTY_CLAIM_INTERVAL, not once per message.
-                await asyncio.sleep(max(0.0, empty_at + EMPTY_CLAIM_INTERVAL - loop.time()))
+                # Idle workers take turns: one claim that may find nothing per
+                # EMPTY_CLAIM_INTERVAL for the whole replica, not one per worker per NOTIFY.
+                async with self._claim_turn:
+                    await asyncio.sleep(max(0.0, self._next_empty_claim - loop.time()))
+                    self._next_empty_claim = loop.time() + EMPTY_CLAIM_INTERVAL
 
     async def _deliver_one(self) -> bool:
         """Lease, POST and settle one item; False when none was due. No transaction is open
@@ -225,6 +232,7 @@ class WebhookDeliverer:
             )
         if item is None:
             return False
+        self._next_empty_claim = 0.0  # there may be more: the next idle worker looks at once
         self._leased[owner] = item
         try:
             delivered = await self._deliver(item, owner, started)
