@@ -305,9 +305,9 @@ class Settings(BaseSettings):
     def _check_webhooks(self) -> Settings:
         """A webhook that could not be delivered or verified is refused at start-up."""
         if self.webhook_url is not None:
-            parts = urlsplit(self.webhook_url)
-            if parts.scheme not in ("https", "http") or not parts.hostname:
-                raise ValueError("CHAT_WEBHOOK_URL must be an https:// (or http://) URL")
+            problem = http_url_problem(self.webhook_url)
+            if problem:
+                raise ValueError(f"CHAT_WEBHOOK_URL must be a URL to POST to: {problem}")
             if self.webhook_secret is None:
                 raise ValueError(
                     f"CHAT_WEBHOOK_URL needs CHAT_WEBHOOK_SECRET to sign with (try: "
@@ -367,9 +367,9 @@ class Settings(BaseSettings):
     def _check_identity_provider(self) -> Settings:
         """Bad identity-provider settings are refused at start-up, not on the first token."""
         if self.jwks_url is not None:
-            parts = urlsplit(self.jwks_url)
-            if parts.scheme not in ("https", "http") or not parts.hostname:
-                raise ValueError("CHAT_JWKS_URL must be an https:// (or http://) URL")
+            problem = http_url_problem(self.jwks_url)
+            if problem:
+                raise ValueError(f"CHAT_JWKS_URL must be a URL to fetch keys from: {problem}")
         if self.jwt_public_key:
             from service.idp import load_public_key  # noqa: PLC0415 - idp imports cryptography
 
@@ -445,6 +445,26 @@ class Settings(BaseSettings):
         if self.database_url is None:
             raise RuntimeError("no database URL: start the embedded server first")
         return self.database_url
+
+
+MAX_URL_CHARS = 2000
+
+
+def http_url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be an endpoint this service calls (a webhook receiver, a JWKS), as a
+    sentence, or None: one check for the settings and the admin routes."""
+    if len(url) > MAX_URL_CHARS:
+        return f"the URL must be at most {MAX_URL_CHARS} characters"
+    if not url.isprintable() or any(c.isspace() for c in url):
+        return "the URL must hold no spaces or control characters"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port out of range
+    except ValueError as exc:
+        return f"not a URL ({str(exc).lower()})"
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        return "the URL must be an absolute https:// (or http://) URL"
+    return None
 
 
 def to_sqlalchemy_url(url: str) -> str:

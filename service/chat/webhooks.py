@@ -42,11 +42,11 @@ import secrets
 import time
 from collections.abc import Callable
 from typing import Literal
-from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
 
+from service.config import http_url_problem
 from service.db import webhooks as db
 from service.db.engine import DEFAULT_KEEPALIVE, Keepalive, connect, reading
 from service.db.webhooks import Backlog, DeadLetter, Registration
@@ -346,21 +346,7 @@ class WebhookDeliverer:
 
 def check_url(url: str) -> str | None:
     """Why ``url`` cannot be a receiver (a sentence for the 422), or None."""
-    if len(url) > MAX_URL_CHARS:
-        return f"the URL must be at most {MAX_URL_CHARS} characters"
-    if not url.isprintable() or any(c.isspace() for c in url):
-        return "the URL must hold no spaces or control characters"
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises on a port out of range
-    except ValueError as exc:
-        return f"not a URL ({str(exc).lower()})"
-    if parts.scheme not in ("https", "http") or not parts.hostname:
-        return "the URL must be an absolute https:// (or http://) URL"
-    return None
-
-
-MAX_URL_CHARS = 2000
+    return http_url_problem(url)
 
 
 async def register(pool: asyncpg.Pool, *, room: str, url: str) -> Registration:
