@@ -1848,8 +1848,16 @@ ui.drop.addEventListener('click', () => {
 });
 ui.composer.addEventListener('submit', (ev) => { ev.preventDefault(); submitMessage(); });
 ui.input.addEventListener('input', () => { updateComposer(); noteTyping(); });
-// A narrower box wraps its text (and placeholder) onto more lines: measure again.
-window.addEventListener('resize', () => fitComposer());
+// A narrower box wraps its text (and placeholder) onto more lines: measure again whenever its
+// width changes (a window resize, a phone turned, the sidebar folding), not when only its
+// height does, which is fitComposer's own doing.
+let composerWidth = 0;
+new ResizeObserver(([entry]) => {
+  const width = entry.contentRect.width;
+  if (width === composerWidth) return;
+  composerWidth = width;
+  fitComposer();
+}).observe(ui.input);
 ui.input.addEventListener('keydown', (ev) => {
   if (ev.key === 'Enter' && !ev.shiftKey && !ev.isComposing) {
     ev.preventDefault();

@@ -12,6 +12,7 @@ browser downloads are never used: ``CHAT_TEST_CHROMIUM``, by default ``/usr/bin/
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -34,6 +35,7 @@ if not CHROMIUM.exists():
     )
 
 from playwright.sync_api import Browser, BrowserContext, Page, expect  # noqa: E402
+from playwright.sync_api import TimeoutError as PlaywrightTimeout  # noqa: E402
 
 TIMEOUT_MS = 10_000
 """The longest any state may take to show: every ``expect`` and every action waits this long."""
@@ -197,7 +199,18 @@ def new_room(prefix: str) -> str:
 
 
 def assert_fits_its_text(page: Page, selector: str = "#input") -> None:
-    """The message box is at least a line tall and shows all of its text or placeholder."""
+    """The message box is at least a line tall and shows all of its text or placeholder.
+
+    The page measures the box again after a layout change (a resize observer, called before the
+    next frame): wait a moment for that, then report the sizes it settled on.
+    """
+    with contextlib.suppress(PlaywrightTimeout):
+        page.wait_for_function(
+            "s => { const e = document.querySelector(s);"
+            " return e.style.height !== '0px' && e.scrollHeight <= e.clientHeight; }",
+            arg=selector,
+            timeout=2_000,
+        )
     size = page.eval_on_selector(
         selector,
         "e => ({client: e.clientHeight, scroll: e.scrollHeight, style: e.style.height,"
