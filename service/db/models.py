@@ -223,8 +223,9 @@ class Webhook(Base):
 
 class WebhookOutbox(Base):
     """A stream item still to POST to a receiver (``hook``: ``global`` or ``room``), queued by a
-    trigger in the transaction that stored the item (migration 0009). A pointer, not a copy:
-    the payload is the item's frame when it is sent. ``dead_at``: given up on (a dead letter)."""
+    trigger in the transaction that stored the item (migrations 0009, 0010). A pointer, not a
+    copy: the payload is the item's frame when it is sent. Only what is still to send: no index
+    but the key, which the deliverers' skip scan reads."""
 
     __tablename__ = "webhook_outbox"
 
@@ -240,18 +241,26 @@ class WebhookOutbox(Base):
     )
     last_error: Mapped[str | None] = mapped_column(Text)
     dead_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    """Unused since 0010 (always NULL): kept for the queries of replicas of the release before."""
     leased_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     """While a replica sends it: nobody else may until then (``service.db.webhooks``)."""
     lease_owner: Mapped[str | None] = mapped_column(Text)
 
-    __table_args__ = (
-        CheckConstraint("hook IN ('global', 'room')", name="hook_known"),
-        Index("ix_webhook_outbox_due", "next_attempt_at", postgresql_where=text("dead_at IS NULL")),
-        Index(
-            "ix_webhook_outbox_pending",
-            "hook",
-            "room_id",
-            "seq",
-            postgresql_where=text("dead_at IS NULL"),
-        ),
-    )
+    __table_args__ = (CheckConstraint("hook IN ('global', 'room')", name="hook_known"),)
+
+
+class WebhookDeadLetter(Base):
+    """An item given up on after ``CHAT_WEBHOOK_MAX_ATTEMPTS`` (migration 0010): listed and
+    queued again through the admin routes."""
+
+    __tablename__ = "webhook_dead_letter"
+
+    hook: Mapped[str] = mapped_column(Text, primary_key=True)
+    room_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    attempts: Mapped[int] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    enqueued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    dead_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+    __table_args__ = (CheckConstraint("hook IN ('global', 'room')", name="hook_known"),)

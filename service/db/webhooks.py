@@ -31,21 +31,21 @@ SESSION_SETTING = "chat.webhook"
 trigger queues ``global`` items only for such connections."""
 
 NOTIFY_CHANNEL = "chat_webhook"
-"""The trigger NOTIFYs it (empty payload) in a transaction that queued something."""
+"""The trigger NOTIFYs it (empty payload) in a transaction that queued an item of a room
+whose queue was idle (migration 0010); retrying dead letters does too."""
 
 _CLAIM = """
 WITH RECURSIVE head AS (
-    (SELECT hook, room_id, seq FROM webhook_outbox
-      WHERE dead_at IS NULL ORDER BY hook, room_id, seq LIMIT 1)
+    (SELECT hook, room_id, seq FROM webhook_outbox ORDER BY hook, room_id, seq LIMIT 1)
     UNION ALL
     SELECT n.hook, n.room_id, n.seq FROM head h CROSS JOIN LATERAL (
         SELECT hook, room_id, seq FROM webhook_outbox
-         WHERE dead_at IS NULL AND (hook, room_id) > (h.hook, h.room_id)
+         WHERE (hook, room_id) > (h.hook, h.room_id)
          ORDER BY hook, room_id, seq LIMIT 1) n
 ), next AS (
     SELECT o.hook, o.room_id, o.seq
       FROM head JOIN webhook_outbox o USING (hook, room_id, seq)
-     WHERE o.dead_at IS NULL AND o.next_attempt_at <= now() AND o.hook = ANY($1::text[])
+     WHERE o.next_attempt_at <= now() AND o.hook = ANY($1::text[])
        AND (o.leased_until IS NULL OR o.leased_until <= now())
      ORDER BY o.next_attempt_at
      LIMIT 1
@@ -61,10 +61,11 @@ RETURNING o.hook, o.room_id, o.seq, o.attempts, o.enqueued_at,
           FROM message m JOIN room r ON r.id = m.room_id
          WHERE m.room_id = o.room_id AND m.seq = o.seq)
 """
-"""The heads (each room's oldest pending item per receiver) are found by a skip scan of
-``ix_webhook_outbox_pending``, one index descent per room with pending items, so a claim costs
-the same whatever the backlog of a room whose receiver is down (a scan of the due rows checking
-each for an older one cost 26 ms at 22,000 queued items, and grew with them)."""
+"""The heads (each room's oldest pending item per receiver) are found by a skip scan of the
+outbox's primary key, one index descent per room with pending items, so a claim costs the same
+whatever the backlog of a room whose receiver is down (a scan of the due rows checking each for
+an older one cost 26 ms at 22,000 queued items, and grew with them). The outbox holds only
+what is still to send (dead letters have their own table): no index but the key."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,12 +105,27 @@ async def delivered(conn: Conn, item: Claimed, *, owner: str) -> bool:
 async def failed(
     conn: Conn, item: Claimed, *, owner: str, error: str, retry_in: float | None
 ) -> bool:
-    """One more attempt failed: due again in ``retry_in`` seconds, or (None) a dead letter.
-    False when the lease had passed to another deliverer meanwhile (nothing recorded)."""
+    """One more attempt failed: due again in ``retry_in`` seconds, or (None) moved to the dead
+    letters. False when the lease had passed to another deliverer meanwhile (nothing
+    recorded)."""
+    if retry_in is None:
+        status = await conn.execute(
+            "WITH dead AS (DELETE FROM webhook_outbox"
+            "  WHERE hook = $1 AND room_id = $2 AND seq = $3 AND lease_owner = $4"
+            "  RETURNING hook, room_id, seq, attempts + 1, $5::text, enqueued_at)"
+            " INSERT INTO webhook_dead_letter"
+            " (hook, room_id, seq, attempts, last_error, enqueued_at)"
+            " SELECT * FROM dead ON CONFLICT DO NOTHING",
+            item.hook,
+            item.room_id,
+            item.seq,
+            owner,
+            error[:500],
+        )
+        return status != "INSERT 0 0"
     status = await conn.execute(
         "UPDATE webhook_outbox SET attempts = attempts + 1, last_error = $5,"
-        " next_attempt_at = now() + make_interval(secs => COALESCE($6::float8, 0)),"
-        " dead_at = CASE WHEN $6::float8 IS NULL THEN now() END,"
+        " next_attempt_at = now() + make_interval(secs => $6::float8),"
         " leased_until = NULL, lease_owner = NULL"
         " WHERE hook = $1 AND room_id = $2 AND seq = $3 AND lease_owner = $4",
         item.hook,
@@ -144,11 +160,10 @@ class Backlog:
 
 async def backlog(conn: Conn) -> Backlog:
     row = await conn.fetchrow(
-        "SELECT count(*) FILTER (WHERE dead_at IS NULL),"
-        " COALESCE(EXTRACT(EPOCH FROM now() - min(enqueued_at) FILTER (WHERE dead_at IS NULL)),"
-        " 0)::float8,"
-        " count(*) FILTER (WHERE dead_at IS NOT NULL)"
-        " FROM webhook_outbox"
+        "SELECT (SELECT count(*) FROM webhook_outbox),"
+        " COALESCE((SELECT EXTRACT(EPOCH FROM now() - min(enqueued_at))"
+        " FROM webhook_outbox), 0)::float8,"
+        " (SELECT count(*) FROM webhook_dead_letter)"
     )
     assert row is not None  # noqa: S101 - an aggregate returns one row
     return Backlog(int(row[0]), float(row[1]), int(row[2]))
@@ -183,13 +198,15 @@ async def get_registration(conn: Conn, *, room: str) -> Registration | None:
 
 
 async def delete_registration(conn: Conn, *, room: str) -> bool:
-    """Remove ``room``'s receiver and what is queued for it (delivered or dead: nowhere to go
+    """Remove ``room``'s receiver, what is queued for it and its dead letters (nowhere to go
     now). False when it had none."""
     row = await conn.fetchrow(
         "WITH gone AS (DELETE FROM webhook w USING room r"
         "  WHERE r.id = w.room_id AND r.name = $1 RETURNING w.room_id),"
         " dropped AS (DELETE FROM webhook_outbox o USING gone"
-        "  WHERE o.hook = 'room' AND o.room_id = gone.room_id)"
+        "  WHERE o.hook = 'room' AND o.room_id = gone.room_id),"
+        " dropped_dead AS (DELETE FROM webhook_dead_letter d USING gone"
+        "  WHERE d.hook = 'room' AND d.room_id = gone.room_id)"
         " SELECT count(*) FROM gone",
         room,
     )
@@ -213,11 +230,11 @@ async def dead_letters(
 ) -> list[DeadLetter]:
     """Dead letters, oldest first (by room id, seq), ``room``'s only when given."""
     rows = await conn.fetch(
-        "SELECT o.hook, r.name, o.seq, o.attempts, o.last_error, o.enqueued_at, o.dead_at"
-        " FROM webhook_outbox o LEFT JOIN room r ON r.id = o.room_id"
-        " WHERE o.dead_at IS NOT NULL AND ($1::text IS NULL OR r.name = $1)"
-        " AND ($2::bigint IS NULL OR (o.room_id, o.seq) > ($2, $3))"
-        " ORDER BY o.room_id, o.seq, o.hook LIMIT $4",
+        "SELECT d.hook, r.name, d.seq, d.attempts, d.last_error, d.enqueued_at, d.dead_at"
+        " FROM webhook_dead_letter d LEFT JOIN room r ON r.id = d.room_id"
+        " WHERE ($1::text IS NULL OR r.name = $1)"
+        " AND ($2::bigint IS NULL OR (d.room_id, d.seq) > ($2, $3))"
+        " ORDER BY d.room_id, d.seq, d.hook LIMIT $4",
         room,
         after[0] if after else None,
         after[1] if after else None,
@@ -227,12 +244,13 @@ async def dead_letters(
 
 
 async def retry_dead(conn: Conn, *, room: str | None) -> int:
-    """Make dead letters (``room``'s, or all) due again with a fresh attempt budget."""
+    """Queue dead letters (``room``'s, or all) again with a fresh attempt budget."""
     status = await conn.execute(
-        "UPDATE webhook_outbox o SET dead_at = NULL, attempts = 0, next_attempt_at = now(),"
-        " last_error = NULL, leased_until = NULL, lease_owner = NULL"
-        " WHERE o.dead_at IS NOT NULL AND ($1::text IS NULL OR o.room_id ="
-        " (SELECT id FROM room WHERE name = $1))",
+        "WITH back AS (DELETE FROM webhook_dead_letter d"
+        "  WHERE $1::text IS NULL OR d.room_id = (SELECT id FROM room WHERE name = $1)"
+        "  RETURNING hook, room_id, seq, enqueued_at)"
+        " INSERT INTO webhook_outbox (hook, room_id, seq, enqueued_at)"
+        " SELECT * FROM back ON CONFLICT DO NOTHING",
         room,
     )
     count = int(status.rsplit(" ", 1)[-1])
