@@ -156,24 +156,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
             await writer.start()
             stack.push_async_callback(writer.close)
-            if settings.webhook_secret is not None:
-                # Its own tasks and connections: a slow receiver never holds up the chat.
-                deliverer = WebhookDeliverer(
-                    to_asyncpg_dsn(settings.require_database_url()),
-                    url=settings.webhook_url,
-                    secret=settings.webhook_secret.get_secret_value().encode(),
-                    on_outcome=metrics.webhook_outcome,
-                    on_backlog=metrics.webhook_backlog_read,
-                    max_attempts=settings.webhook_max_attempts,
-                    timeout=settings.webhook_timeout,
-                    backoff_base=settings.webhook_backoff,
-                    backoff_max=settings.webhook_backoff_max,
-                    concurrency=settings.webhook_concurrency,
-                    poll_interval=settings.webhook_poll_interval,
-                    keepalive=Keepalive.from_settings(settings),
-                )
-                await deliverer.start()
-                stack.push_async_callback(deliverer.close)
             backend = make_backend(settings, pool)
             broadcast = Broadcast(backend=backend)
             await stack.enter_async_context(broadcast)
@@ -194,6 +176,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 listen_up=lambda: backend.connected,
             )
             stack.push_async_callback(hub.close)
+            if settings.webhook_secret is not None:
+                # Its own tasks and connections: a slow receiver never holds up the chat.
+                deliverer = WebhookDeliverer(
+                    to_asyncpg_dsn(settings.require_database_url()),
+                    url=settings.webhook_url,
+                    secret=settings.webhook_secret.get_secret_value().encode(),
+                    on_outcome=metrics.webhook_outcome,
+                    on_backlog=metrics.webhook_backlog_read,
+                    max_attempts=settings.webhook_max_attempts,
+                    timeout=settings.webhook_timeout,
+                    backoff_base=settings.webhook_backoff,
+                    backoff_max=settings.webhook_backoff_max,
+                    concurrency=settings.webhook_concurrency,
+                    poll_interval=settings.webhook_poll_interval,
+                    # The trigger NOTIFYs this database: heard on the bus's LISTEN connection
+                    # when the bus is this database.
+                    follow=hub.follow if settings.notify_in_transaction else None,
+                    keepalive=Keepalive.from_settings(settings),
+                )
+                await deliverer.start()
+                stack.push_async_callback(deliverer.close)
             publish = None if settings.notify_in_transaction else broadcast.publish
             reads = ReadCursors(
                 pool,

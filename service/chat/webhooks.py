@@ -40,7 +40,7 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Literal
 
 import asyncpg
@@ -81,6 +81,10 @@ NOTIFY wakes every idle worker, and each claim is a query the chat's database pa
 (docs/benchmarks.md, round 11). A worker that delivered claims again at once (its room's next
 item), and a claim that found one lets the next idle worker look at once."""
 
+Follow = Callable[[str, Callable[[], None]], Awaitable[None]]
+"""``follow(channel, wake)``: call ``wake()`` on every notification of ``channel`` and after a
+gap in them, until cancelled (``RoomHub.follow``: the bus's own LISTEN connection)."""
+
 Outcome = Literal["delivered", "retried", "dead"]
 """What became of one attempt (a metric each)."""
 
@@ -116,8 +120,11 @@ class WebhookDeliverer:
         backoff_max: float,
         concurrency: int,
         poll_interval: float,
+        follow: Follow | None = None,
         keepalive: Keepalive = DEFAULT_KEEPALIVE,
     ) -> None:
+        """``follow``: how to hear the trigger's NOTIFYs when the bus is this database's
+        LISTEN/NOTIFY (its connection, not one more); None: a LISTEN connection of its own."""
         self._dsn = dsn
         self._url = url
         self._secret = secret
@@ -130,6 +137,7 @@ class WebhookDeliverer:
         self._concurrency = concurrency
         self._poll_interval = poll_interval
         self._keepalive = keepalive
+        self._follow = follow
         self._hooks = [db.GLOBAL, db.ROOM] if url else [db.ROOM]
         self._wake = asyncio.Event()
         self._claim_turn = asyncio.Lock()
@@ -309,6 +317,12 @@ class WebhookDeliverer:
     async def _listen(self) -> None:
         """Wake the workers on each NOTIFY of the trigger; on a lost connection, connect again
         (the poll covers the gap)."""
+        while self._follow is not None:
+            try:
+                await self._follow(db.NOTIFY_CHANNEL, self.wake)
+            except Exception as exc:  # the bus's subscriptions do not fail: a bug; poll meanwhile
+                log.warning("webhook wake-ups lost: %r", exc)
+                await asyncio.sleep(self._poll_interval)
         while True:
             conn: asyncpg.Connection | None = None
             try:

@@ -275,6 +275,17 @@ class RoomHub:
         self._reads: dict[str, _RoomReads] = {}
         self._listeners: dict[str, RoomListener] = {}
 
+    async def follow(self, channel: str, on_event: Callable[[], None]) -> None:
+        """Call ``on_event`` for every notification on ``channel``, a channel of no room (the
+        webhook deliverers' wake-ups), and after a resync, when some may have been missed;
+        until cancelled. It shares the bus's LISTEN connection: with LISTEN/NOTIFY, each
+        listening connection costs the database a wake-up for every NOTIFY of every room."""
+        async with self._broadcast.subscribe(channel) as subscriber:
+            on_event()  # what came before the subscription
+            while True:
+                await subscriber.get()
+                on_event()
+
     def listen(self, kind: str, listener: RoomListener) -> None:
         """Hand the signals that start with ``kind`` (``envelope.PRESENCE_SIGNAL``...) to
         ``listener``; every listener hears of a resync."""

@@ -206,6 +206,39 @@ async def test_a_killed_replica_delivers_its_backlog_after_restart(own_database,
     assert seqs(receiver.delivered_items(room)) == list(range(1, 12))
 
 
+async def test_items_go_out_at_once_without_the_poll_idle_busy_and_across_replicas(
+    own_database, spawn, receiver
+):
+    """The poll is a minute here: every item must be sent on a wake-up. An idle room's first
+    item wakes the deliverers (the trigger's NOTIFY, heard on the bus's LISTEN connection);
+    items stored while the room's head is in flight go out right after it (its sender claims
+    the next), whichever replica stored them."""
+
+    async def answer(_request):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(0.3)  # long enough for items to queue up behind the one in flight
+        return 200
+
+    receiver.answer = answer
+    env = {"CHAT_WEBHOOK_URL": receiver.url, "CHAT_WEBHOOK_POLL_INTERVAL": "60"}
+    replicas = [await start(spawn, own_database, **env) for _ in range(2)]
+    await asyncio.sleep(1)  # past the wake-up each deliverer gives itself as it subscribes
+    loop = asyncio.get_running_loop()
+    room = room_name()
+
+    started = loop.time()
+    await post(replicas[0], room, "first")
+    await receiver.wait_for(lambda: len(receiver.delivered()) >= 1, timeout=5)
+    for i in range(6):  # while each is in flight, more queue behind it, from both replicas
+        await post(replicas[i % 2], room, f"busy {i}")
+    await receiver.wait_for(lambda: len(receiver.delivered()) >= 7, timeout=10)
+    await asyncio.sleep(1)  # the room's queue is idle again
+    await post(replicas[1], room, "idle again")
+    await receiver.wait_for(lambda: len(receiver.delivered()) >= 8, timeout=5)
+    assert loop.time() - started < 20  # far from the minute's poll
+    assert seqs(receiver.delivered_items(room)) == list(range(1, 9))
+    assert receiver.max_in_flight_per_room == 1
+
+
 @pytest.mark.slow
 async def test_two_replicas_never_send_an_item_twice_at_once_nor_skip_one(
     own_database, spawn, receiver
