@@ -4,11 +4,11 @@ is the receiver's side.
 
 What is guaranteed:
 
-* **Every item, at least once.** The outbox row is written by a trigger in the transaction that
-  stores the item (migration 0009), so a committed item is queued even if the process dies the
-  next instant, and it leaves the outbox only once a receiver answered 2xx (or it became a dead
-  letter after ``CHAT_WEBHOOK_MAX_ATTEMPTS``). A crash between the 2xx and the delete repeats
-  it: receivers deduplicate by ``(room, seq)``.
+* **Every item, at least once.** The outbox row is written by a trigger in the transaction
+  that stores the item (migrations 0009, 0010), so a committed item is queued even if the
+  process dies the next instant, and it leaves the outbox only once a receiver answered 2xx
+  (or it became a dead letter after ``CHAT_WEBHOOK_MAX_ATTEMPTS``). A crash between the 2xx
+  and the delete repeats it: receivers deduplicate by ``(room, seq)``.
 * **In seq order per room and receiver**: a room's next item is not sent before the previous
   one was delivered or dead-lettered (``service.db.webhooks`` claims only the oldest pending
   item of a room, and only when nobody holds a lease on it).
@@ -17,12 +17,16 @@ What is guaranteed:
   lease runs out and the item is due again.
 * **A slow or dead receiver never slows the chat**: delivery runs in its own tasks
   (``CHAT_WEBHOOK_CONCURRENCY`` workers), on its own connections (a small pool, used only to
-  claim and settle, never held during a POST, plus one LISTEN connection; apart from the
-  service's pool and the writer's connection), with a deadline per POST. Nothing on the
-  message path waits for it: the trigger only inserts a pointer row, in the transaction that
-  is committed anyway.
-* **Prompt**: the trigger NOTIFYs ``chat_webhook``; a poll every ``CHAT_WEBHOOK_POLL_INTERVAL``
-  catches a missed NOTIFY, and a failed attempt wakes its worker when its backoff is over.
+  claim and settle, never held during a POST; apart from the service's pool and the writer's
+  connection), with a deadline per POST. Nothing on the message path waits for it: the trigger
+  only inserts a pointer row, in the transaction that is committed anyway.
+* **Prompt**: the trigger NOTIFYs ``chat_webhook`` when it queued an item of a room whose queue
+  held nothing but the item in flight; a worker that settled an item claims again at once (its
+  room's next); a failed attempt wakes its worker when its backoff is over; a poll every
+  ``CHAT_WEBHOOK_POLL_INTERVAL`` catches the rest. The NOTIFY is heard on the bus's LISTEN
+  connection when the bus is this database (``follow``), on one of its own otherwise: every
+  LISTEN connection costs PostgreSQL a wake-up for every NOTIFY in the database, each message's
+  included.
 
 The payload is the item's ``message`` frame as the websocket sends it (``chat_message_json``,
 read when it is sent): a text message edited or deleted before its delivery goes out in its
@@ -46,6 +50,7 @@ from typing import Literal
 import asyncpg
 import httpx
 
+from service.chat.webhook_http import Poster
 from service.config import http_url_problem
 from service.db import webhooks as db
 from service.db.engine import DEFAULT_KEEPALIVE, Keepalive, connect, reading
@@ -148,13 +153,12 @@ class WebhookDeliverer:
         """Items this replica holds a lease on, by lease owner: released on the way out."""
         self._tasks: list[asyncio.Task[None]] = []
         self._pool: asyncpg.Pool | None = None
-        self._client: httpx.AsyncClient | None = None
+        self._poster: Poster | None = None
+        self._proxied: httpx.AsyncClient | None = None
 
     async def start(self) -> None:
         """Start the workers; connections are made as they are needed (none at start-up), so
         a database hiccup here never keeps the service from starting."""
-        # httpx logs every request's URL at INFO, and a receiver's URL may hold a token.
-        logging.getLogger("httpx").setLevel(logging.WARNING)
         keepalive = self._keepalive
 
         async def init(conn: asyncpg.Connection) -> None:
@@ -169,12 +173,7 @@ class WebhookDeliverer:
             server_settings={"application_name": APPLICATION_NAME},
             init=init,
         )
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(self._timeout),
-            follow_redirects=False,  # a redirect is an answer (non-2xx), not a new receiver
-            limits=httpx.Limits(max_connections=self._concurrency),
-            headers={"user-agent": USER_AGENT},
-        )
+        self._poster = Poster(user_agent=USER_AGENT, max_idle=self._concurrency)
         for n in range(self._concurrency):
             self._tasks.append(asyncio.create_task(self._work(), name=f"webhook-worker-{n}"))
         self._tasks.append(asyncio.create_task(self._listen(), name="webhook-listen"))
@@ -196,8 +195,10 @@ class WebhookDeliverer:
                         await db.release(conn, item, owner=owner)
             except Exception as exc:
                 log.info("webhook leases left to run out: %r", exc)
-        if self._client is not None:
-            await self._client.aclose()
+        if self._poster is not None:
+            self._poster.close()
+        if self._proxied is not None:
+            await self._proxied.aclose()
         if self._pool is not None:
             try:
                 await asyncio.wait_for(self._pool.close(), 5)
@@ -295,7 +296,7 @@ class WebhookDeliverer:
         """None when the receiver answered 2xx before ``deadline`` (event loop time), else why
         not. The answer's body is never read: a receiver cannot make this process buffer
         anything."""
-        assert self._client is not None and item.frame is not None  # noqa: S101
+        assert self._poster is not None and item.frame is not None  # noqa: S101
         body = item.frame.encode()
         headers = {
             "content-type": "application/json",
@@ -304,15 +305,31 @@ class WebhookDeliverer:
         }
         try:
             async with asyncio.timeout_at(deadline):
-                async with self._client.stream("POST", url, content=body, headers=headers) as r:
-                    status = r.status_code
+                if Poster.via_proxy(url):
+                    status = await self._post_via_proxy(url, body, headers)
+                else:
+                    status = await self._poster.post(url, body, headers)
         except TimeoutError:
             return f"no answer within {self._timeout:g} s"
-        except Exception as exc:  # refused, reset, TLS, a URL httpx cannot use: an attempt
+        except Exception as exc:  # refused, reset, TLS, a bad answer: an attempt
             return f"{type(exc).__name__}: {exc}"[:300]
         if 200 <= status < 300:
             return None
         return f"HTTP {status}"
+
+    async def _post_via_proxy(self, url: str, body: bytes, headers: dict[str, str]) -> int:
+        """httpx, which speaks to proxies (CONNECT for https); made on first use."""
+        if self._proxied is None:
+            # httpx logs every request's URL at INFO, and a receiver's URL may hold a token.
+            logging.getLogger("httpx").setLevel(logging.WARNING)
+            self._proxied = httpx.AsyncClient(
+                timeout=httpx.Timeout(self._timeout),
+                follow_redirects=False,  # a redirect is an answer (non-2xx), not a new receiver
+                limits=httpx.Limits(max_connections=self._concurrency),
+                headers={"user-agent": USER_AGENT},
+            )
+        async with self._proxied.stream("POST", url, content=body, headers=headers) as answer:
+            return answer.status_code
 
     async def _listen(self) -> None:
         """Wake the workers on each NOTIFY of the trigger; on a lost connection, connect again
