@@ -216,7 +216,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
             await presence.start()
             stack.push_async_callback(presence.close)
-            typing = Typing(broadcast.publish, ttl=settings.typing_timeout)
+            typing = Typing(backend.publish_many, ttl=settings.typing_timeout)
             stack.callback(typing.close)
             for kind, listener in (
                 (PRESENCE_SIGNAL, presence),

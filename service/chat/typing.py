@@ -32,14 +32,16 @@ log = logging.getLogger(__name__)
 
 FRAME_INTERVAL = 0.5
 """Seconds between two ``typing`` frames of a room on a socket."""
-BATCH_INTERVAL = 0.1
-"""Seconds a process gathers ``typing`` signals before it publishes them, merged per room: a
-NOTIFY is a commit, and with LISTEN/NOTIFY commits that notify take turns with the messages'."""
+BATCH_INTERVAL = 0.25
+"""Seconds a process gathers ``typing`` signals before it publishes them, merged per room and
+all in one go (``publish_many``: with LISTEN/NOTIFY one transaction, and NOTIFYing commits take
+turns with the messages'). Half the frame interval: a frame is late by this much at most."""
 MIN_GAP = 1.0
 """A user's ``typing`` frames in a room closer together than this are dropped."""
 
-Signal = Callable[[str, str], Awaitable[None]]
-"""``signal(channel, payload)``: published on the bus at once (no transaction)."""
+Signal = Callable[[list[tuple[str, str]]], Awaitable[None]]
+"""``signal([(channel, payload), ...])``: published on the bus at once, all together
+(``publish_many`` of the bus's backend)."""
 
 
 @dataclass(eq=False, slots=True)
@@ -106,11 +108,10 @@ class Typing:
             await asyncio.sleep(BATCH_INTERVAL)  # what comes meanwhile goes in the same NOTIFY
             while self._outgoing:
                 outgoing, self._outgoing = self._outgoing, []
-                for channel, payload in _merged(outgoing):
-                    try:
-                        await self._signal(channel, payload)
-                    except Exception:  # the bus is out: typing is worth nothing late
-                        log.info("typing signal not published", exc_info=True)
+                try:
+                    await self._signal(_merged(outgoing))
+                except Exception:  # the bus is out: typing is worth nothing late
+                    log.info("typing signals not published", exc_info=True)
         finally:
             self._sending = None
 
@@ -204,20 +205,30 @@ class _Personal(Mapping[str, str | None]):
 
 def _merged(outgoing: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """One payload per channel and kind for what queued up while a publish was in flight
-    (user ids are printable: no newline in one), in the order each first came."""
-    merged: dict[tuple[str, str], list[str]] = {}
+    (user ids are printable: no newline in one), channels in the order each first came, each
+    user once, with the last word: a user who typed, sent (a stop) and typed again within
+    the batch is typing (a sender's every message asks to stop their typing until the stop is
+    heard back, so the same stop comes many times)."""
+    last: dict[str, dict[str, str]] = {}  # channel -> user -> kind, in the order they came
     for channel, payload in outgoing:
-        merged.setdefault((channel, payload[:2]), []).append(payload[2:])
+        users = last.setdefault(channel, {})
+        user = payload[2:]
+        users.pop(user, None)  # to the end: the order of the last words
+        users[user] = payload[:2]
     payloads = []
-    for (channel, kind), users in merged.items():
-        batch: list[str] = []
-        size = 0
-        for user in users:
-            cost = len(user.encode()) + 1
-            if batch and size + cost > NOTIFY_PAYLOAD_LIMIT - 8:
-                payloads.append((channel, kind + "\n".join(batch)))
-                batch, size = [], 0
-            batch.append(user)
-            size += cost
-        payloads.append((channel, kind + "\n".join(batch)))
+    for channel, users in last.items():
+        by_kind: dict[str, list[str]] = {}
+        for user, kind in users.items():
+            by_kind.setdefault(kind, []).append(user)
+        for kind, named in by_kind.items():
+            batch: list[str] = []
+            size = 0
+            for user in named:
+                cost = len(user.encode()) + 1
+                if batch and size + cost > NOTIFY_PAYLOAD_LIMIT - 8:
+                    payloads.append((channel, kind + "\n".join(batch)))
+                    batch, size = [], 0
+                batch.append(user)
+                size += cost
+            payloads.append((channel, kind + "\n".join(batch)))
     return payloads

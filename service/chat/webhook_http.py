@@ -70,13 +70,14 @@ class Poster:
         self._targets: dict[str, _Target] = {}
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
         self._tls: ssl.SSLContext | None = None
+        self._proxies = urllib.request.getproxies()  # the environment's, read once
 
-    @staticmethod
-    def via_proxy(url: str) -> bool:
+    def via_proxy(self, url: str) -> bool:
         """Whether the environment names a proxy for ``url`` (then httpx sends it)."""
+        if not self._proxies:
+            return False
         parts = urlsplit(url)
-        proxies = urllib.request.getproxies()
-        if not (proxies.get(parts.scheme) or proxies.get("all")):
+        if not (self._proxies.get(parts.scheme) or self._proxies.get("all")):
             return False
         return not urllib.request.proxy_bypass(parts.hostname or "")
 

@@ -305,7 +305,7 @@ class WebhookDeliverer:
         }
         try:
             async with asyncio.timeout_at(deadline):
-                if Poster.via_proxy(url):
+                if self._poster.via_proxy(url):
                     status = await self._post_via_proxy(url, body, headers)
                 else:
                     status = await self._poster.post(url, body, headers)

@@ -138,6 +138,22 @@ class ListenBackend(BroadcastBackend):
                     await self._drop(conn, f"UNLISTEN failed ({_describe(exc)})", exc)
 
     async def publish(self, channel: str, message: str) -> None:
+        await self._notify("SELECT pg_notify($1, $2)", channel, message)
+
+    async def publish_many(self, messages: list[tuple[str, str]]) -> None:
+        """``(channel, message)`` pairs in one transaction: one commit, and one wake-up of
+        every listening connection of the database, where a ``publish`` each costs one of each
+        per message (and a NOTIFY's commit takes a lock that every NOTIFYing commit takes, the
+        writer's included). Identical pairs are delivered once (PostgreSQL folds them)."""
+        if messages:
+            await self._notify(
+                "SELECT pg_notify(c, m) FROM unnest($1::text[], $2::text[])"
+                " WITH ORDINALITY AS t(c, m, n) ORDER BY n",
+                [channel for channel, _ in messages],
+                [message for _, message in messages],
+            )
+
+    async def _notify(self, query: str, *args: object) -> None:
         """Within one deadline, the wait for the connection included; a connection that
         missed it is dropped (its next publish opens a new one)."""
         async with asyncio.timeout(self._timeout):
@@ -146,7 +162,7 @@ class ListenBackend(BroadcastBackend):
                 if conn is None or conn.is_closed():
                     conn = self._publish_conn = await self._connect("chat-publish")
                 try:
-                    await conn.execute("SELECT pg_notify($1, $2)", channel, message)
+                    await conn.execute(query, *args)
                 except asyncpg.PostgresError:
                     raise  # the server answered: the connection is fine
                 except BaseException:

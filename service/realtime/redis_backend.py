@@ -287,6 +287,11 @@ class RedisPubSubBackend(BroadcastBackend):
             self._outgoing.append((channel, message))
         self._wake.set()
 
+    async def publish_many(self, messages: list[tuple[str, str]]) -> None:
+        """Each queued like ``publish``: the publisher task pipelines them anyway."""
+        for channel, message in messages:
+            await self.publish(channel, message)
+
     async def next_published(self) -> Event:
         return await self._events.get()
 

@@ -237,9 +237,10 @@ def test_a_proxy_in_the_environment_is_used_unless_no_proxy_names_the_host(
     for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
         monkeypatch.delenv(name, raising=False)
         monkeypatch.delenv(name.upper(), raising=False)
-    assert not Poster.via_proxy("https://hooks.example.com/in")
+    assert not Poster(user_agent="t", max_idle=1).via_proxy("https://hooks.example.com/in")
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
-    assert Poster.via_proxy("https://hooks.example.com/in")
-    assert not Poster.via_proxy("http://hooks.example.com/in")  # no proxy for http
+    poster = Poster(user_agent="t", max_idle=1)
+    assert poster.via_proxy("https://hooks.example.com/in")
+    assert not poster.via_proxy("http://hooks.example.com/in")  # no proxy for http
     monkeypatch.setenv("NO_PROXY", "example.com")
-    assert not Poster.via_proxy("https://hooks.example.com/in")
+    assert not poster.via_proxy("https://hooks.example.com/in")
