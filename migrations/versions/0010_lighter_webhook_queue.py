@@ -79,6 +79,7 @@ END
 $fn$
 """
 
+# Migration 0009's function, word for word, for the downgrade: a migration stands on its own file.
 ENQUEUE_0009 = """
 CREATE OR REPLACE FUNCTION chat_webhook_enqueue() RETURNS trigger
 LANGUAGE plpgsql AS $fn$
