@@ -186,6 +186,24 @@ def encode_presence(online: list[tuple[str, str | None]], offline: list[str]) ->
     return payloads
 
 
+def encode_typing(kind: str, users: list[str]) -> list[str]:
+    """Payloads of a typing signal (``TYPING_SIGNAL`` or ``TYPING_STOP``): the user ids one
+    per line (printable: no newline in one), split so that each fits a NOTIFY."""
+    payloads: list[str] = []
+    batch: list[str] = []
+    size = 0
+    for user in users:
+        cost = len(user.encode()) + 1
+        if batch and size + cost > NOTIFY_PAYLOAD_LIMIT - 8:
+            payloads.append(kind + "\n".join(batch))
+            batch, size = [], 0
+        batch.append(user)
+        size += cost
+    if batch:
+        payloads.append(kind + "\n".join(batch))
+    return payloads
+
+
 def presence_frame(room: str, online: list[str], offline: list[str]) -> str:
     return dumps({"type": "presence", "room": room, "online": online, "offline": offline})
 

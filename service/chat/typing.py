@@ -20,10 +20,10 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from service.chat.envelope import (
-    NOTIFY_PAYLOAD_LIMIT,
     TYPING_SIGNAL,
     TYPING_STOP,
     channel_for,
+    encode_typing,
     typing_frame,
 )
 from service.chat.presence import Deliver
@@ -204,11 +204,11 @@ class _Personal(Mapping[str, str | None]):
 
 
 def _merged(outgoing: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """One payload per channel and kind for what queued up while a publish was in flight
-    (user ids are printable: no newline in one), channels in the order each first came, each
-    user once, with the last word: a user who typed, sent (a stop) and typed again within
-    the batch is typing (a sender's every message asks to stop their typing until the stop is
-    heard back, so the same stop comes many times)."""
+    """One payload per channel and kind for what queued up while a publish was in flight,
+    channels in the order each first came, each user once, with the last word: a user who
+    typed, sent (a stop) and typed again within the batch is typing (a sender's every message
+    asks to stop their typing until the stop is heard back, so the same stop comes many
+    times)."""
     last: dict[str, dict[str, str]] = {}  # channel -> user -> kind, in the order they came
     for channel, payload in outgoing:
         users = last.setdefault(channel, {})
@@ -217,18 +217,7 @@ def _merged(outgoing: list[tuple[str, str]]) -> list[tuple[str, str]]:
         users[user] = payload[:2]
     payloads = []
     for channel, users in last.items():
-        by_kind: dict[str, list[str]] = {}
-        for user, kind in users.items():
-            by_kind.setdefault(kind, []).append(user)
-        for kind, named in by_kind.items():
-            batch: list[str] = []
-            size = 0
-            for user in named:
-                cost = len(user.encode()) + 1
-                if batch and size + cost > NOTIFY_PAYLOAD_LIMIT - 8:
-                    payloads.append((channel, kind + "\n".join(batch)))
-                    batch, size = [], 0
-                batch.append(user)
-                size += cost
-            payloads.append((channel, kind + "\n".join(batch)))
+        for kind in (TYPING_SIGNAL, TYPING_STOP):
+            named = [user for user, said in users.items() if said == kind]
+            payloads += [(channel, payload) for payload in encode_typing(kind, named)]
     return payloads

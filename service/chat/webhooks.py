@@ -176,7 +176,8 @@ class WebhookDeliverer:
         self._poster = Poster(user_agent=USER_AGENT, max_idle=self._concurrency)
         for n in range(self._concurrency):
             self._tasks.append(asyncio.create_task(self._work(), name=f"webhook-worker-{n}"))
-        self._tasks.append(asyncio.create_task(self._listen(), name="webhook-listen"))
+        wakeups = self._listen() if self._follow is None else self._follow_bus(self._follow)
+        self._tasks.append(asyncio.create_task(wakeups, name="webhook-listen"))
         self._tasks.append(asyncio.create_task(self._watch(), name="webhook-backlog"))
 
     async def close(self) -> None:
@@ -331,15 +332,18 @@ class WebhookDeliverer:
         async with self._proxied.stream("POST", url, content=body, headers=headers) as answer:
             return answer.status_code
 
-    async def _listen(self) -> None:
-        """Wake the workers on each NOTIFY of the trigger; on a lost connection, connect again
-        (the poll covers the gap)."""
-        while self._follow is not None:
+    async def _follow_bus(self, follow: Follow) -> None:
+        """Wake the workers on each NOTIFY of the trigger, heard on the bus's connection."""
+        while True:
             try:
-                await self._follow(db.NOTIFY_CHANNEL, self.wake)
+                await follow(db.NOTIFY_CHANNEL, self.wake)
             except Exception as exc:  # the bus's subscriptions do not fail: a bug; poll meanwhile
                 log.warning("webhook wake-ups lost: %r", exc)
                 await asyncio.sleep(self._poll_interval)
+
+    async def _listen(self) -> None:
+        """Wake the workers on each NOTIFY of the trigger, on a LISTEN connection of its own;
+        on a lost connection, connect again (the poll covers the gap)."""
         while True:
             conn: asyncpg.Connection | None = None
             try:
