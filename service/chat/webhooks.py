@@ -4,25 +4,26 @@ is the receiver's side.
 
 What is guaranteed:
 
-* **Every item, at least once.** The outbox row is written by a trigger in the transaction
-  that stores the item (migrations 0009, 0010), so a committed item is queued even if the
-  process dies the next instant, and it leaves the outbox only once a receiver answered 2xx
-  (or it became a dead letter after ``CHAT_WEBHOOK_MAX_ATTEMPTS``). A crash between the 2xx
-  and the delete repeats it: receivers deduplicate by ``(room, seq)``.
+* **Every item, at least once.** What there is to send is the room's stream itself: the
+  ``message`` rows past the receiver's cursor in that room (migration 0011), committed with
+  the item or not at all, so a committed item is due even if the process dies the next
+  instant. The cursor moves past an item only once a receiver answered 2xx (or it became a
+  dead letter after ``CHAT_WEBHOOK_MAX_ATTEMPTS``). A crash between the 2xx and the move
+  repeats it: receivers deduplicate by ``(room, seq)``.
 * **In seq order per room and receiver**: a room's next item is not sent before the previous
-  one was delivered or dead-lettered (``service.db.webhooks`` claims only the oldest pending
-  item of a room, and only when nobody holds a lease on it).
+  one was delivered or dead-lettered (``service.db.webhooks`` leases a room's cursor, not an
+  item, and only when nobody holds it).
 * **Never twice at once, never skipped, across replicas**: a worker leases the item in the
   database (``service.db.webhooks``) for longer than its POST may take; a killed replica's
   lease runs out and the item is due again.
 * **A slow or dead receiver never slows the chat**: delivery runs in its own tasks
   (``CHAT_WEBHOOK_CONCURRENCY`` workers), on its own connections (a small pool, used only to
   claim and settle, never held during a POST; apart from the service's pool and the writer's
-  connection), with a deadline per POST. Nothing on the message path waits for it: the trigger
-  only inserts a pointer row, in the transaction that is committed anyway.
-* **Prompt**: the trigger NOTIFYs ``chat_webhook`` when it queued an item of a room whose queue
-  held nothing but the item in flight; a worker that settled an item claims again at once (its
-  room's next); a failed attempt wakes its worker when its backoff is over; a poll every
+  connection), with a deadline per POST. Nothing on the message path waits for it: storing an
+  item writes nothing for delivery unless its room's cursor was idle (the trigger marks it).
+* **Prompt**: the trigger NOTIFYs ``chat_webhook`` when it marked an idle cursor pending; a
+  worker that settled an item claims again at once (the room's next, or another room's whose
+  turn came); a failed attempt wakes its worker when its backoff is over; a poll every
   ``CHAT_WEBHOOK_POLL_INTERVAL`` catches the rest. The NOTIFY is heard on the bus's LISTEN
   connection when the bus is this database (``follow``), on one of its own otherwise: every
   LISTEN connection costs PostgreSQL a wake-up for every NOTIFY in the database, each message's
@@ -363,13 +364,15 @@ class WebhookDeliverer:
                     conn.terminate()
 
     async def _watch(self) -> None:
-        """Refresh the backlog gauges (a count of the outbox: once per poll interval, at least
-        a second apart)."""
+        """Refresh the backlog gauges once per poll interval, at least a second apart (and give
+        rooms registered by replicas of the release before 0011 their cursor)."""
         assert self._pool is not None  # noqa: S101
         while True:
             try:
                 async with self._pool.acquire() as conn:
-                    found = await db.backlog(conn)
+                    if await db.adopt_registrations(conn):
+                        self.wake()
+                    found = await db.backlog(conn, hooks=self._hooks)
                 self._on_backlog(found)
             except Exception as exc:
                 log.debug("webhook backlog not read: %r", exc)

@@ -221,11 +221,42 @@ class Webhook(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
+class WebhookCursor(Base):
+    """How far a receiver (``hook``: ``global`` or ``room``) got in a room's stream (migration
+    0011): the items to send are the room's ``message`` rows past ``delivered_seq``. ``pending``
+    is set by a trigger on ``room`` when the room got items while the cursor was idle, and
+    cleared by a deliverer that caught up (``service.db.webhooks``)."""
+
+    __tablename__ = "webhook_cursor"
+
+    hook: Mapped[str] = mapped_column(Text, primary_key=True)
+    room_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("room.id", ondelete="CASCADE"), primary_key=True
+    )
+    delivered_seq: Mapped[int] = mapped_column(BigInteger)
+    pending: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    """Failed attempts at the next item (``delivered_seq + 1``)."""
+    next_attempt_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+    last_error: Mapped[str | None] = mapped_column(Text)
+    leased_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    """While a replica sends the next item: nobody else may send one of the room until then."""
+    lease_owner: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        CheckConstraint("hook IN ('global', 'room')", name="hook_known"),
+        Index("ix_webhook_cursor_pending", "hook", "room_id", postgresql_where=text("pending")),
+        {"postgresql_with": {"fillfactor": "70"}},
+    )
+
+
 class WebhookOutbox(Base):
-    """A stream item still to POST to a receiver (``hook``: ``global`` or ``room``), queued by a
-    trigger in the transaction that stored the item (migrations 0009, 0010). A pointer, not a
-    copy: the payload is the item's frame when it is sent. Only what is still to send: no index
-    but the key, which the deliverers' skip scan reads."""
+    """A stream item queued to POST to a receiver on its own (``hook``: ``global`` or ``room``):
+    a dead letter queued again, or an item queued by migration 0009's trigger before 0011 moved
+    delivery to ``webhook_cursor``. Sent before its room's cursor goes on. A pointer, not a
+    copy: the payload is the item's frame when it is sent."""
 
     __tablename__ = "webhook_outbox"
 

@@ -1,17 +1,26 @@
-"""The webhook outbox and registrations in SQL (migration 0009 has the tables and the trigger
-that fills the outbox in the transaction of each stream item).
+"""Webhook delivery state in SQL: each receiver's cursor in each room's stream (migration
+0011), the outbox of items queued one by one (dead letters queued again), the dead letters and
+the per-room registrations.
 
-Claiming is how replicas share delivery without a coordinator: a deliverer takes a lease on one
-due item that is the oldest pending one of its room and receiver (``claim``: one statement, so
-one short transaction; ``FOR UPDATE SKIP LOCKED`` keeps two claims from taking the same row),
-POSTs it with no transaction open, and settles it (``delivered`` / ``failed``) only if the
-lease is still its own. While the lease runs no other deliverer can take the item, nor the
-room's next one (it is not the oldest pending: the leased one still is), so an item is never
-sent twice at once and a room's items go out one after another in seq order. The lease is
-longer than a POST may take (``CHAT_WEBHOOK_TIMEOUT`` plus a margin), so this holds even for a
-deliverer cut off from the database mid-POST. A deliverer that dies leaves its lease to expire;
-the item is then due for whoever claims next: nothing is skipped, and the cost of a crash is a
-repeat (at least once) after one lease.
+What there is to send is a room's ``message`` rows past its cursor: the stream is already a
+durable log ordered by seq, so storing an item costs delivery nothing but a trigger that marks
+an idle cursor ``pending`` (and reads two index entries when it is pending already).
+
+Claiming is how replicas share delivery without a coordinator: a deliverer takes a lease on a
+pending cursor that nobody else holds (``claim``: one statement, so one short transaction;
+``FOR UPDATE SKIP LOCKED`` keeps two claims from taking the same row) together with the room's
+next item, POSTs it with no transaction open, and settles it (``delivered`` / ``failed``) only if
+the lease is still its own. While the lease runs no other deliverer can send an item of that
+room to that receiver, so an item is never sent twice at once and a room's items go out one
+after another in seq order. The lease is longer than a POST may take (``CHAT_WEBHOOK_TIMEOUT``
+plus a margin), so this holds even for a deliverer cut off from the database mid-POST. A
+deliverer that dies leaves its lease to expire; the item is then due for whoever claims next:
+nothing is skipped, and the cost of a crash is a repeat (at least once) after one lease.
+
+A cursor goes idle (``pending`` false) only in ``_catch_up``, under a share lock on the room
+row: a writer holds that row's lock from taking its seqs to its commit, so an item being
+stored is either seen there, or stored after, when the trigger finds the cursor idle and marks
+it again.
 """
 
 from __future__ import annotations
@@ -28,13 +37,13 @@ ROOM = "room"
 
 SESSION_SETTING = "chat.webhook"
 """Set to ``on`` on every database connection of a replica with ``CHAT_WEBHOOK_URL``: the
-trigger queues ``global`` items only for such connections."""
+trigger makes ``global`` cursors only for such connections."""
 
 NOTIFY_CHANNEL = "chat_webhook"
-"""The trigger NOTIFYs it (empty payload) in a transaction that queued an item of a room
-whose queue was idle (migration 0010); retrying dead letters does too."""
+"""The trigger NOTIFYs it (empty payload) in a transaction that marked an idle cursor pending
+(migration 0011); retrying dead letters does too."""
 
-_CLAIM = """
+_CLAIM_QUEUED = """
 WITH RECURSIVE head AS (
     (SELECT hook, room_id, seq FROM webhook_outbox ORDER BY hook, room_id, seq LIMIT 1)
     UNION ALL
@@ -59,38 +68,138 @@ RETURNING o.hook, o.room_id, o.seq, o.attempts, o.enqueued_at,
        (SELECT w.url FROM webhook w WHERE o.hook = 'room' AND w.room_id = o.room_id),
        (SELECT chat_message_json(r.name, m, true)
           FROM message m JOIN room r ON r.id = m.room_id
-         WHERE m.room_id = o.room_id AND m.seq = o.seq)
+         WHERE m.room_id = o.room_id AND m.seq = o.seq),
+       true
 """
-"""The heads (each room's oldest pending item per receiver) are found by a skip scan of the
-outbox's primary key, one index descent per room with pending items, so a claim costs the same
-whatever the backlog of a room whose receiver is down (a scan of the due rows checking each for
-an older one cost 26 ms at 22,000 queued items, and grew with them). The outbox holds only
-what is still to send (dead letters have their own table): no index but the key."""
+"""An item of the outbox: the oldest of its room and receiver (found by a skip scan of the
+key, one index descent per room with queued items, whatever the backlog). The outbox is
+nearly always empty: this costs a few index pages."""
+
+_CLAIM_NEXT = """
+WITH next AS (
+    SELECT c.hook, c.room_id
+      FROM webhook_cursor c
+     WHERE c.pending AND c.hook = ANY($1::text[]) AND c.next_attempt_at <= now()
+       AND (c.leased_until IS NULL OR c.leased_until <= now())
+       AND NOT EXISTS (SELECT FROM webhook_outbox o
+                        WHERE o.hook = c.hook AND o.room_id = c.room_id)
+     ORDER BY c.next_attempt_at
+     LIMIT 1
+       FOR UPDATE OF c SKIP LOCKED
+), leased AS (
+    UPDATE webhook_cursor c
+       SET leased_until = now() + make_interval(secs => $2::float8), lease_owner = $3
+      FROM next
+     WHERE (c.hook, c.room_id) = (next.hook, next.room_id)
+    RETURNING c.hook, c.room_id, c.delivered_seq, c.attempts
+)
+SELECT l.hook, l.room_id, i.seq, l.attempts, i.created_at,
+       (SELECT w.url FROM webhook w WHERE l.hook = 'room' AND w.room_id = l.room_id),
+       i.frame, false, l.delivered_seq
+  FROM leased l LEFT JOIN LATERAL (
+       SELECT m.seq, m.created_at, chat_message_json(r.name, m, true) AS frame
+         FROM message m JOIN room r ON r.id = m.room_id
+        WHERE m.room_id = l.room_id AND m.seq > l.delivered_seq
+        ORDER BY m.seq LIMIT 1) i ON true
+"""
+"""A pending cursor with its room's next item (none when it caught up), the longest waiting
+first: rooms take turns, as a worker settles one item and claims again. A room with items in
+the outbox waits for them (they are older)."""
+
+_CATCH_UP_TRIES = 3
+"""Cursors found caught up in a row before ``claim`` gives up for now (each is marked idle)."""
 
 
 @dataclass(frozen=True, slots=True)
 class Claimed:
     """An item leased to its claimer. ``frame`` None: the item is gone (its room was deleted);
-    ``url`` None for a ``room`` item: the registration was removed."""
+    ``url`` None for a ``room`` item: the registration was removed. ``queued``: an item of the
+    outbox, not its room's cursor's next."""
 
     hook: str
     room_id: int
     seq: int
     attempts: int
     enqueued_at: datetime
+    """When the item was stored (or, for an outbox item, queued)."""
     url: str | None
     frame: str | None
+    queued: bool
 
 
 async def claim(conn: Conn, *, hooks: list[str], lease: float, owner: str) -> Claimed | None:
-    """Lease the next due item of a room whose head nobody else holds to ``owner`` for
+    """Lease the next due item of a room and receiver nobody else is sending to ``owner`` for
     ``lease`` seconds (outside a transaction: the claim commits at once)."""
-    row = await conn.fetchrow(_CLAIM, hooks, lease, owner)
-    return None if row is None else Claimed(*row)
+    row = await conn.fetchrow(_CLAIM_QUEUED, hooks, lease, owner)
+    if row is not None:
+        return Claimed(*row)
+    for _ in range(_CATCH_UP_TRIES):
+        row = await conn.fetchrow(_CLAIM_NEXT, hooks, lease, owner)
+        if row is None:
+            return None
+        if row[2] is not None:
+            return Claimed(*row[:8])
+        await _catch_up(conn, hook=row[0], room_id=row[1], delivered_seq=row[8], owner=owner)
+    return None
+
+
+async def _catch_up(conn: Conn, *, hook: str, room_id: int, delivered_seq: int, owner: str) -> None:
+    """Release the lease of a cursor that found no item past ``delivered_seq``, and mark it
+    idle unless the room has items past it after all: read under a share lock on the room row,
+    which waits for a writer of the room to commit (see the module's docstring)."""
+    async with conn.transaction():
+        last_seq = await conn.fetchval("SELECT last_seq FROM room WHERE id = $1 FOR SHARE", room_id)
+        await conn.execute(
+            "UPDATE webhook_cursor SET pending = $4, leased_until = NULL, lease_owner = NULL"
+            " WHERE hook = $1 AND room_id = $2 AND lease_owner = $3",
+            hook,
+            room_id,
+            owner,
+            last_seq is not None and last_seq > delivered_seq,
+        )
+
+
+_ADVANCE = """
+UPDATE webhook_cursor c
+   SET delivered_seq = $3, attempts = 0, last_error = NULL, next_attempt_at = now(),
+       leased_until = CASE WHEN r.last_seq > $3 THEN NULL ELSE c.leased_until END,
+       lease_owner = CASE WHEN r.last_seq > $3 THEN NULL ELSE c.lease_owner END
+  FROM room r
+ WHERE r.id = c.room_id AND c.hook = $1 AND c.room_id = $2 AND c.lease_owner = $4
+RETURNING r.last_seq > $3
+"""
+"""Past the item (delivered, or a dead letter now). The lease goes with it unless the room has
+nothing more as far as this snapshot sees: then ``_catch_up`` looks again under the lock."""
+
+
+async def _advance(conn: Conn, item: Claimed, *, owner: str, dead_error: str | None) -> bool:
+    async with conn.transaction():
+        more = await conn.fetchrow(_ADVANCE, item.hook, item.room_id, item.seq, owner)
+        if more is None:
+            return False
+        if dead_error is not None:
+            await conn.execute(
+                "INSERT INTO webhook_dead_letter"
+                " (hook, room_id, seq, attempts, last_error, enqueued_at)"
+                " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+                item.hook,
+                item.room_id,
+                item.seq,
+                item.attempts + 1,
+                dead_error[:500],
+                item.enqueued_at,
+            )
+    if not more[0]:
+        await _catch_up(
+            conn, hook=item.hook, room_id=item.room_id, delivered_seq=item.seq, owner=owner
+        )
+    return True
 
 
 async def delivered(conn: Conn, item: Claimed, *, owner: str) -> bool:
     """Done with it; False when the lease had passed to another deliverer meanwhile."""
+    if not item.queued:
+        return await _advance(conn, item, owner=owner, dead_error=None)
     status = await conn.execute(
         "DELETE FROM webhook_outbox"
         " WHERE hook = $1 AND room_id = $2 AND seq = $3 AND lease_owner = $4",
@@ -109,6 +218,8 @@ async def failed(
     letters. False when the lease had passed to another deliverer meanwhile (nothing
     recorded)."""
     if retry_in is None:
+        if not item.queued:
+            return await _advance(conn, item, owner=owner, dead_error=error)
         status = await conn.execute(
             "WITH dead AS (DELETE FROM webhook_outbox"
             "  WHERE hook = $1 AND room_id = $2 AND seq = $3 AND lease_owner = $4"
@@ -123,29 +234,34 @@ async def failed(
             error[:500],
         )
         return status != "INSERT 0 0"
+    if item.queued:
+        sql = (
+            "UPDATE webhook_outbox SET attempts = attempts + 1, last_error = $5,"
+            " next_attempt_at = now() + make_interval(secs => $6::float8),"
+            " leased_until = NULL, lease_owner = NULL"
+            " WHERE hook = $1 AND room_id = $2 AND seq = $3 AND lease_owner = $4"
+        )
+    else:
+        sql = (
+            "UPDATE webhook_cursor SET attempts = attempts + 1, last_error = $5,"
+            " next_attempt_at = now() + make_interval(secs => $6::float8),"
+            " leased_until = NULL, lease_owner = NULL"
+            " WHERE hook = $1 AND room_id = $2 AND delivered_seq < $3 AND lease_owner = $4"
+        )
     status = await conn.execute(
-        "UPDATE webhook_outbox SET attempts = attempts + 1, last_error = $5,"
-        " next_attempt_at = now() + make_interval(secs => $6::float8),"
-        " leased_until = NULL, lease_owner = NULL"
-        " WHERE hook = $1 AND room_id = $2 AND seq = $3 AND lease_owner = $4",
-        item.hook,
-        item.room_id,
-        item.seq,
-        owner,
-        error[:500],
-        retry_in,
+        sql, item.hook, item.room_id, item.seq, owner, error[:500], retry_in
     )
     return status != "UPDATE 0"
 
 
 async def release(conn: Conn, item: Claimed, *, owner: str) -> None:
     """Give up a lease without an attempt (the POST was cut off by a shutdown)."""
+    table = "webhook_outbox" if item.queued else "webhook_cursor"
     await conn.execute(
-        "UPDATE webhook_outbox SET leased_until = NULL, lease_owner = NULL"
-        " WHERE hook = $1 AND room_id = $2 AND seq = $3 AND lease_owner = $4",
+        f"UPDATE {table} SET leased_until = NULL, lease_owner = NULL"  # noqa: S608 - a constant
+        " WHERE hook = $1 AND room_id = $2 AND lease_owner = $3",
         item.hook,
         item.room_id,
-        item.seq,
         owner,
     )
 
@@ -158,15 +274,36 @@ class Backlog:
     dead: int
 
 
-async def backlog(conn: Conn) -> Backlog:
+async def backlog(conn: Conn, *, hooks: list[str]) -> Backlog:
+    """What is still to send to ``hooks``: the outbox's items and those past pending cursors."""
     row = await conn.fetchrow(
-        "SELECT (SELECT count(*) FROM webhook_outbox),"
-        " COALESCE((SELECT EXTRACT(EPOCH FROM now() - min(enqueued_at))"
-        " FROM webhook_outbox), 0)::float8,"
-        " (SELECT count(*) FROM webhook_dead_letter)"
+        "WITH behind AS (SELECT c.room_id, c.delivered_seq, r.last_seq"
+        "  FROM webhook_cursor c JOIN room r ON r.id = c.room_id"
+        "  WHERE c.pending AND c.hook = ANY($1::text[]))"
+        " SELECT (SELECT count(*) FROM webhook_outbox)"
+        "   + (SELECT COALESCE(sum(last_seq - delivered_seq), 0) FROM behind),"
+        " COALESCE(EXTRACT(EPOCH FROM now() - LEAST("
+        "   (SELECT min(enqueued_at) FROM webhook_outbox),"
+        "   (SELECT min(m.created_at) FROM behind b JOIN message m"
+        "     ON m.room_id = b.room_id AND m.seq = b.delivered_seq + 1))), 0)::float8,"
+        " (SELECT count(*) FROM webhook_dead_letter)",
+        hooks,
     )
     assert row is not None  # noqa: S101 - an aggregate returns one row
-    return Backlog(int(row[0]), float(row[1]), int(row[2]))
+    return Backlog(max(0, int(row[0])), max(0.0, float(row[1])), int(row[2]))
+
+
+async def adopt_registrations(conn: Conn) -> int:
+    """Give registrations made by a replica of the release before 0011 their cursor (from the
+    room's next item on); this release makes it with the registration."""
+    status = await conn.execute(
+        "INSERT INTO webhook_cursor (hook, room_id, delivered_seq, pending)"
+        " SELECT 'room', r.id, r.last_seq, false FROM webhook w JOIN room r ON r.id = w.room_id"
+        " WHERE NOT EXISTS (SELECT FROM webhook_cursor c"
+        "                    WHERE c.hook = 'room' AND c.room_id = w.room_id)"
+        " ON CONFLICT DO NOTHING"
+    )
+    return int(status.rsplit(" ", 1)[-1])
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,15 +314,28 @@ class Registration:
 
 
 async def put_registration(conn: Conn, *, room: str, url: str) -> Registration | None:
-    """Register (or replace) ``room``'s receiver; None when there is no such room."""
-    row = await conn.fetchrow(
-        "INSERT INTO webhook (room_id, url) SELECT id, $2 FROM room WHERE name = $1"
-        " ON CONFLICT (room_id) DO UPDATE SET url = EXCLUDED.url"
-        " RETURNING $1::text, url, created_at",
-        room,
-        url,
-    )
-    return None if row is None else Registration(*row)
+    """Register (or replace) ``room``'s receiver; None when there is no such room. Its cursor
+    starts past the room's last item: the share lock on the room row waits for an item being
+    stored to commit, so "from the next stored item on" is exact."""
+    async with conn.transaction():
+        found = await conn.fetchrow("SELECT id, last_seq FROM room WHERE name = $1 FOR SHARE", room)
+        if found is None:
+            return None
+        row = await conn.fetchrow(
+            "INSERT INTO webhook (room_id, url) VALUES ($1, $2)"
+            " ON CONFLICT (room_id) DO UPDATE SET url = EXCLUDED.url"
+            " RETURNING url, created_at",
+            found[0],
+            url,
+        )
+        await conn.execute(
+            "INSERT INTO webhook_cursor (hook, room_id, delivered_seq, pending)"
+            " VALUES ('room', $1, $2, false) ON CONFLICT DO NOTHING",
+            found[0],
+            found[1],
+        )
+    assert row is not None  # noqa: S101 - an upsert returns its row
+    return Registration(room, row[0], row[1])
 
 
 async def get_registration(conn: Conn, *, room: str) -> Registration | None:
@@ -205,6 +355,8 @@ async def delete_registration(conn: Conn, *, room: str) -> bool:
         "  WHERE r.id = w.room_id AND r.name = $1 RETURNING w.room_id),"
         " dropped AS (DELETE FROM webhook_outbox o USING gone"
         "  WHERE o.hook = 'room' AND o.room_id = gone.room_id),"
+        " cursor AS (DELETE FROM webhook_cursor c USING gone"
+        "  WHERE c.hook = 'room' AND c.room_id = gone.room_id),"
         " dropped_dead AS (DELETE FROM webhook_dead_letter d USING gone"
         "  WHERE d.hook = 'room' AND d.room_id = gone.room_id)"
         " SELECT count(*) FROM gone",
