@@ -12,9 +12,11 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
+from service.db.migrate import downgrade, upgrade
 from tests.support import Client, ServerProcess, make_token
 from tests.webhook_receiver import Receiver, verify
 
@@ -521,3 +523,116 @@ async def test_queued_items_of_a_deleted_room_are_dropped(own_database, spawn, r
     assert [(i["room"], i["seq"]) for i in receiver.delivered_items()] == [(kept, 1)]
     await asyncio.sleep(0.3)  # proving that nothing of the deleted room follows
     assert len(receiver.delivered()) == 1
+
+
+@pytest.mark.slow
+async def test_rooms_going_idle_and_busy_under_two_replicas_never_stall_a_cursor(
+    own_database, spawn, receiver
+):
+    """A receiver that answers at once catches up after nearly every item: each room's cursor
+    goes idle and pending again over and over, while both replicas store more. An item stored
+    as a deliverer marks the cursor idle must be seen by one or the other (the share lock on
+    the room row): with the poll at a minute, a cursor left idle behind its room would stall
+    the test."""
+    env = {"CHAT_WEBHOOK_URL": receiver.url, "CHAT_WEBHOOK_POLL_INTERVAL": "60"}
+    replicas = [await start(spawn, own_database, **env) for _ in range(2)]
+    await asyncio.sleep(1)  # past the wake-up each deliverer gives itself as it subscribes
+    rooms = [room_name() for _ in range(3)]
+
+    async def write(n: int, room: str) -> None:
+        for i in range(40):
+            await post(replicas[(n + i) % 2], room, f"m{i}")
+            if i % 5 == n:
+                await asyncio.sleep(0.02)  # long enough for the cursor to catch up and idle
+
+    await asyncio.gather(*(write(n, room) for n, room in enumerate(rooms)))
+    await receiver.wait_for(lambda: len(receiver.delivered()) >= 120, timeout=20)
+    for room in rooms:
+        assert seqs(receiver.delivered_items(room)) == list(range(1, 41))
+    assert receiver.max_in_flight_per_room == 1
+
+
+async def _store(conn: asyncpg.Connection, room: str, body: str) -> None:
+    """An item stored as the release of migration 0010 stores it (its functions are the same)."""
+    await conn.execute(
+        "SELECT * FROM chat_post_messages(ARRAY[$1], ARRAY[$1], ARRAY['alice'], ARRAY[$2],"
+        " ARRAY[NULL::text], ARRAY[NULL::bigint], ARRAY[NULL::bigint], false)",
+        room,
+        body,
+    )
+
+
+async def _register(conn: asyncpg.Connection, room: str, url: str) -> None:
+    """A registration as the release of migration 0010 makes it (no cursor)."""
+    await conn.execute(
+        "INSERT INTO webhook (room_id, url) SELECT id, $2 FROM room WHERE name = $1", room, url
+    )
+
+
+async def test_upgrading_from_the_outbox_sends_what_it_held_first_and_loses_nothing(
+    fresh_database, spawn, receiver
+):
+    """Migration 0011 moves delivery from an outbox row per item to a cursor per room: what
+    0010 had queued goes out first, in order, then the room's later items; a room registered
+    by 0010's code afterwards gets its cursor; a downgrade puts what the cursors still had to
+    send back into the outbox, and upgrading again sends it once."""
+    own = Receiver()
+    await own.start()
+    url = await asyncio.to_thread(fresh_database)
+    await asyncio.to_thread(upgrade, url, "0010")
+    conn = await asyncpg.connect(url, server_settings={"chat.webhook": "on"})
+    try:
+        a, b, c = room_name(), room_name(), room_name()
+        for i in range(3):
+            await _store(conn, a, f"a{i}")
+        await _store(conn, b, "b0")
+        await _register(conn, b, own.url)
+        await _store(conn, b, "b1")
+        # a1-a3 and b1-b2 for the global receiver, b2 for the room's own
+        assert await conn.fetchval("SELECT count(*) FROM webhook_outbox") == 6
+
+        await asyncio.to_thread(upgrade, url)
+        await _store(conn, c, "c0")
+        await _register(conn, c, own.url)  # by a replica still on 0010's code
+        server = await start(spawn, url, CHAT_WEBHOOK_URL=receiver.url)
+        for _ in range(100):  # the deliverer gives it a cursor from the next item on
+            if await conn.fetchval(
+                "SELECT count(*) FROM webhook_cursor w JOIN room r ON r.id = w.room_id"
+                " WHERE w.hook = 'room' AND r.name = $1",
+                c,
+            ):
+                break
+            await asyncio.sleep(0.1)
+        for room in (a, b, c):
+            await post(server, room, "after")
+        await receiver.wait_for(lambda: len(receiver.delivered()) >= 4 + 3 + 2)
+        await own.wait_for(lambda: len(own.delivered()) >= 2 + 1)
+        assert seqs(receiver.delivered_items(a)) == [1, 2, 3, 4]
+        assert seqs(receiver.delivered_items(b)) == [1, 2, 3]
+        assert seqs(receiver.delivered_items(c)) == [1, 2]
+        assert seqs(own.delivered_items(b)) == [2, 3]
+        assert seqs(own.delivered_items(c)) == [2]
+        assert await conn.fetchval("SELECT count(*) FROM webhook_outbox") == 0
+
+        receiver.answer = lambda _r: 503
+        for i in range(3):
+            await post(server, a, f"while down {i}")
+        await receiver.wait_for(lambda: len(receiver.requests) >= 4 + 3 + 2 + 1)
+        server.stop()
+        await asyncio.to_thread(downgrade, url, "0010")
+        queued = await conn.fetch(
+            "SELECT o.hook, o.seq FROM webhook_outbox o JOIN room r ON r.id = o.room_id"
+            " WHERE r.name = $1 ORDER BY o.seq",
+            a,
+        )
+        assert [tuple(q) for q in queued] == [("global", 5), ("global", 6), ("global", 7)]
+        await asyncio.to_thread(upgrade, url)
+        receiver.answer = lambda _r: 200
+        again = await start(spawn, url, CHAT_WEBHOOK_URL=receiver.url)
+        await post(again, a, "back")
+        await receiver.wait_for(lambda: len(receiver.delivered()) >= 4 + 3 + 2 + 4)
+        await asyncio.sleep(0.3)  # proving that nothing is sent twice
+        assert seqs(receiver.delivered_items(a)) == list(range(1, 9))
+    finally:
+        await conn.close()
+        await own.stop()
