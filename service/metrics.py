@@ -17,7 +17,7 @@ from prometheus_client.utils import floatToGoString
 
 
 class WebhookBacklog(Protocol):
-    """The outbox's size as the deliverer reads it (``service.db.webhooks.Backlog``)."""
+    """What is left to deliver, as the deliverer reads it (``service.db.webhooks.Backlog``)."""
 
     @property
     def pending(self) -> int: ...
@@ -163,7 +163,7 @@ class Metrics:
         )
 
         # Outgoing webhooks (service.chat.webhooks): counted per attempt's outcome; the
-        # backlog gauges are the outbox table's, read by the deliverer every poll interval
+        # backlog gauges are the whole service's, read by the deliverer every poll interval
         # (the same for every replica: alert on one).
         self.webhooks_delivered = Counter(
             "chat_webhooks_delivered", "Stream items POSTed and answered with a 2xx", registry=r
@@ -189,7 +189,7 @@ class Metrics:
             registry=r,
         )
         self.webhook_dead_letters = Gauge(
-            "chat_webhook_dead_letters", "Dead letters kept in the outbox", registry=r
+            "chat_webhook_dead_letters", "Dead letters kept", registry=r
         )
 
     def webhook_outcome(self, outcome: str) -> None:
