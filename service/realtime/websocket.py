@@ -36,6 +36,7 @@ from typing import Annotated, Any, cast
 from fastapi import APIRouter, Query, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse
 from starlette.websockets import WebSocketState
+from websockets.exceptions import ConnectionClosed
 
 from service.auth import MAX_TOKEN_BYTES, CurrentUser, Principal, RoomName
 from service.chat.envelope import (
@@ -243,7 +244,10 @@ class RoomConnection:
             async with stack:
                 await self._replay()
                 await self._serve(outbox)
-        except WebSocketDisconnect:
+        except (WebSocketDisconnect, ConnectionClosed):
+            # ConnectionClosed: uvicorn's legacy websockets protocol (the lowest uvicorn this
+            # runs on) lets websockets' own exception out of a send on a connection that is
+            # gone (its peer left, or the protocol failed it: 1007 for invalid UTF-8).
             return
         except SlowConsumer as ended:
             self.services.metrics.slow_consumers.inc()
