@@ -234,36 +234,35 @@ async def failed(
             error[:500],
         )
         return status != "INSERT 0 0"
-    if item.queued:
-        sql = (
-            "UPDATE webhook_outbox SET attempts = attempts + 1, last_error = $5,"
-            " next_attempt_at = now() + make_interval(secs => $6::float8),"
-            " leased_until = NULL, lease_owner = NULL"
-            " WHERE hook = $1 AND room_id = $2 AND seq = $3 AND lease_owner = $4"
-        )
-    else:
-        sql = (
-            "UPDATE webhook_cursor SET attempts = attempts + 1, last_error = $5,"
-            " next_attempt_at = now() + make_interval(secs => $6::float8),"
-            " leased_until = NULL, lease_owner = NULL"
-            " WHERE hook = $1 AND room_id = $2 AND delivered_seq < $3 AND lease_owner = $4"
-        )
     status = await conn.execute(
-        sql, item.hook, item.room_id, item.seq, owner, error[:500], retry_in
+        f"UPDATE {_table(item)} SET attempts = attempts + 1, last_error = $4,"  # noqa: S608
+        " next_attempt_at = now() + make_interval(secs => $5::float8),"
+        " leased_until = NULL, lease_owner = NULL"
+        " WHERE hook = $1 AND room_id = $2 AND lease_owner = $3",
+        item.hook,
+        item.room_id,
+        owner,
+        error[:500],
+        retry_in,
     )
     return status != "UPDATE 0"
 
 
 async def release(conn: Conn, item: Claimed, *, owner: str) -> None:
     """Give up a lease without an attempt (the POST was cut off by a shutdown)."""
-    table = "webhook_outbox" if item.queued else "webhook_cursor"
     await conn.execute(
-        f"UPDATE {table} SET leased_until = NULL, lease_owner = NULL"  # noqa: S608 - a constant
+        f"UPDATE {_table(item)} SET leased_until = NULL, lease_owner = NULL"  # noqa: S608
         " WHERE hook = $1 AND room_id = $2 AND lease_owner = $3",
         item.hook,
         item.room_id,
         owner,
     )
+
+
+def _table(item: Claimed) -> str:
+    """Where ``item``'s lease and attempts are kept: its outbox row, or its room's cursor (a
+    lease owner names one claim, so it alone picks the row within the room)."""
+    return "webhook_outbox" if item.queued else "webhook_cursor"
 
 
 @dataclass(frozen=True, slots=True)
