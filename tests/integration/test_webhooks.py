@@ -521,7 +521,7 @@ async def test_an_item_leased_by_a_killed_replica_is_taken_over_once_its_lease_r
         return 200
 
     receiver.answer = answer
-    timeout = 6
+    timeout = 15  # the lease must outlast the second replica's start on a busy box
     env = {"CHAT_WEBHOOK_URL": receiver.url, "CHAT_WEBHOOK_TIMEOUT": str(timeout)}
     holder = await start(spawn, own_database, **env)
     room = room_name()
@@ -532,6 +532,7 @@ async def test_an_item_leased_by_a_killed_replica_is_taken_over_once_its_lease_r
     claimed_at = loop.time()
     other = await start(spawn, own_database, **env)
     await asyncio.sleep(1)  # two of its polls: proving that it sends nothing meanwhile
+    assert loop.time() - claimed_at < timeout, "the second replica started too slowly to tell"
     assert receiver.requests == [] and receiver.in_flight[room] == 1
     holder.stop(signal.SIGKILL)
     await receiver.wait_for(lambda: len(receiver.delivered()) >= 3, timeout=30)
