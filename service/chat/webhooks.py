@@ -9,7 +9,8 @@ What is guaranteed:
   the item or not at all, so a committed item is due even if the process dies the next
   instant. The cursor moves past an item only once a receiver answered 2xx (or it became a
   dead letter after ``CHAT_WEBHOOK_MAX_ATTEMPTS``). A crash between the 2xx and the move
-  repeats it: receivers deduplicate by ``(room, seq)``.
+  repeats it, and so does a PostgreSQL crash for moves of its last moments (they commit
+  without waiting for the WAL's flush): receivers deduplicate by ``(room, seq)``.
 * **In seq order per room and receiver**: a room's next item is not sent before the previous
   one was delivered or dead-lettered (``service.db.webhooks`` leases a room's cursor, not an
   item, and only when nobody holds it).
@@ -146,6 +147,9 @@ class WebhookDeliverer:
         self._follow = follow
         self._hooks = [db.GLOBAL, db.ROOM] if url else [db.ROOM]
         self._wake = asyncio.Event()
+        self._wakes = 0
+        self._look_in_outbox_at = 0.0
+        """Event loop time from which claims look in the outbox again (see ``_deliver_one``)."""
         self._claim_turn = asyncio.Lock()
         self._next_empty_claim = 0.0
         self._replica = secrets.token_hex(6)
@@ -211,6 +215,8 @@ class WebhookDeliverer:
         """Every worker looks for due items now (a NOTIFY, a backoff that is over)."""
         self._wake.set()
         self._wake = asyncio.Event()
+        self._wakes += 1
+        self._look_in_outbox_at = 0.0  # a dead letter retried NOTIFYs; a backoff is over
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
@@ -237,10 +243,19 @@ class WebhookDeliverer:
         assert self._pool is not None  # noqa: S101 - started
         owner = f"{self._replica}.{next(self._claims)}"
         started = asyncio.get_running_loop().time()
+        # The outbox (retried dead letters) is nearly always empty: a claim looks in it after
+        # a wake-up and at least once per poll interval, not before every item of a backlog.
+        outbox, wakes = started >= self._look_in_outbox_at, self._wakes
         async with self._pool.acquire() as conn:
             item = await db.claim(
-                conn, hooks=self._hooks, lease=self._timeout + LEASE_MARGIN, owner=owner
+                conn,
+                hooks=self._hooks,
+                lease=self._timeout + LEASE_MARGIN,
+                owner=owner,
+                outbox=outbox,
             )
+        if outbox and (item is None or not item.queued) and wakes == self._wakes:
+            self._look_in_outbox_at = started + self._poll_interval
         if item is None:
             return False
         self._next_empty_claim = 0.0  # there may be more: the next idle worker looks at once
