@@ -981,7 +981,7 @@ async def test_an_edit_cut_off_after_it_was_sent_is_outcome_unknown_and_safe_to_
             await locker.execute("SELECT 1 FROM room WHERE name = $1 FOR UPDATE", room)
             await client.send_json(edit(first["seq"], "after", "edit-1"))
             waiting = None
-            for _ in range(100):  # the service's statement waits for the room's lock
+            for _ in range(400):  # the service's statement waits for the room's lock
                 waiting = await locker.fetchval(
                     "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
                     " AND query LIKE '%chat_post_event%'"
