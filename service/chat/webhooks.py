@@ -147,7 +147,6 @@ class WebhookDeliverer:
         self._follow = follow
         self._hooks = [db.GLOBAL, db.ROOM] if url else [db.ROOM]
         self._wake = asyncio.Event()
-        self._wakes = 0
         self._look_in_outbox_at = 0.0
         """Event loop time from which claims look in the outbox again (see ``_deliver_one``)."""
         self._claim_turn = asyncio.Lock()
@@ -215,7 +214,6 @@ class WebhookDeliverer:
         """Every worker looks for due items now (a NOTIFY, a backoff that is over)."""
         self._wake.set()
         self._wake = asyncio.Event()
-        self._wakes += 1
         self._look_in_outbox_at = 0.0  # a dead letter retried NOTIFYs; a backoff is over
 
     async def _work(self) -> None:
@@ -245,7 +243,10 @@ class WebhookDeliverer:
         started = asyncio.get_running_loop().time()
         # The outbox (retried dead letters) is nearly always empty: a claim looks in it after
         # a wake-up and at least once per poll interval, not before every item of a backlog.
-        outbox, wakes = started >= self._look_in_outbox_at, self._wakes
+        # Set before the claim, so that a wake-up meanwhile still counts.
+        outbox = started >= self._look_in_outbox_at
+        if outbox:
+            self._look_in_outbox_at = started + self._poll_interval
         async with self._pool.acquire() as conn:
             item = await db.claim(
                 conn,
@@ -254,11 +255,11 @@ class WebhookDeliverer:
                 owner=owner,
                 outbox=outbox,
             )
-        if outbox and (item is None or not item.queued) and wakes == self._wakes:
-            self._look_in_outbox_at = started + self._poll_interval
         if item is None:
             return False
         self._next_empty_claim = 0.0  # there may be more: the next idle worker looks at once
+        if item.queued:
+            self._look_in_outbox_at = 0.0  # and the outbox may hold more
         self._leased[owner] = item
         try:
             delivered = await self._deliver(item, owner, started)
